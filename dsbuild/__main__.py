@@ -1,0 +1,3 @@
+from dsbuild.cli import main
+
+main()

@@ -1,0 +1,17 @@
+"""``dsbuild bench``: speed and memory as ratios against the plain libraries, in one run."""
+
+from __future__ import annotations
+
+import click
+
+from dsbuild.cli import LazyGroup
+
+BENCHES = {
+    "p2p": ("dsbuild.generate.bench:bench_p2p", "Prompt-to-Prompt vs plain diffusers"),
+    "filter": ("dsbuild.filter.bench:bench_filter", "CLIP scoring vs raw open_clip"),
+}
+
+
+@click.group("bench", cls=LazyGroup, lazy=BENCHES)
+def bench_group():
+    """Benchmarks, reported as ratios against the plain library doing the same work."""

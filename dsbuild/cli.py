@@ -1,0 +1,139 @@
+"""The ``dsbuild`` command: a thin click layer over the Python API.
+
+Subcommands are imported lazily, so ``dsbuild status`` never imports torch; each stage's
+module registers its command in ``COMMANDS`` below as ``module:attribute``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+
+from dsbuild import __version__
+from dsbuild.errors import DsbuildError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("dsbuild.cli:init_cmd", "create a build directory from a recipe"),
+    "status": ("dsbuild.cli:status_cmd", "show each stage: records, done ranks, what is left"),
+    "captions": ("dsbuild.captions.cli:captions_cmd", "write caption triples with LLM agents"),
+    "generate": ("dsbuild.generate.cli:generate_cmd", "make image pairs with Prompt-to-Prompt"),
+    "filter": ("dsbuild.filter.cli:filter_cmd", "score pairs with CLIP/DINO and keep the best"),
+    "augment": ("dsbuild.augment.cli:augment_cmd", "add no-change samples"),
+    "export": ("dsbuild.export.cli:export_cmd", "write train/test splits with a dataset card"),
+    "push": ("dsbuild.export.cli:push_cmd", "push an export to the Hugging Face Hub"),
+    "run": ("dsbuild.pipeline:run_cmd", "run every stage end to end"),
+    "report": ("dsbuild.report.cli:report_group", "reports (diversity)"),
+    "inspect": ("dsbuild.review.fiftyone_cli:inspect_cmd", "curate pairs in FiftyOne"),
+    "review": ("dsbuild.review.labelstudio_cli:review_group", "human review in Label Studio"),
+    "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries"),
+}
+
+
+def load_command(target: str) -> click.Command:
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when used."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            try:
+                return load_command(self.lazy[name][0])
+            except (ImportError, AttributeError) as exc:
+                if ctx.resilient_parsing or name not in (ctx.protected_args or [name]):
+                    return None
+                raise click.ClickException(f"command '{name}' is not available: {exc}") from exc
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in sorted(self.lazy.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dsbuild")
+def cli():
+    """dsbuild: build context-specific datasets for instruction-based image editing."""
+
+
+@click.command("init")
+@click.argument("build", type=click.Path(file_okay=False))
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="recipe YAML (default: the built-in interior-design recipe)")
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="stage setting to freeze into dsbuild.yaml (repeatable)")
+@click.option("--force", is_flag=True, help="overwrite an existing dsbuild.yaml")
+def init_cmd(build, recipe, overrides, force):
+    """Create BUILD with a frozen dsbuild.yaml from RECIPE; nothing is written if it is invalid."""
+    from dsbuild.build import Build
+    from dsbuild.config import default_recipe_path, load_recipe
+
+    recipe_path = recipe or str(default_recipe_path())
+    r = load_recipe(recipe_path)
+    b = Build.init(build, r, recipe_path=str(recipe_path), overrides=overrides, exist_ok=force)
+    n = sum(a.count for a in r.agents)
+    click.echo(f"created {b.root}/dsbuild.yaml: recipe '{r.name}', {len(r.agents)} agents, "
+               f"{n} target triples")
+
+
+@click.command("status")
+@click.argument("build", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status_cmd(build, as_json):
+    """Show each stage of BUILD: records, done ranks, what is left, decisions so far."""
+    from dsbuild.build import Build
+
+    st = Build.open(build).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"build {st['build']} (recipe {st['recipe']})")
+    for stage, s in st["stages"].items():
+        if s["world_size"] is None:
+            state = "in progress" if s["in_progress"] else "not run"
+        elif s["complete"]:
+            state = "complete"
+        else:
+            state = f"incomplete, missing ranks {s['missing_ranks']}"
+        extra = f", in progress: {', '.join(s['in_progress'])}" if s["in_progress"] else ""
+        click.echo(f"  {stage:<9} {state:<34} records={s['records']:<7} "
+                   f"ranks={len(s['done_ranks'])}/{s['world_size'] or '-'} "
+                   f"sig={s['signature']}{extra}")
+    if st["decisions"]:
+        dec = ", ".join(f"{k}={v}" for k, v in sorted(st["decisions"].items()))
+        click.echo(f"  decisions {dec}")
+    if st["reports"]:
+        click.echo(f"  reports   {', '.join(st['reports'])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="dsbuild", standalone_mode=False)
+    except DsbuildError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

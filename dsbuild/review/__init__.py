@@ -1,0 +1,1 @@
+"""Review: FiftyOne inspection (``dsbuild inspect``) and Label Studio (``dsbuild review``)."""

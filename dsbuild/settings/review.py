@@ -1,0 +1,21 @@
+"""Settings of review (FiftyOne inspection and Label Studio)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from dsbuild.settings import StageSettings
+
+
+class ReviewSettings(StageSettings):
+    volatile: ClassVar[frozenset[str]] = frozenset({"url"})
+
+    dataset_name: str | None = Field(None, description="FiftyOne dataset (default: dsbuild-<build>)")
+    project_title: str | None = Field(None, description="Label Studio project title")
+    url: str | None = None
+    sample_size: int | None = Field(None, ge=1)
+    stratify_by: Literal["agent", "level", "operation", "none"] = "agent"
+    images: Literal["upload", "local-files"] = "upload"
+    seed: int = 0

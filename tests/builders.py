@@ -1,0 +1,78 @@
+"""Write small, contract-true builds for tests of downstream stages.
+
+These write records exactly as DESIGN.md's record contract says (through the real
+``Build.run_stage``), with small real PNGs, so filter/review/export tests need not run
+generation. End-to-end tests use the real stages instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from dsbuild.build import Build
+from dsbuild.hashing import content_id
+
+TRIPLES = [
+    ("chairs", "object", "change", "a red velvet armchair", "make the armchair blue",
+     "a blue velvet armchair"),
+    ("chairs", "object", "add", "an oak dining chair without a cushion", "add a cushion",
+     "an oak dining chair with a cushion"),
+    ("chairs", "object", "remove", "a rustic armchair with armrests", "remove the armrests",
+     "a rustic armchair"),
+    ("living-room", "room", "add", "a modern living room with a grey sofa and no rug",
+     "add a rug", "a modern living room with a grey sofa and a rug"),
+    ("living-room", "room", "replace", "a scandinavian living room with a floor lamp",
+     "replace the floor lamp with a coffee table",
+     "a scandinavian living room with a coffee table"),
+    ("living-room", "room", "change", "a living room with a white linen sofa",
+     "make the sofa green", "a living room with a green linen sofa"),
+]
+
+
+def triple_record(recipe: str, agent: str, level: str, op: str, inp: str, edit: str, out: str,
+                  backend: str = "template") -> dict:
+    return {
+        "id": content_id(recipe, agent, inp, edit, out), "recipe": recipe, "agent": agent,
+        "level": level, "operation": op, "input": inp, "edit": edit, "output": out,
+        "source": {"backend": backend, "model": None}, "no_change": False,
+    }
+
+
+def write_png(path, seed: int, size: int = 32) -> None:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size, size, 3)) * 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = True,
+               keep_every: int = 2) -> dict[str, list[dict]]:
+    """Write triples, pairs (+PNGs) and, optionally, scores; returns the records written."""
+    recipe = build.recipe.name
+    tr = [triple_record(recipe, *t) for t in triples]
+    build.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None)
+    pairs: list[dict] = []
+    for ti, t in enumerate(tr):
+        for s in range(samples):
+            params = {"mode": "self", "steps": 2, "guidance": 7.5 + s, "cross_replace": 0.8,
+                      "self_replace": 0.2 + 0.1 * s, "blend_words": None, "equalizer": None,
+                      "scheduler": "euler_ancestral"}
+            pid = content_id(t["id"], s, params)
+            rel = f"pairs/img/{t['id']}/{pid}"
+            write_png(build.root / f"{rel}_0.png", ti * 100 + s)
+            write_png(build.root / f"{rel}_1.png", ti * 100 + s + 50)
+            pairs.append({"id": pid, "triple_id": t["id"], "seed": s, "params": params,
+                          "model": "tiny", "images": {"input": f"{rel}_0.png",
+                                                      "output": f"{rel}_1.png"}})
+    build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None)
+    sc: list[dict] = []
+    if scores:
+        for i, p in enumerate(pairs):
+            keep = i % keep_every == 0
+            sc.append({"pair_id": p["id"], "clip_sim_0": 0.3, "clip_sim_1": 0.3,
+                       "clip_sim_dir": 0.1 + 0.01 * i, "clip_sim_image": 0.8, "keep": keep,
+                       "reason": None if keep else "clip_sim_dir", "rank": 1 if keep else None})
+        build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in sc] and None,
+                        key="pair_id")
+    return {"triples": tr, "pairs": pairs, "scores": sc}
