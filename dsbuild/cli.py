@@ -121,7 +121,9 @@ def status_cmd(build, as_json):
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="dsbuild", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="dsbuild", standalone_mode=False)
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc:
+            sys.exit(rc)  # non-standalone click returns ctx.exit(n) / Exit(n) codes
     except DsbuildError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

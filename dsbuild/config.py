@@ -54,6 +54,10 @@ class Vocabulary(_Strict):
     colours: list[str] = Field(default_factory=list)
     fixtures: list[str] = Field(default_factory=list)
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    materials_for: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="materials that suit one subject/object (unlisted: any; []: none)",
+    )
 
 
 class Agent(_Strict):
@@ -182,7 +186,7 @@ def load_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(str(path), [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")])
+        raise ConfigError(str(path), [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from exc
     return data, node
 
 

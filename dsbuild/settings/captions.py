@@ -10,7 +10,9 @@ from dsbuild.settings import StageSettings
 
 
 class CaptionsSettings(StageSettings):
-    volatile: ClassVar[frozenset[str]] = frozenset({"concurrency", "timeout", "max_retries"})
+    volatile: ClassVar[frozenset[str]] = frozenset(
+        {"concurrency", "timeout", "max_retries", "retry_backoff", "max_backoff"}
+    )
 
     backend: Literal["auto", "template", "openai"] = Field(
         "auto", description="auto = openai when an endpoint is configured, else template"
@@ -27,9 +29,13 @@ class CaptionsSettings(StageSettings):
     per_request: int = Field(10, ge=1, le=100, description="triples asked for per request")
     concurrency: int = Field(8, ge=1)
     max_retries: int = Field(5, ge=0)
-    timeout: float = Field(60.0, gt=0)
+    timeout: float = Field(60.0, gt=0, description="seconds per request before a retry")
+    retry_backoff: float = Field(
+        1.0, ge=0, description="first retry waits this long (s); each next one twice as long"
+    )
+    max_backoff: float = Field(60.0, ge=0, description="longest wait between two retries (s)")
     max_rounds: int = Field(
-        0, ge=0, description="request rounds per agent before giving up (0 = auto)"
+        0, ge=0, description="request rounds per agent before giving up (0 = auto: 8)"
     )
     # validator
     max_changed_fraction: float = Field(

@@ -10,7 +10,13 @@ from dsbuild.settings import StageSettings
 
 
 class ExportSettings(StageSettings):
-    test_ratio: float = Field(0.1, ge=0, lt=1)
+    test_ratio: float = Field(0.1, ge=0, lt=1, description="share of rows in the test split")
     seed: int = 0
-    policy: Literal["kept", "accepted"] = "kept"
+    policy: Literal["kept", "accepted"] = Field(
+        "kept", description="kept = filter's keep minus review rejects; accepted = only accepted"
+    )
+    no_change: bool = Field(True, description="include augment's no-change samples")
     license: str = "cc-by-4.0"
+    pretty_name: str | None = Field(None, description="dataset title (default: recipe name)")
+    shard_mb: int = Field(400, ge=1, description="largest parquet shard, in MB")
+    grid_pairs: int = Field(6, ge=0, description="sample pairs on the card's grid image")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dsbuild.settings import StageSettings
 
+Range = tuple[float, float]
+
 
 class GenerateSettings(StageSettings):
-    volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})
+    volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "contact_sheet"})
 
     model: str = Field("tiny", description="diffusers SD 1.x/2.x dir or Hub id, or 'tiny'")
     scheduler: Literal["ddim", "euler_ancestral", "dpmsolver++"] = "euler_ancestral"
@@ -19,9 +21,39 @@ class GenerateSettings(StageSettings):
     width: int = Field(512, ge=8)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: str = "auto"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=2, description="images per UNet batch (sources + targets)")
     mode: Literal["self", "replace", "refine", "reweight", "auto"] = "self"
     sweep: Literal["random", "grid"] = "random"
     samples_object: int = Field(30, ge=1)
     samples_room: int = Field(50, ge=1)
+    limit: int | None = Field(None, ge=1, description="cap on samples per triple (demo builds)")
     seed: int = 0
+    # random sweep ranges (InstructPix2Pix: p ~ U[0.1, 0.9], guidance ~ U[7.5, 15])
+    self_replace: Range = (0.1, 0.9)
+    guidance: Range = (7.5, 15.0)
+    cross_replace: Range = (0.4, 0.9)
+    reweight: Range = (1.0, 3.0)
+    # grid sweep values (seeds vary fastest last: every combination per seed)
+    grid_self_replace: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+    grid_guidance: list[float] = Field(default_factory=lambda: [7.5, 10.0])
+    grid_cross_replace: list[float] = Field(default_factory=lambda: [0.8])
+    grid_reweight: list[float] = Field(default_factory=lambda: [2.0])
+    # local blend on the words that change between the captions
+    blend: bool = False
+    blend_threshold: float = Field(0.3, gt=0, lt=1)
+    blend_start: float = Field(0.2, ge=0, le=1)
+    contact_sheet: int = Field(3, ge=0, description="pairs per agent on the contact sheet")
+
+    @field_validator("self_replace", "cross_replace")
+    @classmethod
+    def _fraction(cls, v: Range) -> Range:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("expected [low, high] with 0 <= low <= high <= 1")
+        return v
+
+    @field_validator("guidance", "reweight")
+    @classmethod
+    def _ordered(cls, v: Range) -> Range:
+        if v[0] > v[1]:
+            raise ValueError("expected [low, high] with low <= high")
+        return v

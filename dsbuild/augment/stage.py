@@ -1,0 +1,164 @@
+"""The augment stage: no-change samples for a share of the kept pairs.
+
+For each chosen pair the instruction names a thing the input caption does not mention
+(remove it, or change its colour/material/style); output image = input image and output
+caption = input caption, ``no_change: true``. The choice is seeded and stratified by the
+export's split, so both splits get no-change samples at the configured ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from dsbuild.augment.mentions import Mentions, absent_terms
+from dsbuild.build import Build, StageResult, shard_of
+from dsbuild.config import Agent
+from dsbuild.errors import DsbuildError
+from dsbuild.export.split import row_nodes, split_rows
+from dsbuild.hashing import content_id
+
+REMOVE = ("remove the {x}", "take away the {x}", "get rid of the {x}", "delete the {x}")
+CHANGE_COLOUR = ("make the {x} {v}", "turn the {x} {v}", "paint the {x} {v}")
+CHANGE_MATERIAL = ("change the {x} to {v}", "make the {x} out of {v}")
+CHANGE_STYLE = ("give the {x} {a} {v} look", "make the {x} {v}")
+
+
+def no_change_instruction(agent: Agent, term: str, rng: random.Random) -> tuple[str, str]:
+    """(operation, instruction) naming ``term``: remove it or change one of its properties."""
+    v = agent.vocabulary
+    options: list[tuple[str, tuple[str, ...], list[str]]] = [("remove", REMOVE, [""])]
+    for templates, values in ((CHANGE_COLOUR, v.colours), (CHANGE_MATERIAL, v.materials),
+                              (CHANGE_STYLE, v.styles)):
+        if values:
+            options.append(("change", templates, values))
+    op, templates, values = rng.choice(options)
+    value = rng.choice(values)
+    article = "an" if value[:1].lower() in "aeiou" else "a"
+    text = rng.choice(templates).format(x=term, v=value, a=article)
+    return op, text
+
+
+def kept_pairs(build: Build) -> list[tuple[dict, dict, dict]]:
+    """(pair, triple, score) of every pair the filter kept, in pair-id order."""
+    triples = {t["id"]: t for t in build.records("captions")}
+    pairs = {p["id"]: p for p in build.records("generate")}
+    out = []
+    for s in build.records("filter"):
+        if not s.get("keep"):
+            continue
+        p = pairs.get(s["pair_id"])
+        if p is None:
+            raise DsbuildError(f"{build.root}: score for unknown pair {s['pair_id']!r} "
+                               "(filter output does not match generate output; rerun filter)")
+        t = triples.get(p["triple_id"])
+        if t is None:
+            raise DsbuildError(f"{build.root}: pair {p['id']} names unknown triple "
+                               f"{p['triple_id']!r}; rerun generate")
+        if t.get("no_change"):
+            continue
+        out.append((p, t, s))
+    return sorted(out, key=lambda x: x[0]["id"])
+
+
+def choose_pairs(build: Build, kept: list[tuple[dict, dict, dict]]
+                 ) -> list[tuple[int, list[tuple[dict, dict]]]]:
+    """Per prospective split: how many samples it wants (``ratio`` of its pairs, at least one)
+    and its pairs in seeded order; later pairs stand in where a caption leaves nothing absent."""
+    a, e = build.config.augment, build.config.export
+    if a.ratio <= 0 or not kept:
+        return []
+    rows = {p["id"]: row_nodes(t["id"], [t["input"], t["output"]]) for p, t, _ in kept}
+    row_split, _ = split_rows(rows, e.test_ratio, e.seed)
+    chosen = []
+    for split in ("train", "test"):
+        members = [(p, t) for p, t, _ in kept if row_split[p["id"]] == split]
+        if not members:
+            continue
+        members.sort(key=lambda x: content_id("augment", a.seed, x[0]["id"]))
+        want = max(1, math.floor(a.ratio * len(members) + 0.5))
+        chosen.append((want, members))
+    return chosen
+
+
+def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
+                llm=None) -> dict | None:
+    """One no-change sample for a pair, or None when the caption leaves nothing absent."""
+    a = build.config.augment
+    agent = _agent(build, triple)
+    terms = absent_terms(build.recipe, agent, triple["input"], mentions)
+    if not terms:
+        return None
+    rng = random.Random(content_id("augment", a.seed, pair["id"]))
+    backend, got = "template", None
+    if llm is not None:
+        shown = sorted(terms) if len(terms) <= 12 else sorted(rng.sample(sorted(terms), 12))
+        got = llm.instruction(agent, triple["input"], shown, f"{a.seed}:{pair['id']}")
+    if got is not None:
+        term, edit = got
+        words_ = edit.lower().split()
+        op = "remove" if words_ and words_[0] in ("remove", "delete", "take", "get") else "change"
+        backend = "openai"
+    else:
+        term = rng.choice(sorted(terms))
+        op, edit = no_change_instruction(agent, term, rng)
+    img = pair["images"]["input"]
+    return {
+        "id": content_id("no_change", pair["id"], edit), "pair_id": pair["id"],
+        "source_pair_id": pair["id"],
+        "triple_id": triple["id"], "recipe": triple.get("recipe", build.recipe.name),
+        "agent": triple["agent"], "level": triple["level"], "operation": op,
+        "input": triple["input"], "edit": edit, "output": triple["input"], "target": term,
+        "no_change": True, "seed": pair.get("seed"), "params": pair.get("params"),
+        "model": pair.get("model"), "images": {"input": img, "output": img},
+        "source": {"backend": backend, "model": llm.model if got is not None else None},
+    }
+
+
+def run_augment(build: Build, rank: int = 0, world_size: int = 1,
+                force: bool = False) -> StageResult:
+    """Write this rank's no-change samples to augment/rNNNNN.jsonl (resumable)."""
+
+    def work(writer) -> dict:
+        kept = kept_pairs(build)
+        mentions = Mentions(build.recipe)
+        llm = None
+        if build.config.augment.backend == "openai":
+            from dsbuild.augment.llm import LLMInstructions
+
+            llm = LLMInstructions(build, mentions)
+        short = 0
+        for want, members in choose_pairs(build, kept):
+            have = 0
+            for pair, triple in members:
+                if have >= want:
+                    break
+                mine = shard_of(pair["id"], world_size) == rank
+                if mine and pair["id"] in writer.done:  # written before an interruption
+                    have += 1
+                    continue
+                if not absent_terms(build.recipe, _agent(build, triple), triple["input"],
+                                    mentions):
+                    continue
+                have += 1
+                if mine:
+                    s = make_sample(build, mentions, pair, triple, llm)
+                    if s is not None:
+                        writer.write(s)
+            short += want - have
+        stats = {"kept_pairs": len(kept), "no_change": len(writer.records),
+                 "ratio": build.config.augment.ratio, "short": short,
+                 "backend": build.config.augment.backend}
+        if llm is not None:
+            stats["llm"] = llm.stats()
+        return stats
+
+    return build.run_stage("augment", rank, world_size, work, force=force, key="pair_id")
+
+
+def _agent(build: Build, triple: dict) -> Agent:
+    try:
+        return build.recipe.agent(triple["agent"])
+    except KeyError:
+        raise DsbuildError(f"triple {triple['id']}: agent {triple['agent']!r} is not in recipe "
+                           f"{build.recipe.name!r}") from None

@@ -1,0 +1,27 @@
+"""``dsbuild captions``: thin click layer over dsbuild.captions.stage.run_captions."""
+
+from __future__ import annotations
+
+import click
+
+from dsbuild.cli_util import build_argument, echo_result, shard_options
+
+
+@click.command("captions")
+@build_argument
+@click.option("--backend", type=click.Choice(["auto", "openai", "template"]), default=None,
+              help="where triples come from (saved into dsbuild.yaml; default: the build's "
+                   "setting, 'auto' = openai when an endpoint or key is configured)")
+@shard_options
+def captions_cmd(build, backend, rank, world_size, force, overrides):
+    """Write caption triples {input, edit, output} for BUILD with its recipe's agents."""
+    from dsbuild.build import Build
+    from dsbuild.captions.report import format_summary, merge_stats
+    from dsbuild.captions.stage import run_captions
+
+    b = Build.open(build)
+    result = run_captions(b, rank, world_size, backend=backend, force=force,
+                          overrides=overrides)
+    echo_result(result)
+    click.echo(format_summary(merge_stats(b)))
+    click.echo(f"report: {b.reports_dir / 'captions.json'}")

@@ -1,0 +1,336 @@
+"""The dataset card (README.md with Hub YAML metadata), its grid image, and a privacy check.
+
+The card says what is in the export (counts per split, agent, operation), how it was made
+(captions, Prompt-to-Prompt generation, filter thresholds, augmentation, review policy,
+split) and how diverse its captions are, and shows sample pairs. It never carries secrets or
+absolute local paths: :func:`check_public` scans every exported file before it counts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from dsbuild.build import Build
+from dsbuild.errors import DsbuildError
+from dsbuild.export.dataset import ExportRows, public_name
+from dsbuild.export.split import SPLITS, caption_key
+
+GRID_NAME = "grid.png"
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "LABEL_STUDIO_API_KEY",
+              "LABEL_STUDIO_TOKEN")
+SECRET_PATTERNS = (re.compile(rb"hf_[A-Za-z0-9]{30,}"), re.compile(rb"sk-[A-Za-z0-9_-]{20,}"))
+
+
+def size_category(n: int) -> str:
+    """The Hub's size_categories bucket for n rows."""
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return name
+    return "10M<n<100M"
+
+
+def metadata(build: Build, rows: ExportRows) -> dict:
+    """The card's YAML header: license, task, size, and one config with a file glob per split."""
+    s = build.config.export
+    total = sum(len(v) for v in rows.splits.values())
+    return {
+        "license": s.license,
+        "task_categories": ["image-to-image"],
+        "tags": ["image-editing", "instruct-pix2pix", "synthetic", "dsbuild"],
+        "size_categories": [size_category(total)],
+        "pretty_name": s.pretty_name or build.recipe.name,
+        "configs": [{"config_name": "default", "data_files": [
+            {"split": k, "path": f"data/{k}-*"} for k in SPLITS if rows.splits[k]]}],
+    }
+
+
+def _table(header: list[str], body: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join("—" if c is None else str(c) for c in r) + " |" for r in body]
+    return out
+
+
+def _count_table(rows: ExportRows, key: str, extra: str | None = None) -> list[str]:
+    counts = {k: Counter(r[key] for r in rows.splits[k]) for k in SPLITS}
+    values = sorted(set().union(*counts.values()), key=str)
+    lookup = {}
+    if extra:
+        for k in SPLITS:
+            for r in rows.splits[k]:
+                lookup[r[key]] = r[extra]
+    head = [key] + ([extra] if extra else []) + list(SPLITS) + ["total"]
+    body = []
+    for v in values:
+        cells = [counts[k][v] for k in SPLITS]
+        body.append([v] + ([lookup.get(v)] if extra else []) + cells + [sum(cells)])
+    return _table(head, body)
+
+
+def _range(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "—"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:g}" if lo == hi else f"{lo:g} – {hi:g}"
+
+
+def diversity_section(build: Build) -> list[str]:
+    """The overall table of reports/diversity.md, or a note that it was not computed."""
+    md = build.reports_dir / "diversity.md"
+    if not md.exists():
+        return ["Not computed (run `dsbuild report diversity BUILD`, or `dsbuild run`)."]
+    text = md.read_text(encoding="utf-8")
+    if "## Overall" not in text:
+        return ["Not computed (reports/diversity.md has no overall table)."]
+    part = text[text.index("## Overall") + len("## Overall"):]
+    end = part.find("\n## ")
+    table = part[:end] if end >= 0 else part
+    return ["Lexical diversity of the caption triples (lexicalrichness; higher is more diverse, "
+            "except ↓):", "", table.strip()]
+
+
+def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
+              grid: bool = True) -> str:
+    """README.md: YAML metadata then the card body."""
+    cfg = build.config
+    meta = metadata(build, rows)
+    title = meta["pretty_name"]
+    sp = rows.splits
+    allrows = [r for k in SPLITS for r in sp[k]]
+    models = sorted({str(r["model"]) for r in allrows if r.get("model")})
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", ""]
+    lines += [f"# {title}", ""]
+    desc = build.recipe.description.strip()
+    lines += [f"Instruction-based image editing data (InstructPix2Pix-style rows: input image, "
+              f"edit instruction, edited image) built with dsbuild from the recipe "
+              f"`{build.recipe.name}`" + (f": {desc}" if desc else ".") , ""]
+    if "tiny" in models:
+        lines += ["> **Placeholder images.** This export was made with dsbuild's built-in tiny "
+                  "random models (offline demo): the images are noise-like placeholders with no "
+                  "meaning. Use a real Stable Diffusion checkpoint and CLIP model for real data.",
+                  ""]
+    if grid:
+        lines += [f"![Sample pairs: input, edited]({GRID_NAME})", ""]
+    lines += ["## Usage", "", "```python", "from datasets import load_dataset", "",
+              'ds = load_dataset("<this repo id or folder>")',
+              'row = ds["train"][0]  # row["input_image"], row["edit_prompt"], row["edited_image"]',
+              "```", "",
+              "`input_image`, `edit_prompt` and `edited_image` are the columns diffusers' "
+              "`train_instruct_pix2pix.py` reads (`--original_image_column input_image "
+              "--edit_prompt_column edit_prompt --edited_image_column edited_image`).", ""]
+    lines += ["## Counts", ""]
+    body = []
+    for k in SPLITS:
+        r = sp[k]
+        body.append([k, len(r), sum(not x["no_change"] for x in r), sum(x["no_change"] for x in r),
+                     len({x["triple_id"] for x in r}),
+                     len({caption_key(x["original_prompt"]) for x in r}), len(files.get(k, []))])
+    body.append(["total", len(allrows), sum(not x["no_change"] for x in allrows),
+                 sum(x["no_change"] for x in allrows), len({x["triple_id"] for x in allrows}),
+                 len({caption_key(x["original_prompt"]) for x in allrows}),
+                 sum(len(v) for v in files.values())])
+    lines += _table(["split", "rows", "edits", "no-change", "triples", "input captions",
+                     "parquet shards"], body)
+    lines += ["", "### Per agent", ""] + _count_table(rows, "agent", "level")
+    lines += ["", "### Per operation", ""] + _count_table(rows, "operation")
+    lines += ["", "## How it was made", "", "### Captions", ""]
+    c = cfg.captions
+    backends = Counter()
+    for t in build.records("captions", require=False):
+        src = t.get("source") or {}
+        backends[f"{src.get('backend')}" + (f" ({public_name(src.get('model'))})"
+                                            if src.get("model") else "")] += 1
+    lines += [f"- backend: {', '.join(f'{k}: {v} triples' for k, v in backends.items()) or '—'}",
+              f"- agents: {', '.join(f'`{a.name}` ({a.level})' for a in build.recipe.agents)}",
+              f"- seed {c.seed}; limit per agent: {c.limit or 'none'}", ""]
+    g = cfg.generate
+    lines += ["### Generation (Prompt-to-Prompt)", ""]
+    lines += _table(["setting", "value"], [
+        ["model", ", ".join(models) or public_name(g.model)], ["scheduler", g.scheduler],
+        ["steps", g.steps], ["resolution", f"{g.width}×{g.height}"], ["P2P mode", g.mode],
+        ["sweep", g.sweep], ["samples per triple (object / room)",
+                             f"{g.samples_object} / {g.samples_room}" +
+                             (f" (limit {g.limit})" if g.limit else "")],
+        ["self_replace range", f"{g.self_replace[0]:g} – {g.self_replace[1]:g}"],
+        ["guidance range", f"{g.guidance[0]:g} – {g.guidance[1]:g}"],
+        ["cross_replace range", f"{g.cross_replace[0]:g} – {g.cross_replace[1]:g}"],
+        ["local blend", "on" if g.blend else "off"], ["seed", g.seed],
+    ])
+    edits = [r for r in allrows if not r["no_change"]]
+    lines += ["", "P2P parameters of the exported pairs:", ""]
+    lines += _table(["parameter", "range in the export"], [
+        ["guidance", _range([r["guidance"] for r in edits])],
+        ["self_replace", _range([r["self_replace"] for r in edits])],
+        ["cross_replace", _range([r["cross_replace"] for r in edits])],
+        ["steps", _range([r["p2p_steps"] for r in edits])],
+        ["mode", ", ".join(sorted({str(r["p2p_mode"]) for r in edits})) or "—"],
+    ])
+    f = cfg.filter
+    lines += ["", "### Filter", "",
+              f"CLIP `{public_name(f.clip_model)}` / `{public_name(f.clip_pretrained)}`"
+              + (f", DINO `{public_name(f.dino_model)}`" if f.dino else "")
+              + f"; top {f.top_k} pairs per triple by `clip_sim_dir` among those passing:", ""]
+    lines += _table(["score", "threshold"], [
+        ["clip_sim_0 (input image ↔ input caption)", f"≥ {f.clip_sim_0:g}"],
+        ["clip_sim_1 (edited image ↔ edited caption)", f"≥ {f.clip_sim_1:g}"],
+        ["clip_sim_dir (image change ↔ caption change)", f"≥ {f.clip_sim_dir:g}"],
+        ["clip_sim_image (input ↔ edited image)", f"≥ {f.clip_sim_image:g}"],
+    ])
+    st = rows.stats
+    a = cfg.augment
+    lines += ["", "### No-change samples", "",
+              f"Augment ({st.get('augment')}): ratio {a.ratio:g} of kept pairs, seed {a.seed}, "
+              f"backend `{a.backend}`"
+              + (f" (model `{public_name(a.model)}`, template fallback)"
+                 if a.backend == "openai" else "") + ". The instruction names something the input caption does "
+              "not mention (plurals and the recipe's synonyms count as mentions); the edited "
+              "image is the input image and `no_change` is true.", ""]
+    lines += ["### Review and split", "",
+              f"- policy `{cfg.export.policy}`: {st.get('kept', 0)} of {st.get('scored', 0)} "
+              f"scored pairs kept by the filter, {st.get('rejected_by_review', 0)} rejected in "
+              f"review, {st.get('not_accepted', 0)} not accepted, {st.get('corrected', 0)} "
+              "instructions corrected in review (`original_edit` keeps the first one)",
+              f"- split: seeded (seed {cfg.export.seed}), test share {cfg.export.test_ratio:g}, "
+              "grouped by triple and by caption, so no caption (input or edited) is in both "
+              "splits; no-change samples follow their source pair's caption", ""]
+    lines += ["## Diversity", ""] + diversity_section(build) + [""]
+    lines += ["## Columns", ""]
+    lines += _table(["column", "meaning"], [
+        ["input_image / edited_image", "PNG images (edited = input for no-change rows)"],
+        ["edit_prompt", "the instruction (review corrections applied)"],
+        ["original_prompt / edited_prompt", "captions of the input and edited image"],
+        ["pair_id, triple_id, source_pair_id", "content-hash ids (build provenance)"],
+        ["agent, level, operation", "recipe agent, object/room, add/remove/change/replace"],
+        ["no_change", "true for augmentation rows"],
+        ["seed, model, p2p_*, guidance, cross_replace, self_replace, scheduler, p2p_params",
+         "generation settings of the pair"],
+        ["clip_sim_0, clip_sim_1, clip_sim_dir, clip_sim_image, dino, filter_rank",
+         "filter scores (empty for no-change rows)"],
+        ["review, original_edit", "latest review verdict and the instruction before correction"],
+    ])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
+    """A PNG of up to ``n`` sample pairs (input | edited, instruction as title), agents mixed."""
+    if n <= 0:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    pool = [r for k in SPLITS for r in rows.splits[k]]
+    by_agent: dict[str, list[dict]] = {}
+    seen: set[str] = set()
+    for r in sorted(pool, key=lambda r: r["pair_id"]):
+        if not r["no_change"] and r["triple_id"] not in seen:  # one pair per triple
+            seen.add(r["triple_id"])
+            by_agent.setdefault(str(r["agent"]), []).append(r)
+    no_change = sorted((r for r in pool if r["no_change"]), key=lambda r: r["pair_id"])
+    picks: list[dict] = []
+    want = n - 1 if no_change and n > 1 else n
+    while len(picks) < want and any(by_agent.values()):
+        for agent in sorted(by_agent):
+            if by_agent[agent] and len(picks) < want:
+                picks.append(by_agent[agent].pop(0))
+    picks += no_change[:n - len(picks)]
+    if not picks:
+        return False
+    fig, axes = plt.subplots(len(picks), 2, figsize=(6, 3.1 * len(picks)), squeeze=False)
+    for (ax0, ax1), r in zip(axes, picks, strict=True):
+        for ax, rel in ((ax0, r["_images"][0]), (ax1, r["_images"][1])):
+            ax.imshow(Image.open(build.root / rel).convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax0.set_title(_wrap(r["original_prompt"]), fontsize=8)
+        tag = " [no change]" if r["no_change"] else ""
+        ax1.set_title(_wrap(f"“{r['edit_prompt']}”{tag}"), fontsize=8)
+        ax0.set_ylabel(f"{r['agent']}", fontsize=8)
+    fig.suptitle("Sample pairs: input (left), edited (right)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.1 * len(picks))))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+    return True
+
+
+def _wrap(text: str, width: int = 42) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:3])
+
+
+def secrets_in_env(build: Build | None = None) -> list[bytes]:
+    """Values of the environment's secrets (tokens, API keys) worth scanning for."""
+    names = list(SECRET_ENV)
+    if build is not None:
+        names.append(build.config.captions.api_key_env)
+    vals = [os.environ.get(n, "") for n in names]
+    return [v.encode() for v in vals if len(v) >= 8]
+
+
+def local_paths(build: Build | None, folder: Path) -> list[bytes]:
+    """Absolute local paths that must never appear in a public file."""
+    paths = {str(folder.resolve())}
+    try:
+        paths.add(str(Path.home()))
+    except RuntimeError:  # no home directory known
+        pass
+    if build is not None:
+        paths |= {str(build.root.resolve()), str(build.root.absolute())}
+    return [p.encode() for p in paths if len(p) > 1]
+
+
+def _parquet_strings(path: Path) -> bytes:
+    """Every string value of a parquet file (image file names included), newline-joined."""
+    import pyarrow.parquet as pq
+
+    out: list[str] = []
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches():
+        for col in batch.to_pylist():
+            for v in col.values():
+                if isinstance(v, str):
+                    out.append(v)
+                elif isinstance(v, dict) and isinstance(v.get("path"), str):
+                    out.append(v["path"])
+    return "\n".join(out).encode()
+
+
+def check_public(folder: Path, build: Build | None = None) -> None:
+    """Raise when a file under ``folder`` holds a secret or an absolute local path.
+
+    Text files are scanned whole; parquet shards by their string values and image names;
+    images are pixels we wrote, so they are not scanned.
+    """
+    needles = [(s, "a secret from the environment") for s in secrets_in_env(build)]
+    needles += [(p, f"the local path {p.decode()}") for p in local_paths(build, folder)]
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            continue
+        if f.suffix == ".parquet":
+            data = _parquet_strings(f)
+            for v in data.split(b"\n"):
+                if v.startswith(b"/") or v[1:3] == b":\\":
+                    raise DsbuildError(f"{f.relative_to(folder)} holds an absolute path "
+                                       f"{v.decode()[:80]!r}; refusing to publish it")
+        else:
+            data = f.read_bytes()
+        for needle, what in needles:
+            if needle in data:
+                raise DsbuildError(f"{f.relative_to(folder)} contains {what}; refusing to "
+                                   "publish it")
+        for pat in SECRET_PATTERNS:
+            if pat.search(data):
+                raise DsbuildError(f"{f.relative_to(folder)} contains something that looks like "
+                                   "an access token; refusing to publish it")

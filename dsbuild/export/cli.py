@@ -1,0 +1,52 @@
+"""``dsbuild export`` and ``dsbuild push``: thin wrappers over export_build / push_export."""
+
+from __future__ import annotations
+
+import click
+
+from dsbuild.cli_util import build_argument
+
+
+@click.command("export")
+@build_argument
+@click.option("--to", "to", type=click.Path(file_okay=False), default=None,
+              help="export folder (default: BUILD/export)")
+@click.option("--force", is_flag=True, help="rewrite the export even where it is up to date")
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="change a setting in dsbuild.yaml first, e.g. export.test_ratio=0.2")
+def export_cmd(build, to, force, overrides):
+    """Write BUILD's train/test splits as parquet shards with a dataset card into DIR."""
+    from dsbuild.build import Build
+    from dsbuild.export.writer import export_build
+
+    b = Build.open(build)
+    b.update(overrides)
+    res = export_build(b, to, force=force)
+    echo_export(res)
+
+
+def echo_export(res) -> None:
+    state = "up to date (skipped)" if res.skipped else "written"
+    counts = ", ".join(f"{k} {v['rows']} rows ({v['no_change']} no-change)"
+                       for k, v in res.counts.items())
+    click.echo(f"export {res.path}: {state}; {counts}")
+    if not res.skipped:
+        click.echo(f"  load it with: datasets.load_dataset({str(res.path)!r})")
+
+
+@click.command("push")
+@build_argument
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="create the dataset repo as private")
+@click.option("--revision", default=None, help="branch to push to (created if missing)")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
+              help="export folder (default: BUILD/export; exported first if stale)")
+def push_cmd(build, repo_id, private, revision, export_dir):
+    """Push BUILD's export with its card to the Hub dataset REPO_ID (token: HF_TOKEN or login)."""
+    from dsbuild.build import Build
+    from dsbuild.export.push import push_export
+
+    res = push_export(Build.open(build), repo_id, private=private, revision=revision,
+                      export_dir=export_dir)
+    click.echo(f"pushed {len(res.files)} files to {res.url} (revision {res.revision}"
+               + (f", commit {res.commit[:10]}" if res.commit else "") + ")")

@@ -1,0 +1,115 @@
+"""``push_export``: upload an export (parquet shards, card, grid) to a Hub dataset repo.
+
+The token comes from ``HF_TOKEN`` or the Hugging Face login; the endpoint from ``HF_ENDPOINT``
+(read at call time). Only the export's public files are uploaded, after a scan for secrets
+and absolute local paths. Hub failures become one clear error each: no token, a rejected
+token, no write access, an unreachable Hub.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsbuild.build import Build
+from dsbuild.errors import DsbuildError, require
+from dsbuild.export.card import check_public
+from dsbuild.export.writer import INFO_NAME, export_build
+
+UPLOAD_PATTERNS = ["README.md", "grid.png", INFO_NAME, "data/*.parquet"]
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    url: str
+    revision: str
+    commit: str | None
+    files: list[str]
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN from the environment, else the token saved by `hf auth login`."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    hub = require("huggingface_hub", "export")
+    try:
+        return hub.get_token()
+    except Exception:  # a broken token file counts as no login
+        return None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            mod = __import__(name)
+            errors.append(mod.TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def explain_http(exc: Exception, repo_id: str, endpoint: str) -> DsbuildError:
+    """A Hub HTTP error as a message that says what to do."""
+    resp = getattr(exc, "response", None)
+    code = getattr(resp, "status_code", None)
+    if code == 401:
+        return DsbuildError(f"the Hub at {endpoint} rejected the token (401 Unauthorized): set a "
+                            "valid HF_TOKEN or run `hf auth login`")
+    if code == 403:
+        return DsbuildError(f"the token may not write to dataset {repo_id!r} (403 Forbidden): "
+                            "use a token with write access to that namespace")
+    if code == 404:
+        return DsbuildError(f"dataset {repo_id!r} or its revision was not found on {endpoint} "
+                            "(404); check the repo id and --revision")
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DsbuildError(f"the Hub at {endpoint} refused the push of {repo_id!r}: {first}")
+
+
+def push_export(build: Build, repo_id: str, *, private: bool = False,
+                revision: str | None = None, export_dir: str | Path | None = None,
+                token: str | None = None) -> PushResult:
+    """Export (if stale) and upload BUILD's export to the dataset repo ``repo_id``."""
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise DsbuildError(f"repo id {repo_id!r} should look like 'namespace/name'")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise DsbuildError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to push")
+    token = token or hub_token()
+    if not token:
+        raise DsbuildError("no Hugging Face token: set HF_TOKEN (a token with write access) or "
+                           "run `hf auth login`")
+    result = export_build(build, export_dir)
+    folder = result.path
+    check_public(folder, build)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                   and _allowed(p.relative_to(folder)))
+    hub = require("huggingface_hub", "export")
+    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    api = hub.HfApi(endpoint=endpoint, token=token)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="dataset", revision=revision,
+            allow_patterns=UPLOAD_PATTERNS,
+            commit_message=f"dsbuild export of recipe {build.recipe.name}",
+        )
+    except HfHubHTTPError as exc:
+        raise explain_http(exc, repo_id, endpoint) from None
+    except _network_errors() as exc:
+        raise DsbuildError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {exc}); "
+                           "check the network or HF_ENDPOINT") from None
+    return PushResult(repo_id, str(url), revision or "main", getattr(info, "oid", None), files)
+
+
+def _allowed(rel: Path) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(rel.as_posix(), pat) for pat in UPLOAD_PATTERNS)

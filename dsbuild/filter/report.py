@@ -1,0 +1,168 @@
+"""The filter report: pass rates per threshold and per agent, score summaries, histograms.
+
+Writes ``reports/filter.json`` (everything), ``filter.md`` (a table per agent),
+``filter.png`` (one histogram per score with its threshold drawn as a red line) and
+``filter_agents.png`` (pass rate per threshold and keep rate, per agent).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from dsbuild.build import Build
+from dsbuild.filter.stage import THRESHOLDS
+from dsbuild.records import write_json, write_text
+
+SCORES: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
+
+
+def _rate(n: int, d: int) -> float | None:
+    return round(n / d, 4) if d else None
+
+
+def _pass_table(rows: list[dict], limits: dict[str, float]) -> dict:
+    """Pairs, scored, kept and per-threshold pass counts/rates for a set of score records."""
+    scored = [r for r in rows if r.get("clip_sim_dir") is not None]
+    table: dict = {"pairs": len(rows), "scored": len(scored),
+                   "image_errors": len(rows) - len(scored),
+                   "kept": sum(bool(r.get("keep")) for r in rows)}
+    table["keep_rate"] = _rate(table["kept"], len(rows))
+    table["thresholds"] = {}
+    for name, lim in limits.items():
+        vals = [r.get(name) for r in scored if r.get(name) is not None]
+        n = sum(v >= lim for v in vals)
+        table["thresholds"][name] = {"min": lim, "pass": n, "rate": _rate(n, len(vals))}
+    passed_all = sum(r.get("rank") is not None for r in scored)
+    table["passed_all_thresholds"] = passed_all
+    table["passed_all_rate"] = _rate(passed_all, len(scored))
+    table["dropped_by_top_k"] = sum(r.get("reason") == "top_k" for r in rows)
+    return table
+
+
+def filter_report(build: Build) -> dict:
+    """The report as a dict: settings, overall and per-agent pass rates, reasons, summaries."""
+    s = build.config.filter
+    scores = list(build.records("filter"))
+    triples = {t["id"]: t for t in build.records("captions")}
+    pairs = {p["id"]: p for p in build.records("generate")}
+    limits = {name: getattr(s, name) for name in THRESHOLDS}
+    if s.dino_min is not None:
+        limits["dino"] = s.dino_min
+    by_agent: dict[str, list[dict]] = {}
+    reasons: dict[str, int] = {}
+    for r in scores:
+        tid = r.get("triple_id") or pairs.get(r["pair_id"], {}).get("triple_id")
+        agent = triples.get(tid, {}).get("agent", "?")
+        by_agent.setdefault(agent, []).append(r)
+        reason = (r.get("reason") or "kept").split(":")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    summary = {}
+    for name in SCORES:
+        vals = [r[name] for r in scores if r.get(name) is not None]
+        if vals:
+            summary[name] = {"mean": round(statistics.fmean(vals), 4),
+                             "median": round(statistics.median(vals), 4),
+                             "min": round(min(vals), 4), "max": round(max(vals), 4)}
+    return {
+        "settings": {"clip_model": s.clip_model, "clip_pretrained": s.clip_pretrained,
+                     "dino": s.dino, "dino_model": s.dino_model if s.dino else None,
+                     "thresholds": limits, "top_k": s.top_k},
+        "overall": _pass_table(scores, limits),
+        "per_agent": {a: _pass_table(rows, limits) for a, rows in sorted(by_agent.items())},
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "scores": summary,
+        "triples_with_kept_pairs": len({r.get("triple_id") for r in scores if r.get("keep")}),
+    }
+
+
+def plot_histograms(scores: list[dict], limits: dict[str, float], path: Path) -> None:
+    """One histogram per score with the threshold drawn; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SCORES if any(r.get(n) is not None for r in scores)] or list(THRESHOLDS)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        vals = [r[name] for r in scores if r.get(name) is not None]
+        ax.hist(vals, bins=40, color="#4c72b0")
+        if name in limits:
+            lim = limits[name]
+            rate = _rate(sum(v >= lim for v in vals), len(vals))
+            ax.axvline(lim, color="red", linestyle="--", label=f"min {lim}")
+            ax.set_title(f"{name}\npass {rate:.0%}" if rate is not None else name, fontsize=10)
+            ax.legend(fontsize=8)
+        else:
+            ax.set_title(name, fontsize=10)
+        ax.set_xlabel("cosine")
+    axes[0][0].set_ylabel("pairs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_agents(rep: dict, path: Path) -> None:
+    """Pass rate of each threshold, and keep rate, per agent (grouped bars); saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = list(rep["per_agent"])
+    cols = list(rep["settings"]["thresholds"]) + ["kept"]
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.7 * len(agents))), 4.2))
+    width = 0.8 / len(cols)
+    for j, col in enumerate(cols):
+        vals = []
+        for a in agents:
+            t = rep["per_agent"][a]
+            v = t["keep_rate"] if col == "kept" else t["thresholds"][col]["rate"]
+            vals.append(v or 0.0)
+        ax.bar([i + j * width for i in range(len(agents))], vals, width, label=col)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(agents))], agents, rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("rate")
+    ax.set_title("filter: pass rate per threshold and keep rate, per agent", fontsize=10)
+    ax.legend(fontsize=7, ncol=len(cols), loc="upper center")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown(rep: dict) -> str:
+    """A short table per agent for people (the JSON has everything)."""
+    names = list(rep["settings"]["thresholds"])
+    lines = [f"# Filter report ({rep['settings']['clip_model']}, top_k "
+             f"{rep['settings']['top_k']})", "",
+             "| agent | pairs | kept | " + " | ".join(f"{n} ≥ {rep['settings']['thresholds'][n]}"
+                                               for n in names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+    rows = [("all", rep["overall"])] + list(rep["per_agent"].items())
+    for agent, t in rows:
+        rates = " | ".join("-" if t["thresholds"][n]["rate"] is None
+                           else f"{t['thresholds'][n]['rate']:.0%}" for n in names)
+        lines.append(f"| {agent} | {t['pairs']} | {t['kept']} | {rates} |")
+    lines += ["", "Reasons: " + ", ".join(f"{k} {v}" for k, v in rep["reasons"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_filter_report(build: Build) -> dict:
+    """Write reports/filter.{json,md,png} and filter_agents.png; returns the report dict."""
+    rep = filter_report(build)
+    out = build.reports_dir
+    write_json(out / "filter.json", rep)
+    write_text(out / "filter.md", markdown(rep))
+    plot_histograms(list(build.records("filter")), rep["settings"]["thresholds"],
+                    out / "filter.png")
+    plot_agents(rep, out / "filter_agents.png")
+    rep["files"] = [str(out / n) for n in ("filter.json", "filter.md", "filter.png",
+                                          "filter_agents.png")]
+    return rep

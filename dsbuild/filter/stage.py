@@ -1,0 +1,218 @@
+"""The filter stage: score every pair with CLIP (and DINOv2), apply thresholds, keep top k.
+
+InstructPix2Pix's rule (``dataset_creation/generate_img_dataset.py``): a pair passes when
+clip_sim_image ≥ 0.7, clip_sim_dir ≥ 0.2, clip_sim_0 ≥ 0.2 and clip_sim_1 ≥ 0.2; of the pairs
+of one caption triple that pass, the k (default 4) with the highest clip_sim_dir are kept.
+Top-k needs all of a triple's pairs, so ranks shard by ``triple_id``. Work is resumable per
+pair: a triple interrupted half-way is finished by re-ranking its written scores together with
+the ones still missing (rounded scores make the re-ranking identical).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsbuild import metrics
+from dsbuild.build import Build, StageResult, select_shard
+from dsbuild.errors import DsbuildError
+from dsbuild.progress import progress
+from dsbuild.settings.filter import FilterSettings
+
+THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")
+DIGITS = 6
+
+
+def _round(x: float) -> float:
+    return round(float(x), DIGITS)
+
+
+@dataclass
+class Scorer:
+    """CLIP (+ optional DINOv2) encoders with caches: each caption and image encoded once."""
+
+    clip: object
+    dino: object | None = None
+    batch_size: int = 32
+    workers: int = 4
+    text_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from dsbuild.filter.encoders import ImageEmbedder
+
+        encs = {"clip": self.clip} | ({"dino": self.dino} if self.dino is not None else {})
+        self.images = ImageEmbedder(encs, batch_size=self.batch_size, workers=self.workers)
+
+    @classmethod
+    def from_settings(cls, s: FilterSettings, quiet: bool = False) -> Scorer:
+        """Load the encoders named in the filter settings."""
+        from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
+
+        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, s.device, s.dtype, quiet=quiet)
+        dino = DinoEncoder.load(s.dino_model, s.device, s.dtype, quiet=quiet) if s.dino else None
+        return cls(clip, dino, batch_size=s.batch_size, workers=s.workers)
+
+    def texts(self, captions: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Normalised CLIP text embeddings, encoding only captions not seen before."""
+        captions = list(dict.fromkeys(captions))
+        new = [c for c in captions if c not in self.text_cache]
+        if new:
+            if len(self.text_cache) > 100_000:
+                self.text_cache.clear()
+            embs = self.clip.encode_text(new, batch_size=max(self.batch_size, 64))
+            for c, e in zip(new, embs, strict=True):
+                self.text_cache[c] = e.clone()
+        return {c: self.text_cache[c] for c in captions}
+
+    def score(self, pairs: list[dict], triples: dict[str, dict], root: Path) -> dict[str, dict]:
+        """Raw scores (no keep/rank yet) per pair id; unusable images give an ``error``."""
+        paths = {}
+        for p in pairs:
+            for side in ("input", "output"):
+                rel = p["images"][side]
+                paths[rel] = root / rel
+        embs, errors = self.images.embed(list(paths.values()))
+        texts = self.texts(c for p in pairs for c in (triples[p["triple_id"]]["input"],
+                                                      triples[p["triple_id"]]["output"]))
+        out: dict[str, dict] = {}
+        good: list[dict] = []
+        for p in pairs:
+            rec = {"pair_id": p["id"], "triple_id": p["triple_id"]}
+            for side in ("input", "output"):
+                rel = p["images"][side]
+                err = errors.get(paths[rel])
+                if err:
+                    kind, detail = err
+                    rec["error"] = f"{kind}: {rel}" + (f" ({detail})" if detail else "")
+                    if self.dino is not None:
+                        rec["dino"] = None
+                    break
+            out[p["id"]] = rec
+            if "error" not in rec:
+                good.append(p)
+        if good:
+            e0 = [embs[paths[p["images"]["input"]]] for p in good]
+            e1 = [embs[paths[p["images"]["output"]]] for p in good]
+            t0 = torch.stack([texts[triples[p["triple_id"]]["input"]] for p in good])
+            t1 = torch.stack([texts[triples[p["triple_id"]]["output"]] for p in good])
+            s = metrics.clip_scores(torch.stack([e["clip"] for e in e0]),
+                                    torch.stack([e["clip"] for e in e1]), t0, t1)
+            if self.dino is not None:
+                s["dino"] = metrics.dino(torch.stack([e["dino"] for e in e0]),
+                                         torch.stack([e["dino"] for e in e1]))
+            for i, p in enumerate(good):
+                out[p["id"]].update({k: _round(v[i]) for k, v in s.items()})
+        return out
+
+
+def failed_thresholds(rec: dict, s: FilterSettings) -> list[str]:
+    """Names of the thresholds a scored pair misses, in InstructPix2Pix's check order."""
+    failed = [name for name in THRESHOLDS if rec[name] < getattr(s, name)]
+    if s.dino_min is not None and rec.get("dino") is not None and rec["dino"] < s.dino_min:
+        failed.append("dino")
+    return failed
+
+
+def decide(records: list[dict], s: FilterSettings) -> list[dict]:
+    """keep / reason / rank for all pairs of ONE triple (new dicts; inputs are not changed).
+
+    reason: the first failed threshold, ``"top_k"`` (passed but ranked below k), the image
+    error, or None when kept. rank: 1-based position by clip_sim_dir among the pairs that
+    passed every threshold (ties broken by pair id), None for the others.
+    """
+    out: list[dict] = []
+    passing: list[dict] = []
+    for r in records:
+        error = r.get("error") or (r.get("reason") if r.get("clip_sim_dir") is None else None)
+        r = {k: v for k, v in r.items() if k not in ("keep", "reason", "rank", "failed", "error")}
+        if error:
+            r.update(keep=False, reason=error, rank=None, failed=[])
+            for name in THRESHOLDS:
+                r.setdefault(name, None)
+        else:
+            failed = failed_thresholds(r, s)
+            r.update(keep=False, reason=failed[0] if failed else None, rank=None, failed=failed)
+            if not failed:
+                passing.append(r)
+        out.append(r)
+    passing.sort(key=lambda r: (-r["clip_sim_dir"], r["pair_id"]))
+    for i, r in enumerate(passing, 1):
+        r["rank"] = i
+        r["keep"] = i <= s.top_k
+        r["reason"] = None if r["keep"] else "top_k"
+    return out
+
+
+def _chunks(groups: list[list[dict]], size: int) -> Iterable[list[list[dict]]]:
+    chunk: list[list[dict]] = []
+    n = 0
+    for g in groups:
+        chunk.append(g)
+        n += len(g)
+        if n >= size:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def shard_stats(records: list[dict]) -> dict:
+    """Counts for the completion marker: scored, kept, and pairs per reason."""
+    reasons: dict[str, int] = {}
+    for r in records:
+        reason = r.get("reason")
+        if reason:
+            reason = reason.split(":")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return {"pairs": len(records), "kept": sum(bool(r.get("keep")) for r in records),
+            "reasons": reasons}
+
+
+def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool = False,
+               overrides: Iterable[str] = (), scorer: Scorer | None = None,
+               quiet: bool = False, report: bool = True) -> StageResult:
+    """Score one rank's pairs (all pairs of its triples), write scores; report when complete."""
+    build.update(list(overrides))
+    s = build.config.filter
+    build.require_complete("captions")
+    build.require_complete("generate")
+    triples = {t["id"]: t for t in build.records("captions")}
+    mine = select_shard(build.records("generate"), rank, world_size,
+                        key=lambda p: p["triple_id"])
+    groups: dict[str, list[dict]] = {}
+    for p in mine:
+        if p.get("triple_id") not in triples:
+            raise DsbuildError(f"pair {p.get('id')} names triple_id {p.get('triple_id')!r}, "
+                               f"which is not among the caption triples in {build.root}")
+        groups.setdefault(p["triple_id"], []).append(p)
+
+    def work(writer) -> dict:
+        nonlocal scorer
+        written = {r["pair_id"]: r for r in writer.records}
+        todo = [g for g in groups.values() if any(p["id"] not in writer.done for p in g)]
+        total = sum(len(g) for g in groups.values())
+        if todo:
+            scorer = scorer or Scorer.from_settings(s, quiet=quiet)
+            bar = progress(total=total, initial=len(written), desc=f"filter r{rank}",
+                           unit="pair")
+            for chunk in _chunks(todo, 4 * s.batch_size):
+                new = [p for g in chunk for p in g if p["id"] not in writer.done]
+                scored = scorer.score(new, triples, build.root)
+                for g in chunk:
+                    recs = [written.get(p["id"]) or scored[p["id"]] for p in g]
+                    for r in decide(recs, s):
+                        if r["pair_id"] not in writer.done:
+                            writer.write(r)
+                bar.update(len(new))
+            bar.close()
+        return shard_stats(writer.records)
+
+    result = build.run_stage("filter", rank, world_size, work, force=force, key="pair_id")
+    if report and build.is_complete("filter"):
+        from dsbuild.filter.report import write_filter_report
+
+        write_filter_report(build)
+    return result

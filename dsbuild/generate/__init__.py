@@ -1,0 +1,1 @@
+"""Prompt-to-Prompt image pairs on Stable Diffusion (the generate stage)."""

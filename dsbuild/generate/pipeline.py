@@ -1,0 +1,259 @@
+"""The P2P sampler: sources and their targets denoised together in one batch.
+
+It reuses the diffusers pipeline's components (text encoding, scheduler, VAE, image
+post-processing) and runs the same loop as ``StableDiffusionPipeline``, with per-row guidance
+and one generator per row: every row of a (caption, seed) group gets a generator seeded alike,
+so source and targets share the initial noise and each ancestral step's noise, and each row's
+noise is exactly what the plain pipeline draws for that seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dsbuild.errors import DsbuildError
+from dsbuild.generate.align import align_prompts, max_length, prompt_words, token_weights
+from dsbuild.generate.controller import P2PController, RowEdit
+from dsbuild.generate.processors import install
+
+MODES = ("self", "replace", "refine", "reweight", "auto")
+
+
+def make_scheduler(name: str, config):
+    """A fresh scheduler of the chosen kind from the model's scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+    )
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "euler_ancestral":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise DsbuildError(f"generate.scheduler must be ddim, euler_ancestral or dpmsolver++ "
+                       f"(got {name!r})")
+
+
+@dataclass
+class TargetSpec:
+    """One edited image made from a source: its prompt and P2P parameters."""
+
+    prompt: str
+    mode: str = "self"  # self | replace | refine | reweight | auto
+    self_replace: float = 0.0  # fraction of steps reusing the source's self-attention
+    cross_replace: float | dict[str, float] = 0.8  # fraction, or {word: fraction, "default": f}
+    equalizer: dict[str, float] | None = None  # target word -> attention scale (reweight)
+    blend_words: tuple[list[str], list[str]] | None = None  # (source words, target words)
+    guidance: float | None = None  # None: the source's guidance
+
+
+@dataclass
+class SourceGroup:
+    """All targets that share one source image (same caption, seed and guidance)."""
+
+    prompt: str
+    seed: int
+    guidance: float
+    targets: list[TargetSpec] = field(default_factory=list)
+
+
+@dataclass
+class GroupImages:
+    source: np.ndarray  # H x W x 3 float in [0, 1]
+    targets: list[np.ndarray]
+    modes: list[str]  # resolved mode per target (auto -> replace | refine)
+
+
+class P2PGenerator:
+    """Prompt-to-Prompt on a diffusers StableDiffusionPipeline via attention processors."""
+
+    def __init__(self, pipe, scheduler: str = "euler_ancestral", blend_threshold: float = 0.3,
+                 blend_start: float = 0.2):
+        self.pipe = pipe
+        self.scheduler_name = scheduler
+        make_scheduler(scheduler, pipe.scheduler.config)  # fail early on a bad name
+        self.controller = P2PController(blend_threshold, blend_start)
+        install(pipe.unet, self.controller)
+        self._embeds: dict[str, torch.Tensor] = {}
+        self.L = max_length(pipe.tokenizer)
+        self.encoded = 0
+
+    @property
+    def device(self):
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self):
+        return self.pipe.unet.dtype
+
+    # ------------------------------------------------------------------ text
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings, each distinct caption encoded once (cached across batches)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            if len(self._embeds) > 4096:
+                self._embeds.clear()
+            emb = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            self.encoded += len(missing)
+            for p, e in zip(missing, emb, strict=True):
+                self._embeds[p] = e
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    # ------------------------------------------------------------------ edits
+    def row_edit(self, source_prompt: str, t: TargetSpec, source_row: int) -> tuple[RowEdit, str]:
+        """The controller's view of one target; returns it with the resolved mode."""
+        if t.mode not in MODES:
+            raise DsbuildError(f"P2P mode must be one of {', '.join(MODES)} (got {t.mode!r})")
+        tok, L = self.pipe.tokenizer, self.L
+        edit = RowEdit(source=source_row, self_replace=float(t.self_replace))
+        resolved = t.mode
+        if t.mode != "self":
+            al = align_prompts(tok, source_prompt, t.prompt,
+                               "auto" if t.mode == "reweight" else t.mode)
+            resolved = al.mode if t.mode in ("auto",) else t.mode
+            edit.alignment = al
+            if isinstance(t.cross_replace, dict):
+                frac = torch.full((L,), float(t.cross_replace.get("default", 0.8)))
+                for word, f in t.cross_replace.items():
+                    if word != "default":
+                        sel = token_weights(al.tgt_words, [word], L) > 0
+                        frac[sel] = float(f)
+            else:
+                frac = torch.full((L,), float(t.cross_replace))
+            edit.cross_replace = frac
+            if t.equalizer:
+                eq = torch.ones(L)
+                for word, f in t.equalizer.items():
+                    sel = token_weights(al.tgt_words, [word], L) > 0
+                    eq[sel] = float(f)
+                edit.equalizer = eq
+        if t.blend_words is not None:
+            src_words = words_of(tok, source_prompt)
+            tgt_words = words_of(tok, t.prompt)
+            edit.blend_src = token_weights(src_words, t.blend_words[0], L)
+            edit.blend_tgt = token_weights(tgt_words, t.blend_words[1], L)
+        return edit, resolved
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, groups: list[SourceGroup], steps: int, height: int, width: int,
+                 batch_size: int = 8,
+                 callback: Callable[[int, torch.Tensor, P2PController, list], None] | None = None,
+                 ) -> list[GroupImages]:
+        """Images for every group: batches of at most ``batch_size`` images, one source each."""
+        pieces: list[tuple[int, list[int]]] = []  # (group index, target indices)
+        per = max(1, batch_size - 1)
+        for gi, g in enumerate(groups):
+            idx = list(range(len(g.targets)))
+            for s in range(0, max(1, len(idx)), per):
+                pieces.append((gi, idx[s:s + per]))
+        batches: list[list[tuple[int, list[int]]]] = [[]]
+        rows = 0
+        for p in pieces:
+            n = 1 + len(p[1])
+            if batches[-1] and rows + n > batch_size:
+                batches.append([])
+                rows = 0
+            batches[-1].append(p)
+            rows += n
+        src_img: dict[int, np.ndarray] = {}
+        tgt_img: dict[tuple[int, int], np.ndarray] = {}
+        modes: dict[tuple[int, int], str] = {}
+        for batch in batches:
+            images, layout, resolved = self._run_batch(groups, batch, steps, height, width,
+                                                       callback)
+            for (gi, ti), im in zip(layout, images, strict=True):
+                if ti is None:
+                    src_img.setdefault(gi, im)
+                else:
+                    tgt_img[(gi, ti)] = im
+            modes.update(resolved)
+        return [GroupImages(src_img[gi], [tgt_img[(gi, ti)] for ti in range(len(g.targets))],
+                            [modes[(gi, ti)] for ti in range(len(g.targets))])
+                for gi, g in enumerate(groups)]
+
+    @torch.no_grad()
+    def _run_batch(self, groups, batch, steps, height, width, callback):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, ctrl = self.pipe, self.controller
+        prompts, seeds, guid, layout = [], [], [], []
+        edits: dict[int, RowEdit] = {}
+        resolved: dict[tuple[int, int], str] = {}
+        for gi, tis in batch:
+            g = groups[gi]
+            src_row = len(prompts)
+            prompts.append(g.prompt)
+            seeds.append(g.seed)
+            guid.append(g.guidance)
+            layout.append((gi, None))
+            for ti in tis:
+                t = g.targets[ti]
+                row = len(prompts)
+                edits[row], resolved[(gi, ti)] = self.row_edit(g.prompt, t, src_row)
+                prompts.append(t.prompt)
+                seeds.append(g.seed)
+                guid.append(g.guidance if t.guidance is None else t.guidance)
+                layout.append((gi, ti))
+        R = len(prompts)
+        vsf = pipe.vae_scale_factor
+        if height % (vsf * 2 ** (len(pipe.unet.down_blocks) - 1)) or \
+                width % (vsf * 2 ** (len(pipe.unet.down_blocks) - 1)):
+            raise DsbuildError(f"generate.height/width must be multiples of "
+                               f"{vsf * 2 ** (len(pipe.unet.down_blocks) - 1)} for this model "
+                               f"(got {height}x{width})")
+        dev, dt = self.device, self.dtype
+        cond = self.encode(prompts)
+        uncond = self.encode([""]).expand(R, -1, -1)
+        ehs = torch.cat([uncond, cond]).to(dt)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        sched = make_scheduler(self.scheduler_name, pipe.scheduler.config)
+        sched.set_timesteps(steps, device=dev)
+        shape = (R, pipe.unet.config.in_channels, height // vsf, width // vsf)
+        latents = randn_tensor(shape, generator=gens, device=dev, dtype=dt)
+        latents = latents * sched.init_noise_sigma
+        g = torch.tensor(guid, device=dev, dtype=dt)[:, None, None, None]
+        step_kw = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters \
+            else {}
+        if "eta" in inspect.signature(sched.step).parameters:
+            step_kw["eta"] = 0.0
+        ctrl.configure(R, edits, len(sched.timesteps), tuple(shape[-2:]), dev, dt)
+        try:
+            for i, t in enumerate(sched.timesteps):
+                ctrl.begin_step(i)
+                inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False)[0]
+                n_u, n_c = noise.chunk(2)
+                noise = n_u + g * (n_c - n_u)
+                latents = sched.step(noise, t, latents, **step_kw, return_dict=False)[0]
+                latents = ctrl.after_step(latents, i)
+                if callback is not None:
+                    callback(i, latents, ctrl, layout)
+        finally:
+            ctrl.reset()
+        images = self.decode(latents)
+        return list(images), layout, resolved
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> float images [N, H, W, 3] in [0, 1] (each latent decoded once)."""
+        vae = self.pipe.vae
+        out = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(out, output_type="np",
+                                                     do_denormalize=[True] * out.shape[0])
+
+
+def words_of(tokenizer, prompt: str):
+    return prompt_words(tokenizer, prompt)[0]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] -> uint8, rounded as diffusers' numpy_to_pil does."""
+    return (image * 255).round().astype("uint8")

@@ -1,0 +1,64 @@
+"""Model loaders: Stable Diffusion from 'tiny', an SD-shaped random build, a dir or a Hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsbuild.errors import DsbuildError, require
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """torch dtype for 'fp32' | 'fp16' | 'bf16'."""
+    torch = require("torch", "gen")
+    if name not in DTYPES:
+        raise DsbuildError(f"dtype must be one of {sorted(DTYPES)} (got {name!r})")
+    return getattr(torch, DTYPES[name])
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' → cuda when available, else mps, else cpu."""
+    torch = require("torch", "gen")
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False):
+    """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:sd15', a dir or Hub id."""
+    require("diffusers", "gen")
+    from diffusers import StableDiffusionPipeline
+
+    from dsbuild.models import tiny_sd
+
+    td = torch_dtype(dtype)
+    if model in ("tiny", "arch:sd15"):
+        if model == "tiny":
+            comps = tiny_sd.tiny_components()
+            if not quiet:
+                tiny_sd.warn_tiny()
+        else:
+            comps = tiny_sd.sd15_components()
+        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        local = Path(model)
+        if not local.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
+            raise DsbuildError(f"generate.model: {model!r} is neither 'tiny', an existing "
+                               "diffusers folder, nor a Hub id like 'owner/name'")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(model), torch_dtype=td, safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as exc:
+            raise DsbuildError(f"generate.model: cannot load Stable Diffusion from {model!r}: "
+                               f"{exc}") from None
+    pipe = pipe.to(device)
+    if pipe.unet.dtype != td:
+        pipe = pipe.to(dtype=td)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,179 @@
+"""No-change augmentation: never names what the caption mentions; seeded; per split."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import pytest
+from builders import make_build
+
+from dsbuild.augment.mentions import Mentions, absent_terms, forms, phrase_in, words
+from dsbuild.augment.stage import no_change_instruction, run_augment
+from dsbuild.export.split import caption_key, row_nodes, split_rows
+
+
+def _surface(term: str, mentions: Mentions) -> set[str]:
+    """Independent oracle: every spelling of a term a caption could use (test's own rules)."""
+    out = set()
+    for name in mentions.names_of(term):
+        base = name.lower()
+        out |= {base, base + "s", base + "es"}
+        if base.endswith("s"):
+            out.add(base[:-1])
+        if " " in base:  # the head noun alone ("table" for "coffee table")
+            head = base.split()[-1]
+            out |= {head, head + "s"}
+    return out
+
+
+def _says(caption: str, phrase: str) -> bool:
+    return re.search(rf"(?<![a-z]){re.escape(phrase)}(?![a-z])", caption.lower()) is not None
+
+
+def test_forms_and_phrases():
+    assert "shelf" in forms("shelves") and "shelves" in forms("shelf")
+    assert "lamp" in forms("lamps") and "armrest" in forms("armrests")
+    assert phrase_in("coffee table", words("two Coffee-Tables by the window"))
+    assert phrase_in("coffee table", words("a dining table"))  # head noun counts
+    assert not phrase_in("rug", words("a rugged oak floor"))
+
+
+def test_augment_never_names_a_mentioned_thing(mini_build):
+    """Property test over the vocabulary: every subset of things, named by singular, plural
+    or synonym, and many seeds; the named thing is never one the caption mentions."""
+    recipe = mini_build.recipe
+    mentions = Mentions(recipe)
+    checked = 0
+    for agent in recipe.agents:
+        v = agent.vocabulary
+        things = [*v.objects, *v.features]
+        spellings = {t: sorted({t, t + "s", *mentions.names_of(t)}) for t in things}
+        for k in range(len(things) + 1):
+            for subset in itertools.combinations(things, k):
+                for pick in range(3):
+                    named = [spellings[t][(pick + i) % len(spellings[t])]
+                             for i, t in enumerate(subset)]
+                    caption = f"a {v.styles[0]} {v.subjects[0]}" + (
+                        " with " + " and ".join(named) if named else "")
+                    terms = absent_terms(recipe, agent, caption, mentions)
+                    assert set(terms).isdisjoint(subset), caption
+                    for seed in range(4):
+                        if not terms:
+                            break
+                        rng = random.Random(seed)
+                        term = rng.choice(terms)
+                        op, edit = no_change_instruction(agent, term, rng)
+                        assert op in ("remove", "change") and term in edit
+                        assert not any(_says(caption, s) for s in _surface(term, mentions)), (
+                            caption, edit)
+                        checked += 1
+    assert checked > 100
+
+
+def test_synonyms_count_as_mentions(mini_build):
+    mentions = Mentions(mini_build.recipe)
+    room = mini_build.recipe.agent("living-room")
+    for caption in ("a living room with a couch", "a living room with two settees",
+                    "a living room with sofas"):
+        assert "sofa" not in absent_terms(mini_build.recipe, room, caption, mentions)
+    assert "sofa" in absent_terms(mini_build.recipe, room, "a living room with a rug", mentions)
+
+
+def test_stage_ratio_per_split_and_determinism(mini_build):
+    make_build(mini_build, samples=4, keep_every=1)
+    mini_build.update(["augment.ratio=0.2"])
+    res = run_augment(mini_build)
+    samples = list(mini_build.records("augment"))
+    assert res.records == len(samples) > 0
+    kept = [s["pair_id"] for s in mini_build.records("filter") if s["keep"]]
+    pairs = {p["id"]: p for p in mini_build.records("generate")}
+    for s in samples:
+        assert s["no_change"] is True and s["output"] == s["input"]
+        assert s["images"]["input"] == s["images"]["output"] == pairs[s["pair_id"]]["images"][
+            "input"]
+        assert s["pair_id"] in kept
+    # both prospective splits get their share (at least one each)
+    triples = {t["id"]: t for t in mini_build.records("captions")}
+    nodes = {pid: row_nodes(pairs[pid]["triple_id"], [triples[pairs[pid]["triple_id"]]["input"],
+                                                     triples[pairs[pid]["triple_id"]]["output"]])
+             for pid in kept}
+    _, node_split = split_rows(nodes, 0.1, 0)
+    per_split = {node_split[f"c:{caption_key(s['input'])}"] for s in samples}
+    assert per_split == {"train", "test"}
+    # a re-run does nothing; a forced re-run writes the same samples
+    assert run_augment(mini_build).skipped
+    run_augment(mini_build, force=True)
+    assert [s["id"] for s in mini_build.records("augment")] == [s["id"] for s in samples]
+    # another seed picks differently
+    mini_build.update(["augment.seed=7"])
+    run_augment(mini_build)
+    assert [s["id"] for s in mini_build.records("augment")] != [s["id"] for s in samples]
+
+
+def test_ratio_zero_and_cli(mini_build):
+    from dsbuild.cli import main
+
+    make_build(mini_build, samples=2)
+    mini_build.update(["augment.ratio=0"])
+    assert run_augment(mini_build).records == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["augment", str(mini_build.root), "--set", "augment.ratio=2"])
+    assert exc.value.code == 2
+
+
+def test_llm_backend_checked_and_cached(mini_build):
+    """The openai backend through the real SDK against a scripted local server: good replies
+    are used, bad ones (present thing, not JSON) fall back to the template; re-runs are cached."""
+    import json
+
+    from openai_server import OpenAIServer, chat
+
+    def handler(req, n):
+        user = req["messages"][-1]["content"]
+        caption = user.split("\n")[0].removeprefix("Caption: ")
+        absent = user.split("NOT in the image: ")[1].split(", ")
+        if n % 3 == 1:  # names something the caption mentions
+            present = "sofa" if "sofa" in caption else "armchair"
+            return chat(json.dumps({"target": absent[0], "edit": f"remove the {present} "
+                                    f"and the {absent[0]}"}))
+        if n % 3 == 2:
+            return chat("I cannot help with that.")
+        return chat("```json\n" + json.dumps({"target": absent[0],
+                                              "edit": f"please remove the {absent[0]}"}) + "\n```")
+
+    make_build(mini_build, samples=4, keep_every=1)
+    with OpenAIServer(handler=handler) as srv:
+        mini_build.update(["augment.ratio=0.5", "augment.backend=openai",
+                           f"augment.base_url={srv.base_url}", "augment.model=test-model"])
+        res = run_augment(mini_build)
+        samples = list(mini_build.records("augment"))
+        sent = len(srv.chat_requests)
+        assert sent == len(samples) >= 3
+        llm = res.stats["llm"]
+        assert llm["rejected"]["instruction names something the caption mentions"] >= 1
+        assert llm["rejected"]["not JSON with target and edit"] >= 1
+        by = {s["source"]["backend"] for s in samples}
+        assert by == {"openai", "template"}
+        mentions = Mentions(mini_build.recipe)
+        for s in samples:
+            assert not mentions.mentioned(s["target"], s["input"])
+            if s["source"]["backend"] == "openai":
+                assert s["edit"].startswith("please remove the ")
+        run_augment(mini_build, force=True)
+        assert len(srv.chat_requests) == sent  # every reply came from the build's cache
+        assert [s["id"] for s in mini_build.records("augment")] == [s["id"] for s in samples]
+
+
+def test_augment_cli_reports(mini_build):
+    from click.testing import CliRunner
+
+    from dsbuild.cli import cli
+
+    make_build(mini_build, samples=3, keep_every=1)
+    r = CliRunner().invoke(cli, ["augment", str(mini_build.root), "--set", "augment.ratio=0.3"])
+    assert r.exit_code == 0, r.output
+    assert "augment rank 0/1: done" in r.output and "no-change samples from 18 kept" in r.output
+    r = CliRunner().invoke(cli, ["augment", str(mini_build.root)])
+    assert "already done (skipped)" in r.output

@@ -1,0 +1,239 @@
+"""The openai backend through the real openai SDK against a scripted local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from openai_server import OpenAIServer, chat, delay, error
+
+from dsbuild.build import Build
+from dsbuild.captions.stage import run_captions
+from dsbuild.config import load_recipe
+from dsbuild.errors import DsbuildError
+
+pytestmark = pytest.mark.server
+
+COLOURS = ["red", "blue", "green", "grey", "white", "black", "yellow", "pink", "brown", "teal"]
+STYLES = ["modern", "rustic", "scandinavian", "industrial", "coastal"]
+
+
+def good_line(agent: str, u: int) -> dict:
+    """The u-th valid, unique triple for an agent of the mini recipe."""
+    c1, c2 = COLOURS[u % 10], COLOURS[(u + 3) % 10]
+    style = STYLES[(u // 10) % 5]
+    if agent == "chairs":
+        return {"input": f"a {style} {c1} oak armchair", "edit": f"make the armchair {c2}",
+                "output": f"a {style} {c2} oak armchair"}
+    return {"input": f"a {style} living room with a {c1} linen sofa and no rug",
+            "edit": "add a rug", "output": f"a {style} living room with a {c1} linen sofa and a rug"}
+
+
+def request_of(body: dict) -> tuple[str, int]:
+    """(agent, batch number) of a chat request built by dsbuild's prompt."""
+    user = body["messages"][-1]["content"]
+    agent = "chairs" if "chairs of every kind" in user else "living-room"
+    return agent, int(re.search(r"Batch (\d+)\.", user).group(1))
+
+
+BAD_CHAIR_LINES = [
+    "Here are your samples:",                                          # not_json
+    "42",                                                              # not_object
+    json.dumps({"input": "a red chair", "edit": "make it blue"}),      # missing_field
+    json.dumps({"input": "a red chair", "edit": "make it red", "output": "a red chair"}),
+    json.dumps({"input": "a red chair", "edit": "the chair is blue now",
+                "output": "a blue chair"}),                            # edit_not_instruction
+    json.dumps({"input": "a red velvet armchair by a window in a bright room",
+                "edit": "make the armchair blue",
+                "output": "a red velvet armchair by a door in a bright room"}),
+    json.dumps({"input": "a red velvet armchair", "edit": "remove the cushion",
+                "output": "a red velvet armchair without a cushion"}),  # remove_not_in_input
+    json.dumps({"input": "a red velvet armchair", "edit": "add a cushion",
+                "output": "a red velvet armchair with a cushion"}),     # add_not_absent_in_input
+    json.dumps({"input": "a red velvet armchair", "edit": "make the armchair blue",
+                "output": "a blue velvet armchair"}),                  # copies_example
+    json.dumps({"input": "a red velvet armchair", "edit": "make the armchair a blue oak stool",
+                "output": "a blue oak stool"}),                        # diff_too_large
+    json.dumps({"input": "a red velvet armchair with a cushion next to an oak table",
+                "edit": "make the armchair blue and the table pine and the cushion green",
+                "output": "a blue velvet armchair with a green cushion next to a pine table"}),
+    json.dumps({"input": "a red velvet armchair with a cushion and a throw",
+                "edit": "remove the cushion",
+                "output": "a red velvet armchair with a cushion and no throw"}),
+    json.dumps({"input": "a red velvet armchair without a cushion", "edit": "add a cushion",
+                "output": "a red velvet armchair with no cushion at all"}),  # add_not_in_output
+    json.dumps({"input": "a red velvet armchair without a cushion", "edit": "add a cushion",
+                "operation": "remove", "output": "a red velvet armchair with a cushion"}),
+    json.dumps({"input": "a red chair", "edit": "a blue chair", "output": "a blue chair"}),
+    json.dumps({"input": "a very " * 40 + "red chair", "edit": "make it blue",
+                "output": "a very " * 40 + "blue chair"}),              # too_long
+]
+EXPECTED_REJECTS = {
+    "not_json": 1, "not_object": 1, "missing_field": 1, "no_change": 1,
+    "edit_not_instruction": 1, "diff_unrelated_to_edit": 1, "remove_not_in_input": 1,
+    "add_not_absent_in_input": 1, "copies_example": 1, "duplicate": 1, "near_duplicate": 1,
+    "diff_too_large": 1, "diff_too_scattered": 1, "remove_still_in_output": 1,
+    "add_not_in_output": 1, "operation_mismatch": 1, "edit_is_caption": 1, "too_long": 1,
+}
+
+
+def scripted(body: dict, n: int):
+    agent, batch = request_of(body)
+    if agent == "chairs" and batch == 1:
+        good = [good_line("chairs", u) for u in range(3)]
+        dup = json.dumps(good[0])
+        near = json.dumps(dict(good[1], edit=good[1]["edit"].replace("make", "paint")))
+        lines = ["```json", *map(json.dumps, good), *BAD_CHAIR_LINES, dup, near, "```"]
+        return chat("\n".join(lines), prompt_tokens=100, completion_tokens=50)
+    if agent == "chairs":
+        return chat("\n".join(json.dumps(good_line("chairs", u)) for u in (3, 4, 5)),
+                    prompt_tokens=100, completion_tokens=20)
+    return chat("\n".join(json.dumps(good_line(agent, u)) for u in range(5)),
+                prompt_tokens=100, completion_tokens=30)
+
+
+def openai_build(root: Path, recipe: Path, base_url: str, **extra) -> Build:
+    sets = {"backend": "openai", "base_url": base_url, "model": "test-model", "limit": 5,
+            "per_request": 10, "concurrency": 2, "timeout": 0.5, "retry_backoff": 0.01,
+            "max_retries": 3, "api_key_env": "DSBUILD_TEST_KEY", **extra}
+    return Build.init(root, load_recipe(recipe), recipe_path=str(recipe),
+                      overrides=[f"captions.{k}={'null' if v is None else v}"
+                                 for k, v in sets.items()])
+
+
+def test_openai_counts_reasons_retries_and_cache(tmp_path, mini_recipe, monkeypatch):
+    monkeypatch.setenv("DSBUILD_TEST_KEY", "sk-test-not-a-secret")
+    with OpenAIServer(handler=scripted) as srv:
+        srv.queue(error(429, "slow down"), delay(2.0, chat("too late")))
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url)
+        res = run_captions(b, show_progress=False)
+        assert res.records == 10
+        # 429 then a timeout on chairs batch 1, then success; chairs batch 2; living-room 1
+        assert len(srv.chat_requests) == 5
+        first = srv.chat_requests[0]
+        assert first["headers"]["authorization"] == "Bearer sk-test-not-a-secret"
+        assert first["body"]["model"] == "test-model"
+        assert first["body"]["max_tokens"] == b.config.captions.max_tokens
+        report = json.loads((b.reports_dir / "captions.json").read_text())
+        assert report["rejected"] == EXPECTED_REJECTS
+        assert report["kept"] == 10 and report["backend"] == "openai"
+        assert report["agents"]["chairs"]["kept"] == 5
+        assert report["agents"]["chairs"]["requests"] == 2
+        assert report["agents"]["chairs"]["surplus"] == 1
+        assert report["agents"]["living-room"]["rejected"] == {}
+        assert report["requests"] == {"sent": 5, "cached": 0, "retries": 2, "failed": 0,
+                                      "retry_reasons": {"429": 1, "timeout": 1}}
+        assert report["usage"] == {"prompt_tokens": 300, "completion_tokens": 100,
+                                   "total_tokens": 400}
+        assert "sk-test" not in (b.root / "dsbuild.yaml").read_text()
+        recs = list(b.records("captions"))
+        assert all(r["source"] == {"backend": "openai", "model": "test-model"} for r in recs)
+        assert [r["agent"] for r in recs] == ["chairs"] * 5 + ["living-room"] * 5
+        ids = [r["id"] for r in recs]
+
+        # the same run again: every answer comes from the cache, the server sees nothing
+        res2 = run_captions(b, force=True, show_progress=False)
+        assert res2.records == 10 and not res2.skipped
+        assert len(srv.chat_requests) == 5
+        report2 = json.loads((b.reports_dir / "captions.json").read_text())
+        assert report2["requests"]["sent"] == 0 and report2["requests"]["cached"] == 3
+        assert report2["usage_cached"]["total_tokens"] == 400
+        assert [r["id"] for r in b.records("captions")] == ids
+
+
+def test_openai_gives_up_cleanly_and_resumes(tmp_path, mini_recipe, monkeypatch):
+    monkeypatch.delenv("DSBUILD_TEST_KEY", raising=False)  # local server: placeholder key
+    with OpenAIServer(handler=scripted) as srv:
+        srv.queue(*[error(503, "overloaded")] * 4)
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, max_retries=1)
+        with pytest.raises(DsbuildError, match="failed after 1 retries.*run the same command"):
+            run_captions(b, show_progress=False)
+        assert not b.is_complete("captions")
+        assert srv.chat_requests[0]["headers"]["authorization"] == "Bearer EMPTY"
+        res = run_captions(b, show_progress=False)
+        assert res.records == 10 and b.is_complete("captions")
+
+
+def test_openai_auth_error_is_clear(tmp_path, mini_recipe):
+    with OpenAIServer(handler=lambda body, n: error(401, "bad key")) as srv:
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url)
+        with pytest.raises(DsbuildError, match="DSBUILD_TEST_KEY"):
+            run_captions(b, show_progress=False)
+    b2 = openai_build(tmp_path / "b2", mini_recipe, "null")
+    with pytest.raises(DsbuildError, match="needs an API key in the environment variable"):
+        run_captions(b2, show_progress=False)
+
+
+def test_openai_concurrency_limit(tmp_path, mini_recipe):
+    def one_line(body, n):
+        agent, batch = request_of(body)
+        return delay(0.2, chat(json.dumps(good_line(agent, batch))))
+
+    with OpenAIServer(handler=one_line) as srv:
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, per_request=1, limit=6,
+                         concurrency=3)
+        assert run_captions(b, show_progress=False).records == 12
+        assert len(srv.chat_requests) == 12
+        assert srv.max_in_flight == 3
+
+
+def slow_good(body: dict, n: int):
+    """Two fresh valid lines per batch, slowly, so a run can be killed half way."""
+    agent, batch = request_of(body)
+    lines = [json.dumps(good_line(agent, 2 * (batch - 1) + j)) for j in range(2)]
+    return delay(0.15, chat("\n".join(lines)))
+
+
+def test_sigkill_half_way_then_resume(tmp_path, mini_recipe):
+    """Kill a captions run half way: the re-run loses nothing, duplicates nothing."""
+    with OpenAIServer(handler=slow_good) as srv:
+        opts = {"limit": None, "per_request": 2, "concurrency": 1}
+        ref = openai_build(tmp_path / "ref", mini_recipe, srv.base_url, **opts)
+        run_captions(ref, show_progress=False)
+        want = sorted(r["id"] for r in ref.records("captions"))
+        assert len(want) == 24
+
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, **opts)
+        cmd = [sys.executable, "-m", "dsbuild", "captions", str(b.root)]
+        env = dict(os.environ, DSBUILD_NO_PROGRESS="1")
+        env.pop("DSBUILD_TEST_KEY", None)
+        partial = b.root / "triples" / "r00000.jsonl.partial"
+        repo = Path(__file__).resolve().parents[1]
+        proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and partial.read_text().count("\n") >= 6:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stdout.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = partial.read_text().count("\n")
+        assert 6 <= killed_at < 24
+        assert not b.is_complete("captions")
+        sent_before = len(srv.chat_requests)
+
+        out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "kept 24 of 24" in out.stdout
+        shard = b.root / "triples" / "r00000.jsonl"
+        raw = shard.read_text()
+        assert raw.endswith("\n")
+        recs = [json.loads(line) for line in raw.splitlines()]  # no truncated line
+        ids = [r["id"] for r in recs]
+        assert len(ids) == len(set(ids)) == 24
+        assert sorted(ids) == want
+        # nothing is paid twice: answers cached before the kill are not asked again (at most
+        # the one request in flight when the kill came is repeated)
+        report = json.loads((b.reports_dir / "captions.json").read_text())
+        assert len(srv.chat_requests) - sent_before == report["requests"]["sent"]
+        assert 12 <= len(srv.chat_requests) - 12 <= 13
+        assert not partial.exists()

@@ -1,0 +1,203 @@
+"""Export: parquet shards with embedded images that load_dataset reads; leak-free splits;
+review policy; the dataset card."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from builders import TRIPLES, make_build
+
+from dsbuild.augment.stage import run_augment
+from dsbuild.decisions import add_decisions, make_decision
+from dsbuild.errors import DsbuildError
+from dsbuild.export.writer import export_build, split_captions
+
+datasets = pytest.importorskip("datasets")
+pq = pytest.importorskip("pyarrow.parquet")
+
+# Captions that chain: B's input is A's output, C shares A's input: one group, one split.
+CHAINED = TRIPLES + [
+    ("chairs", "object", "change", "a blue velvet armchair", "make the armchair green",
+     "a green velvet armchair"),
+    ("chairs", "object", "add", "a red velvet armchair", "add a cushion",
+     "a red velvet armchair with a cushion"),
+] + [
+    ("living-room", "room", "change", f"a {s} living room with a {c} sofa",
+     f"make the sofa {c2}", f"a {s} living room with a {c2} sofa")
+    for s in ("modern", "scandinavian") for c, c2 in (("grey", "white"), ("green", "grey"))
+] + [
+    ("chairs", "object", "change", f"a {m} dining chair", "make the chair rustic",
+     f"a rustic {m} dining chair") for m in ("oak", "pine", "walnut", "birch")
+]
+
+
+def load(path, tmp_path):
+    """datasets.load_dataset(DIR) with a fresh cache: with HF_DATASETS_OFFLINE=1 (conftest),
+    datasets would otherwise return whatever it cached earlier under the name 'export'."""
+    cache = tmp_path / f"hf-cache-{len(list(tmp_path.glob('hf-cache-*')))}"
+    return datasets.load_dataset(str(path), cache_dir=str(cache))
+
+
+@pytest.fixture
+def built(mini_build):
+    mini_build.update(["export.grid_pairs=3", "augment.ratio=0.2", "export.test_ratio=0.25"])
+    make_build(mini_build, samples=3, triples=CHAINED, keep_every=1)
+    run_augment(mini_build)
+    return mini_build
+
+
+def test_round_trip_load_dataset(built, tmp_path):
+    res = export_build(built)
+    ds = load(res.path, tmp_path)
+    assert set(ds) == {"train", "test"}
+    total = sum(len(ds[k]) for k in ds)
+    assert total == sum(v["rows"] for v in res.counts.values())
+    f = ds["train"].features
+    assert isinstance(f["input_image"], datasets.Image)
+    assert isinstance(f["edited_image"], datasets.Image)
+    for col in ("edit_prompt", "original_prompt", "edited_prompt", "pair_id", "triple_id",
+                "agent", "level", "operation", "p2p_mode", "scheduler"):
+        assert f[col] == datasets.Value("string"), col
+    assert f["no_change"] == datasets.Value("bool") and f["seed"] == datasets.Value("int64")
+    for col in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "guidance",
+                "self_replace", "cross_replace"):
+        assert f[col] == datasets.Value("float64"), col
+    row = ds["train"][0]
+    assert row["input_image"].size == (32, 32) and row["edited_image"].size == (32, 32)
+    # bytes are embedded, names are bare: the files work anywhere, without the build
+    for shard in sorted((res.path / "data").glob("*.parquet")):
+        t = pq.read_table(shard, columns=["input_image", "edited_image"])
+        for col in ("input_image", "edited_image"):
+            for v in t.column(col).to_pylist():
+                assert v["bytes"] and v["bytes"][:4] == b"\x89PNG"
+                assert "/" not in v["path"]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(res.path, moved)
+    shutil.rmtree(built.images_dir)
+    again = load(moved, tmp_path)
+    assert again["test"][0]["input_image"].size == (32, 32)
+
+
+def test_no_caption_in_both_splits_and_no_change_in_both(built, tmp_path):
+    res = export_build(built)
+    caps = split_captions(res.path)
+    assert caps["train"] and caps["test"]
+    assert caps["train"].isdisjoint(caps["test"])
+    assert res.counts["train"]["no_change"] >= 1 and res.counts["test"]["no_change"] >= 1
+    ds = load(res.path, tmp_path)
+    for k in ds:
+        for r in ds[k].remove_columns(["input_image", "edited_image"]):
+            if r["no_change"]:
+                assert r["original_prompt"] == r["edited_prompt"]
+                assert r["clip_sim_dir"] is None
+
+
+def test_split_is_deterministic_and_export_resumes(built):
+    first = export_build(built)
+    ids = {k: pq.read_table(f).column("pair_id").to_pylist()
+           for k in ("train", "test") for f in (first.path / "data").glob(f"{k}-*")}
+    assert export_build(built).skipped
+    again = export_build(built, force=True)
+    assert not again.skipped
+    ids2 = {k: pq.read_table(f).column("pair_id").to_pylist()
+            for k in ("train", "test") for f in (again.path / "data").glob(f"{k}-*")}
+    assert ids == ids2
+    built.update(["export.seed=5"])
+    third = export_build(built)
+    assert not third.skipped
+
+
+def test_review_policy_and_corrections(built, tmp_path):
+    pairs = [s["pair_id"] for s in built.records("filter") if s["keep"]]
+    add_decisions(built, [
+        make_decision(pairs[0], "reject", tool="fiftyone", reason="bad edit"),
+        make_decision(pairs[1], "accept", tool="labelstudio",
+                      corrected_edit="paint the armchair blue"),
+        make_decision(pairs[2], "accept", tool="labelstudio"),
+    ])
+    res = export_build(built)
+    ds = load(res.path, tmp_path)
+    rows = [r for k in ds for r in ds[k].remove_columns(["input_image", "edited_image"])]
+    got = {r["pair_id"]: r for r in rows}
+    assert pairs[0] not in got
+    assert got[pairs[1]]["edit_prompt"] == "paint the armchair blue"
+    assert got[pairs[1]]["original_edit"] != "paint the armchair blue"
+    assert got[pairs[1]]["review"] == "accept"
+    assert res.stats["rejected_by_review"] == 1 and res.stats["corrected"] == 1
+    built.update(["export.policy=accepted"])
+    res = export_build(built)
+    ds = load(res.path, tmp_path)
+    edits = {r["pair_id"] for k in ds for r in ds[k].remove_columns(
+        ["input_image", "edited_image"]) if not r["no_change"]}
+    assert edits == {pairs[1], pairs[2]}
+
+
+def test_card(built):
+    res = export_build(built)
+    text = (res.path / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["license"] == "cc-by-4.0" and meta["task_categories"] == ["image-to-image"]
+    assert meta["size_categories"] == ["n<1K"]
+    files = meta["configs"][0]["data_files"]
+    assert {f["split"] for f in files} == {"train", "test"}
+    for f in files:
+        assert list(res.path.glob(f["path"]))
+    assert "![Sample pairs" in text and (res.path / "grid.png").stat().st_size > 1000
+    for needle in ("| train |", "### Per agent", "| living-room | room |", "### Per operation",
+                   "clip_sim_dir (image change", "≥ 0.2", "euler_ancestral", "no-change",
+                   "Not computed"):
+        assert needle in text, needle
+    assert str(built.root.resolve()) not in text and "/tmp" not in text
+    # with a diversity report, the card shows its overall table
+    built.reports_dir.mkdir(exist_ok=True)
+    (built.reports_dir / "diversity.md").write_text(
+        "# Lexical diversity\n\n## Overall\n\n| field | build | MTLD |\n|---|---|---:|\n"
+        "| input | build | 42.00 |\n\n## Per agent\n\n| x |\n")
+    res = export_build(built)
+    text = (res.path / "README.md").read_text()
+    assert "| input | build | 42.00 |" in text and "Not computed" not in text
+
+
+def test_export_refuses_foreign_folder_and_empty_builds(built, mini_recipe, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("my file")
+    with pytest.raises(DsbuildError, match="not a dsbuild export"):
+        export_build(built, other)
+    assert (other / "keep.txt").exists()
+    from dsbuild.build import Build
+    from dsbuild.config import load_recipe
+
+    empty = Build.init(tmp_path / "empty", load_recipe(mini_recipe))
+    make_build(empty, samples=1, keep_every=10 ** 6)
+    empty_scores = [s for s in empty.records("filter")]
+    assert sum(s["keep"] for s in empty_scores) == 1
+    add_decisions(empty, [make_decision(s["pair_id"], "reject", tool="fiftyone")
+                          for s in empty_scores])
+    with pytest.raises(DsbuildError, match="nothing to export"):
+        export_build(empty)
+
+
+def test_export_cli(built, tmp_path):
+    from click.testing import CliRunner
+
+    from dsbuild.cli import cli
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["export", str(built.root), "--to", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "written" in r.output and (out / "README.md").exists()
+    r = CliRunner().invoke(cli, ["export", str(built.root), "--to", str(out)])
+    assert "up to date" in r.output
+
+
+def test_train_only_when_test_ratio_is_zero(built, tmp_path):
+    built.update(["export.test_ratio=0"])
+    res = export_build(built)
+    assert res.counts["test"]["rows"] == 0
+    meta = yaml.safe_load((res.path / "README.md").read_text().split("---")[1])
+    assert [f["split"] for f in meta["configs"][0]["data_files"]] == ["train"]
+    assert set(load(res.path, tmp_path)) == {"train"}

@@ -1,0 +1,365 @@
+"""FiftyOne curation against a real mongod and the real App (served on 127.0.0.1).
+
+One private mongod serves the whole module (its own data dir and port, so parallel test
+sessions never share a database); each test gets its own build and dataset name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from builders import make_build, write_png
+
+from dsbuild.build import Build
+from dsbuild.config import load_recipe
+from dsbuild.hashing import content_id
+from dsbuild.review import fiftyone as fr
+
+if find_spec("fiftyone") is None:  # not imported here: FiftyOne reads its env at import
+    pytest.skip("fiftyone is not installed (pip install 'dsbuild[fiftyone]')",
+                allow_module_level=True)
+pytestmark = [
+    pytest.mark.server,
+    # FiftyOne 1.22's own imports: not ours to fix
+    pytest.mark.filterwarnings("ignore:Passing a class to strawberry.scalar:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:No uuidRepresentation is specified:DeprecationWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def mongod(tmp_path_factory):
+    """A mongod for this module; FiftyOne reads FIFTYONE_DATABASE_URI when imported."""
+    base = tmp_path_factory.mktemp("fiftyone")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FIFTYONE_DO_NOT_TRACK", "true")
+        mp.setenv("FIFTYONE_DATABASE_DIR", str(base / "fo-db"))  # never ~/.fiftyone
+        mp.setenv("FIFTYONE_DATABASE_VALIDATION", "false")  # no MongoDB 6 deprecation notice
+        server = fr.Mongod(base / "mongod")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def fo(mongod):
+    return fr.import_fiftyone()
+
+
+@pytest.fixture
+def build(tmp_path, mini_recipe, request):
+    b = Build.init(tmp_path / "build", load_recipe(mini_recipe), recipe_path=str(mini_recipe))
+    b.update([f"review.dataset_name=t-{request.node.name}"])
+    return b
+
+
+def by_slice(ds) -> dict[tuple[str, str], dict]:
+    """(pair_id, slice) -> the sample's fields, read from every slice."""
+    view = ds.select_group_slices(_allow_mixed=True)
+    out = {}
+    for s in view.iter_samples():
+        d = s.to_dict()
+        out[(d["pair_id"], s.group.name)] = d
+    return out
+
+
+def test_build_dataset_copies_every_field_onto_both_slices(fo, build):
+    recs = make_build(build, samples=2)
+    r = fr.build_dataset(build)
+    ds = fo.load_dataset(r["name"])
+    n = len(recs["pairs"])
+    assert (r["pairs"], r["added_pairs"], r["groups"], r["samples"]) == (n, n, n, 2 * n)
+    assert r["missing_images"] == []
+    assert ds.media_type == "group" and set(ds.group_slices) == {"input", "output"}
+    assert ds.default_group_slice == "output"
+
+    samples = by_slice(ds)
+    assert len(samples) == 2 * n
+    scores = {s["pair_id"]: s for s in recs["scores"]}
+    triples = {t["id"]: t for t in recs["triples"]}
+    own = [f for f in fr.FIELDS]
+    for p in recs["pairs"]:
+        inp, out = samples[(p["id"], "input")], samples[(p["id"], "output")]
+        assert {k: inp[k] for k in own} == {k: out[k] for k in own}
+        assert inp["group"]["_id"] == out["group"]["_id"]
+        assert Path(inp["filepath"]) == (build.root / p["images"]["input"]).resolve()
+        assert Path(out["filepath"]) == (build.root / p["images"]["output"]).resolve()
+        t, s = triples[p["triple_id"]], scores[p["id"]]
+        assert (out["edit"], out["input_caption"], out["output_caption"]) == \
+            (t["edit"], t["input"], t["output"])
+        assert (out["agent"], out["level"], out["operation"]) == \
+            (t["agent"], t["level"], t["operation"])
+        assert out["seed"] == p["seed"] and out["p2p_guidance"] == p["params"]["guidance"]
+        assert out["p2p_self_replace"] == pytest.approx(p["params"]["self_replace"])
+        assert json.loads(out["p2p_params"]) == p["params"]
+        assert (out["keep"], out["reason"], out["rank"]) == (s["keep"], s["reason"], s["rank"])
+        assert out["clip_sim_dir"] == pytest.approx(s["clip_sim_dir"])
+        assert out["no_change"] is False and out["decision"] is None and out["decisions"] == 0
+
+    views = set(ds.list_saved_views())
+    assert {"kept", "filtered-out", "lowest-clip-sim-dir", "no-change", "undecided",
+            "agent-chairs", "agent-living-room", "filtered-clip-sim-dir"} <= views
+    kept = sum(s["keep"] for s in recs["scores"])
+    assert len(ds.load_saved_view("kept")) == kept  # groups whose active slice matches
+    assert len(ds.load_saved_view("filtered-out")) == n - kept
+    assert len(ds.load_saved_view("agent-chairs")) == sum(
+        triples[p["triple_id"]]["agent"] == "chairs" for p in recs["pairs"])
+    assert len(ds.load_saved_view("no-change")) == 0
+    lowest = ds.load_saved_view("lowest-clip-sim-dir").first()
+    assert lowest["clip_sim_dir"] == pytest.approx(min(s["clip_sim_dir"] for s in recs["scores"]))
+
+
+def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
+    recs = make_build(build, samples=2, scores=False)
+    r1 = fr.build_dataset(build)
+    assert r1["scored"] is False and r1["added_pairs"] == len(recs["pairs"])
+    ds = fo.load_dataset(r1["name"])
+    assert set(ds.distinct("clip_sim_dir")) == set() and ds.distinct("scored") == [False]
+    assert len(ds.load_saved_view("kept")) == 0
+
+    # curator tags survive updates
+    first = recs["pairs"][0]["id"]
+    ds.select_group_slices().match(fo.ViewField("pair_id") == first).tag_samples("keepme")
+
+    # generate again with two more pairs (one with a local-blend mask), then score everything
+    t = recs["triples"][0]
+    extra = []
+    for seed in (10, 11):
+        params = {**recs["pairs"][0]["params"], "blend_words": ["armchair"] if seed == 11 else None}
+        pid = content_id(t["id"], seed, params)
+        rel = f"pairs/img/{t['id']}/{pid}"
+        images = {"input": f"{rel}_0.png", "output": f"{rel}_1.png"}
+        write_png(build.root / images["input"], seed)
+        write_png(build.root / images["output"], seed + 1)
+        if seed == 11:
+            images["mask"] = f"{rel}_mask.png"
+            write_png(build.root / images["mask"], seed + 2)
+        extra.append({"id": pid, "triple_id": t["id"], "seed": seed, "params": params,
+                      "model": "tiny", "images": images})
+    pairs = recs["pairs"] + extra
+    build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None, force=True)
+    scores = [{"pair_id": p["id"], "clip_sim_0": 0.3, "clip_sim_1": 0.3,
+               "clip_sim_dir": 0.2 + 0.01 * i, "clip_sim_image": 0.8, "keep": i < 3,
+               "reason": None if i < 3 else "top_k", "rank": i + 1 if i < 3 else None}
+              for i, p in enumerate(pairs)]
+    build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in scores] and None,
+                    key="pair_id")
+
+    r2 = fr.build_dataset(build)
+    assert r2["added_pairs"] == 2 and r2["added_samples"] == 5  # 2 pairs, one with a mask
+    assert r2["updated_samples"] == 2 * len(recs["pairs"])  # every old sample got its scores
+    assert r2["groups"] == len(pairs) and r2["samples"] == 2 * len(pairs) + 1
+    samples = by_slice(ds)
+    assert len(samples) == r2["samples"]  # no (pair, slice) twice
+    assert set(ds.group_slices) == {"input", "output", "mask"}
+    assert (extra[1]["id"], "mask") in samples and (extra[0]["id"], "mask") not in samples
+    mask = samples[(extra[1]["id"], "mask")]
+    assert mask["p2p_blend_words"] == '["armchair"]' and mask["keep"] is False
+    assert samples[(first, "input")]["tags"] == ["keepme"]
+    assert samples[(first, "output")]["scored"] is True
+    assert len(ds.load_saved_view("kept")) == 3
+    assert "filtered-top-k" in ds.list_saved_views()
+    assert "filtered-clip-sim-dir" not in ds.list_saved_views()  # reasons that no longer occur
+
+    r3 = fr.build_dataset(build)
+    assert (r3["added_samples"], r3["updated_samples"], r3["samples"]) == (0, 0, r2["samples"])
+
+
+def test_no_change_samples_from_augment(fo, build):
+    recs = make_build(build, samples=1)
+    p = recs["pairs"][0]
+    aug = {"id": content_id("augment", p["id"]), "source_pair_id": p["id"],
+           "triple_id": p["triple_id"], "edit": "remove the lamp", "no_change": True,
+           "images": {"input": p["images"]["input"], "output": p["images"]["input"]}}
+    broken = {"id": content_id("augment", "x"), "edit": "remove the rug", "no_change": True}
+    build.run_stage("augment", 0, 1, lambda w: [w.write(a) for a in (aug, broken)] and None)
+    gone = build.root / recs["pairs"][1]["images"]["output"]
+    gone.unlink()
+    r = fr.build_dataset(build)
+    assert (r["no_change"], r["augment_skipped"]) == (1, 1)
+    assert r["missing_images"] == [str(gone.resolve())]
+    ds = fo.load_dataset(r["name"])
+    nc = ds.load_saved_view("no-change")
+    assert len(nc) == 1
+    s = nc.first()
+    assert (s["pair_id"], s["kind"], s["edit"], s["source_pair_id"]) == \
+        (aug["id"], "no_change", "remove the lamp", p["id"])
+    assert s["agent"] == recs["triples"][0]["agent"]
+
+
+def test_no_change_samples_from_the_real_augment_stage(fo, build):
+    from dsbuild.augment.stage import run_augment
+
+    build.update(["augment.ratio=0.5"])
+    make_build(build, samples=2)
+    made = run_augment(build).records
+    assert made > 0
+    r = fr.build_dataset(build)
+    assert (r["no_change"], r["augment_skipped"]) == (made, 0)
+    nc = fo.load_dataset(r["name"]).load_saved_view("no-change")
+    assert len(nc) == made
+    for s in nc.select_group_slices().iter_samples():
+        assert s["kind"] == "no_change" and s["output_caption"] == s["input_caption"]
+        assert s["source_pair_id"] and s["target"] and s["keep"] is None
+
+
+def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
+    from click.testing import CliRunner
+
+    from dsbuild.decisions import read_decisions
+    from dsbuild.review.fiftyone_cli import inspect_cmd
+
+    recs = make_build(build, samples=1)
+    r = fr.build_dataset(build)
+    ds = fo.load_dataset(r["name"])
+    F = fo.ViewField
+    a, b, c, d, e = (p["id"] for p in recs["pairs"][:5])
+
+    # the App's trap: a plain view tags only the active slice ("output") ...
+    ds.match(F("pair_id") == a).tag_samples("accept")
+    # ... so a curator on the input slice leaves tags there only; pull reads both
+    ds.select_group_slices("input").match(F("pair_id") == b).tag_samples("reject")
+    ds.match(F("pair_id") == b).tag_samples("artefacts")
+    ds.select_group_slices().match(F("pair_id").is_in([c])).tag_samples(["accept", "reject"])
+    ds.select_group_slices("input").match(F("pair_id") == d).tag_samples("blurry")
+    assert ds.select_group_slices().match(F("pair_id") == e).count_sample_tags() == {}
+
+    res = fr.pull(build)
+    assert (res["tagged_pairs"], res["added"]) == (4, 2)
+    assert res["conflicting"] == [c] and res["no_verdict"] == [d]
+    dec = {x["pair_id"]: x for x in read_decisions(build)}
+    assert set(dec) == {a, b}
+    assert (dec[a]["verdict"], dec[a]["reason"], dec[a]["tool"]) == ("accept", None, "fiftyone")
+    assert (dec[b]["verdict"], dec[b]["reason"]) == ("reject", "artefacts")
+    assert build.status()["decisions"] == {"fiftyone:accept": 1, "fiftyone:reject": 1}
+
+    # decisions show in the dataset on both slices
+    samples = by_slice(ds)
+    for sl in ("input", "output"):
+        assert samples[(b, sl)]["decision"] == "reject"
+        assert samples[(b, sl)]["decision_reason"] == "artefacts"
+        assert samples[(a, sl)]["decisions"] == 1
+    assert len(ds.load_saved_view("undecided")) == len(recs["pairs"]) - 2
+
+    # pulling twice adds nothing (through the CLI this time)
+    out = CliRunner().invoke(inspect_cmd, [str(build.root), "--pull"])
+    assert out.exit_code == 0, out.output
+    assert "0 new" in out.output and "1 pairs tagged both accept and reject" in out.output
+    assert len(read_decisions(build)) == 2
+
+    # a changed mind becomes a new, later decision
+    ds.select_group_slices().match(F("pair_id") == a).untag_samples("accept")
+    ds.select_group_slices().match(F("pair_id") == a).tag_samples("reject")
+    assert fr.pull(build)["added"] == 1
+    assert by_slice(ds)[(a, "input")]["decision"] == "reject"
+
+
+def test_pull_without_dataset_is_a_clear_error(fo, build):
+    from dsbuild.errors import DsbuildError
+
+    make_build(build, samples=1)
+    with pytest.raises(DsbuildError, match="run `dsbuild inspect"):
+        fr.pull(build)
+
+
+def graphql(url: str, query: str) -> dict:
+    req = urllib.request.Request(url, data=json.dumps({"query": query}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
+    make_build(build, samples=2)
+    name = build.config.review.dataset_name
+    port = fr.free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FIFTYONE_DATABASE_URI": mongod.uri}
+    cmd = [sys.executable, "-m", "dsbuild", "inspect", str(build.root), "--launch", "--remote",
+           "--address", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    try:
+        url = None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("FiftyOne App:"):
+                url = line.split()[2]
+                break
+        assert url == f"http://127.0.0.1:{port}/datasets/{name}", "".join(lines)
+        assert f"dataset '{name}': 12 groups, 24 samples; 12 pairs added" in "".join(lines)
+
+        base = f"http://127.0.0.1:{port}"
+        reply = graphql(f"{base}/graphql", f'{{ dataset(name: "{name}") {{ name groupField '
+                        "defaultGroupSlice estimatedSampleCount savedViews { name } "
+                        "groupMediaTypes { name mediaType } } "
+                        "datasets(search: \"\", first: 100) { edges { node { name } } } }")
+        assert not reply.get("errors"), reply
+        data = reply["data"]
+        assert name in [e["node"]["name"] for e in data["datasets"]["edges"]]
+        got = data["dataset"]
+        assert (got["name"], got["groupField"], got["defaultGroupSlice"]) == \
+            (name, "group", "output")
+        assert got["estimatedSampleCount"] == 24
+        assert {g["name"] for g in got["groupMediaTypes"]} == {"input", "output"}
+        assert "kept" in {v["name"] for v in got["savedViews"]}
+
+        if CHROMIUM is None:
+            pytest.skip("Debian's chromium is not installed (apt-get install chromium): "
+                        "the App API was checked, the grid screenshot was not")
+        from PIL import Image
+
+        # the App's first page load can race its session start-up: up to 3 fresh loads
+        seen = []
+        for attempt in range(3):
+            shot = tmp_path / f"grid{attempt}.png"
+            profile = tmp_path / f"chromium-profile{attempt}"
+            profile.mkdir()
+            subprocess.run(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1400,900",
+                 "--virtual-time-budget=20000", f"--screenshot={shot}", url],
+                check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            im = Image.open(shot).convert("RGB")
+            colours = im.getcolors(1 << 24)
+            dominant = max(colours)[0] / (im.width * im.height)
+            seen.append((len(colours), round(dominant, 3)))
+            # the App's chrome alone has ~2k colours; the grid's noise thumbnails add thousands
+            if len(colours) > 5000 and dominant < 0.9:
+                break
+        assert len(colours) > 5000 and dominant < 0.9, seen
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rest, _ = proc.communicate()
+    assert proc.returncode == 0 and "App stopped" in rest, "".join(lines) + rest
+
+
+def test_mongod_that_cannot_start_is_a_clear_error(tmp_path, monkeypatch):
+    from dsbuild.errors import DsbuildError
+
+    monkeypatch.setenv("DSBUILD_MONGOD", shutil.which("false"))
+    assert str(fr.find_mongod()) == shutil.which("false")
+    before = os.environ.get("FIFTYONE_DATABASE_URI")
+    with pytest.raises(DsbuildError, match="exited with 1"):
+        fr.Mongod(tmp_path / "db").start(timeout=20)
+    assert os.environ.get("FIFTYONE_DATABASE_URI") == before  # a failed start changes nothing
