@@ -43,6 +43,20 @@ def by_pair(build: Build) -> dict[str, dict]:
     return {r["pair_id"]: r for r in build.records("filter")}
 
 
+def assert_same_scores(got: dict[str, dict], want: dict[str, dict]) -> None:
+    """Same pairs, same keep/reason/rank; scores equal up to float noise (BLAS results shift
+    in the last digit with the batch's make-up, which differs between a resumed run and not)."""
+    assert got.keys() == want.keys()
+    for pid, w in want.items():
+        g = got[pid]
+        assert g.keys() == w.keys(), pid
+        for k, v in w.items():
+            if isinstance(v, float):
+                assert g[k] == pytest.approx(v, abs=1e-5), (pid, k)
+            else:
+                assert g[k] == v, (pid, k)
+
+
 # ---------------------------------------------------------------- encoders and loaders
 def test_tiny_clip_encoder_normalised_and_registered(encoders):
     import open_clip
@@ -278,7 +292,7 @@ def test_resume_after_crash_and_mid_triple(tmp_path, mini_recipe, encoders):
     again = CrashingScorer(encoders[0], encoders[1], batch_size=1, workers=1, crash_at=0)
     res = run_filter(b, scorer=again, quiet=True, report=False)
     assert again.scored == 18 - 4 and res.records == 18
-    assert by_pair(b) == want
+    assert_same_scores(by_pair(b), want)
 
 
 def test_sharded_by_triple_matches_single_rank(tmp_path, mini_recipe, encoders):
@@ -293,7 +307,7 @@ def test_sharded_by_triple_matches_single_rank(tmp_path, mini_recipe, encoders):
             run_filter(b, r, ws, scorer=scorer_of(encoders), quiet=True)
         assert b.is_complete("filter") and (b.reports_dir / "filter.json").exists()
         results[ws] = by_pair(b)
-    assert results[1] == results[2]
+    assert_same_scores(results[2], results[1])
 
 
 def test_filter_cli_with_tiny_models(mini_build, capsys):

@@ -176,3 +176,14 @@ def test_builders_write_a_readable_build(mini_build):
     assert len(pairs) == len(out["pairs"]) == 12
     assert all((mini_build.root / p["images"]["input"]).exists() for p in pairs)
     assert len(list(mini_build.records("filter"))) == 12
+
+
+def test_cli_reference_matches_the_commands():
+    """docs/cli.md is generated from the click commands; regenerate it when this fails."""
+    from pathlib import Path
+
+    from dsbuild.clidoc import render
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert page.read_text() == render(), (
+        "docs/cli.md is out of date: run `python -m dsbuild.clidoc > docs/cli.md`")
