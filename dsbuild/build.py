@@ -89,6 +89,11 @@ class Build:
             )
         config = BuildConfig(recipe=recipe, recipe_path=recipe_path)
         config = apply_overrides(config, overrides)
+        # the few-shot examples must pass the captions validator: fail here, before any write
+        from dsbuild.captions.validate import check_examples
+
+        s = config.captions
+        check_examples(recipe, recipe_path, s.max_changed_fraction, s.max_diff_spans)
         build = cls(root, config)
         root.mkdir(parents=True, exist_ok=True)
         build.save_config()
@@ -151,6 +156,9 @@ class Build:
         settings = getattr(self.config, stage).signature_dict()
         if stage in ("captions", "augment"):
             settings = {"settings": settings, "recipe": self.recipe.model_dump(mode="json")}
+        if stage == "augment":  # it places samples by the export's split, so it follows it
+            e = self.config.export
+            settings["split"] = {"seed": e.seed, "test_ratio": e.test_ratio}
         return settings
 
     def signature(self, stage: str) -> str:
@@ -274,12 +282,18 @@ class Build:
                 "stale_signatures": stale,
             }
         dec = self.decisions_path
-        verdicts: dict[str, int] = {}
+        in_force: dict[tuple, dict] = {}  # (tool, pair) -> its latest decision
         if dec.exists():
             for d in read_jsonl(dec, strict=False):
-                key = f"{d.get('tool', '?')}:{d.get('verdict', '?')}"
-                verdicts[key] = verdicts.get(key, 0) + 1
-        out["decisions"] = verdicts
+                key = (d.get("tool", "?"), d.get("pair_id"))
+                prev = in_force.get(key)
+                if prev is None or str(d.get("at", "")) >= str(prev.get("at", "")):
+                    in_force[key] = d
+        verdicts: dict[str, int] = {}
+        for (tool, _), d in in_force.items():
+            k = f"{tool}:{d.get('verdict', '?')}"
+            verdicts[k] = verdicts.get(k, 0) + 1
+        out["decisions"] = verdicts  # pairs per tool and verdict, counting the decision in force
         out["reports"] = sorted(p.name for p in self.reports_dir.glob("*")) \
             if self.reports_dir.exists() else []
         return out

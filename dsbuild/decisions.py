@@ -1,7 +1,8 @@
 """Curator decisions (FiftyOne tags, Label Studio annotations) in ``decisions.jsonl``.
 
 A decision: ``pair_id, verdict (accept|reject), reason?, corrected_edit?, reviewer, tool, at``.
-Writes merge with what is there and rewrite the file atomically, so pulling twice adds nothing.
+Writes merge with what is there (a decision that repeats the latest one of its pair, tool and
+reviewer is dropped) and rewrite the file atomically, so pulling twice adds nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ VERDICTS = ("accept", "reject")
 
 
 def decision_key(d: dict) -> str:
-    """Identity of a decision: the same reviewer's same verdict on a pair counts once."""
+    """What a decision says (not when): pair, tool, reviewer, verdict, reason, fix."""
     return content_id(d.get("pair_id"), d.get("tool"), d.get("reviewer"), d.get("verdict"),
                       d.get("reason"), d.get("corrected_edit"))
 
@@ -38,16 +39,37 @@ def read_decisions(build) -> list[dict]:
     return list(read_jsonl(path)) if path.exists() else []
 
 
+def _order(d: dict) -> str:
+    return str(d.get("at", ""))
+
+
 def add_decisions(build, decisions: Iterable[dict]) -> int:
-    """Merge new decisions into decisions.jsonl; returns how many were new."""
+    """Merge new decisions into decisions.jsonl; returns how many were new.
+
+    A decision is new unless it repeats the latest one of the same pair, tool and reviewer (or,
+    being older than that one, is already there with the same ``at``), so pulling twice adds
+    nothing, while a changed mind that comes back (accept, reject, accept) is recorded each time
+    and stays the one in force.
+    """
     existing = read_decisions(build)
-    seen = {decision_key(d) for d in existing}
+    seen = {(decision_key(d), _order(d)) for d in existing}
+    last: dict[tuple, dict] = {}
+    for d in existing:  # file order breaks ties of ``at``, as in latest_by_pair
+        g = (d.get("pair_id"), d.get("tool"), d.get("reviewer"))
+        if g not in last or _order(d) >= _order(last[g]):
+            last[g] = d
     added = []
     for d in decisions:
+        g = (d.get("pair_id"), d.get("tool"), d.get("reviewer"))
+        prev = last.get(g)
         k = decision_key(d)
-        if k in seen:
+        newest = prev is None or _order(d) >= _order(prev)
+        if (prev is not None and decision_key(prev) == k) or \
+                (not newest and (k, _order(d)) in seen):
             continue
-        seen.add(k)
+        seen.add((k, _order(d)))
+        if newest:
+            last[g] = d
         added.append(d)
     if added:
         write_jsonl(build.decisions_path, existing + added)

@@ -72,6 +72,55 @@ def test_augment_never_names_a_mentioned_thing(mini_build):
     assert checked > 100
 
 
+def test_shipped_recipe_instructions_never_name_a_present_thing():
+    """Property test over the interior-design recipe's whole vocabulary: a caption showing any
+    one thing (subject, object, fixture or feature; singular, plural or synonym) never gets an
+    instruction that names, as a whole phrase, anything the caption shows ("remove the curtain
+    rod" on a picture of curtains), and articles from the vocabulary ("a lower shelf") never
+    end up after "the"."""
+    from dsbuild.augment.mentions import candidates
+    from dsbuild.config import default_recipe_path, load_recipe
+
+    recipe = load_recipe(default_recipe_path())
+    mentions = Mentions(recipe)
+    every = sorted({t for a in recipe.agents for t in [*a.vocabulary.subjects, *candidates(a)]})
+
+    def oracle(term):  # independent oracle: whole-phrase spellings, article dropped
+        out = set()
+        for name in mentions.names_of(term):
+            base = " ".join(name.lower().split())
+            out |= {base, base + "s", base + "es"}
+            if base.endswith("s"):
+                out.add(base[:-1])
+        return out
+
+    spelled = {t: oracle(t) for t in every}
+
+    def shows(text, term):
+        low = text.lower()
+        return any(s in low and _says(text, s) for s in spelled[term])
+
+    checked = 0
+    for agent in recipe.agents:
+        v = agent.vocabulary
+        for thing in [*v.subjects, *candidates(agent)]:
+            for shown in sorted(spelled[thing])[:2]:
+                caption = f"a {v.styles[0]} {v.subjects[0]} with {shown}"
+                present = [t for t in every if shows(caption, t)]
+                terms = absent_terms(recipe, agent, caption, mentions)
+                for seed in range(3):
+                    if not terms:
+                        break
+                    rng = random.Random(seed)
+                    term = rng.choice(terms)
+                    _, edit = no_change_instruction(agent, term, rng)
+                    assert not re.search(r"\bthe (a|an|the|some) ", edit), edit
+                    for t in present:
+                        assert not shows(edit, t), (caption, edit, t)
+                    checked += 1
+    assert checked > 500
+
+
 def test_synonyms_count_as_mentions(mini_build):
     mentions = Mentions(mini_build.recipe)
     room = mini_build.recipe.agent("living-room")
@@ -161,6 +210,7 @@ def test_llm_backend_checked_and_cached(mini_build):
             assert not mentions.mentioned(s["target"], s["input"])
             if s["source"]["backend"] == "openai":
                 assert s["edit"].startswith("please remove the ")
+                assert s["operation"] == "remove"
         run_augment(mini_build, force=True)
         assert len(srv.chat_requests) == sent  # every reply came from the build's cache
         assert [s["id"] for s in mini_build.records("augment")] == [s["id"] for s in samples]

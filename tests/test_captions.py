@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -38,6 +39,18 @@ GOOD = [
     ("living-room", {"input": "a living room with a sofa and no coffee table",
                      "edit": "add an oak coffee table", "operation": "add",
                      "output": "a living room with a sofa and an oak coffee table"}, "add"),
+    # instruction verbs LLMs use that are not in the few-shot examples
+    ("living-room", {"input": "a living room with beige walls and a grey sofa",
+                     "edit": "Repaint the walls sage green",
+                     "output": "a living room with sage green walls and a grey sofa"}, "change"),
+    ("living-room", {"input": "a living room with a leather sofa and no rug",
+                     "edit": "Lay a jute rug on the floor",
+                     "output": "a living room with a leather sofa and a jute rug"}, "add"),
+    ("chairs", {"input": "a plain oak armchair with a cushion",
+                "edit": "Re-upholster the armchair in yellow velvet",
+                "output": "a plain yellow velvet armchair with a cushion"}, "change"),
+    ("chairs", {"input": "a plain oak armchair", "edit": "upgrade the armchair to walnut",
+                "output": "a plain walnut armchair"}, "change"),
 ]
 
 BAD = [
@@ -152,15 +165,16 @@ def test_recipe_with_bad_example_is_a_clear_error(tmp_path, mini_recipe):
         "with armrests}")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    b = Build.init(tmp_path / "b", load_recipe(bad), recipe_path=str(bad))
+    # refused at init, before anything is written
     with pytest.raises(ConfigError) as ei:
-        run_captions(b, show_progress=False)
+        Build.init(tmp_path / "b", load_recipe(bad), recipe_path=str(bad))
     msg = str(ei.value)
     assert str(bad) in msg and "agents[0] (chairs).examples[0]" in msg
     assert "add_not_absent_in_input" in msg
-    assert not (tmp_path / "b" / "triples").exists()
-    res = CliRunner().invoke(cli, ["captions", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
+    res = CliRunner().invoke(cli, ["init", str(tmp_path / "b"), "--recipe", str(bad)])
     assert res.exit_code != 0 and "examples[0]" in str(res.exception)
+    assert not (tmp_path / "b").exists()
 
 
 def _template_build(root, seed=0, recipe=None):
@@ -187,6 +201,10 @@ def test_template_backend_2000_valid_unique_deterministic(tmp_path):
         assert res.ok, (res.reason, r)
         assert r["operation"] == res.triple["operation"]
     assert {r["operation"] for r in recs} == {"add", "remove", "change", "replace"}
+    # indefinite articles agree ("an art deco look", never "a industrial style")
+    article = re.compile(r"\b(?:a [aeiou]|an [b-df-hj-np-tv-z])")
+    assert not [t for r in recs for t in (r["input"], r["edit"], r["output"])
+                if article.search(t)]
     # order: objects first, then rooms (the hierarchy)
     levels = [r["level"] for r in recs]
     assert levels == sorted(levels, key=["object", "room"].index)

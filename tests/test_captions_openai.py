@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import OpenAIServer, chat, delay, error
+from openai_server import OpenAIServer, Reply, chat, delay, error
 
 from dsbuild.build import Build
 from dsbuild.captions.stage import run_captions
@@ -159,6 +159,18 @@ def test_openai_gives_up_cleanly_and_resumes(tmp_path, mini_recipe, monkeypatch)
         assert srv.chat_requests[0]["headers"]["authorization"] == "Bearer EMPTY"
         res = run_captions(b, show_progress=False)
         assert res.records == 10 and b.is_complete("captions")
+
+
+def test_openai_retries_replies_that_are_not_chat_completions(tmp_path, mini_recipe):
+    """A proxy's HTML page or a JSON body without choices is retried, never cached or fatal."""
+    with OpenAIServer(handler=scripted) as srv:
+        srv.queue(Reply(200, "<html>502 bad gateway</html>"), Reply(200, {"detail": "busy"}))
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url)
+        assert run_captions(b, show_progress=False).records == 10
+        report = json.loads((b.reports_dir / "captions.json").read_text())
+        assert report["requests"]["retry_reasons"] == {"bad_response": 2}
+        assert report["requests"]["failed"] == 0 and len(srv.chat_requests) == 5
+        assert report["kept"] == 10
 
 
 def test_openai_auth_error_is_clear(tmp_path, mini_recipe):

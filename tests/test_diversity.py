@@ -20,11 +20,13 @@ from dsbuild.cli import cli, main
 from dsbuild.config import load_recipe
 from dsbuild.report.diversity import (
     corpus_text,
+    lexical_metrics,
     markdown,
     parse_check,
     run_report,
     tokenize,
 )
+from dsbuild.settings.diversity import DiversitySettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,6 +164,64 @@ def test_all_unique_words_make_dugast_null_and_short_corpus_warns(tmp_path):
     assert "field 'edit': only 5 tokens (< 100): MTLD is not stable" in res.stderr
     over = invoke(str(f), "--fail-over", "edit.dugast=5")
     assert over.exit_code == 1 and "FAIL unique edit.dugast = inf > 5" in over.stderr
+
+
+def test_each_lexicalrichness_sharp_edge_is_handled():
+    """Where lexicalrichness itself raises or misleads, lexical_metrics gives null + a note."""
+    s = DiversitySettings()
+
+    def lex(values):
+        return LexicalRichness(corpus_text(values), preprocessor=None, tokenizer=tokenize)
+
+    # empty text: lexicalrichness divides by zero in every measure
+    for attr in ("rttr", "Dugast"):
+        with pytest.raises(ZeroDivisionError):
+            getattr(lex(["", "..."]), attr)
+    with pytest.raises(ZeroDivisionError):
+        lex([""]).mtld()
+    m, notes = lexical_metrics(["", "  ", "..."], s)
+    assert {k: m[k] for k in ("mtld", "yule_k", "dugast", "guiraud")} == dict.fromkeys(
+        ("mtld", "yule_k", "dugast", "guiraud"))
+    assert (m["tokens"], m["types"]) == (0, 0)
+    assert notes == ["no words in 3 values (all empty): every metric is null"]
+    assert lexical_metrics([], s)[1] == ["no values: every metric is null"]
+
+    # every word unique, long enough for the short-corpus warning not to fire: Dugast divides
+    # by zero, MTLD comes back as the word count. (Digits are kept: with lexicalrichness's
+    # default tokeniser 'w0 w1 ...' would all be the one word 'w'.)
+    values = [" ".join(f"w{i}" for i in range(j, j + 10)) for j in range(0, 150, 10)]
+    with pytest.raises(ZeroDivisionError):
+        _ = lex(values).Dugast
+    assert LexicalRichness(corpus_text(values)).terms == 1
+    m, notes = lexical_metrics(values, s)
+    assert m["dugast"] is None and m["tokens"] == m["types"] == 150
+    assert m["mtld"] == lex(values).mtld() == 150.0
+    assert m["guiraud"] == lex(values).rttr and m["yule_k"] == lex(values).yulek == 0.0
+    assert notes == ["every word is unique: Dugast's U² is undefined (division by zero), "
+                     "reported as null",
+                     "TTR never fell to the MTLD threshold: MTLD equals the word count"]
+
+    # very short text: MTLD is the word count; reported, with the unstable warning
+    m, notes = lexical_metrics(["a red chair", "a blue chair"], s)
+    assert m["mtld"] == lex(["a red chair", "a blue chair"]).mtld()
+    assert m["dugast"] == lex(["a red chair", "a blue chair"]).Dugast
+    assert notes == ["only 6 tokens (< 100): MTLD is not stable on so short a corpus"]
+
+
+def test_build_without_triples_fails_every_gate(tmp_path):
+    f = tmp_path / "none.jsonl"
+    f.write_text("")
+    res = invoke(str(f))
+    assert res.exit_code == 0, res.output
+    assert "build 'none': no triples" in res.stderr
+    assert "build 'none' field 'edit': no values: every metric is null" in res.stderr
+    gated = invoke(str(f), "--fail-under", "agent:*.edit.mtld=15", "--fail-over",
+                   "level:*.yule_k=500")
+    assert gated.exit_code == 1
+    fails = [ln for ln in gated.stderr.splitlines() if ln.startswith("FAIL")]
+    assert fails[0] == ("FAIL none agent:*.edit.mtld: no agents (no triples) "
+                        "(--fail-under agent:*.edit.mtld=15)")
+    assert len(fails) == 4 and "diversity gate FAILED: 4 of 4 checks missed" in gated.stderr
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:

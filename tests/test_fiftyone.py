@@ -219,6 +219,7 @@ def test_no_change_samples_from_the_real_augment_stage(fo, build):
 def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     from click.testing import CliRunner
 
+    from dsbuild.cli import cli
     from dsbuild.decisions import read_decisions
     from dsbuild.review.fiftyone_cli import inspect_cmd
 
@@ -245,6 +246,9 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     assert (dec[a]["verdict"], dec[a]["reason"], dec[a]["tool"]) == ("accept", None, "fiftyone")
     assert (dec[b]["verdict"], dec[b]["reason"]) == ("reject", "artefacts")
     assert build.status()["decisions"] == {"fiftyone:accept": 1, "fiftyone:reject": 1}
+    shown = CliRunner().invoke(cli, ["status", str(build.root)])
+    assert shown.exit_code == 0, shown.output
+    assert "decisions fiftyone:accept=1, fiftyone:reject=1" in shown.output
 
     # decisions show in the dataset on both slices
     samples = by_slice(ds)
@@ -265,6 +269,14 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     ds.select_group_slices().match(F("pair_id") == a).tag_samples("reject")
     assert fr.pull(build)["added"] == 1
     assert by_slice(ds)[(a, "input")]["decision"] == "reject"
+    # ... and changing it back is recorded too (it repeats an older decision, not the latest)
+    ds.select_group_slices().match(F("pair_id") == a).untag_samples("reject")
+    ds.select_group_slices().match(F("pair_id") == a).tag_samples("accept")
+    assert fr.pull(build)["added"] == 1
+    assert fr.pull(build)["added"] == 0
+    assert by_slice(ds)[(a, "output")]["decision"] == "accept"
+    # status counts the decision in force per pair, not the history
+    assert build.status()["decisions"] == {"fiftyone:accept": 1, "fiftyone:reject": 1}
 
 
 def test_pull_without_dataset_is_a_clear_error(fo, build):

@@ -187,3 +187,12 @@ def test_cli_reference_matches_the_commands():
     page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     assert page.read_text() == render(), (
         "docs/cli.md is out of date: run `python -m dsbuild.clidoc > docs/cli.md`")
+
+
+def test_augment_follows_the_export_split_settings(mini_build):
+    """augment places no-change samples by the export's split, so a new split reruns it."""
+    before = {s: mini_build.signature(s) for s in ("captions", "filter", "augment")}
+    mini_build.update(["export.seed=7"])
+    after = {s: mini_build.signature(s) for s in before}
+    assert after["captions"] == before["captions"] and after["filter"] == before["filter"]
+    assert after["augment"] != before["augment"]

@@ -91,44 +91,65 @@ def split_heads(x, heads):
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
+def _attn_out(layer, probs, v):
+    heads, d = layer.heads, v.shape[-1]
+    return layer.to_out[0]((probs @ v).transpose(0, 1).reshape(-1, heads * d))
+
+
+def _probs(q, k):
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+
+
 def test_full_self_injection_equals_sdpa_of_source_qk_and_target_v(gen):
-    """Every target self-attention output is softmax(Q_src K_srcᵀ/√d) V_tgt, computed here."""
+    """Every target self-attention output, at every resolution, is softmax(Q_src K_srcᵀ/√d)
+    V_tgt computed here; a partial window (p = 0.5 of 3 steps = 1 step) then lets go."""
     unet = gen.pipe.unet
-    name, layer = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1"))
-    seen = []
+    layers = [(n, m) for n, m in unet.named_modules() if n.endswith("attn1")]
+    seen: dict[str, list] = {n: [] for n, _ in layers}
 
-    def hook(module, args, kwargs, output):
-        seen.append((args[0] if args else kwargs["hidden_states"], output))
+    def hook_for(name):
+        def hook(module, args, kwargs, output):
+            seen[name].append((args[0] if args else kwargs["hidden_states"], output))
+        return hook
 
-    h = layer.register_forward_hook(hook, with_kwargs=True)
+    hooks = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in layers]
     try:
         gen.generate([SourceGroup(SRC, 5, 7.5, [TargetSpec("a green oak chair", "self", 1.0),
-                                                TargetSpec("a tall blue stool", "self", 1.0)])],
+                                                TargetSpec("a tall blue stool", "self", 1.0),
+                                                TargetSpec("a red oak stool", "self", 0.5)])],
                      STEPS, SIZE, SIZE)
     finally:
-        h.remove()
-    assert len(seen) == STEPS
-    R = 3
-    differs = 0.0
-    for hidden, output in seen:
-        heads = layer.heads
-        q, k, v = (split_heads(f(hidden), heads) for f in (layer.to_q, layer.to_k, layer.to_v))
-        for half in (0, R):  # unconditional and conditional halves
-            src = half
-            for tgt in (half + 1, half + 2):
-                probs = torch.softmax(q[src] @ k[src].transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
-                o = (probs @ v[tgt]).transpose(0, 1).reshape(-1, heads * q.shape[-1])
-                expect = layer.to_out[0](o)
-                torch.testing.assert_close(output[tgt], expect, atol=1e-5, rtol=1e-4)
-        # ... which is not the target's own attention (once the latents have diverged)
-        own = torch.softmax(q[1] @ k[1].transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v[1]
-        own = layer.to_out[0](own.transpose(0, 1).reshape(-1, heads * q.shape[-1]))
-        differs = max(differs, float((own - output[1]).abs().max()))
-    assert differs > 1e-4
+        for h in hooks:
+            h.remove()
+    assert any(n.startswith("mid_block") for n in seen)
+    assert len({seen[n][0][0].shape[1] for n in seen}) >= 2  # several resolutions
+    R, window = 4, int(0.5 * STEPS)
+    differs = after_window = 0.0
+    with torch.no_grad():
+        for name, layer in layers:
+            assert len(seen[name]) == STEPS, name
+            for step, (hidden, output) in enumerate(seen[name]):
+                q, k, v = (split_heads(f(hidden), layer.heads)
+                           for f in (layer.to_q, layer.to_k, layer.to_v))
+                for half in (0, R):  # unconditional and conditional halves
+                    src = half
+                    for tgt in (half + 1, half + 2, half + 3):
+                        injected = _attn_out(layer, _probs(q[src], k[src]), v[tgt])
+                        own = _attn_out(layer, _probs(q[tgt], k[tgt]), v[tgt])
+                        inject = tgt != half + 3 or step < window
+                        torch.testing.assert_close(output[tgt], injected if inject else own,
+                                                   atol=1e-5, rtol=1e-4)
+                        gap = float((own - injected).abs().max())
+                        if inject:  # ... which is not the target's own attention
+                            differs = max(differs, gap)
+                        else:  # ... and after the window it is not the source's
+                            after_window = max(after_window, gap)
+    assert differs > 1e-4 and after_window > 1e-4
 
 
 def test_fused_cross_attention_edit_equals_the_materialised_p2p_map(gen):
-    """refine + per-word window + reweight through SDPA equals the explicit P2P attention map."""
+    """refine + per-word window + reweight through SDPA equals the explicit P2P attention map,
+    with no attention probabilities materialised."""
     from dsbuild.generate.align import token_weights
 
     unet = gen.pipe.unet
@@ -140,32 +161,41 @@ def test_fused_cross_attention_edit_equals_the_materialised_p2p_map(gen):
                      kwargs["encoder_hidden_states"], output))
 
     tgt = "a red velvet armchair with a cushion"
-    t = TargetSpec(tgt, "refine", 0.0, {"default": 1.0, "red": 0.0}, equalizer={"velvet": 1.5})
+    # default window 0.7 of 3 steps = steps 0 and 1; "red" never reads the source
+    t = TargetSpec(tgt, "refine", 0.0, {"default": 0.7, "red": 0.0},
+                   equalizer={"velvet": 1.5, "cushion": 2.0})  # mapped / own-attention words
+    probs_before = gen.controller.calls["probs"]
     h = layer.register_forward_hook(hook, with_kwargs=True)
     try:
         gen.generate([SourceGroup(SRC, 6, 7.5, [t])], STEPS, SIZE, SIZE)
     finally:
         h.remove()
+    assert gen.controller.calls["probs"] == probs_before
     al = align_prompts(gen.pipe.tokenizer, SRC, tgt, "refine")
     L = al.alpha.numel()
-    w = 1 - token_weights(al.tgt_words, ["red"], L)  # "red" never reads the source
-    e = 1 + 0.5 * token_weights(al.tgt_words, ["velvet"], L)
+    e = 1 + 0.5 * token_weights(al.tgt_words, ["velvet"], L) \
+        + token_weights(al.tgt_words, ["cushion"], L)
+    cushion = token_weights(al.tgt_words, ["cushion"], L).bool()
+    assert al.alpha[cushion].eq(0).all()
     heads = layer.heads
-    for hidden, ctx, output in seen:
-        q = split_heads(layer.to_q(hidden), heads)
-        k = split_heads(layer.to_k(ctx), heads)
-        v = split_heads(layer.to_v(ctx), heads)
-        d = q.shape[-1]
-        a_src = torch.softmax(q[2] @ k[2].transpose(-1, -2) / d**0.5, -1)  # cond source row
-        a_tgt = torch.softmax(q[3] @ k[3].transpose(-1, -2) / d**0.5, -1)  # cond target row
-        edited = (a_src @ al.mapper) * al.alpha + a_tgt * (1 - al.alpha)
-        attn = (w * e) * edited + (1 - w) * a_tgt
-        expect = layer.to_out[0]((attn @ v[3]).transpose(0, 1).reshape(-1, heads * d))
-        torch.testing.assert_close(output[3], expect, atol=1e-5, rtol=1e-4)
-        # the unconditional half is not edited
-        own = torch.softmax(q[1] @ k[1].transpose(-1, -2) / d**0.5, -1) @ v[1]
-        own = layer.to_out[0](own.transpose(0, 1).reshape(-1, heads * d))
-        torch.testing.assert_close(output[1], own, atol=1e-5, rtol=1e-4)
+    assert len(seen) == STEPS
+    with torch.no_grad():
+        for step, (hidden, ctx, output) in enumerate(seen):
+            w = (1 - token_weights(al.tgt_words, ["red"], L)) * float(step < 2)
+            q = split_heads(layer.to_q(hidden), heads)
+            k = split_heads(layer.to_k(ctx), heads)
+            v = split_heads(layer.to_v(ctx), heads)
+            a_src = _probs(q[2], k[2])  # cond source row
+            a_tgt = _probs(q[3], k[3])  # cond target row
+            edited = (a_src @ al.mapper) * al.alpha + a_tgt * (1 - al.alpha)
+            attn = (w * e) * edited + (1 - w) * a_tgt
+            torch.testing.assert_close(output[3], _attn_out(layer, attn, v[3]),
+                                       atol=1e-5, rtol=1e-4)
+            if step < 2:  # the edit is not the target's own attention
+                assert (_attn_out(layer, a_tgt, v[3]) - output[3]).abs().max() > 1e-4
+            # the unconditional half is not edited
+            torch.testing.assert_close(output[1], _attn_out(layer, _probs(q[1], k[1]), v[1]),
+                                       atol=1e-5, rtol=1e-4)
 
 
 def test_local_blend_keeps_the_source_outside_the_mask(gen):
@@ -191,6 +221,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(gen):
     finally:
         gen.controller.blend_threshold = threshold
     assert checked == list(range(STEPS))
+    assert gen.controller.calls["probs"] > 0
 
 
 def test_shared_source_batching_equals_pairs_alone(gen):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from dsbuild.augment.mentions import Mentions, candidates, phrase_in, words
+from dsbuild.augment.mentions import Mentions, key, names_any, phrase_in, present_terms, words
 from dsbuild.build import Build
 from dsbuild.captions.cache import RequestCache
 from dsbuild.captions.openai_backend import api_key
@@ -79,8 +79,8 @@ class LLMInstructions:
         except (json.JSONDecodeError, KeyError, TypeError):
             self.rejected["not JSON with target and edit"] += 1
             return None
-        absent_by_key = {" ".join(words(a)): a for a in absent}
-        term = absent_by_key.get(" ".join(words(target)))
+        absent_by_key = {key(a): a for a in absent}
+        term = absent_by_key.get(key(target))
         if term is None:
             self.rejected["target is not an absent thing"] += 1
             return None
@@ -88,10 +88,7 @@ class LLMInstructions:
         if not any(phrase_in(n, edit_words, head=False) for n in self.mentions.names_of(term)):
             self.rejected["instruction does not name its target"] += 1
             return None
-        present = [t for a in self.recipe.agents for t in [*a.vocabulary.subjects, *candidates(a)]
-                   if self.mentions.mentioned(t, caption)]
-        if any(phrase_in(n, edit_words, head=False)
-               for t in present for n in self.mentions.names_of(t)):
+        if names_any(edit, present_terms(self.recipe, caption, self.mentions), self.mentions):
             self.rejected["instruction names something the caption mentions"] += 1
             return None
         return term, edit

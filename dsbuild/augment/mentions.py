@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 from dsbuild.config import Agent, Recipe
 
 _WORD = re.compile(r"[a-z0-9]+")
+_ARTICLES = frozenset({"a", "an", "the", "some"})
 
 
 def words(text: str) -> list[str]:
@@ -19,7 +21,22 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def forms(word: str) -> set[str]:
+def bare(term: str) -> str:
+    """A vocabulary term without its leading article: recipes list features as "a lower
+    shelf", which an instruction writes as "remove the lower shelf"."""
+    parts = term.strip().split()
+    if len(parts) > 1 and parts[0].lower() in _ARTICLES:
+        parts = parts[1:]
+    return " ".join(parts)
+
+
+def key(term: str) -> str:
+    """A term compared without case, punctuation or leading article."""
+    return " ".join(words(bare(term)))
+
+
+@lru_cache(maxsize=65536)
+def forms(word: str) -> frozenset[str]:
     """Singular and plural spellings of one word (regular English inflection, generously)."""
     w = word.lower()
     out = {w, w + "s", w + "es"}
@@ -37,7 +54,7 @@ def forms(word: str) -> set[str]:
         out.add(w[:-2] + "ves")
     elif w.endswith("f"):
         out.add(w[:-1] + "ves")
-    return out
+    return frozenset(out)
 
 
 def _same(a: str, b: str) -> bool:
@@ -46,8 +63,8 @@ def _same(a: str, b: str) -> bool:
 
 def phrase_in(term: str, caption_words: list[str], *, head: bool = True) -> bool:
     """``term`` (one or more words) occurs in the caption; with ``head`` its last word alone
-    counts too ("coffee table" is mentioned by "a table")."""
-    tw = words(term)
+    counts too ("coffee table" is mentioned by "a table"). A leading article is ignored."""
+    tw = words(bare(term))
     if not tw:
         return False
     n = len(tw)
@@ -71,14 +88,14 @@ class Mentions:
     def _join(self, terms: Iterable[str]) -> None:
         group: set[str] = set()
         for t in terms:
-            t = " ".join(words(t))
+            t = key(t)
             group |= self.groups.get(t, {t})
         for t in group:
             self.groups[t] = group
 
     def names_of(self, term: str) -> set[str]:
         """The term and every synonym the recipe gives for it."""
-        t = " ".join(words(term))
+        t = key(term)
         return set(self.groups.get(t, {t}))
 
     def mentioned(self, term: str, caption: str) -> bool:
@@ -99,9 +116,34 @@ def candidates(agent: Agent) -> list[str]:
     return list(seen)
 
 
+def present_terms(recipe: Recipe, caption: str, mentions: Mentions) -> list[str]:
+    """Every vocabulary term of the recipe (subjects included) that the caption mentions."""
+    seen: dict[str, None] = {}
+    for a in recipe.agents:
+        for t in [*a.vocabulary.subjects, *candidates(a)]:
+            if t not in seen and mentions.mentioned(t, caption):
+                seen[t] = None
+    return list(seen)
+
+
+def names_any(text: str, terms: Iterable[str], mentions: Mentions) -> bool:
+    """``text`` names one of ``terms`` (or a synonym, in any number) as a whole phrase."""
+    tw = words(text)
+    return any(phrase_in(n, tw, head=False) for t in terms for n in mentions.names_of(t))
+
+
 def absent_terms(recipe: Recipe, agent: Agent, caption: str, mentions: Mentions) -> list[str]:
-    """Candidates the caption does not mention; falls back to same-level agents' vocabulary."""
-    own = [t for t in candidates(agent) if not mentions.mentioned(t, caption)]
+    """Candidates the caption does not mention; falls back to same-level agents' vocabulary.
+
+    A candidate whose own words name a mentioned thing is left out too ("curtain rod" when the
+    caption has curtains): an instruction naming it would name something the caption shows.
+    """
+    present = present_terms(recipe, caption, mentions)
+
+    def ok(t: str) -> bool:
+        return not mentions.mentioned(t, caption) and not names_any(t, present, mentions)
+
+    own = [t for t in candidates(agent) if ok(t)]
     if own:
         return own
     pool: dict[str, None] = {}
@@ -109,4 +151,4 @@ def absent_terms(recipe: Recipe, agent: Agent, caption: str, mentions: Mentions)
         if other.level == agent.level and other.name != agent.name:
             for t in candidates(other):
                 pool.setdefault(t, None)
-    return [t for t in pool if not mentions.mentioned(t, caption)]
+    return [t for t in pool if ok(t)]

@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 import random
 
-from dsbuild.augment.mentions import Mentions, absent_terms
+from dsbuild.augment.mentions import (
+    Mentions,
+    absent_terms,
+    bare,
+    names_any,
+    present_terms,
+    words,
+)
 from dsbuild.build import Build, StageResult, shard_of
 from dsbuild.config import Agent
 from dsbuild.errors import DsbuildError
@@ -19,6 +26,7 @@ from dsbuild.export.split import row_nodes, split_rows
 from dsbuild.hashing import content_id
 
 REMOVE = ("remove the {x}", "take away the {x}", "get rid of the {x}", "delete the {x}")
+REMOVE_VERBS = frozenset({"remove", "delete", "take", "get", "eliminate", "clear"})
 CHANGE_COLOUR = ("make the {x} {v}", "turn the {x} {v}", "paint the {x} {v}")
 CHANGE_MATERIAL = ("change the {x} to {v}", "make the {x} out of {v}")
 CHANGE_STYLE = ("give the {x} {a} {v} look", "make the {x} {v}")
@@ -27,6 +35,7 @@ CHANGE_STYLE = ("give the {x} {a} {v} look", "make the {x} {v}")
 def no_change_instruction(agent: Agent, term: str, rng: random.Random) -> tuple[str, str]:
     """(operation, instruction) naming ``term``: remove it or change one of its properties."""
     v = agent.vocabulary
+    term = bare(term)  # "a lower shelf" -> "remove the lower shelf"
     options: list[tuple[str, tuple[str, ...], list[str]]] = [("remove", REMOVE, [""])]
     for templates, values in ((CHANGE_COLOUR, v.colours), (CHANGE_MATERIAL, v.materials),
                               (CHANGE_STYLE, v.styles)):
@@ -96,12 +105,15 @@ def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
         got = llm.instruction(agent, triple["input"], shown, f"{a.seed}:{pair['id']}")
     if got is not None:
         term, edit = got
-        words_ = edit.lower().split()
-        op = "remove" if words_ and words_[0] in ("remove", "delete", "take", "get") else "change"
+        lead = words(edit)[:3]  # "Please remove the rug." is a removal too
+        op = "remove" if any(w in REMOVE_VERBS for w in lead) else "change"
         backend = "openai"
     else:
         term = rng.choice(sorted(terms))
         op, edit = no_change_instruction(agent, term, rng)
+        if names_any(edit, present_terms(build.recipe, triple["input"], mentions), mentions):
+            # a colour/material/style word that is also a thing the caption shows
+            op, edit = "remove", REMOVE[0].format(x=bare(term))
     img = pair["images"]["input"]
     return {
         "id": content_id("no_change", pair["id"], edit), "pair_id": pair["id"],

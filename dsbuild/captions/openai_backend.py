@@ -2,9 +2,10 @@
 
 Works with OpenAI and with local servers that speak its API (vLLM, Ollama, llama.cpp) via
 ``captions.base_url``. Requests run under a concurrency limit, retry with exponential backoff
-on 429, 5xx, timeouts and dropped connections, and are cached in the build, so an interrupted
-run resumes and a re-run makes no call twice. The API key is read from the environment
-variable named by ``captions.api_key_env`` and is never written anywhere.
+on 429, 5xx, timeouts, dropped connections and replies that are not a chat completion, and are
+cached in the build, so an interrupted run resumes and a re-run makes no call twice. The API
+key is read from the environment variable named by ``captions.api_key_env`` and is never
+written anywhere.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class OpenAIBackend:
     async def complete(self, messages: list[dict], sample: int) -> dict | None:
         """The reply for (messages, sample) from the cache or the endpoint; None if it failed."""
         payload = self.payload(messages)
-        key = self.cache.key(payload, sample)
+        # the endpoint is part of the key: another server with the same model name is not a hit
+        key = self.cache.key({**payload, "base_url": self.settings.base_url}, sample)
         hit = self.cache.get(key)
         if hit is not None:
             self.stats.cached += 1
@@ -144,8 +146,12 @@ class OpenAIBackend:
                     ) from None
                 reason = str(code)
                 wait = min(s.max_backoff, max(wait, _retry_after(exc)))
+            except (o.APIError, ValueError):  # a body that is not JSON (a proxy's HTML page)
+                reason = "bad_response"
             else:
-                return _reply(resp)
+                if getattr(resp, "choices", None):
+                    return _reply(resp)
+                reason = "bad_response"  # JSON, but not a chat completion: never cached
             if attempt == s.max_retries:
                 self.stats.failed += 1
                 self.stats.errors.append(f"gave up after {attempt + 1} attempts ({reason})")

@@ -21,7 +21,7 @@ from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
 from dsbuild.captions.report import write_report
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import FIELDS, Checked, Validator, check_examples, clean_text
-from dsbuild.config import Agent, Recipe
+from dsbuild.config import Agent, Recipe, apply_overrides
 from dsbuild.errors import DsbuildError, require
 from dsbuild.hashing import content_id
 from dsbuild.progress import progress
@@ -249,10 +249,12 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
                  show_progress: bool = True) -> StageResult:
     """Write this rank's caption triples (resumable) and refresh reports/captions.json."""
     overrides = list(overrides) + ([f"captions.backend={backend}"] if backend else [])
-    build.update(overrides)
-    s = build.config.captions
+    # check the recipe's examples under the new settings before saving them into dsbuild.yaml
+    s = apply_overrides(build.config, overrides).captions if overrides else build.config.captions
     check_examples(build.recipe, build.config.recipe_path,
                    s.max_changed_fraction, s.max_diff_spans)
+    build.update(overrides)
+    s = build.config.captions
     chosen = resolve_backend(s)
     agents = shard_agents(build.recipe, rank, world_size)
     if chosen == "openai":  # fail before any work: missing SDK or key

@@ -38,6 +38,11 @@ def art(phrase: str) -> str:
     return ("an " if phrase[0].lower() in VOWELS else "a ") + phrase
 
 
+def indefinite(word: str) -> str:
+    """'a' or 'an' for a word ('an art deco look', 'an industrial style', 'a modern look')."""
+    return "an" if word[:1].lower() in VOWELS else "a"
+
+
 def join_items(items: list[str]) -> str:
     if len(items) == 1:
         return items[0]
@@ -120,9 +125,9 @@ class TemplateComposer:
                            "turn the {s} {new}", "paint the {s} {new}", "make it {new}"],
                 "material": ["make the {s} out of {new}", "change the {old} to {new}",
                              "make the {s} {new} instead of {old}", "use {new} for the {s}"],
-                "style": ["make the {s} {new}", "give the {s} a {new} look",
-                          "restyle the {s} in a {new} style", "make it look {new}"],
-            }[kind], s=s, new=new, old=old)
+                "style": ["make the {s} {new}", "give the {s} {a} {new} look",
+                          "restyle the {s} in {a} {new} style", "make it look {new}"],
+            }[kind], s=s, new=new, old=old, a=indefinite(new))
             return {"input": inp, "edit": edit, "output": out}
         if op in ("add", "remove"):
             if not feats:
@@ -223,7 +228,8 @@ class TemplateComposer:
                 inp, out = caption(items, old), caption(items, new)
                 edit = self.phrase(["make the room {n}", "redecorate the {r} in {n} style",
                                     "make the {r} {n}", "restyle the room as {n}",
-                                    "give the room a {n} look"], n=new, r=room)
+                                    "give the room {a} {n} look"], n=new, r=room,
+                                   a=indefinite(new))
                 return {"input": inp, "edit": edit, "output": out}
             k = rng.randrange(n_items)
             obj = present[k]

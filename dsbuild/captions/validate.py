@@ -45,9 +45,10 @@ STOPWORDS = frozenset(
 NEGATIONS = frozenset({"no", "without", "not", "lacking", "missing", "minus", "none", "free"})
 
 ADD_VERBS = frozenset({"add", "put", "place", "hang", "install", "include", "insert", "bring",
-                       "mount", "fit", "attach", "set"})
+                       "mount", "fit", "attach", "set", "lay", "drape", "scatter", "lean", "prop",
+                       "stack", "equip"})
 REMOVE_VERBS = frozenset({"remove", "take", "delete", "erase", "eliminate", "drop", "strip",
-                          "clear", "get", "lose", "ditch"})
+                          "clear", "get", "lose", "ditch", "discard", "omit"})
 REPLACE_VERBS = frozenset({"replace", "swap", "exchange", "substitute", "switch", "trade"})
 CHANGE_VERBS = frozenset({
     "make", "change", "turn", "paint", "colour", "color", "recolour", "recolor", "dye", "stain",
@@ -58,6 +59,11 @@ CHANGE_VERBS = frozenset({
     "shrink", "extend", "flip", "rotate", "wrap", "polish", "varnish", "whitewash", "texture",
     "pattern", "age", "modernise", "modernize", "soften", "warm", "cool", "retile",
     "reface", "fold", "unfold", "roll", "pull", "draw", "tidy", "declutter", "arrange", "rearrange",
+    # re- verbs and others LLMs write often ("repaint the walls sage green")
+    "repaint", "re-paint", "re-upholster", "recover", "re-cover", "restain", "re-stain",
+    "resurface", "reposition", "relocate", "shift", "upgrade", "renovate", "remodel", "refresh",
+    "lighten", "apply", "frame", "line", "lacquer", "gild", "sand", "bleach", "stencil",
+    "increase", "reduce", "thicken",
 })
 VERBS = ADD_VERBS | REMOVE_VERBS | REPLACE_VERBS | CHANGE_VERBS
 PARTICLES = frozenset({"away", "out", "off", "rid", "of", "down", "up", "all"})

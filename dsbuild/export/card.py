@@ -274,7 +274,7 @@ def secrets_in_env(build: Build | None = None) -> list[bytes]:
     """Values of the environment's secrets (tokens, API keys) worth scanning for."""
     names = list(SECRET_ENV)
     if build is not None:
-        names.append(build.config.captions.api_key_env)
+        names += [build.config.captions.api_key_env, build.config.augment.api_key_env]
     vals = [os.environ.get(n, "") for n in names]
     return [v.encode() for v in vals if len(v) >= 8]
 

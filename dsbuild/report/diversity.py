@@ -79,7 +79,8 @@ def lexical_metrics(values: list[str], settings: DiversitySettings) -> tuple[dic
     tokens = tokenize(text)
     out["tokens"], out["types"] = len(tokens), len(set(tokens))
     if not tokens:
-        notes.append(f"no words in {len(values)} values (all empty): every metric is null")
+        notes.append(f"no words in {len(values)} values (all empty): every metric is null"
+                     if values else "no values: every metric is null")
         return out, notes
     lex = lexical_richness(text)
     out["mtld"] = float(lex.mtld(threshold=settings.mtld_threshold))
@@ -394,6 +395,8 @@ def apply_gate(report: dict, checks: list[Check]) -> tuple[list[str], int]:
     for b in report["builds"]:
         for c in checks:
             fields = [c.field] if c.field else list(b["fields"])
+            op, opt = ("<", "--fail-under") if c.under else (">", "--fail-over")
+            rule = f"({opt} {c.key}={c.bound:g})"
             for fname in fields:
                 f = b["fields"][fname]
                 if c.scope is None:
@@ -402,6 +405,11 @@ def apply_gate(report: dict, checks: list[Check]) -> tuple[list[str], int]:
                     table = f[c.scope + "s"]
                     if c.group == "*":
                         names = sorted(table)
+                        if not names:  # a build without triples must not pass a per-agent gate
+                            n += 1
+                            misses.append(f"FAIL {b['name']} {c.scope}:*.{fname}.{c.metric}: "
+                                          f"no {c.scope}s (no triples) {rule}")
+                            continue
                     elif c.group in table:
                         names = [c.group]
                     else:
@@ -413,8 +421,6 @@ def apply_gate(report: dict, checks: list[Check]) -> tuple[list[str], int]:
                     n += 1
                     where = f"{b['name']} {prefix}{fname}.{c.metric}"
                     value = _gate_value(m, c.metric)
-                    op, opt = ("<", "--fail-under") if c.under else (">", "--fail-over")
-                    rule = f"({opt} {c.key}={c.bound:g})"
                     if value is None:
                         why = ("no words" if not m.get("tokens") else
                                "not measured (pass --semantic)" if c.metric == "semantic"

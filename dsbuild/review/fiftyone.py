@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from dsbuild.decisions import VERDICTS, add_decisions, latest_by_pair, make_decision, read_decisions
 from dsbuild.errors import DsbuildError, require
@@ -543,8 +544,10 @@ def launch(build, name: str | None = None, *, port: int | None = None,
     name = dataset_name(build, name)
     ds = _open_dataset(fo, build, name, create=False)
     session = fo.launch_app(ds, port=port, address=address, remote=remote, auto=False)
-    base = session.url.rstrip("/")
-    return session, f"{base}/datasets/{name}"
+    # session.url may carry a query (?polling=true, a proxy): the dataset goes in the path
+    u = urlsplit(session.url)
+    path = f"{u.path.rstrip('/')}/datasets/{quote(name, safe='')}"
+    return session, urlunsplit((u.scheme, u.netloc, path, u.query, u.fragment))
 
 
 def delete_dataset(name: str) -> None:
