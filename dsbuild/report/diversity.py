@@ -555,7 +555,13 @@ def chart(report: dict, path: Path) -> None:
         for i, b in enumerate(builds):
             vals = [b["fields"][f]["overall"].get(metric) for f in fields]
             ys = [np.nan if v is None else v for v in vals]
-            ax.bar(x + (i - (len(builds) - 1) / 2) * width, ys, width, label=b["name"])
+            bars = ax.bar(x + (i - (len(builds) - 1) / 2) * width, ys, width, label=b["name"])
+            # value labels, so a zero (or missing) value is visible rather than an empty panel
+            ax.bar_label(bars, labels=["n/a" if v is None else (f"{v:.1%}" if metric ==
+                                       "near_dup_rate" else f"{v:.3g}") for v in vals],
+                         fontsize=7, padding=1)
+        top = ax.get_ylim()[1]
+        ax.set_ylim(0, top * 1.12 if top > 0 else 1)  # room for the value labels
         ax.set_xticks(x, fields)
         ax.set_title(LABELS[metric])
         ax.grid(axis="y", alpha=0.3)
