@@ -378,6 +378,39 @@ def test_aligner_refine_swap_keeps_own_attention(tok):
     assert al.alpha[tb].eq(0).all() and al.mapper[:, tb].sum() == 0
 
 
+class _PythonTokenizer:
+    """The tokenizer as a Python ("slow") tokenizer shows itself: no offsets, no word ids
+    (transformers 4.x loads SD checkpoints' CLIPTokenizer this way)."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        if kw.pop("return_offsets_mapping", False):
+            raise NotImplementedError("return_offset_mapping needs a fast tokenizer")
+        return {"input_ids": self._tok(text, **kw)["input_ids"]}
+
+
+@pytest.mark.parametrize("src,tgt", [("a red velvet chair", "a blue velvet chair"),
+                                     ("a red chair", "a big armchair"),
+                                     ("a velvet chair", "a velvet chair with a cushion"),
+                                     ("the big red chair, velvet", "the red armchair, velvet")])
+def test_aligner_with_a_python_tokenizer_matches_the_fast_one(tok, src, tgt):
+    slow = _PythonTokenizer(tok)
+    for p in (src, tgt):
+        fw, fn = prompt_words(tok, p)
+        sw, sn = prompt_words(slow, p)
+        assert [(w.text, w.tokens) for w in sw] == [(w.text, w.tokens) for w in fw] and sn == fn
+    a, b = align_prompts(tok, src, tgt), align_prompts(slow, src, tgt)
+    assert a.mode == b.mode and a.changed_words() == b.changed_words()
+    assert torch.equal(a.mapper, b.mapper) and torch.equal(a.alpha, b.alpha)
+
+
 def test_saved_pipeline_loads_from_a_directory(tmp_path, plain):
     from dsbuild.errors import DsbuildError
 
@@ -404,3 +437,17 @@ def test_bench_p2p_reports_ratios():
                                   "shared_k2/2_separate"}
     assert all(v > 0 for v in res["ratios"].values())
     assert set(res["goals"]) and res["seconds"]["plain_pair"] > 0
+
+
+@pytest.mark.parametrize("src, tgt, want", [
+    ("a red velvet chair", "a blue velvet chair", (["red"], ["blue"])),
+    ("a velvet chair", "a velvet chair with a cushion", ([], ["cushion"])),
+    ("a modern living room with no rug", "a modern living room with a rug", (["rug"], ["rug"])),
+    ("a desk without drawers", "a desk with drawers", (["drawers"], ["drawers"])),
+    ("a bathroom with a bathtub and no toilet", "a bathroom with a bathtub and a white toilet",
+     (["toilet"], ["white", "toilet"])),
+])
+def test_edit_words_name_the_thing_not_filler(tok, src, tgt, want):
+    """Local blend and reweight read the words an edit is about: never 'a', 'no' or 'with'."""
+    al = align_prompts(tok, src, tgt, "auto")
+    assert al.edit_words() == want

@@ -37,6 +37,35 @@ class Alignment:
         return ([self.src_words[i].text for i in self.src_changed],
                 [self.tgt_words[i].text for i in self.tgt_changed])
 
+    def edit_words(self) -> tuple[list[str], list[str]]:
+        """The words an edit is about, for local blend and reweighting: the changed content
+        words, plus the noun a changed function word points at ("no rug" -> "a rug" is about
+        "rug", "without drawers" -> "with drawers" about "drawers"), never "a", "no" or ","."""
+        return (_about(self.src_words, self.src_changed),
+                _about(self.tgt_words, self.tgt_changed))
+
+
+FUNCTION_WORDS = frozenset(
+    "a an the no without with and or of in on at to for from by its it this that these those "
+    "some any one two three is are has have which".split())
+
+
+def is_content(text: str) -> bool:
+    t = text.strip().lower().strip(".,;:!?'\"()")
+    return bool(t) and t not in FUNCTION_WORDS and any(c.isalnum() for c in t)
+
+
+def _about(words: list[Word], changed: list[int]) -> list[str]:
+    if not changed:
+        return []
+    picked = [i for i in changed if is_content(words[i].text)]
+    if len(picked) < len(changed):  # a function word changed: add the noun it governs
+        nxt = next((j for j in range(max(changed) + 1, len(words))
+                    if is_content(words[j].text)), None)
+        if nxt is not None:
+            picked.append(nxt)
+    return list(dict.fromkeys(words[i].text for i in sorted(picked)))
+
 
 def max_length(tokenizer) -> int:
     n = int(getattr(tokenizer, "model_max_length", 77) or 77)
@@ -46,21 +75,31 @@ def max_length(tokenizer) -> int:
 def prompt_words(tokenizer, prompt: str) -> tuple[list[Word], int]:
     """Words of a prompt with their token positions, and the number of text tokens kept."""
     L = max_length(tokenizer)
+    # Python ("slow") tokenizers, e.g. the CLIPTokenizer that transformers 4.x loads for SD
+    # checkpoints, have neither offsets nor word ids: asking for offsets raises there.
+    fast = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(prompt, padding="max_length", max_length=L, truncation=True,
-                    return_offsets_mapping=True)
+                    **({"return_offsets_mapping": True} if fast else {}))
     words: list[Word] = []
     try:
-        word_ids = enc.word_ids()
-    except (ValueError, AttributeError):  # slow tokenizer: one word per token
+        word_ids = enc.word_ids() if fast else None
+    except (ValueError, AttributeError):
         word_ids = None
     ids = enc["input_ids"]
     specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    offsets = enc.get("offset_mapping")
+    offsets = enc.get("offset_mapping") if word_ids is not None else None
+    if word_ids is None:  # CLIP BPE ends a word's last token with "</w>"; else a word a token
+        toks = tokenizer.convert_ids_to_tokens(list(ids))
+        eow = any(str(t).endswith("</w>") for t in toks)
+        word_ids, n_words = [], 0
+        for tid, t in zip(ids, toks, strict=True):
+            word_ids.append(None if tid in specials else n_words)
+            if tid not in specials and (not eow or str(t).endswith("</w>")):
+                n_words += 1
     n_text = 0
     last: object = object()
-    for pos, tid in enumerate(ids):
-        wid = word_ids[pos] if word_ids is not None else (None if tid in specials else pos)
-        if wid is None or (word_ids is None and tid in specials):
+    for pos, wid in enumerate(word_ids):
+        if wid is None:
             continue
         n_text += 1
         if wid != last:
@@ -73,7 +112,8 @@ def prompt_words(tokenizer, prompt: str) -> tuple[list[Word], int]:
             w.text = prompt[start:end].lower()
         else:
             w.text = tokenizer.convert_tokens_to_string(
-                tokenizer.convert_ids_to_tokens([ids[p] for p in w.tokens])).strip().lower()
+                tokenizer.convert_ids_to_tokens([ids[p] for p in w.tokens])
+            ).replace("</w>", " ").strip().lower()
     return words, n_text
 
 

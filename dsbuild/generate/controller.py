@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from dsbuild.generate.align import Alignment
 
 
+def _rows(mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of the rows whose keys are used (masks follow their keys' row)."""
+    return mask if mask is None or mask.shape[0] == 1 else mask[idx]
+
+
 @dataclass
 class RowEdit:
     """How one target row is edited relative to its source row."""
@@ -145,7 +150,7 @@ class P2PController:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             self.calls["self_injected"] += 1
             idx = self.self_idx
-            return F.scaled_dot_product_attention(q[idx], k[idx], v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q[idx], k[idx], v, attn_mask=_rows(mask, idx))
         if self.blend_rows and name in self.blend_layers:
             self._store_blend_maps(q, k)
         if self.x_rows is None:
@@ -154,10 +159,11 @@ class P2PController:
         rows, idx = self.x_rows, self.x_idx
         v2 = v.clone()
         v2[rows] = torch.einsum("rst,rhtd->rhsd", self.x_M, v[rows])
-        out = F.scaled_dot_product_attention(q[idx], k[idx], v2, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q[idx], k[idx], v2, attn_mask=_rows(mask, idx))
         if self.x_c is not None:
             own = F.scaled_dot_product_attention(q[rows], k[rows],
-                                                 v[rows] * self.x_c[:, None, :, None])
+                                                 v[rows] * self.x_c[:, None, :, None],
+                                                 attn_mask=_rows(mask, rows))
             out[rows] = out[rows] + own
         return out
 

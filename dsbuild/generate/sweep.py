@@ -59,7 +59,7 @@ def plan_triple(triple: dict, s: GenerateSettings, tokenizer) -> list[PairPlan]:
     al = align_prompts(tokenizer, triple["input"], triple["output"],
                        "auto" if mode in ("auto", "reweight", "self") else mode)
     resolved = al.mode if mode == "auto" else mode
-    src_words, tgt_words = al.changed_words()
+    src_words, tgt_words = al.edit_words()
     blend = [src_words, tgt_words] if s.blend and (src_words or tgt_words) else None
     cross_mode = resolved != "self"
     n = samples_for(triple, s)

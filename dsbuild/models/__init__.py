@@ -53,7 +53,8 @@ def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet
                                "diffusers folder, nor a Hub id like 'owner/name'")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(model), torch_dtype=td, safety_checker=None, requires_safety_checker=False)
+                str(model), **dtype_kwarg(td), safety_checker=None,
+                requires_safety_checker=False)
         except (OSError, ValueError) as exc:
             raise DsbuildError(f"generate.model: cannot load Stable Diffusion from {model!r}: "
                                f"{exc}") from None
@@ -62,3 +63,15 @@ def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet
         pipe = pipe.to(dtype=td)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def dtype_kwarg(dtype) -> dict:
+    """``dtype=`` where diffusers takes it (it deprecates ``torch_dtype=``), else the old name."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        if hasattr(deprecation_utils, "_resolve_dtype"):
+            return {"dtype": dtype}
+    except ImportError:
+        pass
+    return {"torch_dtype": dtype}
