@@ -97,6 +97,14 @@ def test_stage_writes_every_pair_with_metadata(reference):
             path = b.root / p["images"][k]
             assert path.parent.name == p["triple_id"]
             assert Image.open(path).size == (32, 32)
+        # local blend (generate.blend=true) leaves its final mask beside the pair
+        assert ("mask" in p["images"]) == bool(prm["blend_words"])
+        if prm["blend_words"]:
+            m = Image.open(b.root / p["images"]["mask"])
+            assert m.mode == "L" and m.size == (32, 32)
+            vals = set(np.unique(np.asarray(m)).tolist())
+            assert vals <= {0, 255} and 255 in vals
+    assert any("mask" in p["images"] for p in pairs)
     by_caption = {}
     for p in pairs:
         by_caption.setdefault(triples[p["triple_id"]]["input"], []).append(p)

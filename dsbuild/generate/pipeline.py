@@ -70,6 +70,7 @@ class GroupImages:
     source: np.ndarray  # H x W x 3 float in [0, 1]
     targets: list[np.ndarray]
     modes: list[str]  # resolved mode per target (auto -> replace | refine)
+    masks: list[np.ndarray | None] = field(default_factory=list)  # local-blend mask, H x W bool
 
 
 class P2PGenerator:
@@ -166,17 +167,21 @@ class P2PGenerator:
         src_img: dict[int, np.ndarray] = {}
         tgt_img: dict[tuple[int, int], np.ndarray] = {}
         modes: dict[tuple[int, int], str] = {}
+        masks: dict[tuple[int, int], np.ndarray] = {}
         for batch in batches:
-            images, layout, resolved = self._run_batch(groups, batch, steps, height, width,
-                                                       callback)
-            for (gi, ti), im in zip(layout, images, strict=True):
+            images, layout, resolved, row_masks = self._run_batch(groups, batch, steps, height,
+                                                                  width, callback)
+            for row, ((gi, ti), im) in enumerate(zip(layout, images, strict=True)):
                 if ti is None:
                     src_img.setdefault(gi, im)
                 else:
                     tgt_img[(gi, ti)] = im
+                    if row in row_masks:
+                        masks[(gi, ti)] = row_masks[row]
             modes.update(resolved)
         return [GroupImages(src_img[gi], [tgt_img[(gi, ti)] for ti in range(len(g.targets))],
-                            [modes[(gi, ti)] for ti in range(len(g.targets))])
+                            [modes[(gi, ti)] for ti in range(len(g.targets))],
+                            [masks.get((gi, ti)) for ti in range(len(g.targets))])
                 for gi, g in enumerate(groups)]
 
     @torch.no_grad()
@@ -236,10 +241,20 @@ class P2PGenerator:
                 latents = ctrl.after_step(latents, i)
                 if callback is not None:
                     callback(i, latents, ctrl, layout)
+            row_masks = self._final_masks(height, width)
         finally:
             ctrl.reset()
         images = self.decode(latents)
-        return list(images), layout, resolved
+        return list(images), layout, resolved, row_masks
+
+    def _final_masks(self, height: int, width: int) -> dict[int, np.ndarray]:
+        """The last local-blend mask of each blending row, at image size (nearest upsampling)."""
+        ctrl = self.controller
+        if ctrl.last_mask is None:
+            return {}
+        m = torch.nn.functional.interpolate(ctrl.last_mask.float(), size=(height, width))
+        m = m[:, 0].gt(0.5).cpu().numpy()
+        return {row: m[k] for k, row in enumerate(ctrl.blend_rows)}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

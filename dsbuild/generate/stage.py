@@ -28,6 +28,13 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def mask_png(mask: np.ndarray) -> bytes:
+    """Boolean H x W mask -> 8-bit greyscale PNG bytes (255 where the edit may change pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype("uint8") * 255).save(buf, format="PNG")  # 2-D uint8: mode L
+    return buf.getvalue()
+
+
 def group_plans(plans: list[PairPlan]) -> list[tuple[tuple, list[PairPlan]]]:
     """Pairs grouped by (input caption, seed, guidance): each group shares one source image."""
     groups: OrderedDict[tuple, list[PairPlan]] = OrderedDict()
@@ -109,11 +116,15 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
                 results = gen.generate(src, s.steps, s.height, s.width, s.batch_size)
                 for (_, plans_g), res in zip(chunk, results, strict=True):
                     png0 = png_bytes(res.source)
-                    for plan, image in zip(plans_g, res.targets, strict=True):
+                    for plan, image, mask in zip(plans_g, res.targets, res.masks, strict=True):
                         rel = f"pairs/img/{plan.triple['id']}/{plan.id}"
                         write_bytes(build.root / f"{rel}_0.png", png0)
                         write_bytes(build.root / f"{rel}_1.png", png_bytes(image))
-                        writer.write(pair_record(plan, s.model, rel))
+                        rec = pair_record(plan, s.model, rel)
+                        if mask is not None:  # what local blend let change (white)
+                            write_bytes(build.root / f"{rel}_mask.png", mask_png(mask))
+                            rec["images"]["mask"] = f"{rel}_mask.png"
+                        writer.write(rec)
                         made += 1
                     bar.update(len(plans_g))
         secs = time.perf_counter() - t0
