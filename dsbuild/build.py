@@ -151,6 +151,25 @@ class Build:
     def output_dir(self, stage: str) -> Path:
         return self.root / STAGES[stage][0]
 
+    def scored_pairs(self, kept_only: bool = False):
+        """Yield (score, pair, triple) for every filter score (or only the kept ones): the join
+        augment and export share, with a clear error where the stages' outputs disagree."""
+        triples = {t["id"]: t for t in self.records("captions")}
+        pairs = {p["id"]: p for p in self.records("generate")}
+        for sc in self.records("filter"):
+            if kept_only and not sc.get("keep"):
+                continue
+            pair = pairs.get(sc["pair_id"])
+            if pair is None:
+                raise DsbuildError(f"{self.root}: score for unknown pair {sc['pair_id']!r} "
+                                   "(filter output does not match generate output); rerun "
+                                   "`dsbuild filter`")
+            triple = triples.get(pair["triple_id"])
+            if triple is None:
+                raise DsbuildError(f"{self.root}: pair {pair['id']} names unknown triple "
+                                   f"{pair['triple_id']!r}; rerun `dsbuild generate`")
+            yield sc, pair, triple
+
     # ------------------------------------------------------------------ signatures / markers
     def stage_settings(self, stage: str) -> dict:
         settings = getattr(self.config, stage).signature_dict()

@@ -32,6 +32,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on two shared cores: oversubscribed threads make them crawl."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MINI_RECIPE = """\
 name: mini
 description: a two-agent recipe for tests

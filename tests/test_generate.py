@@ -33,12 +33,7 @@ SETTINGS = ["generate.steps=2", "generate.height=32", "generate.width=32", "gene
             "generate.batch_size=4", "generate.mode=auto", "generate.blend=true"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(root: Path, recipe: Path, triples=TRIPLES[:4] + EXTRA, extra=()) -> Build:

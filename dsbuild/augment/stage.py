@@ -50,23 +50,7 @@ def no_change_instruction(agent: Agent, term: str, rng: random.Random) -> tuple[
 
 def kept_pairs(build: Build) -> list[tuple[dict, dict, dict]]:
     """(pair, triple, score) of every pair the filter kept, in pair-id order."""
-    triples = {t["id"]: t for t in build.records("captions")}
-    pairs = {p["id"]: p for p in build.records("generate")}
-    out = []
-    for s in build.records("filter"):
-        if not s.get("keep"):
-            continue
-        p = pairs.get(s["pair_id"])
-        if p is None:
-            raise DsbuildError(f"{build.root}: score for unknown pair {s['pair_id']!r} "
-                               "(filter output does not match generate output; rerun filter)")
-        t = triples.get(p["triple_id"])
-        if t is None:
-            raise DsbuildError(f"{build.root}: pair {p['id']} names unknown triple "
-                               f"{p['triple_id']!r}; rerun generate")
-        if t.get("no_change"):
-            continue
-        out.append((p, t, s))
+    out = [(p, t, s) for s, p, t in build.scored_pairs(kept_only=True) if not t.get("no_change")]
     return sorted(out, key=lambda x: x[0]["id"])
 
 

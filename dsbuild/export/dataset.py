@@ -109,25 +109,15 @@ def collect_rows(build: Build) -> ExportRows:
     """Apply the policy (filter keep, review verdicts, corrections) and split the rows."""
     s = build.config.export
     build.require_complete("filter")
-    triples = {t["id"]: t for t in build.records("captions")}
-    pairs = {p["id"]: p for p in build.records("generate")}
     decisions = latest_by_pair(build)
     stats = {"scored": 0, "kept": 0, "rejected_by_review": 0, "not_accepted": 0,
              "corrected": 0, "no_change_available": 0, "no_change_dropped": 0}
     rows: dict[str, dict] = {}
-    for sc in build.records("filter"):
+    for sc, pair, triple in build.scored_pairs():
         stats["scored"] += 1
         if not sc.get("keep"):
             continue
         stats["kept"] += 1
-        pair = pairs.get(sc["pair_id"])
-        if pair is None:
-            raise DsbuildError(f"{build.root}: score for unknown pair {sc['pair_id']!r}; "
-                               "rerun `dsbuild filter`")
-        triple = triples.get(pair["triple_id"])
-        if triple is None:
-            raise DsbuildError(f"{build.root}: pair {pair['id']} names unknown triple "
-                               f"{pair['triple_id']!r}; rerun `dsbuild generate`")
         d = decisions.get(pair["id"])
         verdict = (d or {}).get("verdict")
         if verdict == "reject":

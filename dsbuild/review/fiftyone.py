@@ -458,10 +458,16 @@ def save_views(ds) -> list[str]:
         "no-change": ds.match(F("no_change") == True),  # noqa: E712
         "undecided": ds.match(F("decision") == None),  # noqa: E711
     }
+    def unique(name: str) -> str:  # two reasons or agents may slug alike: keep both views
+        n, out = 2, name
+        while out in views:
+            out, n = f"{name}-{n}", n + 1
+        return out
+
     for reason in sorted(r for r in ds.distinct("reason") if r):
-        views[f"filtered-{_slug(reason)}"] = ds.match(F("reason") == reason)
+        views[unique(f"filtered-{_slug(reason)}")] = ds.match(F("reason") == reason)
     for agent in sorted(a for a in ds.distinct("agent") if a):
-        views[f"agent-{_slug(agent)}"] = ds.match(F("agent") == agent)
+        views[unique(f"agent-{_slug(agent)}")] = ds.match(F("agent") == agent)
     info = dict(ds.info or {})
     ours = info.get(INFO_KEY, {})
     for old in ours.get("views", []):

@@ -70,6 +70,12 @@ def api_errors(url: str, what: str) -> Iterator[None]:
         ) from None
     except ApiError as exc:
         code = exc.status_code
+        if code == 403 and "permission" in _detail(exc.body).lower():
+            raise DsbuildError(
+                f"Label Studio at {url} accepted the API token but refused to {what} (403: "
+                f"{_detail(exc.body)}); use an account with access to this project or "
+                "organization"
+            ) from None
         if code in (401, 403):
             raise DsbuildError(
                 f"Label Studio at {url} refused the API token ({code}) while trying to {what}; "
