@@ -205,6 +205,9 @@ def test_template_backend_2000_valid_unique_deterministic(tmp_path):
     article = re.compile(r"\b(?:a [aeiou]|an [b-df-hj-np-tv-z])")
     assert not [t for r in recs for t in (r["input"], r["edit"], r["output"])
                 if article.search(t)]
+    # ... and uncountable things take none ("with wall art", never "a wall art")
+    mass = re.compile(r"\ban? (?:wall art|wainscoting)\b")
+    assert not [t for r in recs for t in (r["input"], r["output"]) if mass.search(t)]
     # order: objects first, then rooms (the hierarchy)
     levels = [r["level"] for r in recs]
     assert levels == sorted(levels, key=["object", "room"].index)

@@ -30,10 +30,22 @@ def bare(phrase: str) -> str:
     return phrase
 
 
+# uncountable heads take no article: "with wall art", "with wainscoting"
+MASS_NOUNS = frozenset(
+    "art artwork wainscoting panelling paneling wallpaper shelving lighting flooring tiling "
+    "bedding seating storage decor décor greenery furniture carpeting linen cabinetry "
+    "millwork moulding molding trim".split())
+
+
+def is_mass(phrase: str) -> bool:
+    return phrase.lower().split(" of ")[0].split()[-1] in MASS_NOUNS
+
+
 def art(phrase: str) -> str:
-    """The phrase with its indefinite article ('an oak table', 'a rug', plurals bare)."""
+    """The phrase with its indefinite article ('an oak table', 'a rug'; plurals and mass
+    nouns bare: 'throw pillows', 'wall art')."""
     phrase = bare(phrase)
-    if is_plural(phrase):
+    if is_plural(phrase) or is_mass(phrase):
         return phrase
     return ("an " if phrase[0].lower() in VOWELS else "a ") + phrase
 
