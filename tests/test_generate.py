@@ -29,7 +29,7 @@ from dsbuild.settings.generate import GenerateSettings  # noqa: E402
 # two edits of one input caption share their sources
 EXTRA = [("chairs", "object", "change", "a red velvet armchair", "make it green",
           "a green velvet armchair")]
-SETTINGS = ["generate.steps=2", "generate.height=32", "generate.width=32", "generate.limit=2",
+SETTINGS = ["generate.model=tiny", "generate.steps=2", "generate.height=32", "generate.width=32", "generate.limit=2",
             "generate.batch_size=4", "generate.mode=auto", "generate.blend=true"]
 
 

@@ -14,7 +14,9 @@ Range = tuple[float, float]
 class GenerateSettings(StageSettings):
     volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "contact_sheet"})
 
-    model: str = Field("tiny", description="diffusers SD 1.x/2.x dir or Hub id, or 'tiny'")
+    # SD 1.5, as InstructPix2Pix made its data with; 'tiny' = random weights (offline demos)
+    model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                       description="diffusers SD 1.x/2.x dir or Hub id, or 'tiny'")
     scheduler: Literal["ddim", "euler_ancestral", "dpmsolver++"] = "euler_ancestral"
     steps: int = Field(50, ge=1)
     height: int = Field(512, ge=8)
