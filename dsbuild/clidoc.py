@@ -16,8 +16,9 @@ function you can import (see each stage's page). Settings not shown as options a
 `--set STAGE.KEY=VALUE` (frozen into `dsbuild.yaml`) or by editing `dsbuild.yaml`; each
 stage's page lists its settings.
 
-Exit codes: 0 success; 1 an error dsbuild explains on stderr (bad input, a missed gate);
-2 a usage error (unknown option, bad value); 130 interrupted.
+Exit codes: 0 success; 1 a missed `--fail-under`/`--fail-over` gate, or a command whose extra
+is not installed; 2 an error dsbuild explains on stderr (bad input, a file, line or field to
+fix) or a usage error (unknown option, bad value); 130 interrupted.
 """
 
 
