@@ -91,7 +91,7 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
 
     def work(writer) -> dict:
         from dsbuild.generate.pipeline import P2PGenerator
-        from dsbuild.models import load_sd_pipeline, resolve_device
+        from dsbuild.models import load_sd_pipeline, resolve_device, resolve_dtype
 
         triples = [t for t in build.records("captions") if not t.get("no_change")]
         for t in triples:
@@ -102,7 +102,9 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
         mine = select_shard(triples, rank, world_size, key=lambda t: t["input"])
         if not mine:
             return {"pairs": 0, "sources": 0}
-        pipe = load_sd_pipeline(s.model, s.dtype, resolve_device(s.device))
+        device = resolve_device(s.device)
+        dtype = resolve_dtype(s.dtype, device)
+        pipe = load_sd_pipeline(s.model, dtype, device)
         gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start)
         plans = [p for t in mine for p in plan_triple(t, s, pipe.tokenizer)]
         todo = [p for p in plans if p.id not in writer.done]
@@ -121,6 +123,7 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
                         write_bytes(build.root / f"{rel}_0.png", png0)
                         write_bytes(build.root / f"{rel}_1.png", png_bytes(image))
                         rec = pair_record(plan, s.model, rel)
+                        rec["dtype"] = dtype
                         if mask is not None:  # what local blend let change (white)
                             write_bytes(build.root / f"{rel}_mask.png", mask_png(mask))
                             rec["images"]["mask"] = f"{rel}_mask.png"

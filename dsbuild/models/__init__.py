@@ -17,6 +17,13 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' → fp16 on CUDA (as diffusers users run SD), fp32 on CPU and MPS."""
+    if dtype != "auto":
+        return dtype
+    return "fp16" if str(device).startswith("cuda") else "fp32"
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto' → cuda when available, else mps, else cpu."""
     torch = require("torch", "gen")

@@ -21,7 +21,8 @@ class GenerateSettings(StageSettings):
     steps: int = Field(50, ge=1)
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 elsewhere")
     device: str = "auto"
     batch_size: int = Field(8, ge=2, description="images per UNet batch (sources + targets)")
     mode: Literal["self", "replace", "refine", "reweight", "auto"] = "self"
