@@ -300,18 +300,15 @@ class Build:
                 "in_progress": partial,
                 "stale_signatures": stale,
             }
+        from dsbuild.decisions import WITHDRAWN, current_by_tool
+
         dec = self.decisions_path
-        in_force: dict[tuple, dict] = {}  # (tool, pair) -> its latest decision
-        if dec.exists():
-            for d in read_jsonl(dec, strict=False):
-                key = (d.get("tool", "?"), d.get("pair_id"))
-                prev = in_force.get(key)
-                if prev is None or str(d.get("at", "")) >= str(prev.get("at", "")):
-                    in_force[key] = d
         verdicts: dict[str, int] = {}
-        for (tool, _), d in in_force.items():
-            k = f"{tool}:{d.get('verdict', '?')}"
-            verdicts[k] = verdicts.get(k, 0) + 1
+        if dec.exists():
+            for (_, tool), d in current_by_tool(read_jsonl(dec, strict=False)).items():
+                if d.get("verdict") != WITHDRAWN:
+                    k = f"{tool or '?'}:{d.get('verdict', '?')}"
+                    verdicts[k] = verdicts.get(k, 0) + 1
         out["decisions"] = verdicts  # pairs per tool and verdict, counting the decision in force
         out["reports"] = sorted(p.name for p in self.reports_dir.glob("*")) \
             if self.reports_dir.exists() else []

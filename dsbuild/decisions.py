@@ -1,8 +1,11 @@
 """Curator decisions (FiftyOne tags, Label Studio annotations) in ``decisions.jsonl``.
 
-A decision: ``pair_id, verdict (accept|reject), reason?, corrected_edit?, reviewer, tool, at``.
-Writes merge with what is there (a decision that repeats the latest one of its pair, tool and
-reviewer is dropped) and rewrite the file atomically, so pulling twice adds nothing.
+A decision: ``pair_id, verdict (accept|reject|withdrawn), reason?, corrected_edit?, reviewer,
+tool, at``. The file is append-only. Each pull is a snapshot of what a tool holds now: for each
+(pair, tool) the decision appended last is that tool's current one, and a pull that finds a
+pair's verdict gone (tags removed, annotations deleted) appends ``withdrawn``. The decision in
+force for a pair is the latest (by ``at``) of its tools' current decisions, withdrawn ones left
+out. A pull that repeats a tool's current decision adds nothing, so pulling twice is a no-op.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from collections.abc import Iterable
 from dsbuild.hashing import content_id
 from dsbuild.records import read_jsonl, write_jsonl
 
-VERDICTS = ("accept", "reject")
+VERDICTS = ("accept", "reject")  # what a curator says
+WITHDRAWN = "withdrawn"  # a tool no longer holds a verdict it gave
 
 
 def decision_key(d: dict) -> str:
@@ -25,8 +29,8 @@ def decision_key(d: dict) -> str:
 def make_decision(pair_id: str, verdict: str, *, tool: str, reviewer: str = "unknown",
                   reason: str | None = None, corrected_edit: str | None = None,
                   at: str | None = None, **extra) -> dict:
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    if verdict not in (*VERDICTS, WITHDRAWN):
+        raise ValueError(f"verdict must be one of {(*VERDICTS, WITHDRAWN)}, got {verdict!r}")
     d = {"pair_id": pair_id, "verdict": verdict, "reason": reason,
          "corrected_edit": corrected_edit, "reviewer": reviewer, "tool": tool,
          "at": at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -43,46 +47,54 @@ def _order(d: dict) -> str:
     return str(d.get("at", ""))
 
 
-def add_decisions(build, decisions: Iterable[dict]) -> int:
-    """Merge new decisions into decisions.jsonl; returns how many were new.
+def current_by_tool(decisions: Iterable[dict]) -> dict[tuple[str, str], dict]:
+    """(pair_id, tool) -> that tool's current decision: the one appended last."""
+    out: dict[tuple[str, str], dict] = {}
+    for d in decisions:
+        out[(d.get("pair_id"), d.get("tool"))] = d
+    return out
 
-    A decision is new unless it repeats the latest one of the same pair, tool and reviewer (or,
-    being older than that one, is already there with the same ``at``), so pulling twice adds
-    nothing, while a changed mind that comes back (accept, reject, accept) is recorded each time
-    and stays the one in force.
-    """
+
+def in_force(decisions: Iterable[dict], tool: str | None = None) -> dict[str, dict]:
+    """pair_id -> the decision in force: the latest (by ``at``, then file order) of its tools'
+    current decisions, leaving out withdrawn ones (optionally from one tool only)."""
+    out: dict[str, dict] = {}
+    for (pid, t), d in current_by_tool(decisions).items():
+        if d.get("verdict") == WITHDRAWN or (tool and t != tool):
+            continue
+        prev = out.get(pid)
+        if prev is None or _order(d) >= _order(prev):
+            out[pid] = d
+    return out
+
+
+def add_decisions(build, decisions: Iterable[dict]) -> int:
+    """Append the decisions that change a tool's current one; returns how many were added."""
     existing = read_decisions(build)
-    seen = {(decision_key(d), _order(d)) for d in existing}
-    last: dict[tuple, dict] = {}
-    for d in existing:  # file order breaks ties of ``at``, as in latest_by_pair
-        g = (d.get("pair_id"), d.get("tool"), d.get("reviewer"))
-        if g not in last or _order(d) >= _order(last[g]):
-            last[g] = d
+    current = current_by_tool(existing)
     added = []
     for d in decisions:
-        g = (d.get("pair_id"), d.get("tool"), d.get("reviewer"))
-        prev = last.get(g)
-        k = decision_key(d)
-        newest = prev is None or _order(d) >= _order(prev)
-        if (prev is not None and decision_key(prev) == k) or \
-                (not newest and (k, _order(d)) in seen):
+        key = (d.get("pair_id"), d.get("tool"))
+        prev = current.get(key)
+        if prev is not None and decision_key(prev) == decision_key(d):
             continue
-        seen.add((k, _order(d)))
-        if newest:
-            last[g] = d
+        current[key] = d
         added.append(d)
     if added:
         write_jsonl(build.decisions_path, existing + added)
     return len(added)
 
 
+def withdrawals(build, tool: str, present: Iterable[str], holding: Iterable[str], *,
+                reviewer: str, at: str | None = None, **extra) -> list[dict]:
+    """``withdrawn`` decisions for pairs still in the tool (``present``) whose verdict it no
+    longer holds (not in ``holding``); a pair the tool no longer shows keeps its decision."""
+    seen, keep = set(present), set(holding)
+    return [make_decision(pid, WITHDRAWN, tool=tool, reviewer=reviewer, at=at, **extra)
+            for (pid, t), d in sorted(current_by_tool(read_decisions(build)).items())
+            if t == tool and pid in seen and pid not in keep and d.get("verdict") != WITHDRAWN]
+
+
 def latest_by_pair(build, tool: str | None = None) -> dict[str, dict]:
-    """The most recent decision per pair (optionally from one tool)."""
-    out: dict[str, dict] = {}
-    for d in read_decisions(build):
-        if tool and d.get("tool") != tool:
-            continue
-        prev = out.get(d["pair_id"])
-        if prev is None or str(d.get("at", "")) >= str(prev.get("at", "")):
-            out[d["pair_id"]] = d
-    return out
+    """The decision in force per pair (optionally from one tool); see ``in_force``."""
+    return in_force(read_decisions(build), tool)

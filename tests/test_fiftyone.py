@@ -278,6 +278,28 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     # status counts the decision in force per pair, not the history
     assert build.status()["decisions"] == {"fiftyone:accept": 1, "fiftyone:reject": 1}
 
+    # removing a pair's verdict tag withdraws its decision (once)
+    ds.select_group_slices().match(F("pair_id") == a).untag_samples("accept")
+    res = fr.pull(build)
+    assert (res["added"], res["withdrawn"]) == (1, 1)
+    assert read_decisions(build)[-1]["verdict"] == "withdrawn"
+    assert fr.pull(build)["added"] == 0
+    assert by_slice(ds)[(a, "output")]["decision"] is None
+    assert build.status()["decisions"] == {"fiftyone:reject": 1}
+    from dsbuild.decisions import latest_by_pair
+
+    assert set(latest_by_pair(build)) == {b}
+
+    # a dataset made anew gets the tags of the decisions in force back: nothing withdrawn
+    name = ds.name
+    ds.delete()
+    fr.build_dataset(build)
+    ds = fo.load_dataset(name)
+    tags = ds.select_group_slices().match(F("pair_id") == b).count_sample_tags()
+    assert tags == {"reject": 2, "artefacts": 2}
+    res = fr.pull(build)
+    assert (res["added"], res["withdrawn"]) == (0, 0)
+
 
 def test_pull_without_dataset_is_a_clear_error(fo, build):
     from dsbuild.errors import DsbuildError

@@ -200,3 +200,27 @@ def test_augment_follows_the_export_split_settings(mini_build):
     after = {s: mini_build.signature(s) for s in before}
     assert after["captions"] == before["captions"] and after["filter"] == before["filter"]
     assert after["augment"] != before["augment"]
+
+
+def test_decisions_each_tools_current_one_and_withdrawals(mini_build):
+    """The decision in force: the latest (by time) of the tools' current decisions."""
+    from dsbuild.decisions import add_decisions, latest_by_pair, make_decision, withdrawals
+
+    def d(pid, verdict, tool, at, **kw):
+        return make_decision(pid, verdict, tool=tool, reviewer="r", at=at, **kw)
+
+    assert add_decisions(mini_build, [d("p1", "reject", "labelstudio", "2026-01-02T00:00:00Z"),
+                                      d("p1", "accept", "fiftyone", "2026-01-03T00:00:00Z"),
+                                      d("p2", "accept", "labelstudio", "2026-01-05T00:00:00Z")]) == 3
+    assert {k: v["verdict"] for k, v in latest_by_pair(mini_build).items()} == \
+        {"p1": "accept", "p2": "accept"}
+    # a repeat adds nothing; an older-timed change is still the tool's current decision
+    assert add_decisions(mini_build, [d("p2", "accept", "labelstudio", "2026-01-05T00:00:00Z")]) == 0
+    assert add_decisions(mini_build, [d("p2", "reject", "labelstudio", "2026-01-04T00:00:00Z")]) == 1
+    assert latest_by_pair(mini_build)["p2"]["verdict"] == "reject"
+    # FiftyOne no longer holds p1: withdrawn, so Label Studio's earlier reject is in force again
+    gone = withdrawals(mini_build, "fiftyone", present={"p1"}, holding=set(), reviewer="r")
+    assert [g["pair_id"] for g in gone] == ["p1"] and add_decisions(mini_build, gone) == 1
+    assert latest_by_pair(mini_build)["p1"]["tool"] == "labelstudio"
+    assert withdrawals(mini_build, "fiftyone", present={"p1"}, holding=set(), reviewer="r") == []
+    assert mini_build.status()["decisions"] == {"labelstudio:reject": 2}

@@ -314,7 +314,7 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
              fix="make the armchair teal", quality=2)
     annotate(client, b, "accept", quality=5)
     annotate(client, b, "accept", user=rev2, quality=4)
-    annotate(client, c, "accept")
+    c_annotation = annotate(client, c, "accept")
     annotate(client, d, "reject", reasons=["artefacts"], quality=1)
     annotate(client, e, "accept", cancelled=True)  # skipped: stays pending
 
@@ -346,7 +346,7 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
     assert mini_build.decisions_path.read_bytes() == before
 
     # a third reviewer breaks the tie: one new decision, and it is the latest for the pair
-    annotate(client, a, "reject", user=rev3, reasons=["unwanted_change"])
+    third = annotate(client, a, "reject", user=rev3, reasons=["unwanted_change"])
     assert ls.pull(mini_build)["added"] == 1
     latest = latest_by_pair(mini_build, tool="labelstudio")[ids[0]]
     assert (latest["verdict"], latest["tie"], latest["annotators"]) == ("reject", False, 3)
@@ -362,6 +362,20 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
     assert set(st["per_agent"]) == {"chairs", "living-room"}
     text = run_cli("review", "status", str(mini_build.root)).output
     assert "chairs" in text and "pending" in text
+
+    # an annotation deleted in Label Studio: the re-pulled aggregate is in force again, though
+    # its time (the remaining annotations') is older than the decision it replaces
+    client.annotations.delete(third.id)
+    assert ls.pull(mini_build)["added"] == 1
+    latest = latest_by_pair(mini_build, tool="labelstudio")[ids[0]]
+    assert (latest["verdict"], latest["tie"], latest["annotators"]) == ("reject", True, 2)
+    # every annotation of a task deleted: its decision is withdrawn, once
+    client.annotations.delete(c_annotation.id)
+    res = ls.pull(mini_build)
+    assert (res["added"], res["withdrawn"]) == (1, 1)
+    assert ids[2] not in latest_by_pair(mini_build) and ls.pull(mini_build)["added"] == 0
+    assert mini_build.status()["decisions"] == {"labelstudio:accept": 1,
+                                                "labelstudio:reject": 2}
 
 
 def test_local_files_mode(ls_server, mini_build_under_root, token):

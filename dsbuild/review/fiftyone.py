@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from dsbuild.decisions import VERDICTS, add_decisions, latest_by_pair, make_decision, read_decisions
+from dsbuild.decisions import (
+    VERDICTS,
+    add_decisions,
+    current_by_tool,
+    latest_by_pair,
+    make_decision,
+    read_decisions,
+    withdrawals,
+)
 from dsbuild.errors import DsbuildError, require
 
 TOOL = "fiftyone"
@@ -404,18 +412,25 @@ def build_dataset(build, name: str | None = None) -> dict:
             group_of[pids[i]] = gids[i]
             current[sid] = {"filepath": paths[i], **{f: vals[j][i] for j, f in enumerate(fields)}}
 
+    # a pair new to the dataset (or a dataset made anew) gets back the tags of its current
+    # FiftyOne decision, so the App shows it and the next pull does not withdraw it
+    restore = {pid: d.get("tags") or [d["verdict"]]
+               for (pid, tool), d in current_by_tool(read_decisions(build)).items()
+               if tool == TOOL and d.get("verdict") in VERDICTS}
     new_samples, changes = [], defaultdict(dict)
     wanted = set()
     for row in progress(rows, desc="fiftyone", unit="pair"):
         pid = row["pair_id"]
+        new_pair = pid not in group_of
         group = fo.Group(id=group_of[pid]) if pid in group_of else fo.Group()
         group_of.setdefault(pid, group.id)
         for slice_name, path in row["images"].items():
             wanted.add((pid, slice_name))
             sid = existing.get((pid, slice_name))
             if sid is None:
+                tags = list(restore.get(pid, [])) if new_pair else []
                 new_samples.append(fo.Sample(filepath=path, group=group.element(slice_name),
-                                             **row["fields"]))
+                                             tags=tags, **row["fields"]))
                 continue
             have = current[sid]
             for k, v in {"filepath": path, **row["fields"]}.items():
@@ -534,12 +549,15 @@ def pull(build, name: str | None = None, reviewer: str | None = None) -> dict:
         if pid:
             by_pair[pid].update(t or [])
     decisions, stats = tag_decisions(by_pair, reviewer=reviewer or TOOL, dataset=name)
-    added = add_decisions(build, decisions)
+    # a pair whose verdict tag is gone (and that is not ambiguous) withdraws its decision
+    holding = {d["pair_id"] for d in decisions} | set(stats["conflicting"])
+    gone = withdrawals(build, TOOL, by_pair, holding, reviewer=reviewer or TOOL, dataset=name)
+    added = add_decisions(build, [*decisions, *gone])
     refreshed = refresh_decisions(ds, build)
     return {"name": name, "tagged_pairs": stats["tagged"], "decisions": len(decisions),
             "added": added, "conflicting": stats["conflicting"],
             "no_verdict": stats["no_verdict"], "refreshed_fields": refreshed,
-            "verdicts": dict(Counter(d["verdict"] for d in decisions))}
+            "withdrawn": len(gone), "verdicts": dict(Counter(d["verdict"] for d in decisions))}
 
 
 # ---------------------------------------------------------------------------- App

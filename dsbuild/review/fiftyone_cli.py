@@ -30,7 +30,9 @@ def inspect_cmd(build, name, pull, reviewer, launch, port, address, remote):
         r = fo_review.pull(b, name, reviewer=reviewer)
         click.echo(f"dataset '{r['name']}': {r['tagged_pairs']} tagged pairs, "
                    f"{r['decisions']} decisions {r['verdicts']}, {r['added']} new in "
-                   f"{b.decisions_path}")
+                   f"{b.decisions_path}"
+                   + (f" ({r['withdrawn']} withdrawn: verdict tag removed)"
+                      if r["withdrawn"] else ""))
         if r["conflicting"]:
             click.echo(f"  {len(r['conflicting'])} pairs tagged both accept and reject "
                        f"(skipped): {', '.join(r['conflicting'][:5])}")

@@ -59,7 +59,9 @@ def pull_cmd(build, url):
     r = pull(Build.open(build), url)
     agr = "-" if r["agreement"] is None else f"{r['agreement']:.2f}"
     click.echo(f"project {r['project_id']}: {r['reviewed']}/{r['tasks']} pairs reviewed, "
-               f"{r['added']} new decisions, agreement {agr}; report {r['report']}")
+               f"{r['added']} new decisions"
+               + (f" ({r['withdrawn']} withdrawn: annotations gone)" if r["withdrawn"] else "")
+               + f", agreement {agr}; report {r['report']}")
 
 
 @review_group.command("status")
