@@ -72,8 +72,12 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> Iterator[dict]:
-    """Yield records of one JSON-lines file; a bad line raises RecordError naming file:line."""
+def read_jsonl(path: str | os.PathLike, *, strict: bool = True,
+               where_key: str | None = None) -> Iterator[dict]:
+    """Yield records of one JSON-lines file; a bad line raises RecordError naming file:line.
+
+    With ``where_key``, each record also carries ``"file:line"`` under that key (for messages
+    about a record's content later on)."""
     path = Path(path)
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -89,6 +93,8 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> Iterator[dict
                 if strict:
                     raise RecordError(str(path), lineno, "expected a JSON object")
                 continue
+            if where_key:
+                rec[where_key] = f"{path}:{lineno}"
             yield rec
 
 

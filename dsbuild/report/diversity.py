@@ -11,7 +11,6 @@ warning, and HD-D (which needs 42 words) is not reported. See docs/diversity.md.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsbuild.errors import DsbuildError, RecordError, require
+from dsbuild.errors import DsbuildError, require
+from dsbuild.records import read_jsonl
 from dsbuild.settings.diversity import DiversitySettings
 
 # ----------------------------------------------------------------------------- metric names
@@ -176,20 +176,7 @@ class Source:
 
 def _read_triples_file(path: Path) -> list[dict]:
     """Triples of a .jsonl file, each remembering its file:line for error messages."""
-    recs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(str(path), lineno, f"not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise RecordError(str(path), lineno, "expected a JSON object (a triple)")
-            rec["_where"] = f"{path}:{lineno}"
-            recs.append(rec)
-    return recs
+    return list(read_jsonl(path, where_key="_where"))
 
 
 def load_source(path: str | Path) -> Source:
