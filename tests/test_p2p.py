@@ -440,6 +440,18 @@ def test_bench_p2p_reports_ratios():
     ("a desk without drawers", "a desk with drawers", (["drawers"], ["drawers"])),
     ("a bathroom with a bathtub and no toilet", "a bathroom with a bathtub and a white toilet",
      (["toilet"], ["white", "toilet"])),
+    # the whole noun phrase, and a side with no change of its own borrows it
+    ("a daybed with a blanket and no storage drawers", "a daybed with a blanket and storage drawers",
+     (["storage", "drawers"], ["storage", "drawers"])),
+    ("a foyer with a bench and no coat rack", "a foyer with a bench and a terracotta coat rack",
+     (["coat", "rack"], ["terracotta", "coat", "rack"])),
+    ("a lounge chair without a headrest", "a lounge chair with a headrest",
+     (["headrest"], ["headrest"])),
+    # removals name only what goes: not the next object, not a moved "and"
+    ("a foyer with jute baskets, a runner and an iron lamp", "a foyer with jute baskets and an iron lamp",
+     (["runner"], [])),
+    ("a nook with wainscoting, a grey vase and a navy dining table",
+     "a nook with wainscoting and a grey vase", (["navy", "dining", "table"], [])),
 ])
 def test_edit_words_name_the_thing_not_filler(tok, src, tgt, want):
     """Local blend and reweight read the words an edit is about: never 'a', 'no' or 'with'."""

@@ -39,19 +39,33 @@ class Alignment:
 
     def edit_words(self) -> tuple[list[str], list[str]]:
         """The words an edit is about, for local blend and reweighting: the changed content
-        words, plus the noun a changed function word points at ("no rug" -> "a rug" is about
-        "rug", "without drawers" -> "with drawers" about "drawers"), never "a", "no" or ","."""
-        return (_about(self.src_words, self.src_changed),
-                _about(self.tgt_words, self.tgt_changed))
+        words, plus the noun phrase a changed presence word points at ("no rug" -> "a rug" is
+        about "rug", "without drawers" -> "with drawers" about "drawers"); a side with nothing
+        of its own takes the other side's words where its caption has them. Never "a", "no"
+        or ","."""
+        src = _about(self.src_words, self.src_changed)
+        tgt = _about(self.tgt_words, self.tgt_changed)
+        src_text = {w.text for w in self.src_words}
+        tgt_text = {w.text for w in self.tgt_words}
+        if not tgt:
+            tgt = [w for w in src if w in tgt_text]
+        if not src:
+            src = [w for w in tgt if w in src_text]
+        return src, tgt
 
 
 FUNCTION_WORDS = frozenset(
     "a an the no without with and or of in on at to for from by its it this that these those "
     "some any one two three is are has have which".split())
+PRESENCE_WORDS = frozenset("a an no without with some".split())  # say whether a thing is there
+
+
+def _norm(text: str) -> str:
+    return text.strip().lower().strip(".,;:!?'\"()")
 
 
 def is_content(text: str) -> bool:
-    t = text.strip().lower().strip(".,;:!?'\"()")
+    t = _norm(text)
     return bool(t) and t not in FUNCTION_WORDS and any(c.isalnum() for c in t)
 
 
@@ -59,11 +73,13 @@ def _about(words: list[Word], changed: list[int]) -> list[str]:
     if not changed:
         return []
     picked = [i for i in changed if is_content(words[i].text)]
-    if len(picked) < len(changed):  # a function word changed: add the noun it governs
-        nxt = next((j for j in range(max(changed) + 1, len(words))
-                    if is_content(words[j].text)), None)
-        if nxt is not None:
-            picked.append(nxt)
+    if any(_norm(words[i].text) in PRESENCE_WORDS for i in changed):
+        j = max(changed) + 1  # the noun phrase right after: "no [coat rack]", "a white [toilet]"
+        while j < len(words) and _norm(words[j].text) in ("a", "an", "the", "some"):
+            j += 1  # "without a [headrest]"
+        while j < len(words) and is_content(words[j].text):
+            picked.append(j)
+            j += 1
     return list(dict.fromkeys(words[i].text for i in sorted(picked)))
 
 
