@@ -87,7 +87,13 @@ def plot_histograms(scores: list[dict], limits: dict[str, float], path: Path) ->
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         vals = [r[name] for r in scores if r.get(name) is not None]
-        ax.hist(vals, bins=40, color="#4c72b0")
+        # bins over the drawn range (data and threshold), so a narrow cluster far from the
+        # threshold is still a visible bar rather than 40 slivers
+        span = vals + ([limits[name]] if name in limits else [])
+        lo, hi = (min(span), max(span)) if span else (0.0, 1.0)
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.05, hi + 0.05
+        ax.hist(vals, bins=[lo + (hi - lo) * i / 40 for i in range(41)], color="#4c72b0")
         if name in limits:
             lim = limits[name]
             rate = _rate(sum(v >= lim for v in vals), len(vals))
