@@ -51,7 +51,9 @@ def current_by_tool(decisions: Iterable[dict]) -> dict[tuple[str, str], dict]:
     """(pair_id, tool) -> that tool's current decision: the one appended last."""
     out: dict[tuple[str, str], dict] = {}
     for d in decisions:
-        out[(d.get("pair_id"), d.get("tool"))] = d
+        key = (d.get("pair_id"), d.get("tool"))
+        out.pop(key, None)  # re-insert: dict order is then the order of the last appends,
+        out[key] = d        # which breaks ties of ``at`` in ``in_force``
     return out
 
 
@@ -68,10 +70,23 @@ def in_force(decisions: Iterable[dict], tool: str | None = None) -> dict[str, di
     return out
 
 
-def add_decisions(build, decisions: Iterable[dict]) -> int:
-    """Append the decisions that change a tool's current one; returns how many were added."""
+def add_decisions(build, decisions: Iterable[dict], *,
+                  withdraw: tuple[str, Iterable[str]] | None = None) -> list[dict]:
+    """Append the decisions that change a tool's current one; returns those appended.
+
+    ``withdraw=(tool, present)`` makes the call a snapshot of that tool: a pair in ``present``
+    whose current ``tool`` verdict is not among ``decisions`` gets a ``withdrawn`` decision.
+    """
     existing = read_decisions(build)
     current = current_by_tool(existing)
+    decisions = list(decisions)
+    if withdraw is not None:
+        tool, present = withdraw
+        holding = {d.get("pair_id") for d in decisions if d.get("tool") == tool}
+        decisions += [make_decision(pid, WITHDRAWN, tool=tool, reviewer=tool)
+                      for (pid, t), d in sorted(current.items())
+                      if t == tool and pid in set(present) and pid not in holding
+                      and d.get("verdict") != WITHDRAWN]
     added = []
     for d in decisions:
         key = (d.get("pair_id"), d.get("tool"))
@@ -82,17 +97,7 @@ def add_decisions(build, decisions: Iterable[dict]) -> int:
         added.append(d)
     if added:
         write_jsonl(build.decisions_path, existing + added)
-    return len(added)
-
-
-def withdrawals(build, tool: str, present: Iterable[str], holding: Iterable[str], *,
-                reviewer: str, at: str | None = None, **extra) -> list[dict]:
-    """``withdrawn`` decisions for pairs still in the tool (``present``) whose verdict it no
-    longer holds (not in ``holding``); a pair the tool no longer shows keeps its decision."""
-    seen, keep = set(present), set(holding)
-    return [make_decision(pid, WITHDRAWN, tool=tool, reviewer=reviewer, at=at, **extra)
-            for (pid, t), d in sorted(current_by_tool(read_decisions(build)).items())
-            if t == tool and pid in seen and pid not in keep and d.get("verdict") != WITHDRAWN]
+    return added
 
 
 def latest_by_pair(build, tool: str | None = None) -> dict[str, dict]:

@@ -11,6 +11,7 @@ laptop. Tiny models make placeholder images; the run says so.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,18 +21,18 @@ import click
 
 from dsbuild.build import Build
 from dsbuild.config import default_recipe_path, load_recipe
-from dsbuild.errors import DsbuildError
+from dsbuild.errors import DsbuildError, MissingDependency
 from dsbuild.hashing import signature
 from dsbuild.records import write_json
 
-# stage -> (module, function, stages whose output it needs)
-STAGE_APIS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "captions": ("dsbuild.captions.stage", "run_captions", ()),
-    "generate": ("dsbuild.generate.stage", "run_generate", ("captions",)),
-    "filter": ("dsbuild.filter.stage", "run_filter", ("generate",)),
-    "augment": ("dsbuild.augment.stage", "run_augment", ("filter",)),
-    "diversity": ("dsbuild.report.diversity", "run_report", ("captions",)),
-    "export": ("dsbuild.export.writer", "export_build", ("filter",)),
+# stage -> (module, function, stages whose output it needs, extra that installs its imports)
+STAGE_APIS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "captions": ("dsbuild.captions.stage", "run_captions", (), "llm"),
+    "generate": ("dsbuild.generate.stage", "run_generate", ("captions",), "gen"),
+    "filter": ("dsbuild.filter.stage", "run_filter", ("generate",), "filter"),
+    "augment": ("dsbuild.augment.stage", "run_augment", ("filter",), "llm"),
+    "diversity": ("dsbuild.report.diversity", "run_report", ("captions",), "diversity"),
+    "export": ("dsbuild.export.writer", "export_build", ("filter",), "export"),
 }
 
 DEMO_TRIPLES_PER_AGENT = 2
@@ -53,7 +54,7 @@ OFFLINE_NOTE = ("offline: template captions and dsbuild's built-in tiny models w
 @dataclass
 class StageOutcome:
     stage: str
-    state: str  # done | skipped (up to date) | not available | blocked
+    state: str  # done | skipped (up to date) | blocked
     detail: str = ""
     seconds: float = 0.0
 
@@ -69,13 +70,17 @@ class RunResult:
         return all(o.state != "done" for o in self.outcomes)
 
 
-def stage_api(stage: str) -> Callable | None:
-    """The stage's Python function, or None when its module is not there yet."""
-    module, attr, _ = STAGE_APIS[stage]
+def stage_api(stage: str) -> Callable:
+    """The stage's Python function; a missing optional dependency fails with its pip line."""
+    module, attr, _, extra = STAGE_APIS[stage]
     try:
         return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("dsbuild"):
+            raise
+        raise MissingDependency(
+            f"stage {stage} needs {exc.name}, which could not be imported.\n"
+            f"  Install it with: pip install 'dsbuild[{extra}]'") from exc
 
 
 def run_settings(offline: bool, limit: int | None) -> list[str]:
@@ -113,7 +118,8 @@ def _run_diversity(build: Build, fn: Callable) -> StageOutcome:
                      "settings": build.config.diversity.signature_dict()})
     stamp = _diversity_stamp(build)
     md = build.reports_dir / "diversity.md"
-    if stamp.exists() and md.exists() and sig in stamp.read_text():
+    if stamp.exists() and md.exists() and \
+            json.loads(stamp.read_text()).get("signature") == sig:
         return StageOutcome("diversity", "skipped", "up to date")
     fn([build.root])
     write_json(stamp, {"signature": sig})
@@ -129,12 +135,10 @@ def run_pipeline(recipe: str | Path | None, out: str | Path, *, offline: bool = 
     build = open_or_init(recipe, out, overrides)
     result = RunResult(build)
     finished: set[str] = set()
-    for stage, (_, _, needs) in STAGE_APIS.items():
+    for stage, (_, _, needs, _) in STAGE_APIS.items():
         fn = stage_api(stage)
         t0 = time.perf_counter()
-        if fn is None:
-            o = StageOutcome(stage, "not available", f"stage {stage} not available yet, skipped")
-        elif any(n not in finished for n in needs):
+        if any(n not in finished for n in needs):
             missing = ", ".join(n for n in needs if n not in finished)
             o = StageOutcome(stage, "blocked", f"skipped: needs {missing}")
         elif stage == "diversity":
@@ -163,8 +167,7 @@ def run_pipeline(recipe: str | Path | None, out: str | Path, *, offline: bool = 
 
 
 def _label(o: StageOutcome) -> str:
-    return {"done": "done", "skipped": "up to date (skipped)",
-            "not available": "not available", "blocked": "skipped"}[o.state]
+    return {"done": "done", "skipped": "up to date (skipped)", "blocked": "skipped"}[o.state]
 
 
 @click.command("run")

@@ -14,7 +14,7 @@ from dsbuild.captions.stage import run_captions
 from dsbuild.captions.validate import Validator, check_examples
 from dsbuild.cli import cli
 from dsbuild.config import default_recipe_path, load_recipe
-from dsbuild.errors import ConfigError
+from dsbuild.errors import ConfigError, DsbuildError
 from dsbuild.records import read_jsonl
 
 
@@ -266,3 +266,14 @@ def test_cli_captions_prints_summary_and_resumes(tmp_path, mini_recipe):
     assert "already done (skipped)" in res.output
     lines = list(read_jsonl(root / "triples" / "r00000.jsonl"))
     assert len(lines) == 8
+
+
+def test_template_backend_with_too_thin_a_vocabulary_is_a_clear_error(tmp_path, mini_recipe):
+    """An agent the template cannot compose for fails with a message, instead of looping."""
+    text = mini_recipe.read_text().replace(
+        "      objects: [sofa, rug, coffee table, floor lamp]", "      objects: [sofa, rug]")
+    thin = tmp_path / "thin.yaml"
+    thin.write_text(text)
+    b = Build.init(tmp_path / "b", load_recipe(thin), recipe_path=str(thin))
+    with pytest.raises(DsbuildError, match="agent 'living-room'.*3\\+ objects"):
+        run_captions(b, show_progress=False)

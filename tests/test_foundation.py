@@ -203,24 +203,35 @@ def test_augment_follows_the_export_split_settings(mini_build):
 
 
 def test_decisions_each_tools_current_one_and_withdrawals(mini_build):
-    """The decision in force: the latest (by time) of the tools' current decisions."""
-    from dsbuild.decisions import add_decisions, latest_by_pair, make_decision, withdrawals
+    """The decision in force: the latest (by time, then file order) of the tools' current
+    decisions; a snapshot pull withdraws what its tool no longer holds."""
+    from dsbuild.decisions import add_decisions, latest_by_pair, make_decision
 
     def d(pid, verdict, tool, at, **kw):
         return make_decision(pid, verdict, tool=tool, reviewer="r", at=at, **kw)
 
-    assert add_decisions(mini_build, [d("p1", "reject", "labelstudio", "2026-01-02T00:00:00Z"),
-                                      d("p1", "accept", "fiftyone", "2026-01-03T00:00:00Z"),
-                                      d("p2", "accept", "labelstudio", "2026-01-05T00:00:00Z")]) == 3
+    assert len(add_decisions(mini_build, [
+        d("p1", "reject", "labelstudio", "2026-01-02T00:00:00Z"),
+        d("p1", "accept", "fiftyone", "2026-01-03T00:00:00Z"),
+        d("p2", "accept", "labelstudio", "2026-01-05T00:00:00Z")])) == 3
     assert {k: v["verdict"] for k, v in latest_by_pair(mini_build).items()} == \
         {"p1": "accept", "p2": "accept"}
     # a repeat adds nothing; an older-timed change is still the tool's current decision
-    assert add_decisions(mini_build, [d("p2", "accept", "labelstudio", "2026-01-05T00:00:00Z")]) == 0
-    assert add_decisions(mini_build, [d("p2", "reject", "labelstudio", "2026-01-04T00:00:00Z")]) == 1
+    t5, t4 = "2026-01-05T00:00:00Z", "2026-01-04T00:00:00Z"
+    assert add_decisions(mini_build, [d("p2", "accept", "labelstudio", t5)]) == []
+    assert len(add_decisions(mini_build, [d("p2", "reject", "labelstudio", t4)])) == 1
     assert latest_by_pair(mini_build)["p2"]["verdict"] == "reject"
-    # FiftyOne no longer holds p1: withdrawn, so Label Studio's earlier reject is in force again
-    gone = withdrawals(mini_build, "fiftyone", present={"p1"}, holding=set(), reviewer="r")
-    assert [g["pair_id"] for g in gone] == ["p1"] and add_decisions(mini_build, gone) == 1
+    # equal times: the decision appended last wins, whichever tool spoke first
+    t9 = "2026-01-09T00:00:00Z"
+    add_decisions(mini_build, [d("p3", "accept", "labelstudio", t9),
+                               d("p3", "accept", "fiftyone", t9)])
+    add_decisions(mini_build, [d("p3", "reject", "labelstudio", t9)])
+    assert latest_by_pair(mini_build)["p3"]["verdict"] == "reject"
+    # a FiftyOne snapshot without p1's verdict withdraws it: Label Studio's reject is in force
+    # again; p3 (still held) and p9 (not shown by the tool) are left alone
+    gone = add_decisions(mini_build, [d("p3", "accept", "fiftyone", t9)],
+                         withdraw=("fiftyone", {"p1", "p3"}))
+    assert [(g["pair_id"], g["verdict"]) for g in gone] == [("p1", "withdrawn")]
     assert latest_by_pair(mini_build)["p1"]["tool"] == "labelstudio"
-    assert withdrawals(mini_build, "fiftyone", present={"p1"}, holding=set(), reviewer="r") == []
-    assert mini_build.status()["decisions"] == {"labelstudio:reject": 2}
+    assert add_decisions(mini_build, [], withdraw=("fiftyone", {"p1"})) == []
+    assert mini_build.status()["decisions"] == {"labelstudio:reject": 3, "fiftyone:accept": 1}

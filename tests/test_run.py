@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from dsbuild.pipeline import STAGE_APIS, run_pipeline, run_settings, stage_api
-
-MISSING = [s for s in STAGE_APIS if stage_api(s) is None]
+from dsbuild.pipeline import STAGE_APIS, run_pipeline, run_settings
 
 
 def test_offline_settings_are_demo_sized():
@@ -17,7 +17,6 @@ def test_offline_settings_are_demo_sized():
     assert run_settings(offline=False, limit=None) == []
 
 
-@pytest.mark.skipif(bool(MISSING), reason=f"stage modules not available yet: {MISSING}")
 def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
     from click.testing import CliRunner
 
@@ -29,8 +28,8 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
                                  "--limit", "1"])
     assert r.exit_code == 0, r.output
     assert "PLACEHOLDER images" in r.output
-    for stage in STAGE_APIS:
-        assert f"{stage}" in r.output
+    for stage in STAGE_APIS:  # every stage ran (none skipped or blocked)
+        assert re.search(rf"^{stage}\s+done\s", r.output, re.M), (stage, r.output)
     ds = load_export(out / "export", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds["train"]) >= 1
     assert ds["train"].features["input_image"].__class__.__name__ == "Image"

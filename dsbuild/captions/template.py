@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 
 from dsbuild.config import Agent
+from dsbuild.errors import DsbuildError
 from dsbuild.hashing import content_id
 
 VOWELS = "aeiou"
@@ -88,15 +89,32 @@ class TemplateComposer:
     def phrase(self, templates: list[str], **kw: str) -> str:
         return self.rng.choice(templates).format(**kw)
 
+    # draws in a row that make nothing before the vocabulary is declared too thin
+    MAX_EMPTY_DRAWS = 1000
+
     def candidates(self) -> Iterator[dict]:
         ops = list(self.agent.operations)
         make = self._object if self.agent.level == "object" else self._room
+        empty = 0
         while True:
             op = self.rng.choice(ops)
             cand = make(op)
-            if cand is not None:
-                cand["operation"] = op
-                yield cand
+            if cand is None:
+                empty += 1
+                if empty >= self.MAX_EMPTY_DRAWS:
+                    raise DsbuildError(
+                        f"agent '{self.agent.name}': the template backend cannot compose a "
+                        f"triple from its vocabulary for operations {', '.join(ops)}; a "
+                        f"{self.agent.level} agent needs "
+                        + ("features (add/remove), 2+ colours, materials or styles "
+                           "(change), 2+ subjects (replace)"
+                           if self.agent.level == "object" else
+                           "3+ objects, and 2+ colours or materials (change)")
+                        + " in its vocabulary")
+                continue
+            empty = 0
+            cand["operation"] = op
+            yield cand
 
     # ------------------------------------------------------------------ object level
     def _object_np(self, subject: str, attrs: dict[str, str | None]) -> str:

@@ -36,12 +36,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from dsbuild.decisions import (
     VERDICTS,
+    WITHDRAWN,
     add_decisions,
     current_by_tool,
-    latest_by_pair,
+    in_force,
     make_decision,
     read_decisions,
-    withdrawals,
 )
 from dsbuild.errors import DsbuildError, require
 
@@ -299,14 +299,19 @@ def _augment_row(a: dict, pairs: dict[str, dict], triples: dict[str, dict],
     return {"pair_id": pid, "images": images, "fields": fields}
 
 
+def _decision_state(build) -> tuple[dict[str, dict], Counter]:
+    """The decision in force per pair and how many decisions each pair has (one read)."""
+    decisions = read_decisions(build)
+    return in_force(decisions), Counter(d.get("pair_id") for d in decisions)
+
+
 def collect_rows(build) -> tuple[list[dict], dict]:
     """One row per pair (generate + augment): image paths per slice and every field."""
     triples = {t["id"]: t for t in build.records("captions")}
     pairs = {p["id"]: p for p in build.records("generate")}
     scores = {s["pair_id"]: s for s in build.records("filter")} \
         if build.is_complete("filter") else {}
-    latest = latest_by_pair(build)
-    counts = Counter(d.get("pair_id") for d in read_decisions(build))
+    latest, counts = _decision_state(build)
     rows, stats = [], {"pairs": 0, "no_change": 0, "augment_skipped": 0,
                        "scored": bool(scores)}
     for p in pairs.values():
@@ -498,8 +503,7 @@ def save_views(ds) -> list[str]:
 
 def refresh_decisions(ds, build) -> int:
     """Rewrite the decision fields of every sample from decisions.jsonl; returns changes."""
-    latest = latest_by_pair(build)
-    counts = Counter(d.get("pair_id") for d in read_decisions(build))
+    latest, counts = _decision_state(build)
     view = _all_slices(ds)
     ids, pids, *vals = view.values(["id", "pair_id", *DECISION_FIELDS])
     changes = defaultdict(dict)
@@ -549,15 +553,16 @@ def pull(build, name: str | None = None, reviewer: str | None = None) -> dict:
         if pid:
             by_pair[pid].update(t or [])
     decisions, stats = tag_decisions(by_pair, reviewer=reviewer or TOOL, dataset=name)
-    # a pair whose verdict tag is gone (and that is not ambiguous) withdraws its decision
-    holding = {d["pair_id"] for d in decisions} | set(stats["conflicting"])
-    gone = withdrawals(build, TOOL, by_pair, holding, reviewer=reviewer or TOOL, dataset=name)
-    added = add_decisions(build, [*decisions, *gone])
+    # a snapshot: a pair whose verdict tag is gone withdraws its decision (an ambiguous pair,
+    # tagged both accept and reject, keeps it)
+    added = add_decisions(build, decisions,
+                          withdraw=(TOOL, set(by_pair) - set(stats["conflicting"])))
     refreshed = refresh_decisions(ds, build)
     return {"name": name, "tagged_pairs": stats["tagged"], "decisions": len(decisions),
-            "added": added, "conflicting": stats["conflicting"],
+            "added": len(added), "conflicting": stats["conflicting"],
             "no_verdict": stats["no_verdict"], "refreshed_fields": refreshed,
-            "withdrawn": len(gone), "verdicts": dict(Counter(d["verdict"] for d in decisions))}
+            "withdrawn": sum(d["verdict"] == WITHDRAWN for d in added),
+            "verdicts": dict(Counter(d["verdict"] for d in decisions))}
 
 
 # ---------------------------------------------------------------------------- App

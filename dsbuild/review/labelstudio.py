@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from dsbuild.decisions import add_decisions, make_decision, withdrawals
+from dsbuild.decisions import WITHDRAWN, add_decisions, make_decision
 from dsbuild.errors import DsbuildError, require
 from dsbuild.hashing import content_id
 from dsbuild.progress import progress
@@ -589,11 +589,10 @@ def pull(build, url: str | None = None, *, api_key: str | None = None) -> dict:
     """Write one decision per reviewed pair (majority verdict + agreement) and a report."""
     state, url, tasks = _fetch(build, url, api_key)
     decisions = _decisions(tasks, state)
-    # a task whose annotations were all deleted (or skipped) withdraws its earlier decision
+    # a snapshot: a task whose annotations were all deleted (or skipped) withdraws its
+    # earlier decision; a task deleted from the project keeps it
     present = {t["data"].get("pair_id") for t in tasks} - {None}
-    gone = withdrawals(build, TOOL, present, decisions, reviewer="labelstudio", at=_now(),
-                       project_id=state["project_id"])
-    added = add_decisions(build, [*decisions.values(), *gone])
+    added = add_decisions(build, decisions.values(), withdraw=(TOOL, present))
     summary = summarize(tasks, decisions)
     report = {"url": url, "project_id": state["project_id"], "pulled_at": _now(), **summary,
               "pairs": {pid: {"verdict": d["verdict"], "votes": d["votes"],
@@ -603,7 +602,8 @@ def pull(build, url: str | None = None, *, api_key: str | None = None) -> dict:
     write_json(build.reports_dir / f"{REPORT_NAME}.json", report)
     plot_summary(summary, build.reports_dir / f"{REPORT_NAME}.png")
     return {"url": url, "project_id": state["project_id"], "tasks": len(tasks),
-            "reviewed": len(decisions), "added": added, "withdrawn": len(gone),
+            "reviewed": len(decisions), "added": len(added),
+            "withdrawn": sum(d["verdict"] == WITHDRAWN for d in added),
             "agreement": summary["agreement"],
             "report": str(build.reports_dir / f"{REPORT_NAME}.json")}
 
