@@ -201,3 +201,21 @@ def test_train_only_when_test_ratio_is_zero(built, tmp_path):
     meta = yaml.safe_load((res.path / "README.md").read_text().split("---")[1])
     assert [f["split"] for f in meta["configs"][0]["data_files"]] == ["train"]
     assert set(load(res.path, tmp_path)) == {"train"}
+
+
+def test_split_stays_near_its_ratio_with_a_big_caption_group():
+    """A large caption-chained group never lands in test just for coming first in seeded
+    order; test is still never empty."""
+    from dsbuild.export.split import row_nodes, split_rows
+
+    chain = {f"c{i}": row_nodes(f"t{i}", [f"caption {i}", f"caption {i + 1}"]) for i in range(60)}
+    singles = {f"s{i}": row_nodes(f"u{i}", [f"single {i}"]) for i in range(40)}
+    for seed in range(200):
+        row_split, _ = split_rows({**chain, **singles}, 0.1, seed)
+        n_test = sum(v == "test" for v in row_split.values())
+        assert 5 <= n_test <= 15, (seed, n_test)
+    # only big groups: the smallest goes to test rather than none
+    big = {f"{g}{i}": row_nodes(f"{g}{i}", [f"{g} caption", f"{g} {i}"])
+           for g, n in (("a", 30), ("b", 20)) for i in range(n)}
+    row_split, _ = split_rows(big, 0.1, 0)
+    assert sorted(k[0] for k, v in row_split.items() if v == "test") == ["b"] * 20

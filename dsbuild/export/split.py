@@ -67,11 +67,16 @@ def assign_groups(groups: dict[str, list[str]], test_ratio: float, seed: int) ->
         size = len(groups[g])
         last_for_train = i == len(order) - 1 and all(s == "test" for s in out.values())
         closer = abs(test_n + size - target) < abs(test_n - target)
-        if test_ratio > 0 and not last_for_train and (closer or (test_n == 0 and len(order) > 1)):
+        if test_ratio > 0 and not last_for_train and closer:
             out[g] = "test"
             test_n += size
         else:
             out[g] = "train"
+    if test_ratio > 0 and test_n == 0 and len(order) > 1:
+        # no group brought test nearer its target (every group is big): the smallest one
+        # (seeded order breaks ties) goes to test, so test is never empty
+        smallest = min(order, key=lambda g: len(groups[g]))
+        out[smallest] = "test"
     return out
 
 
