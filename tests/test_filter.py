@@ -333,3 +333,13 @@ def test_bench_filter_reports_ratio():
     assert res["ratio"] > 0 and set(res["images_per_s"]) == {"raw", "dsbuild", "encode_only"}
     assert res["ratio"] == pytest.approx(res["images_per_s"]["dsbuild"]
                                          / res["images_per_s"]["raw"], rel=0.01)
+
+
+def test_caption_cache_bound_keeps_lookups_working(encoders):
+    """Clearing the bounded text cache never drops a caption the same call needs."""
+    sc = scorer_of(encoders)
+    first = sc.texts(["a red velvet armchair"])["a red velvet armchair"]
+    sc.text_cache.update({f"filler {i}": first for i in range(100_001)})
+    out = sc.texts(["a red velvet armchair", "a never seen caption"])
+    assert set(out) == {"a red velvet armchair", "a never seen caption"}
+    assert torch.allclose(out["a red velvet armchair"], first, atol=1e-5)  # batch noise

@@ -457,3 +457,17 @@ def test_edit_words_name_the_thing_not_filler(tok, src, tgt, want):
     """Local blend and reweight read the words an edit is about: never 'a', 'no' or 'with'."""
     al = align_prompts(tok, src, tgt, "auto")
     assert al.edit_words() == want
+
+
+def test_caption_cache_bound_keeps_lookups_working(gen):
+    """Clearing the bounded caption cache never drops a caption the same call needs."""
+    saved = dict(gen._embeds)
+    try:
+        gen.encode(["a red velvet armchair"])
+        filler = gen._embeds["a red velvet armchair"]
+        gen._embeds.update({f"filler {i}": filler for i in range(4097)})
+        out = gen.encode(["a red velvet armchair", "a never seen caption"])
+        assert out.shape[0] == 2 and len(gen._embeds) == 2
+    finally:
+        gen._embeds.clear()
+        gen._embeds.update(saved)

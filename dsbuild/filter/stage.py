@@ -58,10 +58,10 @@ class Scorer:
     def texts(self, captions: Iterable[str]) -> dict[str, torch.Tensor]:
         """Normalised CLIP text embeddings, encoding only captions not seen before."""
         captions = list(dict.fromkeys(captions))
+        if len(self.text_cache) > 100_000:  # bound memory; clear before finding what is new
+            self.text_cache.clear()
         new = [c for c in captions if c not in self.text_cache]
         if new:
-            if len(self.text_cache) > 100_000:
-                self.text_cache.clear()
             embs = self.clip.encode_text(new, batch_size=max(self.batch_size, 64))
             for c, e in zip(new, embs, strict=True):
                 self.text_cache[c] = e.clone()

@@ -98,10 +98,10 @@ class P2PGenerator:
     # ------------------------------------------------------------------ text
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings, each distinct caption encoded once (cached across batches)."""
+        if len(self._embeds) > 4096:  # bound memory; clear before looking up what is missing
+            self._embeds.clear()
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if missing:
-            if len(self._embeds) > 4096:
-                self._embeds.clear()
             emb = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
             self.encoded += len(missing)
             for p, e in zip(missing, emb, strict=True):
