@@ -148,9 +148,13 @@ def test_stage_ratio_per_split_and_determinism(mini_build):
     nodes = {pid: row_nodes(pairs[pid]["triple_id"], [triples[pairs[pid]["triple_id"]]["input"],
                                                      triples[pairs[pid]["triple_id"]]["output"]])
              for pid in kept}
-    _, node_split = split_rows(nodes, 0.1, 0)
-    per_split = {node_split[f"c:{caption_key(s['input'])}"] for s in samples}
-    assert per_split == {"train", "test"}
+    row_split, node_split = split_rows(nodes, 0.1, 0)
+    per_split = [node_split[f"c:{caption_key(s['input'])}"] for s in samples]
+    assert set(per_split) == {"train", "test"}
+    # each split gets round(ratio x its kept pairs), at least one
+    for split in ("train", "test"):
+        n = sum(v == split for v in row_split.values())
+        assert per_split.count(split) == max(1, round(0.2 * n)), (split, n)
     # a re-run does nothing; a forced re-run writes the same samples
     assert run_augment(mini_build).skipped
     run_augment(mini_build, force=True)

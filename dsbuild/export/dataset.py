@@ -22,7 +22,6 @@ from dsbuild.hashing import content_id
 from dsbuild.progress import progress
 
 ROW_GROUP = 100  # rows per parquet row group (what the Hub's viewer pages by)
-P2P_KEYS = ("mode", "steps", "guidance", "cross_replace", "self_replace", "scheduler")
 SCORE_KEYS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
 
 

@@ -24,7 +24,7 @@ import torch
 
 from dsbuild.errors import DsbuildError, require
 from dsbuild.metrics import normalize
-from dsbuild.models import resolve_device
+from dsbuild.models import resolve_device, resolve_dtype, torch_dtype
 from dsbuild.models import tiny_clip as tiny
 
 RANDOM_WEIGHTS = ("", "none", "random")
@@ -32,9 +32,8 @@ RANDOM_WEIGHTS = ("", "none", "random")
 
 def amp_dtype(dtype: str, device: str) -> torch.dtype | None:
     """Autocast dtype for a filter ``dtype`` setting: 'auto' is fp16 on CUDA, fp32 elsewhere."""
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else None
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    td = torch_dtype(resolve_dtype(dtype, device))  # the same rule as generate.dtype
+    return None if td is torch.float32 else td
 
 
 def autocast(device: str, dtype: torch.dtype | None):

@@ -267,8 +267,3 @@ class P2PGenerator:
 
 def words_of(tokenizer, prompt: str):
     return prompt_words(tokenizer, prompt)[0]
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float image in [0, 1] -> uint8, rounded as diffusers' numpy_to_pil does."""
-    return (image * 255).round().astype("uint8")

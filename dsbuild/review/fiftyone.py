@@ -577,9 +577,3 @@ def launch(build, name: str | None = None, *, port: int | None = None,
     u = urlsplit(session.url)
     path = f"{u.path.rstrip('/')}/datasets/{quote(name, safe='')}"
     return session, urlunsplit((u.scheme, u.netloc, path, u.query, u.fragment))
-
-
-def delete_dataset(name: str) -> None:
-    fo = import_fiftyone()
-    if fo.dataset_exists(name):
-        fo.delete_dataset(name)
