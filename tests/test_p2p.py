@@ -471,3 +471,27 @@ def test_caption_cache_bound_keeps_lookups_working(gen):
     finally:
         gen._embeds.clear()
         gen._embeds.update(saved)
+
+
+def test_blend_computes_each_needed_map_once(gen):
+    """Local blend materialises one probability map per side it needs, per blend layer and
+    step: a side no target names is skipped, and a source shared by targets is computed once;
+    the pixels equal each pair made alone."""
+    ctrl = gen.controller
+    layers = len(ctrl.blend_layers)
+    one_sided = TargetSpec("a blue velvet armchair", "replace", 0.2, 0.8,
+                           blend_words=([], ["blue"]))
+    before = ctrl.calls["probs"]
+    gen.generate([SourceGroup(SRC, 4, 7.5, [one_sided])], STEPS, SIZE, SIZE)
+    assert ctrl.calls["probs"] - before == layers * STEPS  # target side only
+
+    both = [TargetSpec("a blue velvet armchair", "replace", 0.2, 0.8,
+                       blend_words=(["red"], ["blue"])),
+            TargetSpec("a green velvet armchair", "replace", 0.4, 0.6,
+                       blend_words=(["red"], ["green"]))]
+    before = ctrl.calls["probs"]
+    together = gen.generate([SourceGroup(SRC, 4, 7.5, both)], STEPS, SIZE, SIZE)[0]
+    assert ctrl.calls["probs"] - before == 2 * layers * STEPS  # targets + the one source
+    for i, t in enumerate(both):
+        alone = gen.generate([SourceGroup(SRC, 4, 7.5, [t])], STEPS, SIZE, SIZE)[0]
+        np.testing.assert_allclose(alone.targets[0], together.targets[i], atol=1e-5)

@@ -72,17 +72,17 @@ class P2PController:
                 if any(n.startswith("down") for n in levels) else max(levels.values())
             self.blend_layers = {n for n, lv in levels.items() if lv == top}
 
-    def configure(self, n_rows: int, edits: dict[int, RowEdit], steps: int,
-                  latent_hw: tuple[int, int], device, dtype) -> None:
+    def configure(self, n_rows: int, edits: dict[int, RowEdit], steps: int, device,
+                  dtype) -> None:
         """Start a run of ``n_rows`` images; ``edits`` maps target row -> its edit."""
         self.R, self.edits, self.steps = n_rows, edits, steps
-        self.latent_hw, self.device, self.dtype = latent_hw, device, dtype
+        self.device, self.dtype = device, dtype
         self.blend_rows = [r for r, e in edits.items()
                            if e.blend_tgt is not None or e.blend_src is not None]
-        n = len(self.blend_rows)
         self.maps_src: torch.Tensor | None = None
         self.maps_tgt: torch.Tensor | None = None
-        if n:
+        self.maps_seen = False
+        if self.blend_rows:
             first = edits[self.blend_rows[0]]
             z = torch.zeros_like(first.blend_tgt if first.blend_tgt is not None
                                  else first.blend_src)
@@ -90,9 +90,15 @@ class P2PController:
                                       else z for r in self.blend_rows]).to(device, torch.float32)
             self.b_src = torch.stack([edits[r].blend_src if edits[r].blend_src is not None
                                       else z for r in self.blend_rows]).to(device, torch.float32)
-            self.b_rows = torch.tensor([n_rows + r for r in self.blend_rows], device=device)
-            self.b_srcs = torch.tensor([n_rows + edits[r].source for r in self.blend_rows],
-                                       device=device)
+            # decided once per run, not per layer or step: a side no row names is never computed
+            self.use_tgt, self.use_src = bool(self.b_tgt.any()), bool(self.b_src.any())
+            self.blend_idx = torch.tensor(self.blend_rows, device=device)
+            self.blend_src_idx = torch.tensor([edits[r].source for r in self.blend_rows],
+                                              device=device)
+            # conditional-half rows; a source shared by several targets is computed once
+            self.b_rows = self.blend_idx + n_rows
+            self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + n_rows,
+                                                           return_inverse=True)
         self.last_mask = None
         self.active = True
 
@@ -169,21 +175,25 @@ class P2PController:
 
     # ------------------------------------------------------------------ local blend
     def _probs_maps(self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
-        """Head-mean attention probabilities of chosen tokens: [n, N] (materialised here only)."""
+                    weights: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+        """Head-mean attention probabilities of chosen tokens: [n, N] (materialised here only).
+        ``inverse`` maps each blend row to its entry in ``rows`` (shared sources)."""
         self.calls["probs"] += 1
         scale = q.shape[-1] ** -0.5
         probs = torch.softmax((q[rows].float() @ k[rows].float().transpose(-1, -2)) * scale, -1)
-        return (probs.mean(1) @ weights[:, :, None]).squeeze(-1)
+        probs = probs.mean(1)
+        if inverse is not None:
+            probs = probs[inverse]
+        return (probs @ weights[:, :, None]).squeeze(-1)
 
     def _store_blend_maps(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        m_t = self._probs_maps(q, k, self.b_rows, self.b_tgt)
-        m_s = self._probs_maps(q, k, self.b_srcs, self.b_src)
-        if self.maps_tgt is None or self.maps_tgt.shape != m_t.shape:
-            self.maps_tgt, self.maps_src = m_t, m_s
-        else:
-            self.maps_tgt += m_t
-            self.maps_src += m_s
+        if self.use_tgt:
+            m = self._probs_maps(q, k, self.b_rows, self.b_tgt)
+            self.maps_tgt = m if self.maps_tgt is None else self.maps_tgt + m
+        if self.use_src:
+            m = self._probs_maps(q, k, self.b_src_rows, self.b_src, self.b_src_inv)
+            self.maps_src = m if self.maps_src is None else self.maps_src + m
+        self.maps_seen = True
 
     def _mask(self, maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         H, W = hw
@@ -196,18 +206,16 @@ class P2PController:
 
     def after_step(self, latents: torch.Tensor, i: int) -> torch.Tensor:
         """Local blend: outside the chosen words' mask a target's latents become its source's."""
-        if not self.blend_rows or self.maps_tgt is None or i < int(self.blend_start * self.steps):
+        if not self.blend_rows or not self.maps_seen or i < int(self.blend_start * self.steps):
             return latents
         hw = tuple(latents.shape[-2:])
         mask = torch.zeros(len(self.blend_rows), 1, *hw, dtype=torch.bool, device=latents.device)
-        if bool(self.b_tgt.any()):
+        if self.use_tgt:
             mask |= self._mask(self.maps_tgt, hw)
-        if bool(self.b_src.any()):
+        if self.use_src:
             mask |= self._mask(self.maps_src, hw)
         mask = mask.to(latents.dtype)
-        rows = torch.tensor(self.blend_rows, device=latents.device)
-        srcs = torch.tensor([self.edits[r].source for r in self.blend_rows],
-                            device=latents.device)
+        rows, srcs = self.blend_idx, self.blend_src_idx
         latents = latents.clone()
         latents[rows] = latents[srcs] + mask * (latents[rows] - latents[srcs])
         self.last_mask = mask

@@ -229,7 +229,7 @@ class P2PGenerator:
             else {}
         if "eta" in inspect.signature(sched.step).parameters:
             step_kw["eta"] = 0.0
-        ctrl.configure(R, edits, len(sched.timesteps), tuple(shape[-2:]), dev, dt)
+        ctrl.configure(R, edits, len(sched.timesteps), dev, dt)
         try:
             for i, t in enumerate(sched.timesteps):
                 ctrl.begin_step(i)
