@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from dsbuild.errors import DsbuildError
-from dsbuild.generate.align import align_prompts, max_length, prompt_words, token_weights
+from dsbuild.generate.align import (
+    Alignment,
+    align_prompts,
+    max_length,
+    prompt_words,
+    token_weights,
+)
 from dsbuild.generate.controller import P2PController, RowEdit
 from dsbuild.generate.processors import install
 
@@ -84,6 +90,7 @@ class P2PGenerator:
         self.controller = P2PController(blend_threshold, blend_start)
         install(pipe.unet, self.controller)
         self._embeds: dict[str, torch.Tensor] = {}
+        self._aligned: dict[tuple[str, str, str], Alignment] = {}
         self.L = max_length(pipe.tokenizer)
         self.encoded = 0
 
@@ -109,36 +116,38 @@ class P2PGenerator:
         return torch.stack([self._embeds[p] for p in prompts])
 
     # ------------------------------------------------------------------ edits
+    def align(self, source: str, target: str, mode: str) -> Alignment:
+        """Token alignment of two prompts, computed once per (source, target, mode)."""
+        key = (source, target, mode)
+        if key not in self._aligned:
+            if len(self._aligned) > 4096:
+                self._aligned.clear()
+            self._aligned[key] = align_prompts(self.pipe.tokenizer, source, target, mode)
+        return self._aligned[key]
+
+    def words(self, prompt: str) -> list:
+        """The tokenizer's words of a prompt with their token positions."""
+        return prompt_words(self.pipe.tokenizer, prompt)[0]
+
     def row_edit(self, source_prompt: str, t: TargetSpec, source_row: int) -> tuple[RowEdit, str]:
         """The controller's view of one target; returns it with the resolved mode."""
         if t.mode not in MODES:
             raise DsbuildError(f"P2P mode must be one of {', '.join(MODES)} (got {t.mode!r})")
-        tok, L = self.pipe.tokenizer, self.L
+        L = self.L
         edit = RowEdit(source=source_row, self_replace=float(t.self_replace))
-        resolved = t.mode
+        resolved, al = t.mode, None
         if t.mode != "self":
-            al = align_prompts(tok, source_prompt, t.prompt,
-                               "auto" if t.mode == "reweight" else t.mode)
-            resolved = al.mode if t.mode in ("auto",) else t.mode
+            al = self.align(source_prompt, t.prompt, "auto" if t.mode == "reweight" else t.mode)
+            resolved = al.mode if t.mode == "auto" else t.mode
             edit.alignment = al
-            if isinstance(t.cross_replace, dict):
-                frac = torch.full((L,), float(t.cross_replace.get("default", 0.8)))
-                for word, f in t.cross_replace.items():
-                    if word != "default":
-                        sel = token_weights(al.tgt_words, [word], L) > 0
-                        frac[sel] = float(f)
-            else:
-                frac = torch.full((L,), float(t.cross_replace))
-            edit.cross_replace = frac
+            cross = t.cross_replace if isinstance(t.cross_replace, dict) \
+                else {"default": t.cross_replace}
+            edit.cross_replace = per_token(al.tgt_words, cross, 0.8, L)
             if t.equalizer:
-                eq = torch.ones(L)
-                for word, f in t.equalizer.items():
-                    sel = token_weights(al.tgt_words, [word], L) > 0
-                    eq[sel] = float(f)
-                edit.equalizer = eq
+                edit.equalizer = per_token(al.tgt_words, t.equalizer, 1.0, L)
         if t.blend_words is not None:
-            src_words = words_of(tok, source_prompt)
-            tgt_words = words_of(tok, t.prompt)
+            src_words = al.src_words if al else self.words(source_prompt)
+            tgt_words = al.tgt_words if al else self.words(t.prompt)
             edit.blend_src = token_weights(src_words, t.blend_words[0], L)
             edit.blend_tgt = token_weights(tgt_words, t.blend_words[1], L)
         return edit, resolved
@@ -265,5 +274,11 @@ class P2PGenerator:
                                                      do_denormalize=[True] * out.shape[0])
 
 
-def words_of(tokenizer, prompt: str):
-    return prompt_words(tokenizer, prompt)[0]
+def per_token(words, values: dict[str, float], default: float, length: int) -> torch.Tensor:
+    """A [L] vector: ``values[word]`` at that word's tokens, ``values["default"]`` (else
+    ``default``) elsewhere: per-word cross-replace fractions and reweighting scales."""
+    out = torch.full((length,), float(values.get("default", default)))
+    for word, v in values.items():
+        if word != "default":
+            out[token_weights(words, [word], length) > 0] = float(v)
+    return out
