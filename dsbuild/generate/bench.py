@@ -30,29 +30,6 @@ TARGETS = {
 ARCHS = ("tiny", "small", "sd15")
 
 
-def small_components():
-    """A mid-size SD-like model (3 attention levels, 128-d text) so CPU timings mean something."""
-    import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-
-    from dsbuild.models.tiny_sd import SD_SCHEDULER_CONFIG, _text_encoder, char_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(64, 128, 128), layers_per_block=1, sample_size=32,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=32, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
-                        norm_num_groups=32)
-    tok = char_tokenizer()
-    text = _text_encoder(128, 256, 4, 2, len(tok), tok, 128)
-    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok,
-            "scheduler": EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)}
-
-
 class PeakMemory:
     """Peak memory of a block: CUDA allocator peak, else the process RSS high-water mark."""
 
@@ -118,29 +95,17 @@ def run_bench(model: str | None = None, arch: str = "tiny", steps: int = 8, size
               threads: int | None = None) -> dict:
     """Time plain vs P2P pairs; returns figures and ratios (no assertions)."""
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec, make_scheduler
-    from dsbuild.models import load_sd_pipeline, resolve_device, torch_dtype
-    from dsbuild.models.tiny_sd import sd15_components, tiny_components
+    from dsbuild.models import load_sd_pipeline, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    if model:
-        pipe = load_sd_pipeline(model, dtype, dev, quiet=True)
-        label = model
-    else:
-        comps = {"tiny": tiny_components, "small": small_components,
-                 "sd15": sd15_components}[arch]()
-        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        pipe = pipe.to(dev)
-        if dtype != "fp32":
-            pipe = pipe.to(dtype=torch_dtype(dtype))
-        pipe.set_progress_bar_config(disable=True)
-        label = f"arch:{arch} (random weights)"
+    pipe = load_sd_pipeline(model or ("tiny" if arch == "tiny" else f"arch:{arch}"), dtype, dev,
+                            quiet=True)
+    label = model or f"arch:{arch} (random weights)"
     sched_name = "euler_ancestral"
     gen = P2PGenerator(pipe, sched_name)
     p2p_procs = dict(pipe.unet.attn_processors)

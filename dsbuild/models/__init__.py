@@ -37,20 +37,20 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False):
-    """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:sd15', a dir or Hub id."""
+    """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:small', 'arch:sd15'
+    (random weights built from config), a dir or a Hub id."""
     require("diffusers", "gen")
     from diffusers import StableDiffusionPipeline
 
     from dsbuild.models import tiny_sd
 
     td = torch_dtype(dtype)
-    if model in ("tiny", "arch:sd15"):
-        if model == "tiny":
-            comps = tiny_sd.tiny_components()
-            if not quiet:
-                tiny_sd.warn_tiny()
-        else:
-            comps = tiny_sd.sd15_components()
+    built = {"tiny": tiny_sd.tiny_components, "arch:small": tiny_sd.small_components,
+             "arch:sd15": tiny_sd.sd15_components}
+    if model in built:
+        comps = built[model]()
+        if model == "tiny" and not quiet:
+            tiny_sd.warn_tiny()
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     else:

@@ -1,8 +1,10 @@
 """Stable Diffusion components built from config with random weights (no download).
 
 ``tiny_components`` is a few-MB UNet/VAE/text encoder for tests and offline runs: its images
-are noise-like placeholders, not pictures. ``sd15_components`` has the shapes of SD 1.5, so
-benchmarks time realistic work without fetching a checkpoint.
+are noise-like placeholders, not pictures. ``small_components`` is a mid-size model for CPU
+benchmarks; ``sd15_components`` has the shapes of SD 1.5, so benchmarks time realistic work
+without fetching a checkpoint. ``load_sd_pipeline`` builds them as 'tiny', 'arch:small' and
+'arch:sd15'.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def tiny_components(seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
 
 
-def sd15_components(seed: int = 0, dtype=None) -> dict:
+def sd15_components(seed: int = 0) -> dict:
     """SD 1.5-shaped UNet (860M), VAE and ViT-L text encoder with random weights."""
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
@@ -92,11 +94,28 @@ def sd15_components(seed: int = 0, dtype=None) -> dict:
     tok = char_tokenizer()
     text = _text_encoder(768, 3072, 12, 12, 49408, tok, 768)
     sched = EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)
-    comps = {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
-    if dtype is not None:
-        for k in ("unet", "vae", "text_encoder"):
-            comps[k] = comps[k].to(dtype)
-    return comps
+    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
+
+
+def small_components() -> dict:
+    """A mid-size SD-like model (3 attention levels, 128-d text) so CPU timings mean something."""
+    import torch
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128, 128), layers_per_block=1, sample_size=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=32, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
+                        norm_num_groups=32)
+    tok = char_tokenizer()
+    text = _text_encoder(128, 256, 4, 2, len(tok), tok, 128)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok,
+            "scheduler": EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)}
 
 
 def warn_tiny() -> None:
