@@ -40,20 +40,18 @@ def _pass_table(rows: list[dict], limits: dict[str, float]) -> dict:
     return table
 
 
-def filter_report(build: Build) -> dict:
+def filter_report(build: Build, scores: list[dict] | None = None) -> dict:
     """The report as a dict: settings, overall and per-agent pass rates, reasons, summaries."""
     s = build.config.filter
-    scores = list(build.records("filter"))
+    scores = list(build.records("filter")) if scores is None else scores
     triples = {t["id"]: t for t in build.records("captions")}
-    pairs = {p["id"]: p for p in build.records("generate")}
     limits = {name: getattr(s, name) for name in THRESHOLDS}
     if s.dino_min is not None:
         limits["dino"] = s.dino_min
     by_agent: dict[str, list[dict]] = {}
     reasons: dict[str, int] = {}
     for r in scores:
-        tid = r.get("triple_id") or pairs.get(r["pair_id"], {}).get("triple_id")
-        agent = triples.get(tid, {}).get("agent", "?")
+        agent = triples.get(r["triple_id"], {}).get("agent", "?")  # every score names it
         by_agent.setdefault(agent, []).append(r)
         reason = (r.get("reason") or "kept").split(":")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -162,12 +160,12 @@ def markdown(rep: dict) -> str:
 
 def write_filter_report(build: Build) -> dict:
     """Write reports/filter.{json,md,png} and filter_agents.png; returns the report dict."""
-    rep = filter_report(build)
+    scores = list(build.records("filter"))
+    rep = filter_report(build, scores)
     out = build.reports_dir
     write_json(out / "filter.json", rep)
     write_text(out / "filter.md", markdown(rep))
-    plot_histograms(list(build.records("filter")), rep["settings"]["thresholds"],
-                    out / "filter.png")
+    plot_histograms(scores, rep["settings"]["thresholds"], out / "filter.png")
     plot_agents(rep, out / "filter_agents.png")
     rep["files"] = [str(out / n) for n in ("filter.json", "filter.md", "filter.png",
                                           "filter_agents.png")]
