@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-8
-SCORE_NAMES: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,3 @@ class RequestCache:
 
     def put(self, key: str, value: dict) -> None:
         write_json(self.path(key), value)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self.root.glob("*/*.json")) if self.root.is_dir() else 0

@@ -195,9 +195,9 @@ class Validator:
             self.examples_near.add(near)
 
     # ------------------------------------------------------------------ rules
-    def check(self, cand: object, agent: Agent | None = None, *, dedup: bool = True) -> Checked:
+    def check(self, cand: object, agent: Agent | None = None) -> Checked:
         """Validate one candidate triple (a parsed JSON object); count the reason if rejected."""
-        res = self._check(cand, agent, dedup)
+        res = self._check(cand, agent)
         if res.reason:
             self.rejected[res.reason] += 1
         return res
@@ -207,7 +207,7 @@ class Validator:
         self.rejected[reason] += 1
         return Checked(None, reason)
 
-    def _check(self, cand: object, agent: Agent | None, dedup: bool) -> Checked:
+    def _check(self, cand: object, agent: Agent | None) -> Checked:
         if not isinstance(cand, dict):
             return Checked(None, "not_object")
         vals = {}
@@ -259,13 +259,12 @@ class Validator:
         exact, near = self._keys(inp, edit, out, canon)
         if exact in self.examples_exact or near in self.examples_near:
             return Checked(None, "copies_example", op)
-        if dedup:
-            if exact in self.seen_exact:
-                return Checked(None, "duplicate", op)
-            if near in self.seen_near:
-                return Checked(None, "near_duplicate", op)
-            self.seen_exact.add(exact)
-            self.seen_near.add(near)
+        if exact in self.seen_exact:
+            return Checked(None, "duplicate", op)
+        if near in self.seen_near:
+            return Checked(None, "near_duplicate", op)
+        self.seen_exact.add(exact)
+        self.seen_near.add(near)
         return Checked({"operation": op, "input": inp, "edit": edit, "output": out}, None, op)
 
     def _diff(self, s_in: list[str], s_out: list[str], edit_words: set[str]) -> str | None:

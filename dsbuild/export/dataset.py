@@ -20,9 +20,9 @@ from dsbuild.errors import DsbuildError, require
 from dsbuild.export.split import SPLITS, caption_key, row_nodes, split_rows
 from dsbuild.hashing import content_id
 from dsbuild.progress import progress
+from dsbuild.settings.filter import SCORE_KEYS
 
 ROW_GROUP = 100  # rows per parquet row group (what the Hub's viewer pages by)
-SCORE_KEYS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
 
 
 def features():

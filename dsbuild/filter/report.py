@@ -13,8 +13,7 @@ from pathlib import Path
 from dsbuild.build import Build
 from dsbuild.filter.stage import THRESHOLDS
 from dsbuild.records import write_json, write_text
-
-SCORES: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
+from dsbuild.settings.filter import SCORE_KEYS
 
 
 def _rate(n: int, d: int) -> float | None:
@@ -56,7 +55,7 @@ def filter_report(build: Build, scores: list[dict] | None = None) -> dict:
         reason = (r.get("reason") or "kept").split(":")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
     summary = {}
-    for name in SCORES:
+    for name in SCORE_KEYS:
         vals = [r[name] for r in scores if r.get(name) is not None]
         if vals:
             summary[name] = {"mean": round(statistics.fmean(vals), 4),
@@ -81,7 +80,7 @@ def plot_histograms(scores: list[dict], limits: dict[str, float], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in SCORES if any(r.get(n) is not None for r in scores)] or list(THRESHOLDS)
+    names = [n for n in SCORE_KEYS if any(r.get(n) is not None for r in scores)] or list(THRESHOLDS)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         vals = [r[name] for r in scores if r.get(name) is not None]

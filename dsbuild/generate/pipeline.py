@@ -236,8 +236,6 @@ class P2PGenerator:
         g = torch.tensor(guid, device=dev, dtype=dt)[:, None, None, None]
         step_kw = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters \
             else {}
-        if "eta" in inspect.signature(sched.step).parameters:
-            step_kw["eta"] = 0.0
         ctrl.configure(R, edits, len(sched.timesteps), dev, dt)
         try:
             for i, t in enumerate(sched.timesteps):

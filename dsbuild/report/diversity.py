@@ -290,14 +290,13 @@ def warnings_of(report: dict) -> list[str]:
     return out
 
 
-def diversity_report(paths: list[str | Path], *, semantic: bool = False,
-                     settings: DiversitySettings | None = None) -> dict:
+def diversity_report(paths: list[str | Path], *, semantic: bool = False) -> dict:
     """Measure every build/triples file; the first source's settings apply to all of them."""
     if not paths:
         raise DsbuildError("give at least one build directory or triples .jsonl file")
     sources = [load_source(p) for p in paths]
     _unique_names(sources)
-    settings = settings or sources[0].settings
+    settings = sources[0].settings
     scorer = SemanticScorer() if semantic else None
     from dsbuild.progress import progress
 

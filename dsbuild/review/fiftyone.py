@@ -44,6 +44,7 @@ from dsbuild.decisions import (
     read_decisions,
 )
 from dsbuild.errors import DsbuildError, require
+from dsbuild.settings.filter import SCORE_KEYS
 
 TOOL = "fiftyone"
 SLICES = ("input", "output", "mask")
@@ -51,7 +52,6 @@ DEFAULT_SLICE = "output"
 INFO_KEY = "dsbuild"
 P2P_KEYS = ("mode", "steps", "guidance", "cross_replace", "self_replace", "blend_words",
             "equalizer", "scheduler")
-SCORE_KEYS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
 
 
 # ---------------------------------------------------------------------------- environment

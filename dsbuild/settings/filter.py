@@ -8,6 +8,9 @@ from pydantic import Field
 
 from dsbuild.settings import StageSettings
 
+# the scores a filter record carries (dino only when enabled); one list for every reader
+SCORE_KEYS: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
+
 
 class FilterSettings(StageSettings):
     """InstructPix2Pix's filter: thresholds on four CLIP scores, then top k per triple."""
