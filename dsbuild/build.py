@@ -67,6 +67,7 @@ class StageResult:
     skipped: bool
     records: int
     stats: dict = field(default_factory=dict)
+    report: dict | None = None  # the stage's report over every rank, where it writes one
 
 
 class Build:

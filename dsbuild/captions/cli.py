@@ -16,12 +16,12 @@ from dsbuild.cli_util import build_argument, echo_result, shard_options
 def captions_cmd(build, backend, rank, world_size, force, overrides):
     """Write caption triples {input, edit, output} for BUILD with its recipe's agents."""
     from dsbuild.build import Build
-    from dsbuild.captions.report import format_summary, merge_stats
+    from dsbuild.captions.report import format_summary
     from dsbuild.captions.stage import run_captions
 
     b = Build.open(build)
     result = run_captions(b, rank, world_size, backend=backend, force=force,
                           overrides=overrides)
     echo_result(result)
-    click.echo(format_summary(merge_stats(b)))
+    click.echo(format_summary(result.report))
     click.echo(f"report: {b.reports_dir / 'captions.json'}")

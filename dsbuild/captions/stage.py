@@ -250,11 +250,12 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
     """Write this rank's caption triples (resumable) and refresh reports/captions.json."""
     overrides = list(overrides) + ([f"captions.backend={backend}"] if backend else [])
     # check the recipe's examples under the new settings before saving them into dsbuild.yaml
-    s = apply_overrides(build.config, overrides).captions if overrides else build.config.captions
-    check_examples(build.recipe, build.config.recipe_path,
-                   s.max_changed_fraction, s.max_diff_spans)
-    build.update(overrides)
-    s = build.config.captions
+    config = apply_overrides(build.config, overrides)
+    s = config.captions
+    check_examples(build.recipe, config.recipe_path, s.max_changed_fraction, s.max_diff_spans)
+    if overrides:
+        build.config = config
+        build.save_config()
     chosen = resolve_backend(s)
     agents = shard_agents(build.recipe, rank, world_size)
     if chosen == "openai":  # fail before any work: missing SDK or key
@@ -271,5 +272,5 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
             run.close()
 
     result = build.run_stage("captions", rank, world_size, work, force=force)
-    write_report(build)
+    result.report = write_report(build)
     return result
