@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from dsbuild.augment.mentions import Mentions, key, names_any, phrase_in, present_terms, words
+from dsbuild.augment.mentions import Mentions, key, names_any, phrase_in, words
 from dsbuild.build import Build
 from dsbuild.captions.cache import RequestCache
 from dsbuild.captions.openai_backend import api_key
@@ -63,8 +63,9 @@ class LLMInstructions:
         self.cache.put(key, {"content": content})
         return content
 
-    def instruction(self, agent: Agent, caption: str, absent: list[str], sample: str
-                    ) -> tuple[str, str] | None:
+    def instruction(self, agent: Agent, caption: str, absent: list[str], present: list[str],
+                    sample: str) -> tuple[str, str] | None:
+        """An LLM-written instruction naming one of ``absent`` and none of ``present``."""
         payload = {
             "model": self.model, "temperature": self.temperature, "max_tokens": 120,
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": (
@@ -88,7 +89,7 @@ class LLMInstructions:
         if not any(phrase_in(n, edit_words, head=False) for n in self.mentions.names_of(term)):
             self.rejected["instruction does not name its target"] += 1
             return None
-        if names_any(edit, present_terms(self.recipe, caption, self.mentions), self.mentions):
+        if names_any(edit, present, self.mentions):
             self.rejected["instruction names something the caption mentions"] += 1
             return None
         return term, edit

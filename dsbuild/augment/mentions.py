@@ -132,13 +132,16 @@ def names_any(text: str, terms: Iterable[str], mentions: Mentions) -> bool:
     return any(phrase_in(n, tw, head=False) for t in terms for n in mentions.names_of(t))
 
 
-def absent_terms(recipe: Recipe, agent: Agent, caption: str, mentions: Mentions) -> list[str]:
+def absent_terms(recipe: Recipe, agent: Agent, caption: str, mentions: Mentions,
+                 present: list[str] | None = None) -> list[str]:
     """Candidates the caption does not mention; falls back to same-level agents' vocabulary.
 
     A candidate whose own words name a mentioned thing is left out too ("curtain rod" when the
     caption has curtains): an instruction naming it would name something the caption shows.
+    ``present`` (``present_terms`` of the caption) may be passed when already computed.
     """
-    present = present_terms(recipe, caption, mentions)
+    if present is None:
+        present = present_terms(recipe, caption, mentions)
 
     def ok(t: str) -> bool:
         return not mentions.mentioned(t, caption) and not names_any(t, present, mentions)

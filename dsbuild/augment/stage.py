@@ -75,18 +75,16 @@ def choose_pairs(build: Build, kept: list[tuple[dict, dict, dict]]
 
 
 def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
-                llm=None) -> dict | None:
-    """One no-change sample for a pair, or None when the caption leaves nothing absent."""
+                terms: list[str], present: list[str], llm=None) -> dict:
+    """One no-change sample for a pair: an instruction naming one of ``terms`` (things absent
+    from the input caption) and none of ``present`` (things it shows)."""
     a = build.config.augment
     agent = _agent(build, triple)
-    terms = absent_terms(build.recipe, agent, triple["input"], mentions)
-    if not terms:
-        return None
     rng = random.Random(content_id("augment", a.seed, pair["id"]))
     backend, got = "template", None
     if llm is not None:
         shown = sorted(terms) if len(terms) <= 12 else sorted(rng.sample(sorted(terms), 12))
-        got = llm.instruction(agent, triple["input"], shown, f"{a.seed}:{pair['id']}")
+        got = llm.instruction(agent, triple["input"], shown, present, f"{a.seed}:{pair['id']}")
     if got is not None:
         term, edit = got
         lead = words(edit)[:3]  # "Please remove the rug." is a removal too
@@ -95,7 +93,7 @@ def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
     else:
         term = rng.choice(sorted(terms))
         op, edit = no_change_instruction(agent, term, rng)
-        if names_any(edit, present_terms(build.recipe, triple["input"], mentions), mentions):
+        if names_any(edit, present, mentions):
             # a colour/material/style word that is also a thing the caption shows
             op, edit = "remove", REMOVE[0].format(x=bare(term))
     img = pair["images"]["input"]
@@ -133,14 +131,14 @@ def run_augment(build: Build, rank: int = 0, world_size: int = 1,
                 if mine and pair["id"] in writer.done:  # written before an interruption
                     have += 1
                     continue
-                if not absent_terms(build.recipe, _agent(build, triple), triple["input"],
-                                    mentions):
+                present = present_terms(build.recipe, triple["input"], mentions)
+                terms = absent_terms(build.recipe, _agent(build, triple), triple["input"],
+                                     mentions, present)
+                if not terms:
                     continue
                 have += 1
                 if mine:
-                    s = make_sample(build, mentions, pair, triple, llm)
-                    if s is not None:
-                        writer.write(s)
+                    writer.write(make_sample(build, mentions, pair, triple, terms, present, llm))
             short += want - have
         stats = {"kept_pairs": len(kept), "no_change": len(writer.records),
                  "ratio": build.config.augment.ratio, "short": short,
