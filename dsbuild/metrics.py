@@ -62,12 +62,11 @@ def dino(cls_0: torch.Tensor, cls_1: torch.Tensor) -> torch.Tensor:
 def clip_scores(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Tensor,
                 text_1: torch.Tensor) -> dict[str, torch.Tensor]:
     """The four InstructPix2Pix filter scores at once (InstructPix2Pix ``ClipSimilarity``)."""
-    i0, i1, t0, t1 = normalize(image_0), normalize(image_1), normalize(text_0), normalize(text_1)
     return {
-        "clip_sim_0": (i0 * t0).sum(-1),
-        "clip_sim_1": (i1 * t1).sum(-1),
-        "clip_sim_dir": cosine(i1 - i0, t1 - t0),
-        "clip_sim_image": (i0 * i1).sum(-1),
+        "clip_sim_0": clip_text_image(image_0, text_0),
+        "clip_sim_1": clip_output(image_1, text_1),
+        "clip_sim_dir": clip_direction(image_0, image_1, text_0, text_1),
+        "clip_sim_image": clip_image(image_0, image_1),
     }
 
 
@@ -85,9 +84,4 @@ def edit_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Ten
 
 def mean_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean of each metric over the rows (NaNs skipped), as plain floats for reports."""
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        v = v.float().reshape(-1)
-        v = v[~torch.isnan(v)]
-        out[k] = float(v.mean()) if v.numel() else float("nan")
-    return out
+    return {k: float(torch.nanmean(v.float())) for k, v in metrics.items()}
