@@ -23,20 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsbuild import stages
 from dsbuild.config import BuildConfig, Recipe, apply_overrides, dump_config, load_build_config
 from dsbuild.errors import DsbuildError
 from dsbuild.hashing import signature
 from dsbuild.records import ShardWriter, read_jsonl, shard_name, write_json, write_text
 
 CONFIG_NAME = "dsbuild.yaml"
-
-# stage -> (output folder, upstream stages whose signatures feed into this one)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "captions": ("triples", ()),
-    "generate": ("pairs", ("captions",)),
-    "filter": ("scores", ("generate",)),
-    "augment": ("augment", ("filter",)),
-}
 
 
 def shard_of(key: str, world_size: int) -> int:
@@ -90,11 +83,9 @@ class Build:
             )
         config = BuildConfig(recipe=recipe, recipe_path=recipe_path)
         config = apply_overrides(config, overrides)
-        # the few-shot examples must pass the captions validator: fail here, before any write
-        from dsbuild.captions.validate import check_examples
-
-        s = config.captions
-        check_examples(recipe, recipe_path, s.max_changed_fraction, s.max_diff_spans)
+        for stage in stages.all_stages():  # e.g. few-shot examples the validator refuses
+            if stage.check:
+                stages.load_target(stage.check, stage.extra, f"stage {stage.name}")(config)
         build = cls(root, config)
         root.mkdir(parents=True, exist_ok=True)
         build.save_config()
@@ -150,7 +141,12 @@ class Build:
         return self.root / "decisions.jsonl"
 
     def output_dir(self, stage: str) -> Path:
-        return self.root / STAGES[stage][0]
+        """Where a stage writes: the folder of its rNNNNN.jsonl shards, or its file/folder."""
+        return self.root / stages.get(stage).output
+
+    def _output_exists(self, stage: stages.Stage, rank: int) -> bool:
+        out = self.root / stage.output
+        return (out / shard_name(rank)).exists() if stage.records else out.exists()
 
     def scored_pairs(self, kept_only: bool = False):
         """Yield (score, pair, triple) for every filter score (or only the kept ones): the join
@@ -172,32 +168,52 @@ class Build:
             yield sc, pair, triple
 
     # ------------------------------------------------------------------ signatures / markers
+    def signed_input(self, name: str):
+        """A build input a stage signs besides its settings (see ``stages.SIGNABLE``)."""
+        if name == "recipe":
+            return self.recipe.model_dump(mode="json")
+        if name == "decisions":
+            f = self.decisions_path
+            return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None
+        return getattr(self.config, name).signature_dict()
+
     def stage_settings(self, stage: str) -> dict:
-        settings = getattr(self.config, stage).signature_dict()
-        if stage in ("captions", "augment"):
-            settings = {"settings": settings, "recipe": self.recipe.model_dump(mode="json")}
-        if stage == "augment":  # it places samples by the export's split, so it follows it
-            e = self.config.export
-            settings["split"] = {"seed": e.seed, "test_ratio": e.test_ratio}
+        """What a stage's signature covers besides its upstream stages."""
+        st = stages.get(stage)
+        settings = self.config.stage_settings(stage).signature_dict()
+        if st.signs:
+            settings = {"settings": settings, **{k: self.signed_input(k) for k in st.signs}}
         return settings
 
     def signature(self, stage: str) -> str:
-        upstream = {u: self.signature(u) for u in STAGES[stage][1]}
-        return signature({"stage": stage, "settings": self.stage_settings(stage), "up": upstream})
+        """Hash of a stage's settings, signed inputs and upstream signatures: it names the
+        marker folder, so changing any of them reruns this stage and what reads it."""
+        st = stages.get(stage)
+        parts = {"stage": stage, "settings": self.stage_settings(stage),
+                 "up": {u: self.signature(u) for u in st.upstream}}
+        if st.uses:  # optional inputs: signed as they are when this stage runs
+            parts["uses"] = {u: self.signature(u) if self.is_complete(u) else None
+                             for u in st.uses}
+        return signature(parts)
 
     def marker_dir(self, stage: str) -> Path:
         return self.root / ".done" / stage / self.signature(stage)
 
     def markers(self, stage: str) -> dict[int, dict]:
-        """Completed ranks of a stage under its current signature: rank -> marker content."""
+        """Completed ranks of a stage under its current signature: rank -> marker content.
+        A marker whose output was deleted does not count (that rank runs again)."""
+        st = stages.get(stage)
         d = self.marker_dir(stage)
         out: dict[int, dict] = {}
         if d.is_dir():
             for f in d.glob("r[0-9]*"):
                 try:
-                    out[int(f.name[1:])] = json.loads(f.read_text() or "{}")
+                    rank = int(f.name[1:])
+                    mark = json.loads(f.read_text() or "{}")
                 except (ValueError, json.JSONDecodeError):
                     continue
+                if self._output_exists(st, rank):
+                    out[rank] = mark
         return out
 
     def stage_world_size(self, stage: str) -> int | None:
@@ -219,7 +235,7 @@ class Build:
         if ws is None:
             raise DsbuildError(
                 f"stage '{stage}' has no finished output for the current settings in {self.root}; "
-                f"run `dsbuild {stage} {self.root}` first"
+                f"run `{self.command_of(stage)}` first"
             )
         missing = sorted(set(range(ws)) - set(marks))
         raise DsbuildError(
@@ -227,8 +243,21 @@ class Build:
             f"are not done; run `dsbuild {stage} {self.root} --rank R --world-size {ws}` for them"
         )
 
+    def invalidate(self, stage: str) -> None:
+        """Forget a stage's completion (its output was replaced by something else)."""
+        shutil.rmtree(self.root / ".done" / stage, ignore_errors=True)
+
+    def command_of(self, stage: str) -> str:
+        """The shell command that runs a stage on this build."""
+        st = stages.get(stage)
+        if st.command_name and st.command_name != st.name:
+            return f"dsbuild run --out {self.root} --until {stage}"
+        return f"dsbuild {stage} {self.root}"
+
     def records(self, stage: str, *, require: bool = True) -> Iterator[dict]:
         """Records of a stage's committed shards (all ranks of its current signature)."""
+        if not stages.get(stage).records:
+            raise DsbuildError(f"stage '{stage}' writes files, not records")
         if require:
             self.require_complete(stage)
         marks = self.markers(stage)
@@ -239,15 +268,21 @@ class Build:
                 yield from read_jsonl(f)
 
     def run_stage(self, stage: str, rank: int, world_size: int,
-                  work: Callable[[ShardWriter], dict | None], *, force: bool = False,
-                  key: str = "id") -> StageResult:
+                  work: Callable[[ShardWriter | None], dict | None], *, force: bool = False
+                  ) -> StageResult:
         """Run one rank of a stage: skip if done, else resume its partial shard, commit, mark.
 
-        ``work(writer)`` writes records with ``writer.write`` (skipping keys in
-        ``writer.done``) and may return stats that go into the completion marker.
+        Record stages: ``work(writer)`` writes records with ``writer.write`` (skipping keys in
+        ``writer.done``). File stages (``records=False``): ``work(None)`` writes the stage's
+        output atomically itself. Either may return stats that go into the completion marker
+        (a file stage's ``stats["records"]`` is its record count). The marker is written last.
         """
+        st = stages.get(stage)
+        if not st.sharded and (rank, world_size) != (0, 1):
+            raise DsbuildError(f"stage '{stage}' does not shard: run it without --rank/"
+                               "--world-size")
         check_rank(rank, world_size)
-        for up in STAGES[stage][1]:
+        for up in st.upstream:
             self.require_complete(up)
         mdir = self.marker_dir(stage)
         marks = self.markers(stage)
@@ -264,16 +299,11 @@ class Build:
             m = marks[rank]
             return StageResult(stage, rank, world_size, True, m.get("records", 0),
                                m.get("stats", {}))
-        out = self.output_dir(stage) / shard_name(rank)
-        sig = self.signature(stage)
-        sig_file = out.with_name(out.name + ".partial.sig")
-        fresh = force or not sig_file.exists() or sig_file.read_text().strip() != sig
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with ShardWriter(out, key=key, fresh=fresh) as writer:
-            write_text(sig_file, sig)
-            stats = work(writer) or {}
-            n = writer.commit()
-        sig_file.unlink(missing_ok=True)
+        if st.records:
+            stats, n = self._write_shard(st, rank, force, work)
+        else:
+            stats = work(None) or {}
+            n = int(stats.get("records", 0))
         mdir.mkdir(parents=True, exist_ok=True)
         write_json(mdir / f"r{rank:05d}", {
             "world_size": world_size, "records": n, "stats": stats,
@@ -281,18 +311,38 @@ class Build:
         })
         return StageResult(stage, rank, world_size, False, n, stats)
 
+    def _write_shard(self, st: stages.Stage, rank: int, force: bool,
+                     work: Callable[[ShardWriter | None], dict | None]) -> tuple[dict, int]:
+        """Resume (or start) the rank's partial shard, run ``work`` on it, commit it."""
+        out = self.output_dir(st.name) / shard_name(rank)
+        sig = self.signature(st.name)
+        sig_file = out.with_name(out.name + ".partial.sig")
+        fresh = force or not sig_file.exists() or sig_file.read_text().strip() != sig
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with ShardWriter(out, key=st.key, fresh=fresh) as writer:
+            write_text(sig_file, sig)
+            stats = work(writer) or {}
+            n = writer.commit()
+        sig_file.unlink(missing_ok=True)
+        return stats, n
+
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
         """Per stage: signature, world size, done ranks, records; plus decisions and reports."""
         out: dict[str, Any] = {"build": str(self.root), "recipe": self.recipe.name, "stages": {}}
-        for stage in STAGES:
+        for st in stages.all_stages():
+            stage = st.name
             marks = self.markers(stage)
             ws = self.stage_world_size(stage)
+            sig = self.signature(stage)
             stale = [p.name for p in (self.root / ".done" / stage).glob("*")
-                     if p.is_dir() and p.name != self.signature(stage)]
-            partial = sorted(p.name for p in self.output_dir(stage).glob("r*.jsonl.partial"))
+                     if p.is_dir() and p.name != sig]
+            partial = sorted(p.name for p in self.output_dir(stage).glob("r*.jsonl.partial")) \
+                if st.records and self.output_dir(stage).is_dir() else []
             out["stages"][stage] = {
-                "signature": self.signature(stage),
+                "signature": sig,
+                "output": st.output,
+                "sharded": st.sharded,
                 "world_size": ws,
                 "done_ranks": sorted(marks),
                 "missing_ranks": sorted(set(range(ws)) - set(marks)) if ws else [],

@@ -1,69 +1,85 @@
 """The ``dsbuild`` command: a thin click layer over the Python API.
 
-Subcommands are imported lazily, so ``dsbuild status`` never imports torch; each stage's
-module registers its command in ``COMMANDS`` below as ``module:attribute``.
+Subcommands are imported lazily, so ``dsbuild status`` never imports torch. Stage commands
+come from the stage declarations (:mod:`dsbuild.stages`); the others are listed in
+``COMMANDS`` below as ``module:attribute`` with the extra their imports need. A command
+whose optional dependency is missing exits 2 with the ``pip install 'dsbuild[extra]'`` line.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
 import click
 
-from dsbuild import __version__
+from dsbuild import __version__, stages
 from dsbuild.errors import DsbuildError
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "init": ("dsbuild.cli:init_cmd", "create a build directory from a recipe"),
-    "status": ("dsbuild.cli:status_cmd", "show each stage: records, done ranks, what is left"),
-    "captions": ("dsbuild.captions.cli:captions_cmd", "write caption triples with LLM agents"),
-    "generate": ("dsbuild.generate.cli:generate_cmd", "make image pairs with Prompt-to-Prompt"),
-    "filter": ("dsbuild.filter.cli:filter_cmd", "score pairs with CLIP/DINO and keep the best"),
-    "augment": ("dsbuild.augment.cli:augment_cmd", "add no-change samples"),
-    "export": ("dsbuild.export.cli:export_cmd", "write train/test splits with a dataset card"),
-    "push": ("dsbuild.export.cli:push_cmd", "push an export to the Hugging Face Hub"),
-    "run": ("dsbuild.pipeline:run_cmd", "run every stage end to end"),
-    "report": ("dsbuild.report.cli:report_group", "reports (diversity)"),
-    "inspect": ("dsbuild.review.fiftyone_cli:inspect_cmd", "curate pairs in FiftyOne"),
-    "review": ("dsbuild.review.labelstudio_cli:review_group", "human review in Label Studio"),
-    "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries"),
+# commands that are not stages: name -> (module:attribute, help, extra)
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "init": ("dsbuild.cli:init_cmd", "create a build directory from a recipe", None),
+    "status": ("dsbuild.cli:status_cmd", "show each stage: records, done ranks, what is left",
+               None),
+    "push": ("dsbuild.export.cli:push_cmd", "push an export to the Hugging Face Hub", "export"),
+    "run": ("dsbuild.pipeline:run_cmd", "run every stage end to end", None),
+    "inspect": ("dsbuild.review.fiftyone_cli:inspect_cmd", "curate pairs in FiftyOne",
+                "fiftyone"),
+    "review": ("dsbuild.review.labelstudio_cli:review_group", "human review in Label Studio",
+               "review"),
+    "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries", None),
 }
 
 
-def load_command(target: str) -> click.Command:
-    module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
+def all_commands() -> dict[str, tuple[str, str, str | None]]:
+    """Every top-level command: the ones above plus one per stage declaration."""
+    out = dict(COMMANDS)
+    for st in stages.all_stages():
+        if st.command:
+            out[st.cli_name] = (st.command, st.help, st.extra)
+    return out
+
+
+def load_command(target: str, extra: str | None = None) -> click.Command:
+    return stages.load_target(target, extra)
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported only when used."""
+    """A click group whose subcommands are imported only when used.
 
-    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+    ``lazy`` maps a name to ``(module:attribute, help[, extra])``, or is a callable that
+    returns such a mapping (so stages registered later still show up)."""
+
+    def __init__(self, *args, lazy=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.lazy = lazy or {}
+        self._lazy = lazy or {}
+
+    @property
+    def lazy(self) -> dict:
+        return self._lazy() if callable(self._lazy) else self._lazy
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
 
     def get_command(self, ctx, name):
-        if name in self.lazy:
+        lazy = self.lazy
+        if name in lazy:
+            target, _, *extra = lazy[name]
             try:
-                return load_command(self.lazy[name][0])
-            except (ImportError, AttributeError) as exc:
+                return load_command(target, extra[0] if extra else None)
+            except DsbuildError:
                 if ctx.resilient_parsing or name not in (ctx.protected_args or [name]):
                     return None
-                raise click.ClickException(f"command '{name}' is not available: {exc}") from exc
+                raise
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx, formatter):
-        rows = [(name, help_) for name, (_, help_) in sorted(self.lazy.items())]
+        rows = [(name, entry[1]) for name, entry in sorted(self.lazy.items())]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=all_commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dsbuild")
 def cli():
     """dsbuild: build context-specific datasets for instruction-based image editing."""
@@ -127,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     except DsbuildError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # an optional dependency imported deep in a command
+        if (exc.name or "").split(".")[0] in ("dsbuild", ""):
+            raise
+        err = stages.missing_dependency(exc)
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -9,14 +9,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dsbuild import stages
 from dsbuild.errors import ConfigError
-from dsbuild.settings.augment import AugmentSettings
-from dsbuild.settings.captions import CaptionsSettings
-from dsbuild.settings.diversity import DiversitySettings
-from dsbuild.settings.export import ExportSettings
-from dsbuild.settings.filter import FilterSettings
-from dsbuild.settings.generate import GenerateSettings
 from dsbuild.settings.review import ReviewSettings
+from dsbuild.settings.split import SplitSettings
 
 Level = Literal["object", "room"]
 Operation = Literal["add", "remove", "change", "replace"]
@@ -104,19 +100,68 @@ class Recipe(_Strict):
         raise KeyError(name)
 
 
-class BuildConfig(_Strict):
-    """Everything in ``dsbuild.yaml``: the recipe and every stage's settings."""
+# settings that moved between sections: (old section, key) -> new section
+MOVED = {("export", "test_ratio"): "split", ("export", "seed"): "split"}
+
+
+class BuildConfig(BaseModel):
+    """Everything in ``dsbuild.yaml``: the recipe, shared sections, and one section per stage.
+
+    The stage sections are not fields written here: each registered stage
+    (:mod:`dsbuild.stages`) contributes ``<stage name>: <its settings model>``, validated like a
+    field (unknown keys are errors) and read as an attribute (``config.generate.steps``).
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     dsbuild_version: str = "0.1.0"
     recipe_path: str | None = None
     recipe: Recipe
-    captions: CaptionsSettings = Field(default_factory=CaptionsSettings)
-    generate: GenerateSettings = Field(default_factory=GenerateSettings)
-    filter: FilterSettings = Field(default_factory=FilterSettings)
-    augment: AugmentSettings = Field(default_factory=AugmentSettings)
-    export: ExportSettings = Field(default_factory=ExportSettings)
+    split: SplitSettings = Field(default_factory=SplitSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
-    diversity: DiversitySettings = Field(default_factory=DiversitySettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_sections(cls, data: Any) -> Any:
+        """Validate every stage's section with its settings model; reject unknown sections."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for (old, key), new in MOVED.items():  # dsbuild.yaml written before the move
+            section = data.get(old)
+            if isinstance(section, dict) and key in section:
+                section = dict(section)
+                data[old] = section
+                target = data.setdefault(new, {})
+                if isinstance(target, dict):
+                    target = data[new] = dict(target)
+                    target.setdefault(key, section.pop(key))
+        known = set(cls.model_fields)
+        errors = []
+        for name in list(data):
+            if name in known:
+                continue
+            stage = stages.find(name)
+            if stage is None:
+                errors.append({"type": "extra_forbidden", "loc": (name,), "input": data[name]})
+                continue
+            value = data[name]
+            if not isinstance(value, stage.settings):
+                try:
+                    data[name] = stage.settings.model_validate(value or {})
+                except ValidationError as exc:
+                    errors += [{"type": e["type"], "loc": (name, *e["loc"]),
+                                "input": e.get("input"), "ctx": e.get("ctx") or {}}
+                               for e in exc.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        for stage in stages.all_stages():
+            data.setdefault(stage.name, stage.settings())
+        return data
+
+    def stage_settings(self, name: str):
+        """The settings model of stage ``name``."""
+        return getattr(self, name)
 
 
 # --------------------------------------------------------------------------- loading
@@ -231,19 +276,31 @@ def apply_overrides(config: BuildConfig, overrides: list[str] | tuple[str, ...])
             continue
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) < 2 or parts[0] not in BuildConfig.model_fields or parts[0] == "recipe":
+        if len(parts) < 2 or parts[0] not in config_sections() or parts[0] == "recipe":
             problems.append((key, "expected <stage>.<setting> with a stage of dsbuild.yaml"))
             continue
+        if tuple(parts[:2]) in MOVED:  # e.g. export.test_ratio is split.test_ratio now
+            parts[0] = MOVED[(parts[0], parts[1])]
         target = data
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             target = target.setdefault(p, {})
-        target[parts[-1]] = parse_value(value)
+            if not isinstance(target, dict):
+                target = None
+                problems.append((key, f"{'.'.join(parts[:i + 1])} is a value, not a section"))
+                break
+        if target is not None:
+            target[parts[-1]] = parse_value(value)
     if problems:
         raise ConfigError("--set", problems)
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError("--set", validation_problems(exc)) from None
+
+
+def config_sections() -> list[str]:
+    """The sections of dsbuild.yaml: the shared ones and one per registered stage."""
+    return [*BuildConfig.model_fields, *stages.names()]
 
 
 def dump_config(config: BuildConfig) -> str:
@@ -254,12 +311,14 @@ def dump_config(config: BuildConfig) -> str:
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    """The folder above the package: the repository root when run from a source checkout."""
+    from dsbuild.resources import checkout_root
+
+    return checkout_root()
 
 
 def default_recipe_path() -> Path:
-    """The built-in interior-design recipe (source checkout or editable install)."""
-    p = repo_root() / "recipes" / "interior-design.yaml"
-    if p.exists():
-        return p
-    return Path(__file__).resolve().parent / "data" / "interior-design.yaml"
+    """The built-in interior-design recipe: the installed wheel's copy, else the checkout's."""
+    from dsbuild.resources import bundled_file
+
+    return bundled_file("recipes", "interior-design.yaml")

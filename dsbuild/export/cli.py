@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from dsbuild.cli_util import build_argument
+from dsbuild.config import apply_overrides
 
 
 @click.command("export")
@@ -13,14 +16,23 @@ from dsbuild.cli_util import build_argument
               help="export folder (default: BUILD/export)")
 @click.option("--force", is_flag=True, help="rewrite the export even where it is up to date")
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
-              help="change a setting in dsbuild.yaml first, e.g. export.test_ratio=0.2")
+              help="change a setting first, e.g. split.test_ratio=0.2: saved in dsbuild.yaml, "
+                   "or, with --to, used for that export only")
 def export_cmd(build, to, force, overrides):
-    """Write BUILD's train/test splits as parquet shards with a dataset card into DIR."""
+    """Write BUILD's train/test splits as parquet shards with a dataset card.
+
+    Without --to this is the export stage: BUILD/export, skipped when up to date. With --to,
+    a one-off export into DIR whose --set settings are not saved, so they never change what a
+    later plain `dsbuild export` writes.
+    """
     from dsbuild.build import Build
-    from dsbuild.export.writer import export_build
+    from dsbuild.export.writer import default_export_dir, export_build
 
     b = Build.open(build)
-    b.update(overrides)
+    if to and Path(to).resolve() != default_export_dir(b).resolve():
+        b.config = apply_overrides(b.config, overrides)  # this export only, not saved
+    else:
+        b.update(overrides)
     res = export_build(b, to, force=force)
     echo_export(res)
 

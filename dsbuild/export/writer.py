@@ -1,25 +1,27 @@
-"""``export_build``: rows → parquet shards + grid + card in a temp folder, renamed into place.
+"""The export stage: rows → parquet shards + grid + card in a temp folder, renamed into place.
 
-A re-run with the same inputs (stage signatures, export settings, decisions, diversity
-report) finds ``export_info.json`` with the same signature and does nothing.
+``run_export`` is the stage (declared in :mod:`dsbuild.stages`): it writes BUILD/export and
+its completion marker through ``Build.run_stage``, like every other stage, so a re-run with
+the same inputs (upstream signatures, export and split settings, decisions, the diversity
+report) does nothing. ``export_build(build, to=OTHER)`` writes a one-off copy elsewhere; its
+``export_info.json`` holds the signature it was made from.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsbuild.build import Build
+from dsbuild.build import Build, StageResult
 from dsbuild.errors import DsbuildError
 from dsbuild.export.card import GRID_NAME, card_text, check_public, grid_image
 from dsbuild.export.dataset import collect_rows, write_shards
-from dsbuild.export.split import SPLITS
-from dsbuild.hashing import signature
 from dsbuild.records import write_json, write_text
+from dsbuild.split import SPLITS
 
 INFO_NAME = "export_info.json"
 
@@ -32,50 +34,65 @@ class ExportResult:
     stats: dict
 
 
-def _file_hash(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
-
-
 def export_signature(build: Build) -> str:
-    """What an export depends on: upstream stages, settings the card shows, decisions, report."""
-    cfg = build.config
-    return signature({
-        "filter": build.signature("filter"),
-        "augment": build.signature("augment") if build.is_complete("augment") else None,
-        "export": cfg.export.signature_dict(), "captions": cfg.captions.signature_dict(),
-        "decisions": _file_hash(build.decisions_path),
-        "diversity": _file_hash(build.reports_dir / "diversity.md"),
-        "format": 1,
-    })
+    """What an export depends on: the export stage's signature (see ``stages``)."""
+    return build.signature("export")
 
 
 def default_export_dir(build: Build) -> Path:
-    return build.root / "export"
+    return build.output_dir("export")
 
 
-def _read_info(path: Path) -> dict | None:
-    f = path / INFO_NAME
+def read_info(path: Path) -> dict | None:
+    """An export folder's export_info.json (None when absent or unreadable)."""
+    f = Path(path) / INFO_NAME
     if not f.exists():
         return None
-    import json
-
     try:
         return json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
 
 
+def _summary(path: Path, counts: dict) -> str:
+    rows = ", ".join(f"{k} {v['rows']}" for k, v in counts.items())
+    return f"{path} ({rows} rows)"
+
+
+def run_export(build: Build, rank: int = 0, world_size: int = 1, *, force: bool = False
+               ) -> StageResult:
+    """The export stage: BUILD/export with its card, then the completion marker."""
+
+    def work(_) -> dict:
+        res = write_export(build, default_export_dir(build))
+        return {"records": sum(v["rows"] for v in res.counts.values()), "counts": res.counts,
+                "path": str(res.path), "summary": _summary(res.path, res.counts), **res.stats}
+
+    return build.run_stage("export", rank, world_size, work, force=force)
+
+
 def export_build(build: Build, to: str | Path | None = None, *, force: bool = False
                  ) -> ExportResult:
-    """Write the export of ``build`` into ``to`` (default BUILD/export), atomically."""
-    out = Path(to) if to else default_export_dir(build)
+    """Export ``build`` into ``to`` (default: BUILD/export, through the export stage)."""
+    default = default_export_dir(build)
+    out = Path(to) if to else default
+    if out.resolve() == default.resolve():
+        res = run_export(build, force=force)
+        return ExportResult(default, res.skipped, res.stats.get("counts", {}), res.stats)
+    info = read_info(out)
+    if info and info.get("signature") == export_signature(build) and not force:
+        return ExportResult(out, True, info.get("counts", {}), info.get("stats", {}))
+    return write_export(build, out)
+
+
+def write_export(build: Build, out: Path) -> ExportResult:
+    """Write the export of ``build`` into ``out``, atomically (temp folder, then rename)."""
+    build.require_complete("filter")
     sig = export_signature(build)
-    info = _read_info(out)
+    info = read_info(out)
     if out.exists() and info is None and any(out.iterdir()):
         raise DsbuildError(f"{out} exists and is not a dsbuild export (no {INFO_NAME}); "
                            "choose an empty or new folder")
-    if info and info.get("signature") == sig and not force:
-        return ExportResult(out, True, info.get("counts", {}), info.get("stats", {}))
     rows = collect_rows(build)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
@@ -111,7 +128,7 @@ def split_captions(path: Path) -> dict[str, set[str]]:
     """Input and edited captions per split of an export (for leak checks)."""
     import pyarrow.parquet as pq
 
-    from dsbuild.export.split import caption_key
+    from dsbuild.split import caption_key
 
     out: dict[str, set[str]] = {k: set() for k in SPLITS}
     for k in SPLITS:
@@ -122,4 +139,4 @@ def split_captions(path: Path) -> dict[str, set[str]]:
     return out
 
 
-__all__ = ["export_build", "ExportResult", "split_captions"]
+__all__ = ["export_build", "run_export", "ExportResult", "split_captions"]

@@ -46,10 +46,24 @@ def diversity_cmd(builds, as_json, out_dir, fail_under, fail_over, semantic):
 
     Exits 1 when a --fail-under/--fail-over threshold is missed (one line per miss).
     """
-    from dsbuild.report.diversity import overall_table, public, run_report
+    from pathlib import Path
 
-    report, written = run_report(list(builds), fail_under=fail_under, fail_over=fail_over,
-                                 out_dir=out_dir, semantic=semantic)
+    from dsbuild.build import CONFIG_NAME, Build
+    from dsbuild.report.diversity import overall_table, public, run_diversity, run_report
+
+    first = Path(builds[0])
+    if len(builds) == 1 and out_dir is None and (first / CONFIG_NAME).exists():
+        # one build into its own reports/: that is the diversity stage (marker and all)
+        res = run_diversity(Build.open(first), force=True, fail_under=fail_under,
+                            fail_over=fail_over, semantic=semantic)
+        report = res.report
+        written = {k: first / "reports" / f"diversity.{k}" for k in ("json", "md", "png")}
+    else:
+        report, written = run_report(list(builds), fail_under=fail_under, fail_over=fail_over,
+                                     out_dir=out_dir, semantic=semantic)
+        if out_dir is None and (first / CONFIG_NAME).exists():
+            # a side-by-side report replaced the build's own: the stage must run again
+            Build.open(first).invalidate("diversity")
     if as_json:
         click.echo(json.dumps(public(report), indent=2, ensure_ascii=False))
     else:

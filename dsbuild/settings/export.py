@@ -10,8 +10,6 @@ from dsbuild.settings import StageSettings
 
 
 class ExportSettings(StageSettings):
-    test_ratio: float = Field(0.1, ge=0, lt=1, description="share of rows in the test split")
-    seed: int = 0
     policy: Literal["kept", "accepted"] = Field(
         "kept", description="kept = filter's keep minus review rejects; accepted = only accepted"
     )
