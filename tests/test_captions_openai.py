@@ -249,3 +249,41 @@ def test_sigkill_half_way_then_resume(tmp_path, mini_recipe):
         assert len(srv.chat_requests) - sent_before == report["requests"]["sent"]
         assert 12 <= len(srv.chat_requests) - 12 <= 13
         assert not partial.exists()
+
+
+def test_client_waits_retry_after_and_reports_each_retry(tmp_path):
+    """The shared client: a 429's Retry-After is honoured, each retry reaches ``on_retry``
+    (reason, attempt, wait), and a callback that raises stops the request (fail-fast hook)."""
+    import asyncio
+
+    from dsbuild.llm import ChatClient, RequestCache
+    from dsbuild.settings.llm import LLMSettings
+
+    async def ask(client):
+        async with client:
+            t0 = time.perf_counter()
+            reply = await client.complete([{"role": "user", "content": "hi"}], 0)
+            return reply, time.perf_counter() - t0
+
+    events = []
+    with OpenAIServer(handler=lambda body, n: chat("ok")) as srv:
+        settings = LLMSettings(base_url=srv.base_url, model="test-model", timeout=5,
+                               retry_backoff=0.01, max_backoff=5)
+        srv.queue(error(429, headers={"Retry-After": "0.4"}), Reply(200, {"detail": "busy"}))
+        client = ChatClient(settings, RequestCache(tmp_path / "c"), section="test",
+                            on_retry=events.append)
+        reply, took = asyncio.run(ask(client))
+        assert reply["content"] == "ok" and len(srv.chat_requests) == 3
+        assert [(e.reason, e.attempt) for e in events] == [("429", 1), ("bad_response", 2)]
+        assert 0.4 <= events[0].wait <= 0.44 and took >= 0.4
+        assert 0.02 <= events[1].wait <= 0.022  # retry_backoff * 2^(2-1), + up to 10% jitter
+        assert client.stats.as_dict()["retry_reasons"] == {"429": 1, "bad_response": 1}
+
+        def give_up(event):
+            raise DsbuildError(f"stopped on {event.reason}")
+
+        srv.queue(error(503))
+        client = ChatClient(settings, None, section="test", on_retry=give_up)
+        with pytest.raises(DsbuildError, match="stopped on 503"):
+            asyncio.run(ask(client))
+        assert len(srv.chat_requests) == 4

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from dsbuild.pipeline import STAGE_APIS, run_pipeline, run_settings
+from dsbuild import stages
+from dsbuild.pipeline import run_pipeline, run_settings
 
 
 def test_offline_settings_are_demo_sized():
@@ -28,7 +29,9 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
                                  "--limit", "1"])
     assert r.exit_code == 0, r.output
     assert "PLACEHOLDER images" in r.output
-    for stage in STAGE_APIS:  # every stage ran (none skipped or blocked)
+    assert stages.names() == ["captions", "generate", "filter", "augment", "diversity",
+                              "export"]
+    for stage in stages.names():  # every stage ran (none skipped)
         assert re.search(rf"^{stage}\s+done\s", r.output, re.M), (stage, r.output)
     ds = load_export(out / "export", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds["train"]) >= 1
@@ -40,6 +43,14 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
 
     again = run_pipeline(mini_recipe, out, offline=True, limit=1, echo=lambda s: None)
     assert again.did_nothing, [(o.stage, o.state) for o in again.outcomes]
+
+    # the export is a stage: its marker says done; a deleted export is written again
+    import shutil
+
+    shutil.rmtree(out / "export")
+    third = run_pipeline(mini_recipe, out, offline=True, limit=1, echo=lambda s: None)
+    assert [o.stage for o in third.outcomes if o.state == "done"] == ["export"]
+    assert (out / "export" / "README.md").exists()
 
 
 def test_run_refuses_another_recipe(mini_recipe, tmp_path, mini_build):

@@ -3,23 +3,25 @@
 The model sees the caption and the recipe things the caption does not mention, and answers
 ``{"target": ..., "edit": ...}``. A reply is used only when its target is one of those absent
 things, the instruction names it, and the instruction names nothing the caption mentions;
-otherwise the template writes that sample and the reason is counted. Replies are cached in
-the build (``cache/augment``), so a re-run pays for no call twice. Endpoint, model and key
-variable are ``augment.*`` settings; retries and timeout are the captions settings'.
+otherwise the template writes that sample and the reason is counted. Requests go through the
+shared ``dsbuild.llm.ChatClient`` (``augment.*`` settings: endpoint, concurrency, retries) and
+are cached in the build (``cache/augment``), so a re-run pays for no call twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
 
 from dsbuild.augment.mentions import Mentions, key, names_any, phrase_in, words
 from dsbuild.build import Build
-from dsbuild.captions.cache import RequestCache
-from dsbuild.captions.openai_backend import api_key
-from dsbuild.config import Agent
-from dsbuild.errors import DsbuildError, require
+from dsbuild.llm import ChatClient, RequestCache
 
+OFFLINE_HINT = "or set augment.backend=template"
 SYSTEM = (
     "You write image-editing instructions that must leave an image UNCHANGED, to teach an "
     "image editor where not to edit. You get the caption of an image and things that are NOT "
@@ -30,48 +32,56 @@ SYSTEM = (
 )
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One request: the caption, the absent things shown to the model, the things the caption
+    shows (which the answer must not name), and the sample key that names its cache entry."""
+
+    caption: str
+    absent: list[str]
+    present: list[str]
+    sample: str
+
+    def messages(self) -> list[dict]:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": (
+            f"Caption: {self.caption}\nThings NOT in the image: {', '.join(self.absent)}")}]
+
+
 class LLMInstructions:
-    """One chat request per sample (cached); ``instruction`` returns (target, edit) or None."""
+    """Asks the LLM for many samples at once; each reply checked into (target, edit) or None."""
 
     def __init__(self, build: Build, mentions: Mentions):
-        openai = require("openai", "llm")
-        c, a = build.config.captions, build.config.augment
-        self.model = a.model
-        self.temperature = a.temperature
-        self.client = openai.OpenAI(base_url=a.base_url, api_key=api_key(a),  # type: ignore[arg-type]
-                                    max_retries=c.max_retries, timeout=c.timeout)
-        self.cache = RequestCache(build.cache_dir / "augment")
+        self.client = ChatClient(build.config.augment, RequestCache(build.cache_dir / "augment"),
+                                 section="augment", offline_hint=OFFLINE_HINT)
         self.mentions = mentions
-        self.recipe = build.recipe
         self.rejected: Counter = Counter()
-        self.sent = self.cached = 0
 
-    def _ask(self, payload: dict, sample: str) -> str:
-        key = self.cache.key(payload, sample)  # type: ignore[arg-type]
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cached += 1
-            return hit["content"]
-        import openai
+    @property
+    def model(self) -> str:
+        return self.client.model
 
-        try:
-            resp = self.client.chat.completions.create(**payload)
-        except openai.APIError as exc:
-            raise DsbuildError(f"augment LLM request failed: {exc}") from None
-        self.sent += 1
-        content = resp.choices[0].message.content or ""
-        self.cache.put(key, {"content": content})
-        return content
+    def answer(self, asks: Sequence[Ask],
+               emit: Callable[[int, tuple[str, str] | None], None]) -> None:
+        """Send every request (``augment.concurrency`` at a time) and call ``emit(i, got)`` in
+        the order of ``asks``, so the output is the same at any concurrency. ``got`` is the
+        checked instruction or None (rejected: the template writes it); a request that failed
+        after its retries is not emitted; the stats count it and a re-run asks again."""
+        asyncio.run(self._answer(asks, emit))
 
-    def instruction(self, agent: Agent, caption: str, absent: list[str], present: list[str],
-                    sample: str) -> tuple[str, str] | None:
-        """An LLM-written instruction naming one of ``absent`` and none of ``present``."""
-        payload = {
-            "model": self.model, "temperature": self.temperature, "max_tokens": 120,
-            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": (
-                f"Caption: {caption}\nThings NOT in the image: {', '.join(absent)}")}],
-        }
-        text = self._ask(payload, sample).strip()
+    async def _answer(self, asks: Sequence[Ask],
+                      emit: Callable[[int, tuple[str, str] | None], None]) -> None:
+        async with self.client:
+            replies = self.client.complete_in_order([(a.messages(), a.sample) for a in asks])
+            async with aclosing(replies):
+                i = 0
+                async for reply in replies:
+                    if reply is not None:
+                        emit(i, self.check(asks[i], reply["content"]))
+                    i += 1
+
+    def check(self, ask: Ask, text: str) -> tuple[str, str] | None:
+        """An LLM-written instruction naming one of ``ask.absent`` and none of ``ask.present``."""
+        text = text.strip()
         if text.startswith("```"):
             text = text.strip("`").removeprefix("json").strip()
         try:
@@ -80,7 +90,7 @@ class LLMInstructions:
         except (json.JSONDecodeError, KeyError, TypeError):
             self.rejected["not JSON with target and edit"] += 1
             return None
-        absent_by_key = {key(a): a for a in absent}
+        absent_by_key = {key(a): a for a in ask.absent}
         term = absent_by_key.get(key(target))
         if term is None:
             self.rejected["target is not an absent thing"] += 1
@@ -89,10 +99,15 @@ class LLMInstructions:
         if not any(phrase_in(n, edit_words, head=False) for n in self.mentions.names_of(term)):
             self.rejected["instruction does not name its target"] += 1
             return None
-        if names_any(edit, present, self.mentions):
+        if names_any(edit, ask.present, self.mentions):
             self.rejected["instruction names something the caption mentions"] += 1
             return None
         return term, edit
 
+    @property
+    def failed(self) -> int:
+        return self.client.stats.failed
+
     def stats(self) -> dict:
-        return {"sent": self.sent, "cached": self.cached, "rejected": dict(self.rejected)}
+        """The client's request stats (sent, cached, retries, failed, tokens) + rejections."""
+        return {**self.client.stats.as_dict(), "rejected": dict(self.rejected)}

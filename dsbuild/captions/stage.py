@@ -16,14 +16,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dsbuild.build import Build, StageResult, check_rank
-from dsbuild.captions.cache import RequestCache
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
 from dsbuild.captions.report import write_report
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import FIELDS, Checked, Validator, check_examples, clean_text
 from dsbuild.config import Agent, Recipe, apply_overrides
-from dsbuild.errors import DsbuildError, require
+from dsbuild.errors import DsbuildError
 from dsbuild.hashing import content_id
+from dsbuild.llm import ChatClient, RequestCache, check_endpoint
 from dsbuild.progress import progress
 from dsbuild.records import ShardWriter
 from dsbuild.settings.captions import CaptionsSettings
@@ -31,6 +31,7 @@ from dsbuild.settings.captions import CaptionsSettings
 AUTO_ROUNDS = 8
 TEMPLATE_ATTEMPTS = 50  # candidates per wanted triple before the template backend gives up
 MAX_EXAMPLES = 3  # rejected lines kept per reason in the report
+OFFLINE_HINT = "use --backend template to write captions offline"
 
 
 def resolve_backend(settings: CaptionsSettings) -> str:
@@ -187,10 +188,9 @@ class CaptionsRun:
 
     # ------------------------------------------------------------------ openai
     def run_openai(self) -> dict:
-        from dsbuild.captions.openai_backend import OpenAIBackend
-
         started = time.perf_counter()
-        backend = OpenAIBackend(self.settings, RequestCache(self.build.cache_dir / "captions"))
+        backend = ChatClient(self.settings, RequestCache(self.build.cache_dir / "captions"),
+                             section="captions", offline_hint=OFFLINE_HINT)
         self.model = backend.model
         asyncio.run(self._openai(backend))
         stats = self.stats(started, backend.stats.as_dict())
@@ -204,7 +204,7 @@ class CaptionsRun:
             )
         return stats
 
-    async def _openai(self, backend) -> None:
+    async def _openai(self, backend: ChatClient) -> None:
         s = self.settings
         rounds = s.max_rounds or AUTO_ROUNDS
         async with backend:
@@ -259,10 +259,7 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
     chosen = resolve_backend(s)
     agents = shard_agents(build.recipe, rank, world_size)
     if chosen == "openai":  # fail before any work: missing SDK or key
-        from dsbuild.captions.openai_backend import api_key
-
-        require("openai", "llm")
-        api_key(s)
+        check_endpoint(s, "captions", OFFLINE_HINT)
 
     def work(writer: ShardWriter) -> dict:
         run = CaptionsRun(build, agents, chosen, writer, show_progress=show_progress)

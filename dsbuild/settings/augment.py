@@ -6,18 +6,18 @@ from typing import Literal
 
 from pydantic import Field
 
-from dsbuild.settings import StageSettings
+from dsbuild.settings.llm import LLMSettings
 
 
-class AugmentSettings(StageSettings):
+class AugmentSettings(LLMSettings):
+    """The openai backend's endpoint settings (``model``, ``base_url``, retries ...) come from
+    LLMSettings; augment has its own, so it never reads the captions stage's."""
+
     ratio: float = Field(0.1, ge=0, le=1, description="no-change samples per kept pair")
     backend: Literal["template", "openai"] = Field(
         "template", description="template: from the recipe's vocabulary; openai: an "
         "OpenAI-compatible LLM, each reply checked, the template as fallback"
     )
     seed: int = 0
-    # openai backend (retries and timeout are the captions settings')
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var with the key")
     temperature: float = Field(0.9, ge=0, le=2)
+    max_tokens: int = Field(120, ge=16)
