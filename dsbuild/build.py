@@ -23,11 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsbuild import stages
+from dsbuild import locks, stages
 from dsbuild.config import BuildConfig, Recipe, apply_overrides, dump_config, load_build_config
-from dsbuild.errors import DsbuildError
+from dsbuild.errors import DsbuildError, RecordError
 from dsbuild.hashing import signature
-from dsbuild.records import ShardWriter, read_jsonl, shard_name, write_json, write_text
+from dsbuild.records import (
+    ShardWriter,
+    read_jsonl,
+    shard_name,
+    shard_problem,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 
 CONFIG_NAME = "dsbuild.yaml"
 
@@ -61,6 +69,16 @@ class StageResult:
     records: int
     stats: dict = field(default_factory=dict)
     report: dict | None = None  # the stage's report over every rank, where it writes one
+
+
+def _sig_file(shard: Path) -> Path:
+    """The signature a rank's partial shard was started under."""
+    return shard.with_name(shard.name + ".partial.sig")
+
+
+def _pending(shard: Path) -> Path:
+    """What a commit produced (signature, records, stats), until the marker is written."""
+    return shard.with_name(shard.name + ".commit.json")
 
 
 class Build:
@@ -264,8 +282,27 @@ class Build:
         out_dir = self.output_dir(stage)
         for rank in sorted(marks):
             f = out_dir / shard_name(rank)
-            if f.exists():
-                yield from read_jsonl(f)
+            n = 0
+            try:
+                for rec in read_jsonl(f):
+                    n += 1
+                    yield rec
+            except RecordError as exc:
+                raise RecordError(exc.path, exc.line, f"{exc.msg}; "
+                                  f"{self._repair_hint(stage, rank)}") from None
+            expected = marks[rank].get("records")
+            if expected is not None and n != expected:
+                raise DsbuildError(f"{f}: holds {n} records but its completion marker says "
+                                   f"{expected}; {self._repair_hint(stage, rank)}")
+
+    def _repair_hint(self, stage: str, rank: int) -> str:
+        ws = self.stage_world_size(stage) or 1
+        return (f"repair it with `dsbuild repair {self.root} {stage}` (keeps the intact "
+                f"records, then `{self.command_of(stage)}` redoes the rest), or rerun the rank "
+                f"with `{self.command_of(stage)} --rank {rank} --world-size {ws} --force`")
+
+    def lock_path(self, stage: str, rank: int) -> Path:
+        return self.root / ".locks" / f"{stage}.r{rank:05d}.lock"
 
     def run_stage(self, stage: str, rank: int, world_size: int,
                   work: Callable[[ShardWriter | None], dict | None], *, force: bool = False
@@ -276,6 +313,8 @@ class Build:
         ``writer.done``). File stages (``records=False``): ``work(None)`` writes the stage's
         output atomically itself. Either may return stats that go into the completion marker
         (a file stage's ``stats["records"]`` is its record count). The marker is written last.
+        One process at a time holds the rank (``dsbuild.locks``); a second one stops with who
+        is writing, or waits with ``--wait``.
         """
         st = stages.get(stage)
         if not st.sharded and (rank, world_size) != (0, 1):
@@ -284,47 +323,139 @@ class Build:
         check_rank(rank, world_size)
         for up in st.upstream:
             self.require_complete(up)
+        what = f"rank {rank} of {stage} in {self.root}" if st.sharded else \
+            f"{stage} of {self.root}"
+        with locks.hold(self.lock_path(stage, rank), what):
+            return self._run_locked(st, rank, world_size, work, force)
+
+    def _run_locked(self, st: stages.Stage, rank: int, world_size: int,
+                    work: Callable[[ShardWriter | None], dict | None], force: bool
+                    ) -> StageResult:
+        stage = st.name
         mdir = self.marker_dir(stage)
         marks = self.markers(stage)
         prev_ws = self.stage_world_size(stage)
-        if prev_ws is not None and prev_ws != world_size and not force:
-            raise DsbuildError(
-                f"stage '{stage}' already ran with --world-size {prev_ws} for these settings; "
-                f"use --world-size {prev_ws}, or --force to start the stage over"
-            )
-        if force:
-            shutil.rmtree(mdir, ignore_errors=True)
+        if prev_ws is not None and prev_ws != world_size:
+            if not force:
+                raise DsbuildError(
+                    f"stage '{stage}' already ran with --world-size {prev_ws} for these "
+                    f"settings; use --world-size {prev_ws}, or --force to start the stage over")
+            shutil.rmtree(mdir, ignore_errors=True)  # another sharding: start the stage over
             marks = {}
+        marker = mdir / f"r{rank:05d}"
+        if force:
+            marker.unlink(missing_ok=True)
+            marks.pop(rank, None)
         if rank in marks:
             m = marks[rank]
             return StageResult(stage, rank, world_size, True, m.get("records", 0),
                                m.get("stats", {}))
-        if st.records:
+        committed = None if force or not st.records else self._committed_unmarked(st, rank)
+        if committed is not None:  # killed between the shard's commit and its marker
+            stats, n = committed
+        elif st.records:
             stats, n = self._write_shard(st, rank, force, work)
         else:
             stats = work(None) or {}
             n = int(stats.get("records", 0))
         mdir.mkdir(parents=True, exist_ok=True)
-        write_json(mdir / f"r{rank:05d}", {
+        write_json(marker, {
             "world_size": world_size, "records": n, "stats": stats,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
+        if st.records:
+            out = self.output_dir(stage) / shard_name(rank)
+            for f in (_pending(out), _sig_file(out)):
+                f.unlink(missing_ok=True)
         return StageResult(stage, rank, world_size, False, n, stats)
+
+    def _committed_unmarked(self, st: stages.Stage, rank: int) -> tuple[dict, int] | None:
+        """(stats, records) of a shard committed under the current signature whose marker was
+        never written, once the shard checks out against what the commit recorded."""
+        out = self.output_dir(st.name) / shard_name(rank)
+        pending = _pending(out)
+        if not (out.exists() and pending.exists()):
+            return None
+        try:
+            info = json.loads(pending.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if info.get("signature") != self.signature(st.name):
+            return None
+        if shard_problem(out, info.get("records")) is not None:
+            return None
+        return info.get("stats", {}), int(info["records"])
 
     def _write_shard(self, st: stages.Stage, rank: int, force: bool,
                      work: Callable[[ShardWriter | None], dict | None]) -> tuple[dict, int]:
-        """Resume (or start) the rank's partial shard, run ``work`` on it, commit it."""
+        """Resume (or start) the rank's partial shard, run ``work`` on it, commit it. What the
+        commit produced is noted beside the shard first, so a kill before the marker costs a
+        check, not a rerun."""
         out = self.output_dir(st.name) / shard_name(rank)
         sig = self.signature(st.name)
-        sig_file = out.with_name(out.name + ".partial.sig")
+        sig_file = _sig_file(out)
         fresh = force or not sig_file.exists() or sig_file.read_text().strip() != sig
         out.parent.mkdir(parents=True, exist_ok=True)
         with ShardWriter(out, key=st.key, fresh=fresh) as writer:
-            write_text(sig_file, sig)
+            if fresh:
+                write_text(sig_file, sig)
             stats = work(writer) or {}
-            n = writer.commit()
-        sig_file.unlink(missing_ok=True)
+            n = len(writer.records)
+            write_json(_pending(out), {"signature": sig, "records": n, "stats": stats})
+            writer.commit()
         return stats, n
+
+    # ------------------------------------------------------------------ repair
+    def shard_problems(self, stage: str) -> dict[int, str]:
+        """Done ranks whose committed shard does not match its marker (torn or bad lines, a
+        different record count): rank -> what is wrong."""
+        if not stages.get(stage).records:
+            return {}
+        out_dir = self.output_dir(stage)
+        problems = {}
+        for rank, m in self.markers(stage).items():
+            why = shard_problem(out_dir / shard_name(rank), m.get("records"))
+            if why:
+                problems[rank] = why
+        return problems
+
+    def repair(self, stage: str, ranks: list[int] | None = None) -> dict[int, dict]:
+        """Turn damaged committed shards back into partial ones: their intact records are kept
+        as the rank's partial shard and the marker is removed, so the next run of the stage
+        redoes only what was lost. Returns rank -> {kept, dropped, why}."""
+        st = stages.get(stage)
+        if not st.records:
+            raise DsbuildError(f"stage '{stage}' writes files, not shards: rerun it with "
+                               f"`{self.command_of(stage)}` (add --force to rewrite it)")
+        problems = self.shard_problems(stage)
+        todo = sorted(problems) if ranks is None else sorted(ranks)
+        out_dir = self.output_dir(stage)
+        sig = self.signature(stage)
+        done: dict[int, dict] = {}
+        for rank in todo:
+            with locks.hold(self.lock_path(stage, rank), f"rank {rank} of {stage}"):
+                shard = out_dir / shard_name(rank)
+                kept, dropped = [], 0
+                if shard.exists():
+                    with open(shard, "rb") as fh:
+                        for line in fh:
+                            try:
+                                rec = json.loads(line) if line.endswith(b"\n") else None
+                            except (json.JSONDecodeError, UnicodeDecodeError):
+                                rec = None
+                            if isinstance(rec, dict):
+                                kept.append(rec)
+                            elif line.strip():
+                                dropped += 1
+                partial = shard.with_name(shard.name + ".partial")
+                write_jsonl(partial, kept)
+                write_text(_sig_file(shard), sig)
+                (self.marker_dir(stage) / f"r{rank:05d}").unlink(missing_ok=True)
+                _pending(shard).unlink(missing_ok=True)
+                shard.unlink(missing_ok=True)
+                done[rank] = {"kept": len(kept), "dropped": dropped,
+                              "why": problems.get(rank, "asked to")}
+        return done
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
@@ -339,14 +470,16 @@ class Build:
                      if p.is_dir() and p.name != sig]
             partial = sorted(p.name for p in self.output_dir(stage).glob("r*.jsonl.partial")) \
                 if st.records and self.output_dir(stage).is_dir() else []
+            damaged = self.shard_problems(stage)
             out["stages"][stage] = {
+                "damaged": {str(r): why for r, why in damaged.items()},
                 "signature": sig,
                 "output": st.output,
                 "sharded": st.sharded,
                 "world_size": ws,
                 "done_ranks": sorted(marks),
                 "missing_ranks": sorted(set(range(ws)) - set(marks)) if ws else [],
-                "complete": self.is_complete(stage),
+                "complete": self.is_complete(stage) and not damaged,
                 "records": sum(m.get("records", 0) for m in marks.values()),
                 "in_progress": partial,
                 "stale_signatures": stale,

@@ -23,11 +23,16 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
                None),
     "push": ("dsbuild.export.cli:push_cmd", "push an export to the Hugging Face Hub", "export"),
     "run": ("dsbuild.pipeline:run_cmd", "run every stage end to end", None),
+    "repair": ("dsbuild.cli:repair_cmd", "keep the intact records of damaged shards", None),
     "inspect": ("dsbuild.review.fiftyone_cli:inspect_cmd", "curate pairs in FiftyOne",
                 "fiftyone"),
     "review": ("dsbuild.review.labelstudio_cli:review_group", "human review in Label Studio",
                "review"),
     "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries", None),
+    "train": ("dsbuild.train.cli:train_cmd", "fine-tune InstructPix2Pix on an export", "train"),
+    "eval": ("dsbuild.evaluate.cli:eval_cmd", "edit a test split with models and compare them",
+             "train"),
+    "edit": ("dsbuild.evaluate.cli:edit_cmd", "edit one image by an instruction", "train"),
 }
 
 
@@ -124,15 +129,46 @@ def status_cmd(build, as_json):
             state = "complete"
         else:
             state = f"incomplete, missing ranks {s['missing_ranks']}"
+        if s["damaged"]:
+            state = f"DAMAGED ranks {sorted(int(r) for r in s['damaged'])}"
         extra = f", in progress: {', '.join(s['in_progress'])}" if s["in_progress"] else ""
         click.echo(f"  {stage:<9} {state:<34} records={s['records']:<7} "
                    f"ranks={len(s['done_ranks'])}/{s['world_size'] or '-'} "
                    f"sig={s['signature']}{extra}")
+    for stage, s in st["stages"].items():
+        for rank, why in s["damaged"].items():
+            click.echo(f"  {stage} rank {rank}: {why}; repair with `dsbuild repair {build} "
+                       f"{stage}`", err=True)
     if st["decisions"]:
         dec = ", ".join(f"{k}={v}" for k, v in sorted(st["decisions"].items()))
         click.echo(f"  decisions {dec}")
     if st["reports"]:
         click.echo(f"  reports   {', '.join(st['reports'])}")
+
+
+@click.command("repair")
+@click.argument("build", type=click.Path(file_okay=False))
+@click.argument("stage")
+@click.option("--rank", "ranks", type=int, multiple=True,
+              help="repair these ranks even if they look intact (default: the damaged ones)")
+def repair_cmd(build, stage, ranks):
+    """Turn STAGE's damaged shards in BUILD back into partial ones, keeping intact records.
+
+    A committed shard with a torn or bad line, or with another record count than its
+    completion marker, loses its marker; its intact records become the rank's partial shard,
+    so the next run of the stage redoes only what was lost.
+    """
+    from dsbuild.build import Build
+
+    b = Build.open(build)
+    done = b.repair(stage, list(ranks) or None)
+    if not done:
+        click.echo(f"{stage}: every committed shard matches its marker; nothing to repair")
+        return
+    for rank, r in done.items():
+        click.echo(f"{stage} rank {rank}: {r['why']}; kept {r['kept']} intact records, dropped "
+                   f"{r['dropped']} bad lines")
+    click.echo(f"now run `{b.command_of(stage)}` to redo the rest")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,11 +15,26 @@ def shard_options(fn):
     @click.option("--force", is_flag=True, help="recompute this stage even where it is done")
     @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
                   help="change a setting in dsbuild.yaml before running (repeatable)")
+    @wait_option
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def wait_option(fn):
+    """--wait: when another process is writing the same rank, wait for it instead of exiting."""
+
+    def set_wait(ctx, param, value):
+        from dsbuild import locks
+
+        locks.set_wait(value)
+        return value
+
+    return click.option("--wait", is_flag=True, expose_value=False, callback=set_wait,
+                        help="if another process is writing this rank, wait for it instead "
+                             "of stopping")(fn)
 
 
 def build_argument(fn):

@@ -16,9 +16,12 @@ function you can import (see each stage's page). Settings not shown as options a
 `--set STAGE.KEY=VALUE` (frozen into `dsbuild.yaml`) or by editing `dsbuild.yaml`; each
 stage's page lists its settings.
 
-Exit codes: 0 success; 1 a missed `--fail-under`/`--fail-over` gate, or a command whose extra
-is not installed; 2 an error dsbuild explains on stderr (bad input, a file, line or field to
-fix) or a usage error (unknown option, bad value); 130 interrupted.
+Exit codes: 0 success; 1 a missed `--fail-under`/`--fail-over` gate, or a stage that ran but
+whose output does not count as done (empty or short output, an endpoint that stopped
+answering: nothing is lost, no completion marker, run the same command again); 2 an error
+dsbuild explains on stderr (bad input, a file, line or field to fix; a missing optional
+dependency, with its `pip install 'dsbuild[extra]'` line; a rank another process is writing)
+or a usage error (unknown option, bad value); 130 interrupted.
 """
 
 

@@ -225,6 +225,13 @@ def load_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), [("", "file not found")]) from None
+    except UnicodeDecodeError as exc:
+        raw = path.read_bytes()
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), [(f"line {line}", f"byte {exc.start} is not UTF-8 text "
+                                       "(save the file as UTF-8)")]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), [("", "is a folder, expected a YAML file")]) from None
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)

@@ -77,9 +77,17 @@ def add_decisions(build, decisions: Iterable[dict], *,
     ``withdraw=(tool, present)`` makes the call a snapshot of that tool: a pair in ``present``
     whose current ``tool`` verdict is not among ``decisions`` gets a ``withdrawn`` decision.
     """
+    from dsbuild import locks
+
+    path = build.decisions_path
+    with locks.hold(path.with_name(f".{path.name}.lock"), f"{path}", wait=True):
+        return _add_decisions(build, list(decisions), withdraw)
+
+
+def _add_decisions(build, decisions: list[dict],
+                   withdraw: tuple[str, Iterable[str]] | None) -> list[dict]:
     existing = read_decisions(build)
     current = current_by_tool(existing)
-    decisions = list(decisions)
     if withdraw is not None:
         tool, present = withdraw
         holding = {d.get("pair_id") for d in decisions if d.get("tool") == tool}

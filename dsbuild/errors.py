@@ -25,8 +25,15 @@ class RecordError(DsbuildError):
     """A record file has a bad line; names the file and line number."""
 
     def __init__(self, path: str, line: int, msg: str):
-        self.path, self.line = str(path), line
+        self.path, self.line, self.msg = str(path), line, msg
         super().__init__(f"{path}:{line}: {msg}")
+
+
+class StageFailed(DsbuildError):
+    """A stage ran but its output is not good enough to count as done (empty, too short, a dead
+    endpoint): nothing is lost and no completion marker is written; exit status 1."""
+
+    exit_code = 1
 
 
 class MissingDependency(DsbuildError):
@@ -45,3 +52,20 @@ def require(module: str, extra: str, package: str | None = None):
             f"{pkg} is needed for this step but could not be imported ({exc}).\n"
             f"  Install it with: pip install 'dsbuild[{extra}]'"
         ) from exc
+
+
+def require_installed(extra: str, *modules: str, what: str = "this step") -> None:
+    """Fail before any work when a module of an extra is not installed. Only looks the module
+    up (no import), so a stage can check on every call, even one that has nothing to do."""
+    from importlib.util import find_spec
+
+    for module in modules:
+        try:
+            found = find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a broken __spec__
+            found = False
+        if not found:
+            raise MissingDependency(
+                f"{what} needs {module}, which is not installed.\n"
+                f"  Install it with: pip install 'dsbuild[{extra}]'"
+            )

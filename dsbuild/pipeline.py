@@ -22,6 +22,7 @@ import click
 
 from dsbuild import stages
 from dsbuild.build import Build
+from dsbuild.cli_util import wait_option
 from dsbuild.config import default_recipe_path, load_recipe
 from dsbuild.errors import DsbuildError
 
@@ -134,6 +135,7 @@ def _label(o: StageOutcome) -> str:
                    f"{DEMO_TRIPLES_PER_AGENT})")
 @click.option("--until", default=None, metavar="STAGE",
               help="run only this stage and the stages it needs")
+@wait_option
 def run_cmd(recipe, out, offline, limit, until):
     """Run every stage (captions → generate → filter → augment → diversity → export) on
     RECIPE into BUILD.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dsbuild.cli_util import build_argument
+from dsbuild.cli_util import build_argument, wait_option
 from dsbuild.config import apply_overrides
 
 
@@ -18,6 +18,7 @@ from dsbuild.config import apply_overrides
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
               help="change a setting first, e.g. split.test_ratio=0.2: saved in dsbuild.yaml, "
                    "or, with --to, used for that export only")
+@wait_option
 def export_cmd(build, to, force, overrides):
     """Write BUILD's train/test splits as parquet shards with a dataset card.
 

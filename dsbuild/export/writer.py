@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsbuild import locks
 from dsbuild.build import Build, StageResult
 from dsbuild.errors import DsbuildError
 from dsbuild.export.card import GRID_NAME, card_text, check_public, grid_image
@@ -79,10 +80,11 @@ def export_build(build: Build, to: str | Path | None = None, *, force: bool = Fa
     if out.resolve() == default.resolve():
         res = run_export(build, force=force)
         return ExportResult(default, res.skipped, res.stats.get("counts", {}), res.stats)
-    info = read_info(out)
-    if info and info.get("signature") == export_signature(build) and not force:
-        return ExportResult(out, True, info.get("counts", {}), info.get("stats", {}))
-    return write_export(build, out)
+    with locks.hold(out.parent / f".{out.name}.lock", f"the export into {out}"):
+        info = read_info(out)
+        if info and info.get("signature") == export_signature(build) and not force:
+            return ExportResult(out, True, info.get("counts", {}), info.get("stats", {}))
+        return write_export(build, out)
 
 
 def write_export(build: Build, out: Path) -> ExportResult:
