@@ -166,25 +166,6 @@ class Build:
         out = self.root / stage.output
         return (out / shard_name(rank)).exists() if stage.records else out.exists()
 
-    def scored_pairs(self, kept_only: bool = False):
-        """Yield (score, pair, triple) for every filter score (or only the kept ones): the join
-        augment and export share, with a clear error where the stages' outputs disagree."""
-        triples = {t["id"]: t for t in self.records("captions")}
-        pairs = {p["id"]: p for p in self.records("generate")}
-        for sc in self.records("filter"):
-            if kept_only and not sc.get("keep"):
-                continue
-            pair = pairs.get(sc["pair_id"])
-            if pair is None:
-                raise DsbuildError(f"{self.root}: score for unknown pair {sc['pair_id']!r} "
-                                   "(filter output does not match generate output); rerun "
-                                   "`dsbuild filter`")
-            triple = triples.get(pair["triple_id"])
-            if triple is None:
-                raise DsbuildError(f"{self.root}: pair {pair['id']} names unknown triple "
-                                   f"{pair['triple_id']!r}; rerun `dsbuild generate`")
-            yield sc, pair, triple
-
     # ------------------------------------------------------------------ signatures / markers
     def signed_input(self, name: str):
         """A build input a stage signs besides its settings (see ``stages.SIGNABLE``)."""
@@ -422,20 +403,24 @@ class Build:
     def repair(self, stage: str, ranks: list[int] | None = None) -> dict[int, dict]:
         """Turn damaged committed shards back into partial ones: their intact records are kept
         as the rank's partial shard and the marker is removed, so the next run of the stage
-        redoes only what was lost. Returns rank -> {kept, dropped, why}."""
+        redoes only what was lost. A record is intact when its line parses and, where the
+        stage declares a ``verify`` check (generate: both images decode), the check passes.
+        Returns rank -> {kept, dropped, why} for the ranks it changed."""
         st = stages.get(stage)
         if not st.records:
             raise DsbuildError(f"stage '{stage}' writes files, not shards: rerun it with "
                                f"`{self.command_of(stage)}` (add --force to rewrite it)")
+        verify = stages.load_target(st.verify, st.extra) if st.verify else None
         problems = self.shard_problems(stage)
-        todo = sorted(problems) if ranks is None else sorted(ranks)
+        marks = self.markers(stage)
+        todo = sorted(set(marks) | set(problems)) if ranks is None else sorted(ranks)
         out_dir = self.output_dir(stage)
         sig = self.signature(stage)
         done: dict[int, dict] = {}
         for rank in todo:
             with locks.hold(self.lock_path(stage, rank), f"rank {rank} of {stage}"):
                 shard = out_dir / shard_name(rank)
-                kept, dropped = [], 0
+                kept, dropped, reasons = [], 0, []
                 if shard.exists():
                     with open(shard, "rb") as fh:
                         for line in fh:
@@ -443,18 +428,24 @@ class Build:
                                 rec = json.loads(line) if line.endswith(b"\n") else None
                             except (json.JSONDecodeError, UnicodeDecodeError):
                                 rec = None
-                            if isinstance(rec, dict):
+                            why = None if isinstance(rec, dict) else "bad line"
+                            if why is None and verify is not None:
+                                why = verify(self, rec)
+                            if why is None:
                                 kept.append(rec)
                             elif line.strip():
                                 dropped += 1
+                                reasons.append(why)
+                if rank not in problems and not dropped and ranks is None:
+                    continue  # intact
                 partial = shard.with_name(shard.name + ".partial")
                 write_jsonl(partial, kept)
                 write_text(_sig_file(shard), sig)
                 (self.marker_dir(stage) / f"r{rank:05d}").unlink(missing_ok=True)
                 _pending(shard).unlink(missing_ok=True)
                 shard.unlink(missing_ok=True)
-                done[rank] = {"kept": len(kept), "dropped": dropped,
-                              "why": problems.get(rank, "asked to")}
+                why = problems.get(rank) or (reasons[0] if reasons else "asked to")
+                done[rank] = {"kept": len(kept), "dropped": dropped, "why": why}
         return done
 
     # ------------------------------------------------------------------ status

@@ -85,3 +85,21 @@ def edit_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Ten
 def mean_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean of each metric over the rows (NaNs skipped), as plain floats for reports."""
     return {k: float(torch.nanmean(v.float())) for k, v in metrics.items()}
+
+
+def l1_distance(image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
+    """L1: mean absolute pixel difference per image, for pixels scaled to [0, 1] (MagicBrush's
+    L1 against the ground-truth edit; 0 = identical). Shapes ``(..., H, W, C)`` or ``(n, ...)``:
+    the mean runs over everything but the first dimension of a batch."""
+    diff = (image_a.float() - image_b.float()).abs()
+    return diff.mean() if diff.dim() <= 3 else diff.flatten(1).mean(1)
+
+
+def ground_truth_metrics(edit: torch.Tensor, truth: torch.Tensor, dino_edit: torch.Tensor | None
+                         = None, dino_truth: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """MagicBrush's protocol against the ground-truth edited image: CLIP-I (cosine of CLIP
+    image embeddings) and, given DINOv2 CLS embeddings, DINO. L1 is :func:`l1_distance`."""
+    out = {"CLIP-I": clip_image(edit, truth)}
+    if dino_edit is not None and dino_truth is not None:
+        out["DINO"] = dino(dino_edit, dino_truth)
+    return out

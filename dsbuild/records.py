@@ -8,6 +8,7 @@ place with ``os.replace``: a reader never sees half a shard.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -16,11 +17,59 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dsbuild.errors import RecordError
+from dsbuild.errors import DsbuildError, RecordError
 
 
 def shard_name(rank: int) -> str:
     return f"r{rank:05d}.jsonl"
+
+
+class DiskFull(DsbuildError):
+    """The disk (or quota) filled while writing; what was written so far is kept."""
+
+
+def disk_error(exc: OSError, path: str | os.PathLike) -> Exception:
+    """A one-line DiskFull naming the path for ENOSPC/EDQUOT; other OS errors unchanged."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on the device while writing {path}; what was written "
+                        "so far is kept: free some space and run the same command again")
+    return exc
+
+
+def shard_problem(path: str | os.PathLike, expected: int | None) -> str | None:
+    """Why a committed shard cannot be trusted (a torn or bad line, or a record count other
+    than its completion marker's), or None. Reads the file once, parsing every line."""
+    path = Path(path)
+    if not path.exists():
+        return "the file is missing"
+    n = 0
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if not line.endswith(b"\n"):
+                return f"line {lineno} is torn (the file ends in the middle of a record)"
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return f"line {lineno} is not valid JSON"
+            if not isinstance(rec, dict):
+                return f"line {lineno} is not a JSON object"
+            n += 1
+    if expected is not None and n != expected:
+        return f"it holds {n} records but its completion marker says {expected}"
+    return None
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (0644 under the usual umask 022); mkstemp's
+    0600 would make atomically written files differ from every other file of a build."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
 
 
 @contextmanager
@@ -31,16 +80,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     binary = "b" in mode
     try:
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_error(exc, path) from None
         raise
 
 
@@ -56,6 +109,47 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_image(path: str | os.PathLike, image, format: str = "PNG") -> None:
+    """Save a PIL image atomically (PNG unless ``format`` says otherwise)."""
+    with atomic_open(path, "wb") as fh:
+        image.save(fh, format=format)
+
+
+def write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> None:
+    """Save a matplotlib figure as a PNG atomically, then close it (pyplot keeps every open
+    figure alive until closed)."""
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why an image file cannot be used (missing, empty, truncated, not an image), or None.
+    Decodes it fully: a PNG cut short still opens, and only fails when its pixels load."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as exc:
+        return f"{path} cannot be decoded ({exc})"
+    return None
+
+
+def pair_images_problem(build, pair: dict) -> str | None:
+    """The generate stage's record check: every image a pair names decodes."""
+    for rel in (pair.get("images") or {}).values():
+        why = image_problem(build.root / rel)
+        if why:
+            return why
+    return None
 
 
 def dumps_line(record: dict) -> str:
@@ -133,38 +227,52 @@ class ShardWriter:
         self._fh = open(self.partial, "a", encoding="utf-8")
 
     def _recover(self) -> list[dict]:
-        """Read complete lines of the partial file; drop a truncated tail and rewrite it."""
+        """Read the complete lines of the partial file. A torn last line (a kill mid-write) is
+        cut off in place, so the resume appends to the file instead of rewriting it; only a
+        bad line in the middle (the file was edited) makes it rewrite the good lines."""
         good: list[dict] = []
         raw = self.partial.read_bytes()
-        lines = raw.split(b"\n")
-        # The last element is b"" when the file ends with a newline; otherwise a torn line.
-        for chunk in lines[:-1]:
+        end = raw.rfind(b"\n") + 1  # bytes up to the last complete line
+        bad = 0
+        for chunk in raw[:end].split(b"\n"):
             if not chunk.strip():
                 continue
             try:
                 rec = json.loads(chunk)
             except json.JSONDecodeError:
+                bad += 1
                 continue
             if isinstance(rec, dict):
                 good.append(rec)
-        with atomic_open(self.partial, "w") as fh:
-            for rec in good:
-                fh.write(dumps_line(rec))
+            else:
+                bad += 1
+        if bad:
+            with atomic_open(self.partial, "w") as fh:
+                for rec in good:
+                    fh.write(dumps_line(rec))
+        elif end < len(raw):
+            os.truncate(self.partial, end)
         return good
 
     def write(self, record: dict) -> None:
         k = record.get(self.key)
         if k in self.done:
             return
-        self._fh.write(dumps_line(record))
-        self._fh.flush()
+        try:
+            self._fh.write(dumps_line(record))
+            self._fh.flush()
+        except OSError as exc:
+            raise disk_error(exc, self.partial) from None
         self.records.append(record)
         self.done.add(k)
 
     def commit(self) -> int:
         """fsync and move the partial file to the final shard name; returns the record count."""
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise disk_error(exc, self.partial) from None
         self._fh.close()
         os.replace(self.partial, self.path)
         return len(self.records)

@@ -61,6 +61,7 @@ class Stage:
     records: bool = True  # writes JSON-lines records (False: files, e.g. export, reports)
     key: str = "id"  # record field the shard writer resumes on
     check: str | None = None  # "module:function"(config) run by `dsbuild init` before writing
+    verify: str | None = None  # "module:function"(build, record) -> why it is damaged, or None
 
     def __post_init__(self):
         bad = [s for s in self.signs if s not in SIGNABLE]
@@ -215,6 +216,7 @@ register(Stage(
     name="generate", output="pairs", settings=GenerateSettings, upstream=("captions",),
     run="dsbuild.generate.stage:run_generate", command="dsbuild.generate.cli:generate_cmd",
     help="make image pairs with Prompt-to-Prompt", extra="gen",
+    verify="dsbuild.records:pair_images_problem",
 ))
 register(Stage(
     name="filter", output="scores", settings=FilterSettings, upstream=("generate",),

@@ -222,3 +222,42 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
     assert (b.root / "dsbuild.yaml").read_text() == before
     assert not (b.root / "triples").exists()
+
+
+def test_a_truncated_png_never_reaches_a_parquet_file(mini_recipe, tmp_path):
+    import pyarrow.parquet as pq
+
+    from dsbuild import join
+    from dsbuild.pipeline import run_pipeline
+    from dsbuild.records import image_problem
+
+    b = run_pipeline(mini_recipe, tmp_path / "b", offline=True, limit=1,
+                     echo=lambda s: None).build
+    kept = [j.pair for j in join.scored_pairs(b) if j.score.get("keep")]
+    victim = kept[0]
+    png = b.root / victim["images"]["output"]
+    png.write_bytes(png.read_bytes()[:120])  # cut short: it still opens, its pixels do not
+    assert image_problem(png)
+
+    r = dsbuild("export", b.root, "--force")
+    assert r.returncode == 0, r.stderr
+    assert "1 pairs dropped from the export" in r.stderr
+    assert str(png.relative_to(b.root)) in r.stderr
+    ids = set()
+    for f in (b.root / "export" / "data").glob("*.parquet"):
+        ids |= set(pq.read_table(f, columns=["pair_id"]).column("pair_id").to_pylist())
+    assert victim["id"] not in ids and len(ids) >= len(kept) - 1
+    info = json.loads((b.root / "export" / "export_info.json").read_text())
+    assert info["stats"]["unreadable_images"] == 1
+
+    r = dsbuild("export", b.root, "--force", "--set", "export.strict=true")
+    assert r.returncode == 2 and str(png) in r.stderr and "Traceback" not in r.stderr
+    assert f"dsbuild repair {b.root} generate" in r.stderr
+
+    # the remedy: repair drops the broken pair, generate makes it again (same id)
+    r = dsbuild("repair", b.root, "generate")
+    assert r.returncode == 0 and "dropped 1 bad lines" in r.stdout, r.stdout + r.stderr
+    r = dsbuild("generate", b.root)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr
+    assert image_problem(png) is None
+    assert victim["id"] in {p["id"] for p in Build.open(b.root).records("generate")}

@@ -3,7 +3,7 @@
 For each chosen pair the instruction names a thing the input caption does not mention
 (remove it, or change its colour/material/style); output image = input image and output
 caption = input caption, ``no_change: true``. The choice is seeded and stratified by the
-export's split, so both splits get no-change samples at the configured ratio.
+train/test split (``split`` settings, as export uses), so both splits get no-change samples at the configured ratio.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import random
 
+from dsbuild import join
+from dsbuild.augment.llm import OFFLINE_HINT, Ask, LLMInstructions
 from dsbuild.augment.mentions import (
     Mentions,
     absent_terms,
@@ -22,8 +24,10 @@ from dsbuild.augment.mentions import (
 from dsbuild.build import Build, StageResult, shard_of
 from dsbuild.config import Agent
 from dsbuild.errors import DsbuildError
-from dsbuild.export.split import row_nodes, split_rows
 from dsbuild.hashing import content_id
+from dsbuild.llm import check_endpoint
+from dsbuild.split import row_nodes, split_rows
+from dsbuild.text import article
 
 REMOVE = ("remove the {x}", "take away the {x}", "get rid of the {x}", "delete the {x}")
 REMOVE_VERBS = frozenset({"remove", "delete", "take", "get", "eliminate", "clear"})
@@ -43,14 +47,14 @@ def no_change_instruction(agent: Agent, term: str, rng: random.Random) -> tuple[
             options.append(("change", templates, values))
     op, templates, values = rng.choice(options)
     value = rng.choice(values)
-    article = "an" if value[:1].lower() in "aeiou" else "a"
-    text = rng.choice(templates).format(x=term, v=value, a=article)
+    text = rng.choice(templates).format(x=term, v=value, a=article(value))  # "an art deco look"
     return op, text
 
 
 def kept_pairs(build: Build) -> list[tuple[dict, dict, dict]]:
     """(pair, triple, score) of every pair the filter kept, in pair-id order."""
-    out = [(p, t, s) for s, p, t in build.scored_pairs(kept_only=True) if not t.get("no_change")]
+    out = [tuple(j) for j in join.scored_pairs(build, kept_only=True)
+           if not j.triple.get("no_change")]
     return sorted(out, key=lambda x: x[0]["id"])
 
 
@@ -58,7 +62,7 @@ def choose_pairs(build: Build, kept: list[tuple[dict, dict, dict]]
                  ) -> list[tuple[int, list[tuple[dict, dict]]]]:
     """Per prospective split: how many samples it wants (``ratio`` of its pairs, at least one)
     and its pairs in seeded order; later pairs stand in where a caption leaves nothing absent."""
-    a, e = build.config.augment, build.config.export
+    a, e = build.config.augment, build.config.split
     if a.ratio <= 0 or not kept:
         return []
     rows = {p["id"]: row_nodes(t["id"], [t["input"], t["output"]]) for p, t, _ in kept}
@@ -74,17 +78,27 @@ def choose_pairs(build: Build, kept: list[tuple[dict, dict, dict]]
     return chosen
 
 
+def sample_rng(build: Build, pair: dict) -> random.Random:
+    """The seeded RNG of one pair's sample: the same pair always draws the same."""
+    return random.Random(content_id("augment", build.config.augment.seed, pair["id"]))
+
+
+def llm_ask(build: Build, pair: dict, triple: dict, terms: list[str], present: list[str],
+            rng: random.Random) -> Ask:
+    """The LLM request for a pair: up to 12 of its absent ``terms`` (a draw from ``rng``)."""
+    shown = sorted(terms) if len(terms) <= 12 else sorted(rng.sample(sorted(terms), 12))
+    return Ask(triple["input"], shown, present, f"{build.config.augment.seed}:{pair['id']}")
+
+
 def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
-                terms: list[str], present: list[str], llm=None) -> dict:
-    """One no-change sample for a pair: an instruction naming one of ``terms`` (things absent
-    from the input caption) and none of ``present`` (things it shows)."""
-    a = build.config.augment
+                terms: list[str], present: list[str], rng: random.Random | None = None,
+                got: tuple[str, str] | None = None, model: str | None = None) -> dict:
+    """One no-change sample for a pair: the LLM's checked (term, edit) ``got``, else a template
+    instruction naming one of ``terms`` (things absent from the input caption) and none of
+    ``present`` (things it shows). ``rng`` is the pair's ``sample_rng``, after ``llm_ask``."""
     agent = _agent(build, triple)
-    rng = random.Random(content_id("augment", a.seed, pair["id"]))
-    backend, got = "template", None
-    if llm is not None:
-        shown = sorted(terms) if len(terms) <= 12 else sorted(rng.sample(sorted(terms), 12))
-        got = llm.instruction(agent, triple["input"], shown, present, f"{a.seed}:{pair['id']}")
+    rng = rng if rng is not None else sample_rng(build, pair)
+    backend = "template"
     if got is not None:
         term, edit = got
         lead = words(edit)[:3]  # "Please remove the rug." is a removal too
@@ -105,7 +119,7 @@ def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
         "input": triple["input"], "edit": edit, "output": triple["input"], "target": term,
         "no_change": True, "seed": pair.get("seed"), "params": pair.get("params"),
         "model": pair.get("model"), "images": {"input": img, "output": img},
-        "source": {"backend": backend, "model": llm.model if got is not None else None},
+        "source": {"backend": backend, "model": model if got is not None else None},
     }
 
 
@@ -118,9 +132,8 @@ def run_augment(build: Build, rank: int = 0, world_size: int = 1,
         mentions = Mentions(build.recipe)
         llm = None
         if build.config.augment.backend == "openai":
-            from dsbuild.augment.llm import LLMInstructions
-
             llm = LLMInstructions(build, mentions)
+        todo = []  # (pair, triple, terms, present) of the samples this rank writes, in order
         short = 0
         for want, members in choose_pairs(build, kept):
             have = 0
@@ -138,16 +151,33 @@ def run_augment(build: Build, rank: int = 0, world_size: int = 1,
                     continue
                 have += 1
                 if mine:
-                    writer.write(make_sample(build, mentions, pair, triple, terms, present, llm))
+                    todo.append((pair, triple, terms, present))
             short += want - have
+        rngs = [sample_rng(build, job[0]) for job in todo]
+        if llm is None:
+            for job, rng in zip(todo, rngs, strict=True):
+                writer.write(make_sample(build, mentions, *job, rng))
+        else:  # requests run concurrently; samples are written in ``todo`` order all the same
+            asks = [llm_ask(build, *job, rng) for job, rng in zip(todo, rngs, strict=True)]
+            llm.answer(asks, lambda i, got: writer.write(
+                make_sample(build, mentions, *todo[i], rngs[i], got, llm.model)))
         stats = {"kept_pairs": len(kept), "no_change": len(writer.records),
                  "ratio": build.config.augment.ratio, "short": short,
                  "backend": build.config.augment.backend}
         if llm is not None:
             stats["llm"] = llm.stats()
+            if llm.failed:
+                a = build.config.augment
+                raise DsbuildError(
+                    f"{llm.failed} augment request(s) to {a.base_url or 'the endpoint'} failed "
+                    f"after {a.max_retries} retries ({'; '.join(stats['llm']['errors'][:3])}); "
+                    "the other samples are kept: run the same command again to resume"
+                )
         return stats
 
-    return build.run_stage("augment", rank, world_size, work, force=force, key="pair_id")
+    if build.config.augment.backend == "openai":  # fail before any work: missing SDK or key
+        check_endpoint(build.config.augment, "augment", OFFLINE_HINT)
+    return build.run_stage("augment", rank, world_size, work, force=force)
 
 
 def _agent(build: Build, triple: dict) -> Agent:

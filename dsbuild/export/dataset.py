@@ -11,18 +11,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from dsbuild import join
 from dsbuild.build import Build
 from dsbuild.decisions import latest_by_pair
-from dsbuild.errors import DsbuildError, require
-from dsbuild.export.split import SPLITS, caption_key, row_nodes, split_rows
+from dsbuild.errors import DsbuildError, require, require_installed
 from dsbuild.hashing import content_id
 from dsbuild.progress import progress
+from dsbuild.records import image_problem
 from dsbuild.settings.filter import SCORE_KEYS
+from dsbuild.split import SPLITS, caption_key, row_nodes, split_rows
 
 ROW_GROUP = 100  # rows per parquet row group (what the Hub's viewer pages by)
+
+
+def check_installed() -> None:
+    """Fail with the pip line before any work when the ``export`` extra is not installed."""
+    require_installed("export", "datasets", "pyarrow", what="dsbuild export")
 
 
 def features():
@@ -34,7 +42,8 @@ def features():
         "original_prompt": V("string"), "edited_prompt": V("string"),
         "pair_id": V("string"), "triple_id": V("string"), "source_pair_id": V("string"),
         "agent": V("string"), "level": V("string"), "operation": V("string"),
-        "no_change": V("bool"), "original_edit": V("string"), "review": V("string"),
+        "no_change": V("bool"), "corrected": V("bool"), "original_edit": V("string"),
+        "review": V("string"),
         "seed": V("int64"), "model": V("string"),
         "p2p_mode": V("string"), "p2p_steps": V("int64"), "guidance": V("float64"),
         "cross_replace": V("float64"), "self_replace": V("float64"), "scheduler": V("string"),
@@ -68,6 +77,13 @@ def _num(v):
 
 
 def pair_row(pair: dict, triple: dict, score: dict, decision: dict | None) -> dict:
+    """One exported row of a generated pair.
+
+    A reviewer's ``corrected_edit`` is authoritative: it becomes ``edit_prompt`` (what the
+    pair shows) and ``corrected`` is true. ``original_prompt``/``edited_prompt`` stay the
+    captions the images were generated from, which on a corrected row may not describe the
+    edited image; ``original_edit`` keeps the planned instruction.
+    """
     params = pair.get("params") or {}
     edit = triple["edit"]
     corrected = (decision or {}).get("corrected_edit")
@@ -76,6 +92,7 @@ def pair_row(pair: dict, triple: dict, score: dict, decision: dict | None) -> di
         "agent": triple.get("agent"), "level": triple.get("level"),
         "operation": triple.get("operation"), "no_change": False,
         "edit_prompt": corrected or edit, "original_edit": edit,
+        "corrected": bool(corrected) and corrected != edit,
         "original_prompt": triple["input"], "edited_prompt": triple["output"],
         "review": (decision or {}).get("verdict"),
         "seed": pair.get("seed"), "model": public_name(pair.get("model")),
@@ -96,6 +113,7 @@ def no_change_row(sample: dict, source: dict, decision: dict | None) -> dict:
     row.update({
         "pair_id": sample["id"], "source_pair_id": sample["pair_id"], "no_change": True,
         "operation": sample.get("operation"), "edit_prompt": edit, "original_edit": edit,
+        "corrected": False,
         "edited_prompt": sample["input"], "original_prompt": sample["input"],
         "review": (decision or {}).get("verdict"), "filter_rank": None,
         **{k: None for k in SCORE_KEYS},
@@ -106,13 +124,14 @@ def no_change_row(sample: dict, source: dict, decision: dict | None) -> dict:
 
 def collect_rows(build: Build) -> ExportRows:
     """Apply the policy (filter keep, review verdicts, corrections) and split the rows."""
+    check_installed()
     s = build.config.export
     build.require_complete("filter")
     decisions = latest_by_pair(build)
     stats = {"scored": 0, "kept": 0, "rejected_by_review": 0, "not_accepted": 0,
              "corrected": 0, "no_change_available": 0, "no_change_dropped": 0}
     rows: dict[str, dict] = {}
-    for sc, pair, triple in build.scored_pairs():
+    for pair, triple, sc in join.scored_pairs(build):
         stats["scored"] += 1
         if not sc.get("keep"):
             continue
@@ -128,9 +147,11 @@ def collect_rows(build: Build) -> ExportRows:
         if (d or {}).get("corrected_edit"):
             stats["corrected"] += 1
         rows[pair["id"]] = pair_row(pair, triple, sc, d)
+    drop_unreadable(build, rows, stats)
     nodes = {rid: row_nodes(r["triple_id"], [r["original_prompt"], r["edited_prompt"]])
              for rid, r in rows.items()}
-    row_split, node_split = split_rows(nodes, s.test_ratio, s.seed)
+    row_split, node_split = split_rows(nodes, build.config.split.test_ratio,
+                                       build.config.split.seed)
     splits: dict[str, list[dict]] = {k: [] for k in SPLITS}
     for rid, r in rows.items():
         splits[row_split[rid]].append(r)
@@ -149,13 +170,42 @@ def collect_rows(build: Build) -> ExportRows:
     elif not s.no_change:
         stats["augment"] = "excluded (export.no_change=false)"
     for k in SPLITS:
-        splits[k].sort(key=lambda r: content_id("order", s.seed, r["pair_id"]))
+        splits[k].sort(key=lambda r: content_id("order", build.config.split.seed, r["pair_id"]))
     if not splits["train"]:
         raise DsbuildError(
             f"nothing to export from {build.root}: {stats['scored']} pairs scored, "
             f"{stats['kept']} kept by the filter, {stats['rejected_by_review']} rejected in "
             f"review, {stats['not_accepted']} not accepted (policy {s.policy!r})")
     return ExportRows(splits, stats)
+
+
+def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:
+    """Decode every image a row needs; a row with a missing or broken one is dropped and
+    counted with its reason (``export.strict``: the export stops instead, naming the file).
+    A corrupt image never reaches a parquet file."""
+    seen: dict[str, str | None] = {}
+    dropped: list[str] = []
+    for rid in list(rows):
+        for rel in rows[rid]["_images"]:
+            if rel not in seen:
+                seen[rel] = image_problem(build.root / rel)
+            why = seen[rel]
+            if why is None:
+                continue
+            remedy = (f"run `dsbuild repair {build.root} generate` (drops pairs whose images "
+                      f"are broken), then `dsbuild generate {build.root}` to make them again")
+            if build.config.export.strict:
+                raise DsbuildError(f"pair {rid}: {why}; {remedy}")
+            dropped.append(f"{rid}: {why.replace(str(build.root) + os.sep, '')}")
+            del rows[rid]
+            break
+    stats["unreadable_images"] = len(dropped)
+    if dropped:
+        stats["unreadable_examples"] = dropped[:5]
+        print(f"warning: {len(dropped)} pairs dropped from the export: an image is missing or "
+              f"cannot be decoded (e.g. {dropped[0]} in {build.root}); "
+              f"`dsbuild repair {build.root} generate` "
+              "then `dsbuild generate` makes them again", file=sys.stderr)
 
 
 def _image(build: Build, rel: str, name: str, row: dict) -> dict:

@@ -20,7 +20,7 @@ from dsbuild import locks
 from dsbuild.build import Build, StageResult
 from dsbuild.errors import DsbuildError
 from dsbuild.export.card import GRID_NAME, card_text, check_public, grid_image
-from dsbuild.export.dataset import collect_rows, write_shards
+from dsbuild.export.dataset import check_installed, collect_rows, write_shards
 from dsbuild.records import write_json, write_text
 from dsbuild.split import SPLITS
 
@@ -63,6 +63,8 @@ def _summary(path: Path, counts: dict) -> str:
 def run_export(build: Build, rank: int = 0, world_size: int = 1, *, force: bool = False
                ) -> StageResult:
     """The export stage: BUILD/export with its card, then the completion marker."""
+
+    check_installed()  # the pip line before "run filter first"
 
     def work(_) -> dict:
         res = write_export(build, default_export_dir(build))
@@ -114,7 +116,8 @@ def write_export(build: Build, out: Path) -> ExportResult:
         })
         check_public(tmp, build)
         for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)  # temp files are private; exports are not
+            if f.is_dir():
+                f.chmod(0o755)  # mkdtemp-style folders are private; an export is not
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)

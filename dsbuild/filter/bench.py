@@ -22,7 +22,9 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
+
+from dsbuild.errors import require_installed
+from dsbuild.filter.stage import FILTER_MODULES
 
 
 def _write_images(folder: Path, n: int, size: int) -> list[Path]:
@@ -42,6 +44,8 @@ def _write_images(folder: Path, n: int, size: int) -> list[Path]:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
 
 
@@ -49,6 +53,8 @@ def run_bench(model: str = "ViT-B-32", pretrained: str = "none", batch_size: int
               images: int = 128, device: str = "auto", dtype: str = "auto", workers: int = 4,
               repeats: int = 3, image_size: int = 256) -> dict:
     """Time raw open_clip and dsbuild on the same images; returns images/s and ratios."""
+    require_installed("filter", *FILTER_MODULES, what="dsbuild bench filter")
+    import torch
     from PIL import Image
 
     from dsbuild.filter.encoders import ClipEncoder, ImageEmbedder, autocast

@@ -10,10 +10,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from dsbuild import join
 from dsbuild.build import Build
-from dsbuild.filter.stage import THRESHOLDS
-from dsbuild.records import write_json, write_text
-from dsbuild.settings.filter import SCORE_KEYS
+from dsbuild.records import write_figure, write_json, write_text
+from dsbuild.settings.filter import SCORE_KEYS, THRESHOLDS
 
 
 def _rate(n: int, d: int) -> float | None:
@@ -39,19 +39,21 @@ def _pass_table(rows: list[dict], limits: dict[str, float]) -> dict:
     return table
 
 
-def filter_report(build: Build, scores: list[dict] | None = None) -> dict:
-    """The report as a dict: settings, overall and per-agent pass rates, reasons, summaries."""
+def filter_report(build: Build, rows: list[join.Joined] | None = None) -> dict:
+    """The report as a dict: settings, overall and per-agent pass rates, reasons, summaries.
+
+    ``rows``: the scored pairs (``join.scored_pairs``), read from the build when not given."""
     s = build.config.filter
-    scores = list(build.records("filter")) if scores is None else scores
-    triples = {t["id"]: t for t in build.records("captions")}
+    rows = list(join.scored_pairs(build)) if rows is None else rows
+    scores = [j.score for j in rows]
     limits = {name: getattr(s, name) for name in THRESHOLDS}
     if s.dino_min is not None:
         limits["dino"] = s.dino_min
     by_agent: dict[str, list[dict]] = {}
     reasons: dict[str, int] = {}
-    for r in scores:
-        agent = triples.get(r["triple_id"], {}).get("agent", "?")  # every score names it
-        by_agent.setdefault(agent, []).append(r)
+    for j in rows:
+        r = j.score
+        by_agent.setdefault(j.triple.get("agent", "?"), []).append(r)
         reason = (r.get("reason") or "kept").split(":")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
     summary = {}
@@ -102,11 +104,7 @@ def plot_histograms(scores: list[dict], limits: dict[str, float], path: Path) ->
         ax.set_xlabel("cosine")
     axes[0][0].set_ylabel("pairs")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    write_figure(path, fig)
 
 
 def plot_agents(rep: dict, path: Path) -> None:
@@ -134,10 +132,7 @@ def plot_agents(rep: dict, path: Path) -> None:
     ax.set_title("filter: pass rate per threshold and keep rate, per agent", fontsize=10)
     ax.legend(fontsize=7, ncol=len(cols), loc="upper center")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    write_figure(path, fig)
 
 
 def markdown(rep: dict) -> str:
@@ -159,12 +154,12 @@ def markdown(rep: dict) -> str:
 
 def write_filter_report(build: Build) -> dict:
     """Write reports/filter.{json,md,png} and filter_agents.png; returns the report dict."""
-    scores = list(build.records("filter"))
-    rep = filter_report(build, scores)
+    rows = list(join.scored_pairs(build))
+    rep = filter_report(build, rows)
     out = build.reports_dir
     write_json(out / "filter.json", rep)
     write_text(out / "filter.md", markdown(rep))
-    plot_histograms(scores, rep["settings"]["thresholds"], out / "filter.png")
+    plot_histograms([j.score for j in rows], rep["settings"]["thresholds"], out / "filter.png")
     plot_agents(rep, out / "filter_agents.png")
     rep["files"] = [str(out / n) for n in ("filter.json", "filter.md", "filter.png",
                                           "filter_agents.png")]

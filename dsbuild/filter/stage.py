@@ -6,6 +6,9 @@ of one caption triple that pass, the k (default 4) with the highest clip_sim_dir
 Top-k needs all of a triple's pairs, so ranks shard by ``triple_id``. Work is resumable per
 pair: a triple interrupted half-way is finished by re-ranking its written scores together with
 the ones still missing (rounded scores make the re-ranking identical).
+
+The keep/rank rules import without torch; the encoders (torch, open_clip, transformers) are
+imported when there are pairs to score, and ``run_filter`` checks first that they are installed.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dsbuild import metrics
+from dsbuild import join
 from dsbuild.build import Build, StageResult, select_shard
-from dsbuild.errors import DsbuildError
+from dsbuild.errors import require_installed
 from dsbuild.progress import progress
-from dsbuild.settings.filter import FilterSettings
+from dsbuild.settings.filter import THRESHOLDS, FilterSettings
 
-THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")
+if TYPE_CHECKING:
+    import torch
+
 DIGITS = 6
+# what scoring imports (the ``filter`` extra); checked before any work
+FILTER_MODULES = ("torch", "torchvision", "open_clip")
 
 
 def _round(x: float) -> float:
@@ -69,6 +75,10 @@ class Scorer:
 
     def score(self, pairs: list[dict], triples: dict[str, dict], root: Path) -> dict[str, dict]:
         """Raw scores (no keep/rank yet) per pair id; unusable images give an ``error``."""
+        import torch
+
+        from dsbuild import metrics
+
         paths = {}
         for p in pairs:
             for side in ("input", "output"):
@@ -175,19 +185,20 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                overrides: Iterable[str] = (), scorer: Scorer | None = None,
                quiet: bool = False, report: bool = True) -> StageResult:
     """Score one rank's pairs (all pairs of its triples), write scores; report when complete."""
+    if scorer is None:
+        require_installed("filter", *FILTER_MODULES, what="dsbuild filter")
     build.update(list(overrides))
     s = build.config.filter
+    if scorer is None and s.dino:
+        require_installed("filter", "transformers", what="filter.dino")
     build.require_complete("captions")
     build.require_complete("generate")
-    triples = {t["id"]: t for t in build.records("captions")}
-    mine = select_shard(build.records("generate"), rank, world_size,
-                        key=lambda p: p["triple_id"])
+    mine = select_shard(join.all_pairs(build, scores=False), rank, world_size,
+                        key=lambda j: j.pair["triple_id"])
+    triples = {j.triple["id"]: j.triple for j in mine}
     groups: dict[str, list[dict]] = {}
-    for p in mine:
-        if p.get("triple_id") not in triples:
-            raise DsbuildError(f"pair {p.get('id')} names triple_id {p.get('triple_id')!r}, "
-                               f"which is not among the caption triples in {build.root}")
-        groups.setdefault(p["triple_id"], []).append(p)
+    for j in mine:
+        groups.setdefault(j.pair["triple_id"], []).append(j.pair)
 
     def work(writer) -> dict:
         nonlocal scorer
@@ -210,7 +221,7 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
             bar.close()
         return shard_stats(writer.records)
 
-    result = build.run_stage("filter", rank, world_size, work, force=force, key="pair_id")
+    result = build.run_stage("filter", rank, world_size, work, force=force)
     if report and build.is_complete("filter"):
         from dsbuild.filter.report import write_filter_report
 

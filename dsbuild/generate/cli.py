@@ -15,8 +15,9 @@ from dsbuild.cli_util import build_argument, echo_result, shard_options
 def generate_cmd(build, model, rank, world_size, force, overrides):
     """Make image pairs for BUILD's caption triples with Prompt-to-Prompt."""
     from dsbuild.build import Build
-    from dsbuild.generate.stage import run_generate
+    from dsbuild.generate.stage import check_installed, run_generate
 
+    check_installed()  # before the --set/--model overrides are saved
     b = Build.open(build)
     b.update(list(overrides) + ([f"generate.model={model}"] if model else []))
     res = run_generate(b, rank=rank, world_size=world_size, force=force)

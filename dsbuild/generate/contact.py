@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from dsbuild.join import Joined
+from dsbuild.records import write_image
 
 THUMB = 160
 
@@ -18,37 +22,31 @@ def _thumb(path: Path) -> Image.Image:
                      if min(im.size) < THUMB else Image.Resampling.LANCZOS)
 
 
-def contact_sheet(root: Path, pairs: list[dict], triples: dict[str, dict], out: Path,
-                  per_agent: int = 3, note: str = "") -> Path | None:
-    """Write ``out`` (PNG) with up to ``per_agent`` pairs for each agent; None if no pairs."""
-    by_agent: dict[str, list[dict]] = {}
-    for p in pairs:
-        t = triples.get(p["triple_id"])
-        if t is None:
-            continue
-        lst = by_agent.setdefault(t.get("agent", "?"), [])
+def contact_sheet(root: Path, pairs: Iterable[Joined], out: Path, per_agent: int = 3,
+                  note: str = "") -> Path | None:
+    """Write ``out`` (PNG) with up to ``per_agent`` pairs (``join.all_pairs``) for each agent;
+    None if no pairs."""
+    by_agent: dict[str, list[Joined]] = {}
+    for j in pairs:
+        lst = by_agent.setdefault(j.triple.get("agent", "?"), [])
         if len(lst) < per_agent:
-            lst.append(p)
-    rows = [(a, p) for a in sorted(by_agent) for p in by_agent[a]]
+            lst.append(j)
+    rows = [(a, j) for a in sorted(by_agent) for j in by_agent[a]]
     if not rows:
         return None
     text_w, row_h, head = 560, THUMB + 8, 28
     sheet = Image.new("RGB", (2 * THUMB + text_w + 24, head + row_h * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((8, 8), f"dsbuild generate: input | output  {note}", fill="black")
-    for r, (agent, p) in enumerate(rows):
+    for r, (agent, (p, t, _)) in enumerate(rows):
         y = head + r * row_h
         sheet.paste(_thumb(root / p["images"]["input"]), (8, y))
         sheet.paste(_thumb(root / p["images"]["output"]), (16 + THUMB, y))
-        t = triples[p["triple_id"]]
         prm = p["params"]
         lines = [f"[{agent}] {t['edit']}", f"in:  {t['input']}", f"out: {t['output']}",
                  f"mode={prm['mode']} seed={p['seed']} p={prm['self_replace']} "
                  f"cross={prm['cross_replace']} g={prm['guidance']}"]
         for li, line in enumerate(lines):
             draw.text((24 + 2 * THUMB, y + 6 + 16 * li), line[:90], fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(out)
+    write_image(out, sheet)
     return out

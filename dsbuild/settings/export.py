@@ -18,3 +18,5 @@ class ExportSettings(StageSettings):
     pretty_name: str | None = Field(None, description="dataset title (default: recipe name)")
     shard_mb: int = Field(400, ge=1, description="largest parquet shard, in MB")
     grid_pairs: int = Field(6, ge=0, description="sample pairs on the card's grid image")
+    strict: bool = Field(False, description="stop at a missing or undecodable image instead "
+                         "of dropping its row (counted in the export stats either way)")

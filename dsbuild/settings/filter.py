@@ -10,6 +10,8 @@ from dsbuild.settings import StageSettings
 
 # the scores a filter record carries (dino only when enabled); one list for every reader
 SCORE_KEYS: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
+# the scores with a minimum, in InstructPix2Pix's check order (the first one failed is the reason)
+THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")
 
 
 class FilterSettings(StageSettings):
