@@ -1,9 +1,9 @@
 """Leak-free train/test split: rows grouped by triple and by caption, groups split by seed.
 
 Two rows land in one group when they share a triple or any caption (input or output, compared
-case- and space-insensitively), transitively. Whole groups go to one split, so no caption is
-ever in both. Groups are ordered by a seeded hash and taken into test until its share of rows
-is closest to ``test_ratio``; the assignment depends only on the rows and the seed.
+without case, punctuation, spacing or a/an), transitively. Whole groups go to one split, so no
+caption is ever in both. Groups are ordered by a seeded hash and taken into test until its
+share of rows is closest to ``test_ratio``; the assignment depends only on the rows and the seed.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from dsbuild.hashing import content_id
+from dsbuild.text import normalise
 
 SPLITS = ("train", "test")
 
 
 def caption_key(text: str) -> str:
-    """A caption compared without case or extra whitespace."""
-    return " ".join(str(text).lower().split())
+    """A caption as the split compares it: without case, punctuation, spacing or a/an, so
+    "A sofa, a rug." and "a sofa a rug" are one caption and land in one split."""
+    return normalise(text)
 
 
 class _UnionFind:

@@ -11,7 +11,7 @@ from builders import make_build
 
 from dsbuild.augment.mentions import Mentions, absent_terms, forms, phrase_in, words
 from dsbuild.augment.stage import no_change_instruction, run_augment
-from dsbuild.export.split import caption_key, row_nodes, split_rows
+from dsbuild.split import caption_key, row_nodes, split_rows
 
 
 def _surface(term: str, mentions: Mentions) -> set[str]:
@@ -176,6 +176,7 @@ def test_ratio_zero_and_cli(mini_build):
     assert exc.value.code == 2
 
 
+@pytest.mark.server
 def test_llm_backend_checked_and_cached(mini_build):
     """The openai backend through the real SDK against a scripted local server: good replies
     are used, bad ones (present thing, not JSON) fall back to the template; re-runs are cached."""
@@ -198,8 +199,10 @@ def test_llm_backend_checked_and_cached(mini_build):
 
     make_build(mini_build, samples=4, keep_every=1)
     with OpenAIServer(handler=handler) as srv:
+        # one request at a time: the handler picks its reply by request number
         mini_build.update(["augment.ratio=0.5", "augment.backend=openai",
-                           f"augment.base_url={srv.base_url}", "augment.model=test-model"])
+                           f"augment.base_url={srv.base_url}", "augment.model=test-model",
+                           "augment.concurrency=1"])
         res = run_augment(mini_build)
         samples = list(mini_build.records("augment"))
         sent = len(srv.chat_requests)
@@ -237,3 +240,60 @@ def test_augment_cli_reports(mini_build):
     assert "augment rank 0/1: done" in r.output and "no-change samples from 18 kept" in r.output
     r = CliRunner().invoke(cli, ["augment", str(mini_build.root)])
     assert "already done (skipped)" in r.output
+
+
+@pytest.mark.server
+def test_llm_requests_run_concurrently_and_resume_after_failure(mini_build):
+    """``augment.concurrency`` requests are in flight at once and the samples are exactly those
+    of concurrency=1; a request that still fails after its retries leaves the rank unfinished,
+    and the re-run asks only for it (the rest come from the cache) and writes the same."""
+    import json
+    import shutil
+
+    from openai_server import OpenAIServer, chat, delay, error
+
+    from dsbuild.errors import DsbuildError
+
+    def handler(req, n):  # the answer depends on the request alone, never on arrival order
+        user = req["messages"][-1]["content"]
+        caption = user.split("\n")[0].removeprefix("Caption: ")
+        absent = user.split("NOT in the image: ")[1].split(", ")
+        target = absent[len(caption) % len(absent)]
+        wait = 0.01 + 0.03 * (len(user) % 4)  # uneven, so replies come back out of order
+        return delay(wait, chat(json.dumps({"target": target, "edit": f"remove the {target}"})))
+
+    make_build(mini_build, samples=4, keep_every=1)
+    cache = mini_build.cache_dir / "augment"
+    with OpenAIServer(handler=handler) as srv:
+        mini_build.update(["augment.ratio=0.5", "augment.backend=openai",
+                           f"augment.base_url={srv.base_url}", "augment.model=test-model",
+                           "augment.concurrency=1"])
+        run_augment(mini_build)
+        sequential = list(mini_build.records("augment"))
+        n = len(srv.chat_requests)
+        assert n == len(sequential) >= 8 and srv.max_in_flight == 1
+        assert {s["source"]["backend"] for s in sequential} == {"openai"}
+
+        shutil.rmtree(cache)
+        srv.max_in_flight = 0
+        mini_build.update(["augment.concurrency=4"])
+        res = run_augment(mini_build, force=True)
+        assert len(srv.chat_requests) == 2 * n and srv.max_in_flight == 4
+        assert list(mini_build.records("augment")) == sequential
+        assert res.stats["llm"]["sent"] == n and res.stats["llm"]["failed"] == 0
+        assert res.stats["llm"]["usage"]["total_tokens"] > 0
+
+        shutil.rmtree(cache)
+        mini_build.update(["augment.concurrency=1", "augment.max_retries=1",
+                           "augment.retry_backoff=0.01"])
+        srv.queue(error(503), error(503))  # the first request fails twice: it gives up
+        with pytest.raises(DsbuildError, match="1 augment request.*failed after 1 retries"):
+            run_augment(mini_build, force=True)
+        assert not mini_build.is_complete("augment")
+        mini_build.update(["augment.concurrency=4"])
+        before = len(srv.chat_requests)
+        res = run_augment(mini_build)
+        assert len(srv.chat_requests) - before == 1 and res.stats["llm"]["sent"] == 1
+        assert mini_build.is_complete("augment")
+        resumed = sorted(mini_build.records("augment"), key=lambda s: s["id"])
+        assert resumed == sorted(sequential, key=lambda s: s["id"])

@@ -6,55 +6,22 @@ false "absent" would teach an editor to ignore an instruction about a thing that
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from functools import lru_cache
 
 from dsbuild.config import Agent, Recipe
-
-_WORD = re.compile(r"[a-z0-9]+")
-_ARTICLES = frozenset({"a", "an", "the", "some"})
+from dsbuild.text import bare, forms
+from dsbuild.text import words as text_words
 
 
 def words(text: str) -> list[str]:
-    """Lowercase alphanumeric words; hyphens and punctuation separate words."""
-    return _WORD.findall(text.lower())
-
-
-def bare(term: str) -> str:
-    """A vocabulary term without its leading article: recipes list features as "a lower
-    shelf", which an instruction writes as "remove the lower shelf"."""
-    parts = term.strip().split()
-    if len(parts) > 1 and parts[0].lower() in _ARTICLES:
-        parts = parts[1:]
-    return " ".join(parts)
+    """The shared tokeniser's words, cut at inner hyphens and apostrophes: "four-poster bed"
+    mentions "four poster beds" (generous, as every check here)."""
+    return text_words(text, split_joined=True)
 
 
 def key(term: str) -> str:
     """A term compared without case, punctuation or leading article."""
     return " ".join(words(bare(term)))
-
-
-@lru_cache(maxsize=65536)
-def forms(word: str) -> frozenset[str]:
-    """Singular and plural spellings of one word (regular English inflection, generously)."""
-    w = word.lower()
-    out = {w, w + "s", w + "es"}
-    if w.endswith("ies") and len(w) > 4:
-        out.add(w[:-3] + "y")
-    if w.endswith("ves") and len(w) > 4:
-        out |= {w[:-3] + "f", w[:-3] + "fe"}
-    if w.endswith("es") and len(w) > 3:
-        out.add(w[:-2])
-    if w.endswith("s") and not w.endswith("ss") and len(w) > 2:
-        out.add(w[:-1])
-    if w.endswith("y") and len(w) > 2:
-        out.add(w[:-1] + "ies")
-    if w.endswith("fe"):
-        out.add(w[:-2] + "ves")
-    elif w.endswith("f"):
-        out.add(w[:-1] + "ves")
-    return frozenset(out)
 
 
 def _same(a: str, b: str) -> bool:

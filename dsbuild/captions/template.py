@@ -14,46 +14,7 @@ from collections.abc import Iterator
 from dsbuild.config import Agent
 from dsbuild.errors import DsbuildError
 from dsbuild.hashing import content_id
-
-VOWELS = "aeiou"
-
-
-def is_plural(phrase: str) -> bool:
-    last = phrase.lower().split(" of ")[0].split()[-1]
-    return last.endswith("s") and not last.endswith(("ss", "us", "is"))
-
-
-def bare(phrase: str) -> str:
-    """The phrase without a leading article ('a seat cushion' -> 'seat cushion')."""
-    for a in ("a ", "an ", "the "):
-        if phrase.lower().startswith(a):
-            return phrase[len(a):]
-    return phrase
-
-
-# uncountable heads take no article: "with wall art", "with wainscoting"
-MASS_NOUNS = frozenset(
-    "art artwork wainscoting panelling paneling wallpaper shelving lighting flooring tiling "
-    "bedding seating storage decor décor greenery furniture carpeting linen cabinetry "
-    "millwork moulding molding trim".split())
-
-
-def is_mass(phrase: str) -> bool:
-    return phrase.lower().split(" of ")[0].split()[-1] in MASS_NOUNS
-
-
-def art(phrase: str) -> str:
-    """The phrase with its indefinite article ('an oak table', 'a rug'; plurals and mass
-    nouns bare: 'throw pillows', 'wall art')."""
-    phrase = bare(phrase)
-    if is_plural(phrase) or is_mass(phrase):
-        return phrase
-    return ("an " if phrase[0].lower() in VOWELS else "a ") + phrase
-
-
-def indefinite(word: str) -> str:
-    """'a' or 'an' for a word ('an art deco look', 'an industrial style', 'a modern look')."""
-    return "an" if word[:1].lower() in VOWELS else "a"
+from dsbuild.text import article, bare, with_article
 
 
 def join_items(items: list[str]) -> str:
@@ -119,7 +80,7 @@ class TemplateComposer:
     # ------------------------------------------------------------------ object level
     def _object_np(self, subject: str, attrs: dict[str, str | None]) -> str:
         words = [attrs.get("style"), attrs.get("colour"), attrs.get("material"), subject]
-        return art(" ".join(w for w in words if w))
+        return with_article(" ".join(w for w in words if w))
 
     def _object(self, op: str) -> dict | None:
         v, rng = self.voc, self.rng
@@ -146,7 +107,7 @@ class TemplateComposer:
             old = attrs[kind] or self.pick(words)
             new = self.pick(words, old)
             attrs_in, attrs_out = dict(attrs, **{kind: old}), dict(attrs, **{kind: new})
-            tail = f" with {art(extra)}" if extra else ""
+            tail = f" with {with_article(extra)}" if extra else ""
             inp = self._object_np(subject, attrs_in) + tail
             out = self._object_np(subject, attrs_out) + tail
             s = self.name(subject)
@@ -157,15 +118,15 @@ class TemplateComposer:
                              "make the {s} {new} instead of {old}", "use {new} for the {s}"],
                 "style": ["make the {s} {new}", "give the {s} {a} {new} look",
                           "restyle the {s} in {a} {new} style", "make it look {new}"],
-            }[kind], s=s, new=new, old=old, a=indefinite(new))
+            }[kind], s=s, new=new, old=old, a=article(new))
             return {"input": inp, "edit": edit, "output": out}
         if op in ("add", "remove"):
             if not feats:
                 return None
             feat = self.pick(feats, extra or "")
             base = self._object_np(subject, attrs)
-            keep = f" with {art(extra)}" if extra and extra != feat else ""
-            f_np, s = art(feat), self.name(subject)
+            keep = f" with {with_article(extra)}" if extra and extra != feat else ""
+            f_np, s = with_article(feat), self.name(subject)
             if op == "add":
                 joiner = " and no " if keep else " without "
                 inp = base + keep + joiner + (feat if keep else f_np)
@@ -186,12 +147,12 @@ class TemplateComposer:
             new = self.pick(v.subjects, subject)
             if new is None:
                 return None
-            tail = f" with {art(extra)}" if extra else ""
+            tail = f" with {with_article(extra)}" if extra else ""
             inp = self._object_np(subject, attrs) + tail
             out = self._object_np(new, attrs) + tail
             edit = self.phrase(["replace the {s} with {n}", "swap the {s} for {n}",
                                 "turn the {s} into {n}", "replace it with {n}"],
-                               s=self.name(subject), n=art(new))
+                               s=self.name(subject), n=with_article(new))
             return {"input": inp, "edit": edit, "output": out}
         return None
 
@@ -220,17 +181,17 @@ class TemplateComposer:
         fixture = self.pick(v.fixtures) if v.fixtures and rng.random() < 0.4 else None
 
         def caption(items: list[str], style_word: str | None = style) -> str:
-            h = art(" ".join(w for w in (style_word, room) if w))
-            lst = ([art(fixture)] if fixture else []) + items
+            h = with_article(" ".join(w for w in (style_word, room) if w))
+            lst = ([with_article(fixture)] if fixture else []) + items
             return f"{h} with {join_items(lst)}"
 
-        items = [art(t) for t in things]
+        items = [with_article(t) for t in things]
         if op == "add":
             new = self._thing(spare, rich=rng.random() < 0.5)
             inp = caption(items + [f"no {spare}"])
-            out = caption(items + [art(new)])
+            out = caption(items + [with_article(new)])
             edit = self.phrase(["add {n}", "add {n} to the room", "put {n} in the {r}",
-                                "place {n} in the room"], n=art(new), r=room)
+                                "place {n} in the room"], n=with_article(new), r=room)
             return {"input": inp, "edit": edit, "output": out}
         if op == "remove":
             k = 1 if n_items == 3 else rng.choice([0, 1])
@@ -245,9 +206,10 @@ class TemplateComposer:
             k = rng.randrange(n_items)
             new = self._thing(spare, rich=rng.random() < 0.4)
             inp = caption(items)
-            out = caption(items[:k] + [art(new)] + items[k + 1:])
+            out = caption(items[:k] + [with_article(new)] + items[k + 1:])
             edit = self.phrase(["replace the {o} with {n}", "swap the {o} for {n}",
-                                "exchange the {o} for {n}"], o=self.name(present[k]), n=art(new))
+                                "exchange the {o} for {n}"],
+                               o=self.name(present[k]), n=with_article(new))
             return {"input": inp, "edit": edit, "output": out}
         if op == "change":
             kinds = ["colour", "material"] + (["style"] if len(v.styles) >= 2 else [])
@@ -259,7 +221,7 @@ class TemplateComposer:
                 edit = self.phrase(["make the room {n}", "redecorate the {r} in {n} style",
                                     "make the {r} {n}", "restyle the room as {n}",
                                     "give the room {a} {n} look"], n=new, r=room,
-                                   a=indefinite(new))
+                                   a=article(new))
                 return {"input": inp, "edit": edit, "output": out}
             k = rng.randrange(n_items)
             obj = present[k]
@@ -272,8 +234,8 @@ class TemplateComposer:
             other = [self.pick(mats)] if kind == "colour" and mats and rng.random() < 0.3 else []
             t_in = " ".join([old, *other, obj]) if kind == "colour" else f"{old} {obj}"
             t_out = " ".join([new, *other, obj]) if kind == "colour" else f"{new} {obj}"
-            inp = caption(items[:k] + [art(t_in)] + items[k + 1:])
-            out = caption(items[:k] + [art(t_out)] + items[k + 1:])
+            inp = caption(items[:k] + [with_article(t_in)] + items[k + 1:])
+            out = caption(items[:k] + [with_article(t_out)] + items[k + 1:])
             o = self.name(obj)
             templates = (["make the {o} {n}", "change the colour of the {o} to {n}",
                           "paint the {o} {n}", "turn the {o} {n}"] if kind == "colour" else

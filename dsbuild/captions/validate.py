@@ -6,12 +6,12 @@ an exception; only the recipe's own few-shot examples raise (a recipe error).
 from __future__ import annotations
 
 import difflib
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from dsbuild.config import OPERATIONS, Agent, Recipe
 from dsbuild.errors import ConfigError
+from dsbuild.text import normalise, singular, words
 
 FIELDS = ("input", "edit", "output")
 
@@ -73,32 +73,6 @@ TARGET_STOP = frozenset({"from", "in", "on", "to", "at", "next", "beside", "near
 DETERMINERS = frozenset({"the", "a", "an", "some", "its", "their", "all", "any", "both", "one",
                          "two", "three", "few", "several", "this", "that", "these", "those"})
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
-
-
-def tokens(text: str) -> list[str]:
-    """Lower-case word tokens (punctuation dropped, hyphenated words kept whole)."""
-    return _TOKEN.findall(text.lower().replace("’", "'"))
-
-
-def stem(word: str) -> str:
-    """A crude plural stemmer: enough to match 'drawers' with 'drawer', 'shelves' with 'shelf'."""
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 4 and word.endswith("ves"):
-        return word[:-3] + "f"
-    if len(word) > 4 and word.endswith(("ses", "xes", "ches", "shes", "zes")):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
-
-
-def normalise(text: str) -> str:
-    """Lower case, punctuation dropped, articles unified, whitespace collapsed."""
-    return " ".join("a" if t == "an" else t for t in tokens(text))
-
-
 def clean_text(text: str) -> str:
     """The stored form of a caption: whitespace collapsed, no wrapping quotes, no end period."""
     text = " ".join(str(text).split()).strip().strip('"').strip()
@@ -147,9 +121,9 @@ class Validator:
         if agent.name in self._canon_cache:
             return self._canon_cache[agent.name]
         for head, syns in agent.vocabulary.synonyms.items():
-            h = tokens(head)
+            h = words(head)
             for syn in syns:
-                t = tokens(syn)
+                t = words(syn)
                 if t and h and t != h:
                     pairs.append((t, h))
         pairs.sort(key=lambda p: -len(p[0]))
@@ -157,11 +131,11 @@ class Validator:
         return pairs
 
     @staticmethod
-    def _stems(words: list[str], canon: list[tuple[list[str], list[str]]]) -> list[str]:
-        """Stems of the words with synonym phrases replaced by their head phrase."""
-        stems = [stem(w) for w in words]
+    def _stems(tokens: list[str], canon: list[tuple[list[str], list[str]]]) -> list[str]:
+        """Singulars of the tokens with synonym phrases replaced by their head phrase."""
+        stems = [singular(w) for w in tokens]
         for syn, head in canon:
-            syn_s, head_s = [stem(w) for w in syn], [stem(w) for w in head]
+            syn_s, head_s = [singular(w) for w in syn], [singular(w) for w in head]
             i, n, out = 0, len(syn_s), []
             while i < len(stems):
                 if stems[i:i + n] == syn_s:
@@ -175,7 +149,7 @@ class Validator:
 
     def _keys(self, inp: str, edit: str, out: str, canon: list) -> tuple[str, tuple]:
         exact = "\x1f".join(normalise(t) for t in (inp, edit, out))
-        bag = [tuple(sorted(s for s in self._stems(tokens(t), canon) if s not in STOPWORDS))
+        bag = [tuple(sorted(s for s in self._stems(words(t), canon) if s not in STOPWORDS))
                for t in (inp, out)]
         return exact, tuple(bag)
 
@@ -217,7 +191,7 @@ class Validator:
                 return Checked(None, "missing_field")
             vals[f] = clean_text(v)
         inp, edit, out = vals["input"], vals["edit"], vals["output"]
-        t_in, t_edit, t_out = tokens(inp), tokens(edit), tokens(out)
+        t_in, t_edit, t_out = words(inp), words(edit), words(out)
         if not t_in or not t_edit or not t_out:
             return Checked(None, "missing_field")
         if max(len(t_in), len(t_out)) > self.max_words or len(t_edit) > self.max_edit_words:
@@ -391,3 +365,9 @@ def check_examples(recipe: Recipe, path: str | None = None,
                 ))
     if problems:
         raise ConfigError(path or f"recipe '{recipe.name}'", problems)
+
+
+def check_config(config) -> None:
+    """`dsbuild init` check: the recipe's few-shot examples pass the captions validator."""
+    s = config.captions
+    check_examples(config.recipe, config.recipe_path, s.max_changed_fraction, s.max_diff_spans)

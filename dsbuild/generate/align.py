@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsbuild.text import words as plain_words
+
 
 @dataclass
 class Word:
@@ -188,9 +190,10 @@ def align_prompts(tokenizer, source: str, target: str, mode: str = "auto") -> Al
 
 def token_weights(words: list[Word], chosen: list[str] | tuple[str, ...], length: int,
                   value: float = 1.0) -> torch.Tensor:
-    """A [L] vector with ``value`` at the tokens of every occurrence of the chosen words."""
+    """A [L] vector with ``value`` at the tokens of every occurrence of the chosen words
+    (split as CLIP splits words: "mid-century" is "mid" and "century", "rug," is "rug")."""
     out = torch.zeros(length)
-    wanted = {part for c in chosen for part in c.lower().split()}
+    wanted = {part for c in chosen for part in plain_words(c, split_joined=True)}
     for w in words:
         if w.text in wanted:
             out[w.tokens] = value

@@ -14,16 +14,17 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from dsbuild.errors import DsbuildError, require
 from dsbuild.records import read_jsonl
 from dsbuild.settings.diversity import DiversitySettings
+from dsbuild.text import TOKENISATION, words
 
 # ----------------------------------------------------------------------------- metric names
 
@@ -39,22 +40,11 @@ ALIASES: dict[str, str] = {
     "near_duplicates": "near_dup_rate", "semantic_diversity": "semantic",
 }
 LOWER_IS_BETTER = frozenset({"yule_k", "near_dup_rate"})
-TOKENISATION = (
-    "lowercase; a token is a run of letters/digits, joined by an apostrophe or hyphen inside a "
-    "word (mid-century, children's, 3-seater, 2 stay whole); all other punctuation separates "
-    "tokens and is dropped; curly apostrophes and unicode hyphens count as ' and -"
-)
 
 # ----------------------------------------------------------------------------- tokenisation
 
-_TOKEN = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
-_NORMALISE = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2010": "-",
-                            "\u2011": "-"})
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase word tokens that keep digits, inner hyphens and inner apostrophes."""
-    return _TOKEN.findall(text.lower().translate(_NORMALISE))
+# the report's tokeniser is the shared one (dsbuild/text.py); docs/diversity.md spells it out
+tokenize = words
 
 
 def corpus_text(values: Iterable[str]) -> str:
@@ -558,11 +548,9 @@ def chart(report: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95),
                ncol=min(len(builds), 6), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    from dsbuild.records import atomic_open
+    from dsbuild.records import write_figure
 
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def write_reports(report: dict, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -605,3 +593,29 @@ def run_report(paths: list[str | Path], *, fail_under: Iterable[str] = (),
     written = write_reports(report, out_dir)
     return report, written
 
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_diversity(build, rank: int = 0, world_size: int = 1, *, force: bool = False,
+                  fail_under: Iterable[str] = (), fail_over: Iterable[str] = (),
+                  semantic: bool = False):
+    """The diversity stage: BUILD/reports/diversity.{json,md,png} of the build's own triples,
+    then its completion marker (what ``dsbuild run`` and the export card read). Returns the
+    StageResult; the report itself is ``result.report``."""
+
+    def work(_) -> dict:
+        report, written = run_report([build.root], fail_under=fail_under, fail_over=fail_over,
+                                     out_dir=build.reports_dir, semantic=semantic)
+        result.report, result.written = report, written
+        overall = report["builds"][0]["fields"]
+        mtld = {f: (m.get("overall") or {}).get("mtld") for f, m in overall.items()}
+        shown = ", ".join(f"{f} {v:.1f}" for f, v in mtld.items() if v is not None)
+        return {"records": report["builds"][0]["records"], "mtld": mtld,
+                "summary": f"{written['md'].relative_to(build.root)} (MTLD {shown})"}
+
+    result = SimpleNamespace(report=None, written=None)
+    res = build.run_stage("diversity", rank, world_size, work, force=force)
+    res.report = result.report
+    return res
