@@ -253,6 +253,7 @@ def test_no_token_and_no_push_are_clear_errors(mini_build, monkeypatch):
 
 
 # ------------------------------------------------------------------ real server
+@pytest.mark.server
 def test_label_studio_accepts_the_configs_and_refuses_a_broken_one(ls_server):
     client = ls_server.client()
     for cfg in sorted(ls.CONFIG_DIR.glob("*.xml")):
@@ -275,6 +276,7 @@ def test_label_studio_accepts_the_configs_and_refuses_a_broken_one(ls_server):
         client.projects.create(title="broken", label_config=broken)
 
 
+@pytest.mark.server
 def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
     make_build(mini_build)
     url, title = ls_server.url, "round trip"
@@ -378,6 +380,7 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
                                                 "labelstudio:reject": 2}
 
 
+@pytest.mark.server
 def test_local_files_mode(ls_server, mini_build_under_root, token):
     build = mini_build_under_root
     make_build(build)
@@ -416,6 +419,7 @@ def _nothing_written(build) -> bool:
         and not build.reports_dir.exists()
 
 
+@pytest.mark.server
 def test_error_paths_write_nothing(ls_server, mini_build, token, monkeypatch, capsys):
     make_build(mini_build)
     dead = f"http://127.0.0.1:{free_port()}"
@@ -452,6 +456,38 @@ def test_error_paths_write_nothing(ls_server, mini_build, token, monkeypatch, ca
     assert not mini_build.decisions_path.exists()
     again = ls.push(mini_build, title="deleted later", sample_size=2, recreate=True)
     assert again["project_id"] != res["project_id"] and again["imported"] == 2
+
+
+@pytest.mark.server
+def test_recreate_makes_a_new_project_and_keeps_pulled_decisions(ls_server, mini_build, token):
+    make_build(mini_build)
+    first = ls.push(mini_build, ls_server.url, title="recreate", sample_size=2)
+    client = ls_server.client()
+    tasks = tasks_by_pair(client, first["project_id"])
+    pid = min(tasks)
+    annotate(client, tasks[pid].id, "accept")
+    assert ls.pull(mini_build)["added"] == 1
+    state = json.loads((mini_build.root / "review" / "labelstudio.json").read_text())
+    uploads = len(client.files.list(state["media_project_id"], all_=True))
+
+    res = run_cli("review", "push", str(mini_build.root), "--recreate", "--sample", "2")
+    assert res.exit_code == 0, res.output
+    state = json.loads((mini_build.root / "review" / "labelstudio.json").read_text())
+    second = state["project_id"]
+    assert second != first["project_id"] and f"project {second} " in res.output
+    assert set(tasks_by_pair(client, second)) == set(tasks)
+    # the old project is left as it was; the images uploaded before are reused
+    assert client.tasks.get(str(tasks[pid].id)).annotations
+    assert len(client.files.list(state["media_project_id"], all_=True)) == uploads
+    # the new project has no annotations yet: pulling it keeps the decision from the old one
+    assert ls.pull(mini_build)["added"] == 0
+    assert latest_by_pair(mini_build, tool="labelstudio")[pid]["verdict"] == "accept"
+    # later pushes and pulls go to the new project
+    assert ls.push(mini_build, sample_size=2)["project_id"] == second
+    new_tasks = tasks_by_pair(client, second)
+    annotate(client, new_tasks[pid].id, "reject", reasons=["artefacts"])
+    assert ls.pull(mini_build)["added"] == 1
+    assert latest_by_pair(mini_build, tool="labelstudio")[pid]["verdict"] == "reject"
 
 
 # ------------------------------------------------------------------ the review screen in a browser
@@ -549,6 +585,7 @@ LABEL = ("(() => {{ const l = [...document.querySelectorAll('label')].find(x =>"
          " if (i.checked) return true; l.click(); return false; }})()")
 
 
+@pytest.mark.server
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                     "(apt-get install chromium; `bash .ci/install --test` does it)")
 def test_reviewer_submits_in_the_browser(ls_server, mini_build, token, tmp_path):

@@ -114,7 +114,8 @@ class FakeHub:
 
 
 def push(build, *args, endpoint: str, token: str | None = FAKE_TOKEN, home=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE"))}
     env.update({"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "DSBUILD_NO_PROGRESS": "1",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1",
                 "HF_HOME": str(home or build.root.parent / "hf-home")})
@@ -142,6 +143,7 @@ def exported(tmp_path_factory):
     return build
 
 
+@pytest.mark.server
 def test_push_uploads_public_files_only(exported):
     with FakeHub() as hub:
         r = push(exported, "me/interiors", "--private", "--revision", "v1", endpoint=hub.url)
@@ -172,6 +174,7 @@ def test_push_without_token_says_how_to_fix(exported, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.server
 def test_push_rejected_token(exported):
     with FakeHub("401") as hub:
         r = push(exported, "me/x", endpoint=hub.url)
@@ -179,6 +182,7 @@ def test_push_rejected_token(exported):
     assert "rejected the token (401" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.server
 def test_push_repo_not_writable(exported):
     with FakeHub("403") as hub:
         r = push(exported, "someone-else/x", endpoint=hub.url)

@@ -8,18 +8,16 @@ absolute local paths: :func:`check_public` scans every exported file before it c
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from dsbuild.build import Build
-from dsbuild.errors import DsbuildError
+from dsbuild.errors import DsbuildError, require
 from dsbuild.export.dataset import ExportRows, public_name
-from dsbuild.export.split import SPLITS, caption_key
+from dsbuild.records import write_figure
+from dsbuild.split import SPLITS, caption_key
 
 GRID_NAME = "grid.png"
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "LABEL_STUDIO_API_KEY",
@@ -36,19 +34,21 @@ def size_category(n: int) -> str:
     return "10M<n<100M"
 
 
-def metadata(build: Build, rows: ExportRows) -> dict:
-    """The card's YAML header: license, task, size, and one config with a file glob per split."""
+def card_data(build: Build, rows: ExportRows):
+    """The card's YAML header as huggingface_hub's ``DatasetCardData``: license, task, size,
+    and one config with a file glob per split."""
+    hub = require("huggingface_hub", "export")
     s = build.config.export
     total = sum(len(v) for v in rows.splits.values())
-    return {
-        "license": s.license,
-        "task_categories": ["image-to-image"],
-        "tags": ["image-editing", "instruct-pix2pix", "synthetic", "dsbuild"],
-        "size_categories": [size_category(total)],
-        "pretty_name": s.pretty_name or build.recipe.name,
-        "configs": [{"config_name": "default", "data_files": [
+    return hub.DatasetCardData(
+        license=s.license,
+        task_categories=["image-to-image"],
+        tags=["image-editing", "instruct-pix2pix", "synthetic", "dsbuild"],
+        size_categories=[size_category(total)],
+        pretty_name=s.pretty_name or build.recipe.name,
+        configs=[{"config_name": "default", "data_files": [
             {"split": k, "path": f"data/{k}-*"} for k in SPLITS if rows.splits[k]]}],
-    }
+    )
 
 
 def _table(header: list[str], body: list[list]) -> list[str]:
@@ -98,15 +98,15 @@ def diversity_section(build: Build) -> list[str]:
 
 def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
               grid: bool = True) -> str:
-    """README.md: YAML metadata then the card body."""
+    """README.md: the YAML metadata (a huggingface_hub ``DatasetCard``) then the card body."""
+    hub = require("huggingface_hub", "export")
     cfg = build.config
-    meta = metadata(build, rows)
-    title = meta["pretty_name"]
+    data = card_data(build, rows)
+    title = data.pretty_name
     sp = rows.splits
     allrows = [r for k in SPLITS for r in sp[k]]
     models = sorted({str(r["model"]) for r in allrows if r.get("model")})
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", ""]
-    lines += [f"# {title}", ""]
+    lines = [f"# {title}", ""]
     desc = build.recipe.description.strip()
     lines += [f"Instruction-based image editing data (InstructPix2Pix-style rows: input image, "
               f"edit instruction, edited image) built with dsbuild from the recipe "
@@ -197,15 +197,18 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
               f"scored pairs kept by the filter, {st.get('rejected_by_review', 0)} rejected in "
               f"review, {st.get('not_accepted', 0)} not accepted, {st.get('corrected', 0)} "
               "instructions corrected in review (`original_edit` keeps the first one)",
-              f"- split: seeded (seed {cfg.export.seed}), test share {cfg.export.test_ratio:g}, "
+              f"- split: seeded (seed {cfg.split.seed}), test share {cfg.split.test_ratio:g}, "
               "grouped by triple and by caption, so no caption (input or edited) is in both "
               "splits; no-change samples follow their source pair's caption", ""]
     lines += ["## Diversity", ""] + diversity_section(build) + [""]
     lines += ["## Columns", ""]
     lines += _table(["column", "meaning"], [
         ["input_image / edited_image", "PNG images (edited = input for no-change rows)"],
-        ["edit_prompt", "the instruction (review corrections applied)"],
-        ["original_prompt / edited_prompt", "captions of the input and edited image"],
+        ["edit_prompt", "the instruction; a reviewer's correction replaces it and is "
+         "authoritative (what the pair shows)"],
+        ["original_prompt / edited_prompt", "the captions the input and edited image were "
+         "generated from; on `corrected` rows `edited_prompt` may not describe the edited image"],
+        ["corrected", "true when a reviewer corrected the instruction"],
         ["pair_id, triple_id, source_pair_id", "content-hash ids (build provenance)"],
         ["agent, level, operation", "recipe agent, object/room, add/remove/change/replace"],
         ["no_change", "true for augmentation rows"],
@@ -215,7 +218,9 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
          "filter scores (empty for no-change rows)"],
         ["review, original_edit", "latest review verdict and the instruction before correction"],
     ])
-    return "\n".join(lines).rstrip() + "\n"
+    body = "\n".join(lines).rstrip() + "\n"
+    # DatasetCard parses the header back, so a malformed one fails here, not on the Hub
+    return str(hub.DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
@@ -257,10 +262,7 @@ def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
         ax0.set_ylabel(f"{r['agent']}", fontsize=8)
     fig.suptitle("Sample pairs: input (left), edited (right)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.1 * len(picks))))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
+    write_figure(path, fig, dpi=90)
     return True
 
 

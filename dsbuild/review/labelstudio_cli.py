@@ -30,7 +30,8 @@ def review_group():
               help="the server's LOCAL_FILES_DOCUMENT_ROOT (local-files only; default: "
                    "$LOCAL_FILES_DOCUMENT_ROOT or /)")
 @click.option("--recreate", is_flag=True,
-              help="make a new project when the one pushed before was deleted")
+              help="make a new project even if one exists (the old one stays on the "
+                   "server; the build points at the new one)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
               default=None, help="label config XML (default: label_config/pair_review.xml)")
 def push_cmd(build, url, title, sample_size, seed, policy, images, document_root, recreate,
