@@ -8,6 +8,10 @@ not a chat completion (a proxy's HTML page). Retries are ``tenacity``'s, not the
 backoff is fixed (0.5-8 s), invisible to stats and blind to bad 200 bodies. Every reply is cached
 in the build keyed by (endpoint, payload, sample), so a resumed or repeated run pays for nothing
 twice; ``RequestStats`` counts what was sent, cached, retried and failed, and the tokens used.
+A dead or hanging endpoint fails fast (``FailFast``): once ``fail_after_errors`` attempts in a row
+have failed with a connection error, timeout, 5xx or a non-completion body over at least
+``fail_after_s`` seconds, the stage stops with ``StageFailed`` naming the endpoint and the last
+error, instead of working through every request's retries (an hour for a big rank).
 The API key comes from the environment variable the settings name and is never written anywhere.
 """
 
@@ -17,18 +21,21 @@ import asyncio
 import json
 import os
 import random
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, require
+from dsbuild.errors import DsbuildError, StageFailed, require
 from dsbuild.hashing import content_id
 from dsbuild.records import write_json
 from dsbuild.settings.llm import LLMSettings
 
 RETRY_STATUS = frozenset({408, 409, 429})
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+COUNT_KEYS = ("sent", "cached", "retries", "failed")
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 
 
 def api_key(settings: LLMSettings, section: str, offline_hint: str = "") -> str:
@@ -105,6 +112,25 @@ def _usage(c: Counter) -> dict:
     return {k: int(c.get(k, 0)) for k in USAGE_KEYS}
 
 
+def sum_request_stats(parts: Iterable[dict | None]) -> dict | None:
+    """``RequestStats.as_dict()`` of several attempts (a killed run, then its resume) as one:
+    counts, retry reasons and tokens added up, the first five errors kept."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    counts, reasons, usage, cached = Counter(), Counter(), Counter(), Counter()
+    errors: list[str] = []
+    for p in parts:
+        counts.update({k: int(p.get(k, 0)) for k in COUNT_KEYS})
+        reasons.update(p.get("retry_reasons") or {})
+        usage.update(p.get("usage") or {})
+        cached.update(p.get("usage_cached") or {})
+        errors.extend(p.get("errors") or [])
+    return {**{k: int(counts[k]) for k in COUNT_KEYS},
+            "retry_reasons": dict(sorted(reasons.items())), "usage": _usage(usage),
+            "usage_cached": _usage(cached), "errors": errors[:5]}
+
+
 @dataclass(frozen=True)
 class RetryEvent:
     """One failed attempt about to be retried: why, which attempt (1-based), the wait (s)."""
@@ -116,12 +142,46 @@ class RetryEvent:
 
 
 class Retryable(Exception):
-    """An attempt that failed in a way worth retrying; ``reason`` is what the stats count."""
+    """An attempt that failed in a way worth retrying; ``reason`` is what the stats count,
+    ``error`` what happened, in words."""
 
-    def __init__(self, reason: str, retry_after: float = 0.0):
-        super().__init__(reason)
+    def __init__(self, reason: str, retry_after: float = 0.0, error: str = ""):
+        super().__init__(error or reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.error = error or reason
+
+    @property
+    def endpoint_down(self) -> bool:
+        """The endpoint failed (no answer, 5xx, not a completion), as opposed to a 429/408/409
+        that says it is alive and busy: these count towards failing fast."""
+        return self.reason in ("timeout", "connection", "bad_response") or (
+            self.reason.isdigit() and int(self.reason) >= 500)
+
+
+class FailFast:
+    """Counts failed attempts in a row (any success resets); says when to stop: at least
+    ``errors`` failures spanning at least ``seconds``, timed from the first one's start."""
+
+    def __init__(self, errors: int, seconds: float):
+        self.errors, self.seconds = errors, seconds
+        self.count = 0
+        self.since: float | None = None
+        self.last = ""
+
+    def success(self) -> None:
+        self.count, self.since = 0, None
+
+    def failure(self, started: float, error: str) -> bool:
+        """Count one failed attempt that began at ``started`` (time.monotonic); True = stop."""
+        self.count += 1
+        self.since = started if self.since is None else min(self.since, started)
+        self.last = error
+        return (self.errors > 0 and self.count >= self.errors
+                and self.elapsed() >= self.seconds)
+
+    def elapsed(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
 
 
 class ChatClient:
@@ -129,7 +189,8 @@ class ChatClient:
 
     ``section`` names the settings in messages (``captions``, ``augment``). ``on_retry`` is
     called before each retry's wait with a ``RetryEvent``; a progress bar can show it, and a
-    callback that raises stops that request (how a fail-fast rule plugs in).
+    callback that raises stops that request. ``FailFast`` (the ``fail_after_*`` settings) raises
+    ``StageFailed`` from the attempt that shows the endpoint is dead or hanging.
     """
 
     def __init__(self, settings: LLMSettings, cache: RequestCache | None, *, section: str,
@@ -141,6 +202,7 @@ class ChatClient:
         self.section = section
         self.on_retry = on_retry
         self.stats = RequestStats()
+        self.fail_fast = FailFast(settings.fail_after_errors, settings.fail_after_s)
         self.key = api_key(settings, section, offline_hint)
         self._client = None
         self._sem: asyncio.Semaphore | None = None
@@ -148,6 +210,10 @@ class ChatClient:
     @property
     def model(self) -> str:
         return self.settings.model
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.base_url or DEFAULT_ENDPOINT
 
     def payload(self, messages: list[dict]) -> dict:
         s = self.settings
@@ -214,7 +280,7 @@ class ChatClient:
             return await retrying(self._attempt, payload)
         except Retryable as exc:
             self.stats.failed += 1
-            self.stats.errors.append(f"gave up after {s.max_retries + 1} attempts ({exc.reason})")
+            self.stats.errors.append(f"gave up after {s.max_retries + 1} attempts ({exc.error})")
             return None
 
     def _wait(self, state) -> float:
@@ -231,18 +297,41 @@ class ChatClient:
         self.stats.retry_reasons[exc.reason] += 1
         if self.on_retry is not None:
             wait = state.next_action.sleep if state.next_action else 0.0
-            self.on_retry(RetryEvent(exc.reason, state.attempt_number, wait, str(exc)))
+            self.on_retry(RetryEvent(exc.reason, state.attempt_number, wait, exc.error))
 
     async def _attempt(self, payload: dict) -> dict:
+        """One HTTP request, fed to ``FailFast``: the reply, a Retryable, or StageFailed when
+        the endpoint has been failing for too long."""
+        started = time.monotonic()
+        try:
+            reply = await self._call(payload)
+        except Retryable as exc:
+            if exc.endpoint_down and self.fail_fast.failure(started, exc.error):
+                raise self._endpoint_down() from None
+            raise
+        self.fail_fast.success()
+        return reply
+
+    def _endpoint_down(self) -> StageFailed:
+        f, sec = self.fail_fast, self.section
+        return StageFailed(
+            f"{sec}: the endpoint {self.endpoint} failed {f.count} attempts in a row over "
+            f"{f.elapsed():.1f} s (last error: {f.last}); stopped early instead of retrying every "
+            f"request ({sec}.fail_after_errors={f.errors}, {sec}.fail_after_s={f.seconds:g}); "
+            "nothing lost; run the same command again once the endpoint answers (replies "
+            "already received are reused from the cache)"
+        )
+
+    async def _call(self, payload: dict) -> dict:
         """One HTTP request: the reply, a Retryable, or a DsbuildError saying what to fix."""
         o, s = self.openai, self.settings
         self.stats.sent += 1
         try:
             resp = await self._client.chat.completions.create(**payload)
         except o.APITimeoutError:
-            raise Retryable("timeout") from None
-        except o.APIConnectionError:
-            raise Retryable("connection") from None
+            raise Retryable("timeout", error=f"no reply within {s.timeout:g} s") from None
+        except o.APIConnectionError as exc:
+            raise Retryable("connection", error=f"connection failed: {_root_cause(exc)}") from None
         except o.APIStatusError as exc:
             code = exc.status_code
             if code in (401, 403):
@@ -260,12 +349,24 @@ class ChatClient:
                 raise DsbuildError(
                     f"the endpoint rejected the request (HTTP {code}): {exc.message}"
                 ) from None
-            raise Retryable(str(code), _retry_after(exc)) from None
+            raise Retryable(str(code), _retry_after(exc),
+                            f"HTTP {code}: {str(exc.message)[:200]}") from None
         except (o.APIError, ValueError):  # a body that is not JSON (a proxy's HTML page)
-            raise Retryable("bad_response") from None
-        if not getattr(resp, "choices", None):
-            raise Retryable("bad_response")  # JSON, but not a chat completion: never cached
+            raise Retryable("bad_response", error="a reply that is not JSON") from None
+        if not getattr(resp, "choices", None):  # JSON, but not a chat completion: never cached
+            raise Retryable("bad_response", error="a JSON reply that is not a chat completion")
         return _reply(resp)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of an SDK error ("[Errno 111] Connection refused"), for messages."""
+    seen = exc
+    for _ in range(20):  # chains are short; the bound only guards against a cycle
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    return str(seen) or type(seen).__name__
 
 
 def _retry_after(exc) -> float:

@@ -13,3 +13,26 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: s
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
                 mininterval=0.5, smoothing=0.1,
                 disable=os.environ.get("DSBUILD_NO_PROGRESS") == "1")
+
+
+def update_postfix(bar, refresh: bool = False, **fields) -> None:
+    """Set some fields of a bar's postfix and keep the others (tqdm's set_postfix replaces
+    them all), so e.g. rejections and retries show side by side. ``bar`` may be None."""
+    if bar is None:
+        return
+    shown = bar.__dict__.setdefault("_dsbuild_postfix", {})
+    shown.update(fields)
+    bar.set_postfix(shown, refresh=refresh)
+
+
+def retry_postfix(bar):
+    """An ``on_retry`` hook for ``dsbuild.llm.ChatClient``: each retry shows on the bar as
+    ``retries=N, last=<status>`` at once (a hanging endpoint otherwise looks like a still 0 %)."""
+    count = 0
+
+    def on_retry(event) -> None:
+        nonlocal count
+        count += 1
+        update_postfix(bar, refresh=True, retries=count, last=event.reason)
+
+    return on_retry

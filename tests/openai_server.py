@@ -11,12 +11,15 @@ decides every reply::
 ``handler(request_json, n)`` gets the parsed request body and the 0-based number of the
 chat request; queued replies are used first. ``srv.requests`` records every request
 (method, path, lower-cased headers, body) and ``srv.max_in_flight`` the most chat requests
-open at once, for assertions. Reusable by any stage that talks to an LLM.
+open at once, for assertions. Reusable by any stage that talks to an LLM. ``port`` picks the
+port (default: a free one), so a test can bring a healthy server up where a dead or hanging
+one was; ``free_port()`` and ``HangingServer`` (accepts connections, never answers) are those.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -65,8 +68,10 @@ Handler = Callable[[dict, int], Reply]
 class OpenAIServer:
     """A threaded HTTP server on 127.0.0.1 (free port) serving scripted OpenAI replies."""
 
-    def __init__(self, handler: Handler | None = None, models: tuple[str, ...] = ("test-model",)):
+    def __init__(self, handler: Handler | None = None, models: tuple[str, ...] = ("test-model",),
+                 port: int = 0):
         self.handler = handler or (lambda req, n: chat(""))
+        self.port = port
         self.models = models
         self.requests: list[dict] = []
         self._queue: list[Reply] = []
@@ -129,6 +134,8 @@ class OpenAIServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                if len(raw) < length:
+                    return  # the client went away mid-request (a killed run)
                 try:
                     body = json.loads(raw or b"{}")
                 except json.JSONDecodeError:
@@ -147,7 +154,7 @@ class OpenAIServer:
                     with server._lock:
                         server.in_flight -= 1
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -180,3 +187,32 @@ class OpenAIServer:
             if self._queue:
                 return self._queue.pop(0)
         return self.handler(body, n)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (a dead endpoint until someone binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class HangingServer:
+    """Listens on 127.0.0.1 and never answers: the kernel accepts the connections, nobody
+    reads them, so every request runs into the client's timeout."""
+
+    def __init__(self, port: int = 0):
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> HangingServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sock.close()

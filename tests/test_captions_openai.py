@@ -12,12 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import OpenAIServer, Reply, chat, delay, error
+from openai_server import (
+    HangingServer,
+    OpenAIServer,
+    Reply,
+    chat,
+    delay,
+    error,
+    free_port,
+)
 
 from dsbuild.build import Build
 from dsbuild.captions.stage import run_captions
 from dsbuild.config import load_recipe
-from dsbuild.errors import DsbuildError
+from dsbuild.errors import DsbuildError, StageFailed
 
 pytestmark = pytest.mark.server
 
@@ -129,7 +137,7 @@ def test_openai_counts_reasons_retries_and_cache(tmp_path, mini_recipe, monkeypa
         assert report["agents"]["chairs"]["surplus"] == 1
         assert report["agents"]["living-room"]["rejected"] == {}
         assert report["requests"] == {"sent": 5, "cached": 0, "retries": 2, "failed": 0,
-                                      "retry_reasons": {"429": 1, "timeout": 1}}
+                                      "attempts": 1, "retry_reasons": {"429": 1, "timeout": 1}}
         assert report["usage"] == {"prompt_tokens": 300, "completion_tokens": 100,
                                    "total_tokens": 400}
         assert "sk-test" not in (b.root / "dsbuild.yaml").read_text()
@@ -196,42 +204,70 @@ def test_openai_concurrency_limit(tmp_path, mini_recipe):
         assert srv.max_in_flight == 3
 
 
-def slow_good(body: dict, n: int):
-    """Two fresh valid lines per batch, slowly, so a run can be killed half way."""
-    agent, batch = request_of(body)
-    lines = [json.dumps(good_line(agent, 2 * (batch - 1) + j)) for j in range(2)]
-    return delay(0.15, chat("\n".join(lines)))
+def mixed(body: dict, n: int):
+    """Per (agent, batch), always the same reply: one or two fresh valid lines among bad ones
+    (not JSON, not an object, a field missing, no change) and, last, a duplicate of the batch
+    before's first line, so agents take several rounds and some bad lines come after an agent
+    is full. Slow enough for a run to be killed half way."""
+    agent, b = request_of(body)
+    goods = [good_line(agent, 2 * (b - 1))] + ([good_line(agent, 2 * b - 1)] if b % 3 else [])
+    g = goods[0]
+    lines = ["Sure, here you go:" if b % 2 else "42", json.dumps(g),
+             json.dumps({"input": g["input"], "edit": g["edit"]}) if b % 2 else
+             json.dumps({"input": g["input"], "edit": g["edit"], "output": g["input"]}),
+             *map(json.dumps, goods[1:])]
+    if b > 1:
+        lines.append(json.dumps(good_line(agent, 2 * (b - 2))))
+    return delay(0.1, chat("\n".join(lines)))
 
 
-def test_sigkill_half_way_then_resume(tmp_path, mini_recipe):
-    """Kill a captions run half way: the re-run loses nothing, duplicates nothing."""
-    with OpenAIServer(handler=slow_good) as srv:
-        opts = {"limit": None, "per_request": 2, "concurrency": 1}
+def bad_lines_served(srv: OpenAIServer) -> int:
+    """Bad lines in the distinct replies the server sent (``mixed`` is the same per batch)."""
+    batches = {request_of(r["body"]) for r in srv.chat_requests}
+    return sum(3 if b > 1 else 2 for _, b in batches)
+
+
+def test_sigkill_half_way_then_resume_equals_a_clean_run(tmp_path, mini_recipe):
+    """Kill a real `dsbuild captions` process half way through mixed good and bad replies: the
+    re-run writes the same records in the same order as an uninterrupted run, with the same
+    rounds (max_rounds is exactly what the clean run needs), the same counts per agent (every
+    bad line rejected with its reason, also after an agent is full) and the requests of both
+    attempts added up; nothing is asked twice."""
+    opts = {"limit": None, "per_request": 4, "concurrency": 2, "max_rounds": 4}
+    with OpenAIServer(handler=mixed) as srv:
         ref = openai_build(tmp_path / "ref", mini_recipe, srv.base_url, **opts)
         run_captions(ref, show_progress=False)
-        want = sorted(r["id"] for r in ref.records("captions"))
-        assert len(want) == 24
+        want = list(ref.records("captions"))
+        ref_report = json.loads((ref.reports_dir / "captions.json").read_text())
+        assert len(want) == 24 and ref_report["short"] == {}
+        assert ref_report["rejected_total"] == bad_lines_served(srv)
+        assert ref_report["rejected"]["duplicate"] >= 1
+        assert ref_report["agents"]["chairs"]["requests"] == 7  # 3 + 2 + 1 + 1 in 4 rounds
+        ref_sent = len(srv.chat_requests)
 
         b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, **opts)
         cmd = [sys.executable, "-m", "dsbuild", "captions", str(b.root)]
         env = dict(os.environ, DSBUILD_NO_PROGRESS="1")
         env.pop("DSBUILD_TEST_KEY", None)
         partial = b.root / "triples" / "r00000.jsonl.partial"
+        attempts = partial.with_name(partial.name + ".stats.json")
         repo = Path(__file__).resolve().parents[1]
         proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
-            if partial.exists() and partial.read_text().count("\n") >= 6:
+            if partial.exists() and partial.read_text().count("\n") >= 9:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, proc.stdout.read().decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed_at = partial.read_text().count("\n")
-        assert 6 <= killed_at < 24
+        assert 9 <= killed_at < 24
         assert not b.is_complete("captions")
-        sent_before = len(srv.chat_requests)
+        first = json.loads(attempts.read_text())["attempts"]
+        assert len(first) == 1 and first[0]["requests"]["sent"] >= 2
+        sent_before = len(srv.chat_requests) - ref_sent
 
         out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -239,16 +275,104 @@ def test_sigkill_half_way_then_resume(tmp_path, mini_recipe):
         shard = b.root / "triples" / "r00000.jsonl"
         raw = shard.read_text()
         assert raw.endswith("\n")
-        recs = [json.loads(line) for line in raw.splitlines()]  # no truncated line
-        ids = [r["id"] for r in recs]
-        assert len(ids) == len(set(ids)) == 24
-        assert sorted(ids) == want
-        # nothing is paid twice: answers cached before the kill are not asked again (at most
-        # the one request in flight when the kill came is repeated)
+        assert [json.loads(line) for line in raw.splitlines()] == want  # same ids, same order
         report = json.loads((b.reports_dir / "captions.json").read_text())
-        assert len(srv.chat_requests) - sent_before == report["requests"]["sent"]
-        assert 12 <= len(srv.chat_requests) - 12 <= 13
-        assert not partial.exists()
+        assert report["agents"] == ref_report["agents"]  # kept, rejected, surplus, requests
+        assert report["rejected"] == ref_report["rejected"]
+        assert report["rejected_examples"] == ref_report["rejected_examples"]
+        # nothing is paid twice: what was answered before the kill came from the cache (at
+        # most the requests in flight at the kill are asked again), and the report adds up
+        # both attempts' requests (less at most those in flight, begun after the last save)
+        sent_b = len(srv.chat_requests) - ref_sent
+        assert ref_sent <= sent_b <= ref_sent + opts["concurrency"]
+        req = report["requests"]
+        assert req["attempts"] == 2
+        assert sent_b - opts["concurrency"] <= req["sent"] <= sent_b
+        assert req["cached"] >= sent_before - opts["concurrency"]
+        assert not partial.exists() and not attempts.exists()
+
+
+def rooms_refused(body: dict, n: int):
+    """Chairs as ``scripted``; for living rooms the model only chats (every line rejected)."""
+    agent, _ = request_of(body)
+    return scripted(body, n) if agent == "chairs" else chat("I cannot help with rooms.")
+
+
+def test_empty_or_short_output_fails_without_a_marker(tmp_path, mini_recipe, capsys):
+    """Every line garbage: exit 1, no completion marker, stderr says why. Half the target with
+    captions.min_share above a half: the same; lowering min_share (not in the signature)
+    accepts the partial shard from the cache without asking the server again."""
+    from dsbuild.cli import main
+
+    with OpenAIServer(handler=lambda body, n: chat("Sure! Here you go:\n- a chair\n- a sofa")
+                      ) as srv:
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, max_rounds=2)
+        with pytest.raises(SystemExit) as exc:
+            main(["captions", str(b.root)])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: captions rank 0 kept 0 of 10 triples"), err
+        assert "not_json=12" in err and "'Sure! Here you go:'" in err and "nothing lost" in err
+        assert "Traceback" not in err
+        assert not b.is_complete("captions") and not any((b.root / ".done").rglob("r*"))
+        assert not (b.root / "triples" / "r00000.jsonl").exists()
+
+    with OpenAIServer(handler=rooms_refused) as srv:
+        b = openai_build(tmp_path / "b2", mini_recipe, srv.base_url, max_rounds=2,
+                         min_share=0.6)
+        with pytest.raises(StageFailed, match=r"kept 5 of 10 triples, under captions.min_share"
+                                              r"=0.6 .*not_json="):
+            run_captions(b, show_progress=False)
+        assert not b.is_complete("captions")
+        asked = len(srv.chat_requests)
+        res = run_captions(b, overrides=["captions.min_share=0.5"], show_progress=False)
+        assert res.records == 5 and b.is_complete("captions")
+        assert len(srv.chat_requests) == asked  # the same replies, from the cache
+        assert res.stats["requests"]["attempts"] == 2
+        assert res.stats["agents"]["living-room"]["rejected"] == {"not_json": 2}
+
+
+FAIL_FAST = {"max_retries": 100, "retry_backoff": 0.05, "max_backoff": 0.2, "timeout": 0.3,
+             "fail_after_errors": 3, "fail_after_s": 1.0}
+
+
+@pytest.mark.parametrize("kind", ["dead", "hanging"])
+def test_dead_or_hanging_endpoint_fails_fast_then_resumes(tmp_path, mini_recipe, capsys,
+                                                          monkeypatch, kind):
+    """Nothing listening, or a server that accepts and never answers: with 100 retries per
+    request the stage still stops after ~1 s of failures in a row (fail_after_*), naming the
+    endpoint and the last error; each retry shows on the bar. The same command against a
+    healthy server on that port then completes."""
+    monkeypatch.delenv("DSBUILD_NO_PROGRESS", raising=False)  # the bar shows the retries
+    port = free_port()
+    hang = HangingServer(port) if kind == "hanging" else None
+    url = f"http://127.0.0.1:{port}/v1"
+    b = openai_build(tmp_path / "b", mini_recipe, url, **FAIL_FAST)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(StageFailed) as exc:
+            run_captions(b)
+    finally:
+        if hang is not None:
+            hang.__exit__()
+    took = time.perf_counter() - t0
+    msg = str(exc.value)
+    assert exc.value.exit_code == 1
+    assert 1.0 <= took < 8, took
+    assert f"the endpoint {url} failed" in msg and "nothing lost; run the same command again" in msg
+    last = "no reply within 0.3 s" if kind == "hanging" else "connection failed: "
+    assert f"(last error: {last}" in msg
+    err = capsys.readouterr().err
+    reason = "timeout" if kind == "hanging" else "connection"
+    assert re.search(rf"retries=\d+, last={reason}", err), err[-500:]
+    assert not b.is_complete("captions")
+
+    with OpenAIServer(handler=scripted, port=port):
+        res = run_captions(b, show_progress=False)
+    assert res.records == 10 and b.is_complete("captions")
+    assert res.stats["requests"]["attempts"] == 2
+    # the failures before the stop were retried (the one that stopped it was not)
+    assert res.stats["requests"]["retry_reasons"][reason] >= FAIL_FAST["fail_after_errors"] - 1
 
 
 def test_client_waits_retry_after_and_reports_each_retry(tmp_path):

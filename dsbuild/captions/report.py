@@ -2,6 +2,8 @@
 
 The report merges the stats every finished rank left in its completion marker, so it is the
 same whichever rank finishes last, and a re-run that skips done ranks rewrites it unchanged.
+A rank that was killed and resumed reports its counts as if it had run once, and the requests
+of all its attempts added up (``requests.attempts`` says how many there were).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def merge_stats(build: Build) -> dict:
         if req:
             has_requests = True
             requests.update({k: req.get(k, 0) for k in REQUEST_KEYS})
+            requests["attempts"] += req.get("attempts", 1)
             retry_reasons.update(req.get("retry_reasons", {}))
             usage.update(req.get("usage", {}))
             usage_cached.update(req.get("usage_cached", {}))
@@ -63,7 +66,7 @@ def merge_stats(build: Build) -> dict:
         "reasons": {k: REASONS[k] for k in rejected if k in REASONS},
         "short": short,
         "agents": ordered,
-        "requests": ({**{k: int(requests[k]) for k in REQUEST_KEYS},
+        "requests": ({**{k: int(requests[k]) for k in (*REQUEST_KEYS, "attempts")},
                       "retry_reasons": dict(sorted(retry_reasons.items()))}
                      if has_requests else None),
         "usage": dict(usage) if has_requests else None,
@@ -89,7 +92,7 @@ def plot_report(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dsbuild.records import atomic_open
+    from dsbuild.records import write_figure
 
     names = list(report["agents"])
     kept = [report["agents"][n]["kept"] for n in names]
@@ -107,9 +110,7 @@ def plot_report(report: dict, path: Path) -> None:
                  f"({report['backend']})", pad=28)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def format_summary(report: dict) -> str:
@@ -126,8 +127,11 @@ def format_summary(report: dict) -> str:
     req = report.get("requests")
     if req:
         u = report.get("usage") or {}
+        runs = req.get("attempts", 1)
         lines.append(f"requests: {req['sent']} sent, {req['cached']} from cache, "
-                     f"{req['retries']} retries, {req['failed']} failed; tokens: "
+                     f"{req['retries']} retries, {req['failed']} failed"
+                     + (f" over {runs} runs" if runs > len(report["done_ranks"]) else "")
+                     + "; tokens: "
                      f"{u.get('prompt_tokens', 0)} prompt + {u.get('completion_tokens', 0)} "
                      "completion")
     if report["short"]:

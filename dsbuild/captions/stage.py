@@ -3,17 +3,27 @@
 The work unit is the agent: agents (objects first, then rooms) are dealt round-robin over
 ranks, so each rank owns whole agents and can reach their counts and drop duplicates alone.
 Both backends are deterministic for a seed (template) or a cache (openai), which is what lets
-a killed rank resume: replayed triples have the same ids and the shard writer skips them.
+a killed rank resume exactly: a resumed run replays the same candidates through the same
+validator in the same rounds (sample numbers and the round budget as in an uninterrupted run;
+cached replies cost nothing), the shard writer skips the triples already written, and every
+count (kept, rejected by reason, surplus) comes out as if the run had never stopped. What a
+replay cannot rebuild, the requests each attempt paid for, is kept beside the partial shard in
+``rNNNNN.jsonl.partial.stats.json`` and added up at the end.
+
+A rank whose output is empty, or under ``captions.min_share`` of its target, raises StageFailed:
+no completion marker, exit status 1, the partial shard and the request cache kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dsbuild.build import Build, StageResult, check_rank
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
@@ -21,11 +31,11 @@ from dsbuild.captions.report import write_report
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import FIELDS, Checked, Validator, check_examples, clean_text
 from dsbuild.config import Agent, Recipe, apply_overrides
-from dsbuild.errors import DsbuildError
+from dsbuild.errors import StageFailed
 from dsbuild.hashing import content_id
-from dsbuild.llm import ChatClient, RequestCache, check_endpoint
-from dsbuild.progress import progress
-from dsbuild.records import ShardWriter
+from dsbuild.llm import ChatClient, RequestCache, check_endpoint, sum_request_stats
+from dsbuild.progress import progress, retry_postfix, update_postfix
+from dsbuild.records import ShardWriter, shard_name, write_json
 from dsbuild.settings.captions import CaptionsSettings
 
 AUTO_ROUNDS = 8
@@ -73,12 +83,13 @@ class AgentTally:
 
     level: str
     target: int
-    kept: int = 0
+    kept: int = 0  # triples of this agent in the shard
+    streamed: int = 0  # valid candidates the stream has given so far (drives the rounds)
     candidates: int = 0
     requests: int = 0
-    surplus: int = 0
+    surplus: int = 0  # valid lines that came after the agent was full
     rejected: Counter = field(default_factory=Counter)
-    operations: Counter = field(default_factory=Counter)  # of the triples written this run
+    operations: Counter = field(default_factory=Counter)  # of the kept triples
 
     def as_dict(self) -> dict:
         return {"level": self.level, "target": self.target, "kept": self.kept,
@@ -91,7 +102,7 @@ class CaptionsRun:
     """One rank's captions work: feeds candidates through the validator into the writer."""
 
     def __init__(self, build: Build, agents: list[Agent], backend: str, writer: ShardWriter,
-                 show_progress: bool = True):
+                 log: AttemptLog | None = None, show_progress: bool = True):
         self.build, self.recipe, self.agents = build, build.recipe, agents
         self.settings = build.config.captions
         self.backend = backend
@@ -103,16 +114,23 @@ class CaptionsRun:
                         for a in agents}
         self.examples: dict[str, list[str]] = {}
         self.model: str | None = None
-        # A resumed rank: triples already in the partial shard count as kept and seen; when
-        # the (deterministic) stream replays them they are skipped, not counted twice.
+        self.log = log
+        self._saved: tuple = (0, 0, 0, len(writer.records))  # what the log last recorded
+        # A resumed rank: the partial shard's triples are kept and seen, and the stream is
+        # replayed from its start (cached replies, the template's seed). Each of them counts
+        # once more for the rounds when the replay brings it back (``pending`` until then),
+        # so sample numbers and rounds come out as in an uninterrupted run.
         by_name = {a.name: a for a in agents}
-        self.resumed: set[str] = set()
+        self.pending: set[str] = set()
         for rec in writer.records:
             agent = by_name.get(rec.get("agent"))
             if agent is not None and rec.get("id"):
-                self.tallies[agent.name].kept += 1
+                tally = self.tallies[agent.name]
+                tally.kept += 1
+                tally.operations[rec.get("operation")] += 1
                 self.validator.remember(rec, agent)
-                self.resumed.add(rec["id"])
+                self.pending.add(rec["id"])
+        self.resumed = len(self.pending)
         total = sum(t.target for t in self.tallies.values())
         done = sum(min(t.kept, t.target) for t in self.tallies.values())
         self.bar = progress(total=total, desc=f"captions r{build_rank_label(writer)}",
@@ -120,41 +138,55 @@ class CaptionsRun:
 
     # ------------------------------------------------------------------ shared
     def offer(self, agent: Agent, cand: object, raw: str | None = None) -> bool:
-        """Validate one candidate and write it if it passes; True once the agent is full."""
+        """Validate one candidate and write it if it passes; True once the agent is full.
+
+        Every line is validated, also after the agent is full: a bad one is rejected with its
+        reason, a good one counts as surplus. A triple the partial shard already holds comes
+        back when a resumed run replays its stream: it counts for the rounds, is not written.
+        """
         tally = self.tallies[agent.name]
-        if tally.kept >= tally.target:
-            tally.surplus += 1
-            return True
-        if self.resumed and self._resumed_id(agent, cand) in self.resumed:
-            return False  # written before the interruption; already counted
         tally.candidates += 1
+        if self.pending:
+            rid = self._candidate_id(agent, cand)
+            if rid in self.pending:  # written before the interruption (kept and seen already)
+                self.pending.discard(rid)
+                tally.streamed += 1
+                return tally.streamed >= tally.target
+        full = tally.streamed >= tally.target
         res = (self.validator.reject("not_json") if cand is NOT_JSON
                else self.validator.check(cand, agent))
         if not res.ok:
             self._rejected(tally, res, raw if raw is not None else cand)
-            return False
+            return full
+        tally.streamed += 1
+        # the shard can be full before the stream only when an earlier attempt's requests
+        # failed (its later replies wrote what these lines would have)
+        if full or tally.kept >= tally.target:
+            tally.surplus += 1
+            return tally.streamed >= tally.target
         self.writer.write(triple_record(self.recipe, agent, res.triple, self.backend, self.model))
         tally.kept += 1
         tally.operations[res.operation] += 1
         if self.bar is not None:
             self.bar.update(1)
-        return tally.kept >= tally.target
+        return tally.streamed >= tally.target
 
-    def _resumed_id(self, agent: Agent, cand: object) -> str | None:
+    def _candidate_id(self, agent: Agent, cand: object) -> str | None:
+        """The id a candidate's triple would get (``triple_record``), None if it has none."""
         if not isinstance(cand, dict) or not all(isinstance(cand.get(f), str) for f in FIELDS):
             return None
-        return content_id(self.recipe.name, agent.name,
-                          *(clean_text(cand[f]) for f in FIELDS))
+        return content_id(self.recipe.name, agent.name, *(clean_text(cand[f]) for f in FIELDS))
 
     def _rejected(self, tally: AgentTally, res: Checked, raw: object) -> None:
         tally.rejected[res.reason] += 1
         ex = self.examples.setdefault(res.reason, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(str(raw)[:300])
-        if self.bar is not None:
-            self.bar.set_postfix(rejected=sum(self.validator.rejected.values()), refresh=False)
+        update_postfix(self.bar, rejected=sum(self.validator.rejected.values()))
 
-    def stats(self, started: float, requests: dict | None = None) -> dict:
+    def stats(self, started: float, requests: dict | None = None,
+              earlier_s: float = 0.0) -> dict:
+        """The rank's counts for its marker; ``requests`` and time add up every attempt."""
         rejected = Counter()
         for t in self.tallies.values():
             rejected.update(t.rejected)
@@ -168,7 +200,8 @@ class CaptionsRun:
             "agents": {n: t.as_dict() for n, t in self.tallies.items()},
             "requests": requests,
             "rejected_examples": self.examples,
-            "elapsed_s": round(time.perf_counter() - started, 3),
+            "resumed": self.resumed, "unreplayed": len(self.pending),
+            "elapsed_s": round(earlier_s + time.perf_counter() - started, 3),
         }
 
     def close(self) -> None:
@@ -189,22 +222,47 @@ class CaptionsRun:
     # ------------------------------------------------------------------ openai
     def run_openai(self) -> dict:
         started = time.perf_counter()
+        show_retry = retry_postfix(self.bar)
+
+        def on_retry(event) -> None:
+            show_retry(event)
+            self._save_attempt(backend, started)
+
         backend = ChatClient(self.settings, RequestCache(self.build.cache_dir / "captions"),
-                             section="captions", offline_hint=OFFLINE_HINT)
+                             section="captions", offline_hint=OFFLINE_HINT, on_retry=on_retry)
         self.model = backend.model
-        asyncio.run(self._openai(backend))
-        stats = self.stats(started, backend.stats.as_dict())
+        try:
+            asyncio.run(self._openai(backend, started))
+        finally:  # also when stopped (dead endpoint, Ctrl-C): this attempt's requests count
+            self._save_attempt(backend, started)
+        earlier = self.log.earlier if self.log is not None else []
+        requests = sum_request_stats([*(a.get("requests") for a in earlier),
+                                      backend.stats.as_dict()])
+        requests["attempts"] = len(earlier) + 1
+        stats = self.stats(started, requests, sum(a.get("elapsed_s", 0) for a in earlier))
         if backend.stats.failed and stats["short"]:
-            raise DsbuildError(
-                f"{backend.stats.failed} request(s) to {self.settings.base_url or 'the endpoint'} "
-                f"failed after {self.settings.max_retries} retries "
-                f"({'; '.join(backend.stats.errors[:3])}) and agents "
-                f"{sorted(stats['short'])} are short of their counts; run the same command "
-                "again to resume (answers already received are reused from the cache)"
+            errors = backend.stats.errors
+            raise StageFailed(
+                f"captions: {backend.stats.failed} request(s) to {backend.endpoint} failed after "
+                f"{self.settings.max_retries} retries (last error: {errors[-1] if errors else '?'})"
+                f" and agents {sorted(stats['short'])} are short of their counts; nothing lost; "
+                "run the same command again to resume (answers already received are reused "
+                "from the cache)"
             )
         return stats
 
-    async def _openai(self, backend: ChatClient) -> None:
+    def _save_attempt(self, backend: ChatClient, started: float) -> None:
+        """Record this attempt's request stats beside the partial shard when they changed."""
+        st = backend.stats
+        now = (st.sent, st.retries, st.failed, len(self.writer.records))
+        if self.log is not None and now != self._saved:
+            self._saved = now
+            self.log.save(st.as_dict(), time.perf_counter() - started, len(self.writer.records))
+
+    async def _openai(self, backend: ChatClient, started: float) -> None:
+        """Rounds per agent: ask for what is missing, take every line of every reply in
+        sample order. Sample numbers and rounds depend only on the replies, never on what the
+        partial shard held, so a resumed run asks the same requests (from the cache)."""
         s = self.settings
         rounds = s.max_rounds or AUTO_ROUNDS
         async with backend:
@@ -212,21 +270,19 @@ class CaptionsRun:
                 tally = self.tallies[agent.name]
                 sample = 0
                 for _ in range(rounds):
-                    need = tally.target - tally.kept
+                    need = tally.target - tally.streamed
                     if need <= 0:
                         break
                     idx = list(range(sample, sample + math.ceil(need / s.per_request)))
                     sample += len(idx)
                     tally.requests += len(idx)
-                    replies = await asyncio.gather(*(
-                        backend.complete(
-                            build_messages(self.recipe, agent, s.per_request, i, s.seed), i)
-                        for i in idx))
-                    for reply in replies:  # in sample order: the same replies keep the same lines
-                        if reply is None:
-                            continue
-                        for line, cand in zip_lines(reply["content"]):
-                            self.offer(agent, cand, line)
+                    asks = [(build_messages(self.recipe, agent, s.per_request, i, s.seed), i)
+                            for i in idx]
+                    async for reply in backend.complete_in_order(asks):
+                        if reply is not None:
+                            for line, cand in zip_lines(reply["content"]):
+                                self.offer(agent, cand, line)
+                        self._save_attempt(backend, started)
 
 
 def zip_lines(content: str) -> list[tuple[str, object]]:
@@ -241,6 +297,68 @@ def zip_lines(content: str) -> list[tuple[str, object]]:
 
 def build_rank_label(writer: ShardWriter) -> str:
     return writer.path.stem.lstrip("r").lstrip("0") or "0"
+
+
+def attempts_path(partial: Path) -> Path:
+    """rNNNNN.jsonl.partial.stats.json: what each attempt at a partial shard paid for."""
+    return partial.with_name(partial.name + ".stats.json")
+
+
+class AttemptLog:
+    """Request stats of earlier attempts at one rank's partial shard, and the current one's.
+
+    A killed run cannot say what it paid for at the end, so each attempt rewrites its entry
+    (atomically) after every paid reply; the resume adds them up. The file belongs to the
+    partial shard: written under the same signature and never holding more records than the
+    partial now does, else (a new signature, --force, a deleted partial) it is ignored.
+    """
+
+    def __init__(self, partial: Path, signature: str, records: int, fresh: bool):
+        self.path = attempts_path(partial)
+        self.signature = signature
+        self.earlier: list[dict] = []
+        if fresh:
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return
+        if (isinstance(data, dict) and data.get("signature") == signature
+                and int(data.get("records", 0)) <= records):
+            self.earlier = [a for a in data.get("attempts", []) if isinstance(a, dict)]
+
+    def save(self, requests: dict, elapsed_s: float, records: int) -> None:
+        write_json(self.path, {
+            "signature": self.signature, "records": records,
+            "attempts": [*self.earlier, {"requests": requests,
+                                         "elapsed_s": round(elapsed_s, 3)}],
+        })
+
+
+def check_share(stats: dict, settings: CaptionsSettings, rank: int) -> None:
+    """StageFailed when the rank kept nothing, or less than ``min_share`` of its target."""
+    target, kept = stats["target"], stats["kept"]
+    if not target or (kept and kept >= settings.min_share * target):
+        return
+    rejected = stats["rejected"]
+    top = sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))
+    why = (f"{sum(rejected.values())} line(s) rejected (" + ", ".join(
+        f"{k}={v}" for k, v in top[:5]) + ")") if rejected else "no line came back"
+    examples = [stats["rejected_examples"].get(k) for k, _ in top]
+    example = next((ex[0] for ex in examples if ex), None)
+    req = stats.get("requests") or {}
+    lines = [
+        f"captions rank {rank} kept {kept} of {target} triples, under captions.min_share="
+        f"{settings.min_share:g} of the target: {why}",
+        *([f"  e.g. {example[:160]!r}"] if example else []),
+        *([f"  requests: {req.get('sent', 0)} sent, {req.get('failed', 0)} failed"]
+          if req else []),
+        "  no completion marker written; nothing lost (the partial shard and the cached replies "
+        "stay). A re-run replays the same replies: change what is asked (captions.model, the "
+        "recipe's agents or examples), raise captions.max_rounds to ask for more, or lower "
+        "captions.min_share to accept fewer",
+    ]
+    raise StageFailed("\n".join(lines))
 
 
 def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
@@ -262,12 +380,19 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
         check_endpoint(s, "captions", OFFLINE_HINT)
 
     def work(writer: ShardWriter) -> dict:
-        run = CaptionsRun(build, agents, chosen, writer, show_progress=show_progress)
+        log = AttemptLog(writer.partial, build.signature("captions"), len(writer.records),
+                         fresh=force) if chosen == "openai" else None
+        run = CaptionsRun(build, agents, chosen, writer, log, show_progress=show_progress)
         try:
-            return run.run_template() if chosen == "template" else run.run_openai()
+            stats = run.run_template() if chosen == "template" else run.run_openai()
         finally:
             run.close()
+        check_share(stats, s, rank)
+        return stats
 
     result = build.run_stage("captions", rank, world_size, work, force=force)
+    # the shard is committed (or was already): the per-attempt stats are in its marker
+    attempts_path(build.output_dir("captions") / (shard_name(rank) + ".partial")).unlink(
+        missing_ok=True)
     result.report = write_report(build)
     return result

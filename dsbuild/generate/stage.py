@@ -3,6 +3,10 @@
 Triples are sharded by input caption, so every edit of a caption (and its shared source)
 stays on one rank. For each pair both PNGs are written atomically before its record line, so
 a killed run resumes with no duplicate pair and no half-written image.
+
+This module imports without torch (``dsbuild run`` imports every stage's run function); the
+P2P modules that need torch and diffusers are imported when there is work, and
+``run_generate`` checks first that they are installed.
 """
 
 from __future__ import annotations
@@ -10,15 +14,27 @@ from __future__ import annotations
 import io
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from dsbuild import join
 from dsbuild.build import Build, StageResult, select_shard
-from dsbuild.errors import DsbuildError
-from dsbuild.generate.sweep import PairPlan, plan_triple
+from dsbuild.errors import DsbuildError, StageFailed, require_installed
 from dsbuild.progress import progress
 from dsbuild.records import write_bytes
+
+if TYPE_CHECKING:
+    from dsbuild.generate.sweep import PairPlan
+
+# what generating imports (the ``gen`` extra); checked before any work
+GEN_MODULES = ("torch", "diffusers", "transformers")
+
+
+def check_installed() -> None:
+    """Fail with the pip line that fixes it when the ``gen`` extra is not installed."""
+    require_installed("gen", *GEN_MODULES, what="dsbuild generate")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -87,10 +103,12 @@ def hash_source(plan: PairPlan, model: str) -> str:
 def run_generate(build: Build, rank: int = 0, world_size: int = 1,
                  force: bool = False) -> StageResult:
     """Make this rank's pairs (skipping done ones), commit the shard, draw the contact sheet."""
+    check_installed()
     s = build.config.generate
 
     def work(writer) -> dict:
         from dsbuild.generate.pipeline import P2PGenerator
+        from dsbuild.generate.sweep import plan_triple
         from dsbuild.models import load_sd_pipeline, resolve_device, resolve_dtype
 
         triples = [t for t in build.records("captions") if not t.get("no_change")]
@@ -99,8 +117,14 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
             if missing:
                 raise DsbuildError(f"triples of {build.root}: triple {t.get('id', '?')} has no "
                                    f"{', '.join(missing)}; re-run `dsbuild captions --force`")
+        if not triples:  # "done, 0 pairs" would pass an empty dataset on to every later stage
+            raise StageFailed(
+                f"generate: the captions of {build.root} hold no triple to make pairs from, so "
+                "generate has nothing to do; no completion marker written. Rerun `dsbuild "
+                "captions --force` (see reports/captions.json for why its lines were rejected)"
+            )
         mine = select_shard(triples, rank, world_size, key=lambda t: t["input"])
-        if not mine:
+        if not mine:  # another rank has them all: a legitimately empty shard
             return {"pairs": 0, "sources": 0}
         device = resolve_device(s.device)
         dtype = resolve_dtype(s.dtype, device)
@@ -152,11 +176,9 @@ def write_contact_sheet(build: Build):
     """reports/generate_contact_sheet.png: a few pairs per agent."""
     from dsbuild.generate.contact import contact_sheet
 
-    triples = {t["id"]: t for t in build.records("captions")}
-    pairs = list(build.records("generate"))
     note = f"model={build.config.generate.model}"
     if build.config.generate.model == "tiny":
         note += " (random tiny model: placeholder images)"
-    return contact_sheet(build.root, pairs, triples,
+    return contact_sheet(build.root, join.all_pairs(build, scores=False),
                          build.reports_dir / "generate_contact_sheet.png",
                          build.config.generate.contact_sheet, note)

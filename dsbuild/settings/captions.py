@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from dsbuild.settings.llm import LLMSettings
+from dsbuild.settings.llm import TRANSPORT, LLMSettings
 
 
 class CaptionsSettings(LLMSettings):
     """The endpoint settings (``model``, ``base_url``, retries ...) come from LLMSettings."""
+
+    # what counts as done, not what is written: changing it keeps the partial shard
+    volatile: ClassVar[frozenset[str]] = TRANSPORT | {"min_share"}
 
     backend: Literal["auto", "template", "openai"] = Field(
         "auto", description="auto = openai when an endpoint is configured, else template"
@@ -21,6 +24,10 @@ class CaptionsSettings(LLMSettings):
     per_request: int = Field(10, ge=1, le=100, description="triples asked for per request")
     max_rounds: int = Field(
         0, ge=0, description="request rounds per agent before giving up (0 = auto: 8)"
+    )
+    min_share: float = Field(
+        0.5, ge=0, le=1, description="a rank that keeps less than this share of its target "
+        "(or nothing at all) fails: exit 1, no completion marker, the partial shard kept"
     )
     # validator
     max_changed_fraction: float = Field(

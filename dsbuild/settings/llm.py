@@ -2,7 +2,8 @@
 
 Captions and augment each subclass this (``captions.*``, ``augment.*``), so both name the same
 knobs the same way and ``dsbuild.llm.ChatClient`` reads one model. How requests are sent
-(concurrency, timeout, retries) does not change what a stage writes, so it skips the signature.
+(concurrency, timeout, retries, when to give up on a dead endpoint) does not change what a stage
+writes, so it skips the signature.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pydantic import Field
 
 from dsbuild.settings import StageSettings
 
-TRANSPORT = frozenset({"concurrency", "timeout", "max_retries", "retry_backoff", "max_backoff"})
+TRANSPORT = frozenset({"concurrency", "timeout", "max_retries", "retry_backoff", "max_backoff",
+                       "fail_after_errors", "fail_after_s"})
 
 
 class LLMSettings(StageSettings):
@@ -32,3 +34,12 @@ class LLMSettings(StageSettings):
         1.0, ge=0, description="first retry waits this long (s); each next one twice as long"
     )
     max_backoff: float = Field(60.0, ge=0, description="longest wait between two retries (s)")
+    # fail fast: a dead or hanging endpoint stops the stage in about a minute, not an hour
+    fail_after_errors: int = Field(
+        5, ge=0, description="stop the stage after this many attempts in a row fail with a "
+        "connection error, timeout or 5xx (0 = never; each request still retries)"
+    )
+    fail_after_s: float = Field(
+        60.0, ge=0, description="... and only once that run of failures spans at least this "
+        "many seconds (from the start of its first attempt)"
+    )
