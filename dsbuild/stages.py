@@ -177,7 +177,8 @@ EXTRA_OF_MODULE = {
     "accelerate": "gen", "safetensors": "gen", "open_clip": "filter", "openai": "llm",
     "httpx": "llm", "lexicalrichness": "diversity", "sentence_transformers": "semantic",
     "datasets": "export", "pyarrow": "export", "huggingface_hub": "export",
-    "fiftyone": "fiftyone", "label_studio_sdk": "review",
+    "fiftyone": "fiftyone", "label_studio_sdk": "review", "peft": "train", "tenacity": "llm",
+    "inflect": "all",
 }
 
 

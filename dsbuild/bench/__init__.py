@@ -9,6 +9,8 @@ from dsbuild.cli import LazyGroup
 BENCHES = {
     "p2p": ("dsbuild.generate.bench:bench_p2p", "Prompt-to-Prompt vs plain diffusers"),
     "filter": ("dsbuild.filter.bench:bench_filter", "CLIP scoring vs raw open_clip"),
+    "train": ("dsbuild.train.bench:bench_train", "training steps vs diffusers' IP2P loop"),
+    "eval": ("dsbuild.evaluate.bench:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
 }
 
 

@@ -1,0 +1,95 @@
+"""``dsbuild eval`` (models side by side on a split) and ``dsbuild edit`` (one edit)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dsbuild.errors import DsbuildError
+
+
+def _floats(value: str, flag: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise DsbuildError(f"{flag}: expected numbers separated by commas (got {value!r})"
+                           ) from None
+    if not out:
+        raise DsbuildError(f"{flag}: give at least one value")
+    return out
+
+
+@click.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", required=True, help="export folder or Hub dataset id")
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", default="dsbuild-eval", show_default=True,
+              type=click.Path(file_okay=False), help="edits, eval.json/md, curve and grids")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="text guidance")
+@click.option("--image-guidance", default="1.5", show_default=True,
+              help="image guidance; comma-separated values sweep (e.g. 1.0,1.2,1.5,1.8)")
+@click.option("--steps", type=int, default=50, show_default=True, help="denoising steps")
+@click.option("--seed", type=int, default=0, show_default=True, help="row i uses seed+i")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--resolution", type=int, default=256, show_default=True)
+@click.option("--limit", type=int, default=None, help="only the first N rows")
+@click.option("--clip-model", default="ViT-L-14", show_default=True,
+              help="open_clip name (as InstructPix2Pix), 'hf-hub:…', or 'tiny'")
+@click.option("--clip-pretrained", default="openai", show_default=True)
+@click.option("--dino-model", default="facebook/dinov2-base", show_default=True,
+              help="DINOv2 Hub id, folder, or 'tiny'")
+@click.option("--offline", is_flag=True,
+              help="tiny random CLIP/DINOv2 backbones: runs without downloads, scores are "
+                   "placeholders")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
+def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, batch_size,
+             resolution, limit, clip_model, clip_pretrained, dino_model, offline, device, dtype,
+             as_json):
+    """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
+    from dsbuild.evaluate.run import EvalSettings, evaluate
+
+    if offline:
+        clip_model, clip_pretrained, dino_model = "tiny", "none", "tiny"
+    s = EvalSettings(split=split, guidance=guidance,
+                     image_guidance=_floats(image_guidance, "--image-guidance"), steps=steps,
+                     seed=seed, batch_size=batch_size, resolution=resolution, limit=limit,
+                     clip_model=clip_model, clip_pretrained=clip_pretrained,
+                     dino_model=dino_model, device=device, dtype=dtype)
+    res = evaluate(list(models), data, out, s)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    from dsbuild.evaluate.report import markdown_table
+
+    click.echo(markdown_table(res))
+    click.echo(f"written: {out}/eval.json, {out}/eval.md, grids"
+               + (", curve.png" if len(s.image_guidance) > 1 else ""))
+
+
+@click.command("edit")
+@click.argument("model")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("instruction")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="output image")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="text guidance")
+@click.option("--image-guidance", type=float, default=1.5, show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--resolution", type=int, default=None,
+              help="fit the image to this side first (default: as it is, rounded to 8)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              show_default=True)
+def edit_cmd(model, image, instruction, out, seed, guidance, image_guidance, steps, resolution,
+             device, dtype):
+    """Edit IMAGE by INSTRUCTION with MODEL ('tiny', a folder or a Hub id); write --out."""
+    from dsbuild.evaluate.edit import edit_image
+
+    path = edit_image(model, image, instruction, out, seed=seed, guidance=guidance,
+                      image_guidance=image_guidance, steps=steps, resolution=resolution,
+                      device=device, dtype=dtype)
+    click.echo(f"edited {image} -> {path}")

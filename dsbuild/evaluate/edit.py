@@ -1,0 +1,46 @@
+"""One edit from the shell (``dsbuild edit``): the Python call behind it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsbuild.errors import DsbuildError, require_installed
+
+
+def edit_image(model: str, image: str | Path, instruction: str, out: str | Path, seed: int = 0,
+               guidance: float = 7.5, image_guidance: float = 1.5, steps: int = 50,
+               resolution: int | None = None, device: str = "auto", dtype: str = "auto",
+               pipe=None) -> Path:
+    """Edit ``image`` by ``instruction``; the result is written atomically to ``out``."""
+    require_installed("train", "torch", "diffusers", "transformers", what="dsbuild edit")
+    import torch
+    from PIL import Image
+
+    from dsbuild.models import resolve_device, resolve_dtype
+    from dsbuild.records import write_image
+    from dsbuild.train.data import fit
+    from dsbuild.train.model import load_editor
+
+    if not instruction.strip():
+        raise DsbuildError("the instruction is empty")
+    try:
+        with Image.open(image) as im:
+            src = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise DsbuildError(f"{image}: unreadable image ({type(exc).__name__}: {exc})") from None
+    if resolution:
+        src = fit(src, resolution)
+    else:
+        w, h = src.size
+        src = src.resize((max(8, w - w % 8), max(8, h - h % 8)))
+    if pipe is None:
+        dev = resolve_device(device)
+        pipe = load_editor(model, dev, resolve_dtype(dtype, dev))
+    out = Path(out)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(out.suffix.lower(), "PNG")
+    with torch.no_grad():
+        edited = pipe(instruction, image=src, num_inference_steps=steps, guidance_scale=guidance,
+                      image_guidance_scale=image_guidance,
+                      generator=torch.Generator().manual_seed(seed)).images[0]
+    write_image(out, edited, format=fmt)
+    return out

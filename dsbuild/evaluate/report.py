@@ -1,0 +1,102 @@
+"""What ``dsbuild eval`` shows: a markdown table with the models side by side (LangDesign's
+shape), the CLIP_dir-vs-CLIP_im curve over an image-guidance sweep (InstructPix2Pix's plot),
+and grids of edits (input | edit(s) | ground truth)."""
+
+from __future__ import annotations
+
+# (key in the JSON, column title); cosines print ×100 in the table, L1 as it is
+EDIT_COLUMNS = (("clip_im", "CLIP_im ↑"), ("clip_dir", "CLIP_dir ↑"), ("clip_out", "CLIP_out ↑"),
+                ("dino", "DINO ↑"), ("clip_i", "CLIP-I (GT) ↑"), ("dino_gt", "DINO (GT) ↑"),
+                ("l1", "L1 (GT) ↓"))
+NO_CHANGE_COLUMNS = (("clip_im", "CLIP_im ↑"), ("dino", "DINO ↑"), ("l1", "L1 ↓"))
+NOT_SCALED = {"l1"}
+
+
+def _fmt(key: str, v) -> str:
+    if v is None or v != v:  # None or NaN
+        return "–"
+    return f"{v:.4f}" if key in NOT_SCALED else f"{100 * v:.2f}"
+
+
+def markdown_table(result: dict) -> str:
+    """Models side by side at the main image guidance, then the no-change rows and the sweep
+    (local paths shown by their last part, as in dataset cards)."""
+    from dsbuild.export.dataset import public_name
+
+    b = result["backbones"]
+    ig = result["settings"]["image_guidance"]
+    lines = [
+        f"Split `{result['split']}` of {public_name(result['data'])}: {result['rows']['edit']} edit rows, "
+        f"{result['rows']['no_change']} no-change rows; text guidance "
+        f"{result['settings']['guidance']}, image guidance {result['settings']['main_image_guidance']}, "
+        f"{result['settings']['steps']} steps, seed {result['settings']['seed']}.",
+        f"CLIP: {b['clip']}; DINO: {b['dino']}. Cosines ×100 (CLIP_dir too: 0.025 as a raw "
+        "cosine is 2.50 here); L1 is the mean absolute pixel difference in [0, 1].",
+        "",
+        "| model | " + " | ".join(t for _, t in EDIT_COLUMNS) + " |",
+        "|---|" + "---:|" * len(EDIT_COLUMNS),
+    ]
+    for name, m in result["models"].items():
+        lines.append(f"| {public_name(name)} | " + " | ".join(_fmt(k, m["edit"].get(k))
+                                                  for k, _ in EDIT_COLUMNS) + " |")
+    if result["rows"]["no_change"]:
+        lines += ["", "No-change rows (the instruction names something absent; the best edit "
+                  "leaves the image alone — compared with the input):", "",
+                  "| model | " + " | ".join(t for _, t in NO_CHANGE_COLUMNS) + " |",
+                  "|---|" + "---:|" * len(NO_CHANGE_COLUMNS)]
+        for name, m in result["models"].items():
+            lines.append(f"| {public_name(name)} | " + " | ".join(_fmt(k, m["no_change"].get(k))
+                                                      for k, _ in NO_CHANGE_COLUMNS) + " |")
+    if len(ig) > 1:
+        lines += ["", "Image-guidance sweep (CLIP_dir ↑ against CLIP_im ↑):", "",
+                  "| model | image guidance | CLIP_dir | CLIP_im |", "|---|---:|---:|---:|"]
+        for name, m in result["models"].items():
+            for point in m["sweep"]:
+                e = point["edit"]
+                lines.append(f"| {public_name(name)} | {point['image_guidance']} | "
+                             f"{_fmt('clip_dir', e.get('clip_dir'))} | "
+                             f"{_fmt('clip_im', e.get('clip_im'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_figure(result: dict):
+    """CLIP_dir (y) against CLIP_im (x) per model over the image-guidance sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, m in result["models"].items():
+        xs = [p["edit"].get("clip_im") for p in m["sweep"]]
+        ys = [p["edit"].get("clip_dir") for p in m["sweep"]]
+        ax.plot(xs, ys, marker="o", label=name)
+        for p, x, y in zip(m["sweep"], xs, ys, strict=True):
+            ax.annotate(str(p["image_guidance"]), (x, y), fontsize=7)
+    ax.set_xlabel("CLIP_im (cosine, input vs edit)")
+    ax.set_ylabel("CLIP_dir (cosine)")
+    ax.set_title("image-guidance sweep")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def edit_grid(rows, cell: int = 128):
+    """A grid image: one line per row, ``(prompt, input, edit or [edits], truth)`` as columns."""
+    from PIL import Image, ImageDraw
+
+    lines = []
+    for prompt, inp, edits, truth in rows:
+        edits = edits if isinstance(edits, list) else [edits]
+        lines.append((prompt, [inp, *edits, truth]))
+    cols = max(len(c) for _, c in lines) if lines else 1
+    band = 14
+    grid = Image.new("RGB", (cols * cell, len(lines) * (cell + band)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, cells) in enumerate(lines):
+        y = r * (cell + band)
+        draw.text((2, y + 1), prompt[: cols * cell // 6], fill="black")
+        for c, im in enumerate(cells):
+            if im is not None:
+                grid.paste(im.convert("RGB").resize((cell, cell)), (c * cell, y + band))
+    return grid

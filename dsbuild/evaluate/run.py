@@ -1,0 +1,244 @@
+"""``dsbuild eval``: edit every row of a split with each model, then score the edits.
+
+Against the input (LangDesign / Emu Edit): CLIP_im, CLIP_dir, CLIP_out, DINO. Against the
+ground-truth edited image (MagicBrush): CLIP-I, DINO, L1. No-change rows are scored apart
+(CLIP_im, DINO, L1 against the input: how much the editor leaves the image alone). Every
+score comes from :mod:`dsbuild.metrics` on embeddings from the filter stage's encoders, so
+eval and filter cannot disagree on a formula. JSON values are raw cosines (``scale:
+cosine``); the markdown table prints them ×100.
+
+Edits are written one PNG per row under ``edits/<model>-<signature>/`` (the signature covers
+data, split, guidance, steps, seed and resolution), so a re-run skips what is done and a
+changed setting never reuses a stale edit. Each row's generator is seeded by the row, so a
+batch gives the edits one at a time would.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dsbuild.errors import DsbuildError, require_installed
+from dsbuild.hashing import content_id
+from dsbuild.progress import progress
+from dsbuild.records import write_figure, write_image, write_json, write_text
+from dsbuild.train import data as rows_mod
+
+EVAL_MODULES = ("torch", "diffusers", "transformers", "open_clip", "datasets")
+
+
+@dataclass
+class EvalSettings:
+    """How edits are made and scored (defaults: InstructPix2Pix's guidance, its CLIP)."""
+
+    split: str = "test"
+    guidance: float = 7.5
+    image_guidance: list[float] = field(default_factory=lambda: [1.5])
+    steps: int = 50
+    seed: int = 0
+    batch_size: int = 8
+    resolution: int = 256
+    limit: int | None = None
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"
+    dino_model: str = "facebook/dinov2-base"
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @property
+    def main_image_guidance(self) -> float:
+        return 1.5 if 1.5 in self.image_guidance else self.image_guidance[0]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/"))[-60:] or "model"
+
+
+def edit_dir(out: Path, model: str, data: str, s: EvalSettings, ig: float) -> Path:
+    sig = content_id(model, data, s.split, s.guidance, ig, s.steps, s.seed, s.resolution,
+                     length=10)
+    return out / "edits" / f"{slug(model)}-{sig}"
+
+
+def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str) -> None:
+    """Edit the rows not yet in ``folder`` (batched; each row with its own seeded generator)."""
+    import torch
+
+    todo = [r for r in rows if not (folder / f"{r.index:05d}.png").exists()]
+    with progress(total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="row") as bar:
+        for i in range(0, len(todo), s.batch_size):
+            batch = todo[i:i + s.batch_size]
+            images = [rows_mod.fit(r.input_image, s.resolution) for r in batch]
+            gens = [torch.Generator().manual_seed(s.seed + r.index) for r in batch]
+            with torch.no_grad():
+                edits = pipe([r.edit_prompt for r in batch], image=images, generator=gens,
+                             num_inference_steps=s.steps, guidance_scale=s.guidance,
+                             image_guidance_scale=ig).images
+            for r, im in zip(batch, edits, strict=True):
+                write_image(folder / f"{r.index:05d}.png", im)
+            bar.update(len(batch))
+
+
+def _pixels(path: Path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def score(rows, edit_paths: dict[int, Path], inputs: dict[int, Path], truths: dict[int, Path],
+          emb: dict, text: dict[str, object]) -> dict:
+    """Mean metrics of one model at one image guidance: ``edit`` rows and ``no_change`` rows."""
+    import torch
+
+    from dsbuild import metrics
+
+    def stack(paths, key):
+        return torch.stack([emb[p][key] for p in paths])
+
+    out: dict[str, dict] = {"edit": {}, "no_change": {}}
+    edit_rows = [r for r in rows if not r.no_change]
+    if edit_rows:
+        e = [edit_paths[r.index] for r in edit_rows]
+        x = [inputs[r.index] for r in edit_rows]
+        t = [truths[r.index] for r in edit_rows]
+        vals = {
+            "clip_im": metrics.clip_image(stack(x, "clip"), stack(e, "clip")),
+            "dino": metrics.dino(stack(x, "dino"), stack(e, "dino")),
+            "clip_i": metrics.clip_image(stack(e, "clip"), stack(t, "clip")),
+            "dino_gt": metrics.dino(stack(e, "dino"), stack(t, "dino")),
+            "l1": torch.stack([metrics.l1_distance(_pixels(a), _pixels(b))
+                               for a, b in zip(e, t, strict=True)]),
+        }
+        cap = [i for i, r in enumerate(edit_rows) if r.original_prompt and r.edited_prompt]
+        if cap:
+            i0, i1 = stack([x[i] for i in cap], "clip"), stack([e[i] for i in cap], "clip")
+            t0 = torch.stack([text[edit_rows[i].original_prompt] for i in cap])
+            t1 = torch.stack([text[edit_rows[i].edited_prompt] for i in cap])
+            em = metrics.edit_metrics(i0, i1, t0, t1)
+            vals["clip_dir"], vals["clip_out"] = em["CLIP_dir"], em["CLIP_out"]
+        out["edit"] = metrics.mean_metrics(vals)
+        out["edit"]["rows_with_captions"] = len(cap)
+    nc = [r for r in rows if r.no_change]
+    if nc:
+        e = [edit_paths[r.index] for r in nc]
+        x = [inputs[r.index] for r in nc]
+        out["no_change"] = metrics.mean_metrics({
+            "clip_im": metrics.clip_image(stack(x, "clip"), stack(e, "clip")),
+            "dino": metrics.dino(stack(x, "dino"), stack(e, "dino")),
+            "l1": torch.stack([metrics.l1_distance(_pixels(a), _pixels(b))
+                               for a, b in zip(e, x, strict=True)]),
+        })
+    return out
+
+
+def load_encoders(s: EvalSettings):
+    """The filter stage's CLIP and DINOv2 encoders (with its model-loading rules)."""
+    from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
+
+    hint = (" (offline? pass --offline for dsbuild's tiny backbones, placeholder scores, or "
+            "point --clip-model/--dino-model at local copies)")
+    try:
+        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, device=s.device, dtype=s.dtype)
+        dino = DinoEncoder.load(s.dino_model, device=s.device, dtype=s.dtype)
+    except DsbuildError as exc:
+        raise DsbuildError(f"eval backbones: {exc}{hint}") from None
+    return clip, dino
+
+
+def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | None = None,
+             update_cards: bool = True) -> dict:
+    """Edit and score; writes eval.json, eval.md, curve.png (a sweep) and grids under ``out``."""
+    require_installed("train", *EVAL_MODULES, what="dsbuild eval")
+    import torch
+
+    from dsbuild.evaluate.report import curve_figure, edit_grid, markdown_table
+    from dsbuild.filter.encoders import ImageEmbedder
+    from dsbuild.models import resolve_device, resolve_dtype
+    from dsbuild.train.model import load_editor
+
+    s = s or EvalSettings()
+    if not models:
+        raise DsbuildError("name at least one MODEL to evaluate")
+    if len(set(models)) != len(models):
+        raise DsbuildError(f"a model is named twice: {' '.join(models)}")
+    out = Path(out)
+    ds = rows_mod.load_split(data, s.split)
+    rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.limit)
+    inputs = {r.index: out / "rows" / f"{r.index:05d}_input.png" for r in rows}
+    truths = {r.index: out / "rows" / f"{r.index:05d}_truth.png" for r in rows}
+    for r in rows:
+        if not inputs[r.index].exists():
+            write_image(inputs[r.index], rows_mod.fit(r.input_image, s.resolution))
+        if not truths[r.index].exists():
+            write_image(truths[r.index], rows_mod.fit(r.edited_image, s.resolution))
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    folders: dict[tuple[str, float], Path] = {}
+    for model in models:
+        pipe = None
+        for ig in s.image_guidance:
+            folder = folders[model, ig] = edit_dir(out, model, data, s, ig)
+            if all((folder / f"{r.index:05d}.png").exists() for r in rows):
+                continue
+            pipe = pipe or load_editor(model, device, dtype)
+            make_edits(pipe, rows, folder, s, ig, f"edit {slug(model)} ig={ig}")
+        del pipe
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    clip, dino = load_encoders(s)
+    embedder = ImageEmbedder({"clip": clip, "dino": dino}, batch_size=s.batch_size * 4)
+    edit_paths = {key: {r.index: f / f"{r.index:05d}.png" for r in rows}
+                  for key, f in folders.items()}
+    every = [*inputs.values(), *truths.values(),
+             *(p for d in edit_paths.values() for p in d.values())]
+    emb, errors = embedder.embed(every)
+    if errors:
+        p, (kind, detail) = next(iter(errors.items()))
+        raise DsbuildError(f"{p}: {kind} {detail}; delete it and run eval again")
+    captions = sorted({c for r in rows for c in (r.original_prompt, r.edited_prompt) if c})
+    text = dict(zip(captions, clip.encode_text(captions), strict=True)) if captions else {}
+    result: dict = {
+        "data": data, "split": s.split,
+        "rows": {"edit": sum(not r.no_change for r in rows),
+                 "no_change": sum(r.no_change for r in rows)},
+        "scale": "cosine (L1: mean absolute difference of pixels in [0, 1])",
+        "backbones": {"clip": f"{s.clip_model}/{s.clip_pretrained}", "dino": s.dino_model},
+        "settings": {**asdict(s), "main_image_guidance": s.main_image_guidance},
+        "models": {},
+    }
+    for model in models:
+        sweep = [{"image_guidance": ig, **score(rows, edit_paths[model, ig], inputs, truths,
+                                                emb, text)} for ig in s.image_guidance]
+        main = next(p for p in sweep if p["image_guidance"] == s.main_image_guidance)
+        result["models"][model] = {"edit": main["edit"], "no_change": main["no_change"],
+                                   "sweep": sweep,
+                                   "edits": str(folders[model, s.main_image_guidance])}
+    md = markdown_table(result)
+    write_json(out / "eval.json", result)
+    write_text(out / "eval.md", md)
+    if len(s.image_guidance) > 1:
+        write_figure(out / "curve.png", curve_figure(result))
+    show = rows[:8]
+    for model in models:
+        grid = [(r.edit_prompt, rows_mod.fit(r.input_image, s.resolution),
+                 [_open(edit_paths[model, ig][r.index]) for ig in s.image_guidance],
+                 rows_mod.fit(r.edited_image, s.resolution)) for r in show]
+        write_image(out / f"grid-{slug(model)}.png", edit_grid(grid))
+    if update_cards:
+        from dsbuild.train.card import update_eval
+
+        for model in models:
+            if Path(model).is_dir():
+                update_eval(Path(model), md)
+    return result
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")

@@ -1,0 +1,82 @@
+"""The model card (README.md) of a trained editor: dataset, base, steps, settings, and the eval
+table once ``dsbuild eval`` has run on the model (it rewrites the marked section)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsbuild.export.dataset import public_name
+from dsbuild.records import write_text
+
+EVAL_START, EVAL_END = "<!-- dsbuild-eval -->", "<!-- /dsbuild-eval -->"
+NO_EVAL = "Not evaluated yet: run `dsbuild eval BASE THIS_FOLDER --data DATA`."
+
+
+def card_text(config: dict, eval_md: str | None = None) -> str:
+    s = config["settings"]
+    base = public_name(s["base"])
+    data = public_name(s["data"])
+    meta = ["---", "library_name: diffusers", "pipeline_tag: image-to-image",
+            "tags: [instruct-pix2pix, image-editing, dsbuild]"]
+    if base and base != "tiny" and not str(base).startswith("local:"):
+        meta.append(f"base_model: {base}")
+    if data and not str(data).startswith("local:"):
+        meta.append(f"datasets: [{data}]")
+    meta.append("---")
+    how = {"widened": "SD UNet widened to 8 input channels (new channels zero, weights and "
+                      "bias kept)",
+           "as is": "an InstructPix2Pix checkpoint, used as it is",
+           "tiny": "dsbuild's tiny random model (a test placeholder, not an editor)"}
+    settings = "\n".join(f"| {k} | {v} |" for k, v in s.items() if k != "device")
+    body = f"""
+# InstructPix2Pix fine-tuned with dsbuild
+
+An instruction-based image editor (`StableDiffusionInstructPix2PixPipeline`), fine-tuned with
+`dsbuild train` on **{data}** (split `{s['split']}`, {config['rows']} rows).
+
+- Base: **{base}** — {how.get(config['base_kind'], config['base_kind'])}
+- Method: {s['method']}{f" (rank {s['lora_rank']}, fused into the UNet)" if s['method'] == 'lora' else ''}
+- Optimizer steps: {config['steps']} at batch {s['batch_size']} × accumulation
+  {s['gradient_accumulation']}, resolution {s['resolution']}, precision {s['mixed_precision']}
+- Weights: {'the EMA (decay ' + str(s['ema_decay']) + ')' if s['ema'] else 'the last step'}
+
+```python
+from diffusers import StableDiffusionInstructPix2PixPipeline
+pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained("THIS_FOLDER")
+edited = pipe("make the sofa blue", image=image, image_guidance_scale=1.5).images[0]
+```
+
+## Evaluation
+
+{EVAL_START}
+{eval_md or NO_EVAL}
+{EVAL_END}
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+
+Trained with dsbuild {config.get('dsbuild_version', '')}; the full settings are in
+`train_config.json`.
+"""
+    return "\n".join(meta) + "\n" + body
+
+
+def write_card(out: Path, config: dict, eval_md: str | None = None) -> None:
+    write_text(Path(out) / "README.md", card_text(config, eval_md))
+
+
+def update_eval(folder: Path, eval_md: str) -> bool:
+    """Put an eval table into a trained model's card; False when the folder has no card."""
+    card = Path(folder) / "README.md"
+    if not card.exists():
+        return False
+    text = card.read_text()
+    if EVAL_START not in text or EVAL_END not in text:
+        return False
+    head, rest = text.split(EVAL_START, 1)
+    _, tail = rest.split(EVAL_END, 1)
+    write_text(card, f"{head}{EVAL_START}\n{eval_md}\n{EVAL_END}{tail}")
+    return True

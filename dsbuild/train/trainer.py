@@ -1,0 +1,486 @@
+"""Fine-tune InstructPix2Pix on edit rows: the loop behind ``dsbuild train``.
+
+The step is InstructPix2Pix's (Brooks et al. 2023, as diffusers' example script runs it):
+noise the edited image's latents (a sample of the VAE posterior, × scaling factor), concatenate
+the input image's latents (the posterior mode, unscaled), condition on the instruction, MSE
+on the noise (or v). Conditioning dropout with probability p each: text only, both, image
+only (u < 2p drops the text; p ≤ u < 3p drops the image).
+
+What differs is where the time goes: with ``cache_latents`` (and centre crops) each row's
+posterior (mean, std) is encoded once per flip and each distinct instruction once, so a step
+samples ``mean + std·ε`` and runs only the UNet. Data order, noise, timesteps, flips and
+dropout come from one seeded generator whose state is checkpointed with the model, optimizer,
+LR schedule, EMA and the data position (accelerate ``save_state`` / ``register_for_checkpointing``),
+so a run killed and resumed with ``--resume latest`` ends with the weights of one that was not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsbuild import __version__
+from dsbuild.errors import DsbuildError, MissingDependency, require_installed
+from dsbuild.progress import progress
+from dsbuild.records import write_json
+from dsbuild.settings.train import TrainSettings
+from dsbuild.train import data as rows_mod
+
+RUN_FILE = "dsbuild-train.json"  # settings of the run that owns the folder (written first)
+CONFIG_FILE = "train_config.json"  # what the finished model was trained with
+KILL_ENV = "DSBUILD_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL self after this step (no cleanup)
+TRAIN_MODULES = ("torch", "diffusers", "accelerate", "transformers", "datasets")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    resumed_from: int | None
+    rows: int
+    base_kind: str
+    losses: list[float] = field(default_factory=list)
+    cache_cpu_s: float = 0.0  # CPU seconds encoding latents and prompts once (0 if not cached)
+    loop_cpu_s: float = 0.0  # CPU seconds of the training steps
+
+
+class TrainState:
+    """What accelerate cannot see: optimizer steps, micro-batches consumed (the data position)
+    and the generator for noise, timesteps, flips and dropout. Checkpointed with the model."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self.step = 0
+        self.micro = 0
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro = int(state["step"]), int(state["micro"])
+        self.generator.set_state(state["generator"])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a half-written one is a hidden temp folder)."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def changed_keys(old: dict, new: dict, volatile: frozenset[str]) -> list[str]:
+    keys = (set(old) | set(new)) - volatile
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def prepare_out(out: Path, s: TrainSettings, resume: str | None) -> Path | None:
+    """Check the output folder and pick the checkpoint to resume from; nothing is deleted.
+
+    A folder of another run (different settings) is refused; so is a folder that already holds
+    this run's checkpoints unless ``--resume`` says to continue."""
+    mine = s.model_dump(mode="json")
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise DsbuildError(f"--out {out} is a file; choose a folder")
+    if out.exists() and any(out.iterdir()):
+        if not run_file.exists():
+            raise DsbuildError(f"--out {out} is not empty and is not a dsbuild train folder; "
+                               "choose an empty or new folder")
+        old = json.loads(run_file.read_text())["settings"]
+        diff = changed_keys(old, mine, TrainSettings.volatile)
+        if diff:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+            if resume:
+                raise DsbuildError(f"--resume with changed settings ({detail}); resume with the "
+                                   f"settings of {run_file}, or train into a new --out")
+            raise DsbuildError(f"--out {out} holds another run's checkpoints (settings differ: "
+                               f"{detail}); choose a new --out, or --resume it with its settings")
+        if not resume and (checkpoints(out) or (out / CONFIG_FILE).exists()):
+            raise DsbuildError(f"--out {out} already holds this run's checkpoints or model; pass "
+                               "--resume latest to continue, or choose a new --out")
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(out) if out.exists() else []
+        return found[-1] if found else None
+    path = Path(resume) if Path(resume).is_dir() else out / resume
+    if not path.is_dir() or path.parent.resolve() != out.resolve():
+        raise DsbuildError(f"--resume {resume}: no such checkpoint in {out} (have: "
+                           f"{', '.join(p.name for p in checkpoints(out)) or 'none'})")
+    return path
+
+
+def _optimizer_cls(s: TrainSettings):
+    import torch
+
+    if not s.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise MissingDependency("--use-8bit-adam needs bitsandbytes, which is not installed.\n"
+                                "  Install it with: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit
+
+
+class LatentCache:
+    """Each row's posterior (mean, std) of the edited image and mode of the input image, for
+    both flips, and each distinct instruction's text embedding (and the empty one), encoded once."""
+
+    def __init__(self, rows, vae, text_encoder, tokenizer, resolution: int, flips: bool,
+                 device, dtype, batch: int = 8):
+        import torch
+
+        self.flips = flips
+        prompts = sorted({r.edit_prompt for r in rows} | {""})
+        self.prompt_index = {p: i for i, p in enumerate(prompts)}
+        self.row_prompt = torch.tensor([self.prompt_index[r.edit_prompt] for r in rows])
+        self.text = encode_text(text_encoder, tokenizer, prompts, device, dtype).cpu()
+        self.null = self.prompt_index[""]
+        ways = (False, True) if flips else (False,)
+        mean, std, cond = [], [], []
+        with torch.no_grad():
+            for flip in ways:
+                m_, s_, c_ = [], [], []
+                for i in range(0, len(rows), batch):
+                    chunk = rows[i:i + batch]
+                    src = images_tensor([r.input_image for r in chunk], resolution, flip)
+                    dst = images_tensor([r.edited_image for r in chunk], resolution, flip)
+                    d = vae.encode(dst.to(device, dtype)).latent_dist
+                    m_.append(d.mean.cpu())
+                    s_.append(d.std.cpu())
+                    c_.append(vae.encode(src.to(device, dtype)).latent_dist.mode().cpu())
+                mean.append(torch.cat(m_))
+                std.append(torch.cat(s_))
+                cond.append(torch.cat(c_))
+        self.mean, self.std, self.cond = torch.stack(mean), torch.stack(std), torch.stack(cond)
+
+    def batch(self, idx, flip):
+        """(posterior mean, std, input latents, text embeddings) of rows ``idx``."""
+        way = flip.long() if self.flips else flip.long() * 0
+        return (self.mean[way, idx], self.std[way, idx], self.cond[way, idx],
+                self.text[self.row_prompt[idx]])
+
+
+def images_tensor(images, resolution: int, flip, crops=None, scale: float = 1.0):
+    """PIL images fitted to ``resolution`` (crop at ``crops[i]`` or centred), flipped where
+    ``flip`` (a bool, or one bool per image), as a tensor in [-1, 1]."""
+    from PIL import Image
+
+    out = []
+    for i, im in enumerate(images):
+        im = rows_mod.fit(im, resolution, None if crops is None else crops[i], scale)
+        f = flip if isinstance(flip, bool) else bool(flip[i])
+        out.append(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else im)
+    return rows_mod.to_tensor(out)
+
+
+def encode_text(text_encoder, tokenizer, prompts, device, dtype, batch: int = 64):
+    """Last hidden states of the CLIP text encoder (what the UNet cross-attends to)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            ids = tokenizer(list(prompts[i:i + batch]), max_length=tokenizer.model_max_length,
+                            padding="max_length", truncation=True, return_tensors="pt").input_ids
+            outs.append(text_encoder(ids.to(device))[0].to(dtype))
+    return torch.cat(outs)
+
+
+def conditioning_dropout(u, p: float, text, null_text, image_latents):
+    """InstructPix2Pix's dropout from one uniform draw per row: u < 2p drops the text,
+    p ≤ u < 3p drops the image (so p each: text only, both, image only)."""
+    import torch
+
+    if p <= 0:
+        return text, image_latents
+    drop_text = (u < 2 * p).reshape(-1, 1, 1)
+    text = torch.where(drop_text, null_text.to(text.dtype), text)
+    keep_image = 1 - ((u >= p) & (u < 3 * p)).to(image_latents.dtype)
+    return text, image_latents * keep_image.reshape(-1, 1, 1, 1)
+
+
+def train(s: TrainSettings, out: str | Path, resume: str | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Fine-tune ``s.base`` on ``s.data``; write a pipeline folder to ``out``."""
+    require_installed("train", *TRAIN_MODULES, what="dsbuild train")
+    if s.method == "lora":
+        require_installed("train", "peft", what="dsbuild train --method lora")
+    out = Path(out)
+    start_from = prepare_out(out, s, resume)
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from dsbuild.train import model as model_mod
+
+    ds = rows_mod.load_split(s.data, s.split)
+    rows = rows_mod.read_rows(ds, f"{s.data} [{s.split}]")
+    cpu = s.device == "cpu" or (s.device == "auto" and not torch.cuda.is_available())
+    try:
+        acc = Accelerator(mixed_precision=s.mixed_precision, cpu=cpu,
+                          gradient_accumulation_steps=s.gradient_accumulation)
+    except (ValueError, RuntimeError) as exc:
+        raise DsbuildError(f"--mixed-precision {s.mixed_precision}: {exc}") from None
+    set_seed(s.seed)
+    comps, base_kind = model_mod.load_base(s.base)
+    unet, vae, text_encoder, tok = (comps["unet"], comps["vae"], comps["text_encoder"],
+                                    comps["tokenizer"])
+    noise_sched = DDPMScheduler.from_config(comps["scheduler_config"])
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if s.method == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha,
+                                    init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        if base_kind == "widened":  # the new image channels must learn, LoRA cannot reach them
+            unet.conv_in.requires_grad_(True)
+    if s.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = _optimizer_cls(s)(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
+                            weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
+    world, rank = acc.num_processes, acc.process_index
+    micro_per_epoch = math.ceil(len(rows) / (s.batch_size * world))
+    steps_per_epoch = math.ceil(micro_per_epoch / s.gradient_accumulation)
+    max_steps = s.max_steps or s.epochs * steps_per_epoch
+    lr_sched = get_scheduler(s.lr_scheduler, optimizer=opt,
+                             num_warmup_steps=s.lr_warmup_steps * world,
+                             num_training_steps=max_steps * world)
+    ema = EMAModel(params, decay=s.ema_decay) if s.ema else None
+    state = TrainState(s.seed + 7919 * rank)
+    acc.register_for_checkpointing(state, *([ema] if ema else []))
+    unet, opt, lr_sched = acc.prepare(unet, opt, lr_sched)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision,
+                                                                        torch.float32)
+    dev = acc.device
+    vae.to(dev, dtype=weight_dtype)
+    text_encoder.to(dev, dtype=weight_dtype)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_FILE).exists():
+            write_json(out / RUN_FILE, {"settings": s.model_dump(mode="json"),
+                                        "dsbuild_version": __version__})
+    resumed = None
+    if start_from is not None:
+        acc.load_state(str(start_from))
+        resumed = state.step
+    if ema:
+        ema.to(dev)
+    cached = s.cache_latents and s.crop == "center"
+    t_cache = time.process_time()
+    scale = 1.125 if s.crop == "random" else 1.0
+    if cached:
+        cache = LatentCache(rows, vae, text_encoder, tok, s.resolution, s.flip, dev,
+                            weight_dtype)
+        null_text = cache.text[cache.null].to(dev)
+    else:
+        null_text = encode_text(text_encoder, tok, [""], dev, weight_dtype)[0]
+    sf = vae.config.scaling_factor
+    n = len(rows)
+    t_loop = time.process_time()
+
+    def batch_indices(micro: int):
+        epoch, pos = divmod(micro, micro_per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed + epoch))
+        start = pos * s.batch_size * world + rank * s.batch_size
+        return perm[torch.arange(start, start + s.batch_size) % n]
+
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    losses: list[float] = []
+    bar = progress(total=max_steps, initial=state.step, desc="train", unit="step")
+    try:
+        while state.step < max_steps:
+            idx = batch_indices(state.micro)
+            b = len(idx)
+            g = state.generator
+            flip = (torch.rand(b, generator=g) < 0.5) if s.flip else torch.zeros(b, dtype=bool)
+            with acc.accumulate(unet):
+                if cached:
+                    mean, std, cond, text = cache.batch(idx, flip)
+                    eps = torch.randn(mean.shape, generator=g)
+                    latents = (mean + std * eps).to(dev, weight_dtype) * sf
+                    cond, text = cond.to(dev), text.to(dev)
+                else:
+                    crops = None
+                    if s.crop == "random":
+                        crops = []
+                        for i in idx.tolist():
+                            rx, ry = rows_mod.crop_range(rows[i].input_image, s.resolution, scale)
+                            crops.append((int(torch.randint(rx + 1, (1,), generator=g)),
+                                          int(torch.randint(ry + 1, (1,), generator=g))))
+                    src = images_tensor([rows[i].input_image for i in idx.tolist()],
+                                        s.resolution, flip, crops, scale).to(dev, weight_dtype)
+                    dst = images_tensor([rows[i].edited_image for i in idx.tolist()],
+                                        s.resolution, flip, crops, scale).to(dev, weight_dtype)
+                    with torch.no_grad():
+                        post = vae.encode(dst).latent_dist
+                        eps = torch.randn(post.mean.shape, generator=g)
+                        latents = (post.mean + post.std * eps.to(dev, post.mean.dtype)) * sf
+                        cond = vae.encode(src).latent_dist.mode()
+                        text = encode_text(text_encoder, tok,
+                                           [rows[i].edit_prompt for i in idx.tolist()], dev,
+                                           weight_dtype)
+                noise = torch.randn(latents.shape, generator=g).to(dev, latents.dtype)
+                t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,),
+                                  generator=g).to(dev)
+                u = torch.rand(b, generator=g).to(dev)
+                noisy = noise_sched.add_noise(latents, noise, t)
+                text, cond = conditioning_dropout(u, s.conditioning_dropout, text, null_text,
+                                                  cond)
+                if noise_sched.config.prediction_type == "v_prediction":
+                    target = noise_sched.get_velocity(latents, noise, t)
+                else:
+                    target = noise
+                pred = unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, text).sample
+                loss = F.mse_loss(pred.float(), target.float())
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, s.max_grad_norm)
+                opt.step()
+                lr_sched.step()
+                opt.zero_grad(set_to_none=True)
+            state.micro += 1
+            if not acc.sync_gradients:
+                continue
+            if ema:
+                ema.step(params)
+            state.step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+            if state.step % s.checkpoint_every == 0 and state.step < max_steps:
+                save_checkpoint(acc, out, state.step, s)
+            if s.validate_every and state.step % s.validate_every == 0:
+                validate(acc, s, unet, vae, text_encoder, tok, comps["scheduler_config"], ema,
+                         params, out / "validation" / f"step-{state.step:06d}.png")
+            if kill_at and state.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+    t_end = time.process_time()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_model(acc, s, out, unet, vae, text_encoder, tok, comps["scheduler_config"], ema,
+                   params, base_kind, state.step, len(rows))
+    acc.end_training()
+    return TrainResult(out, state.step, resumed, len(rows), base_kind, losses,
+                       t_loop - t_cache if cached else 0.0, t_end - t_loop)
+
+
+def save_checkpoint(acc, out: Path, step: int, s: TrainSettings) -> Path:
+    """accelerate ``save_state`` into a temp folder, renamed when complete; oldest pruned."""
+    tmp = out / f".checkpoint-{step}.tmp"
+    final = out / f"checkpoint-{step}"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if s.checkpoint_limit:
+            for old in checkpoints(out)[:-s.checkpoint_limit]:
+                shutil.rmtree(old)
+    return final
+
+
+def _ema_weights(ema, params):
+    """Context: the EMA weights in ``params`` for the block, the trained ones after."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def swap():
+        if ema is None:
+            yield
+            return
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            yield
+        finally:
+            ema.restore(params)
+
+    return swap()
+
+
+def validation_rows(s: TrainSettings):
+    """Fixed rows for validation grids: the first of the test split, else of the train split."""
+    for split in ("test", s.split):
+        try:
+            ds = rows_mod.load_split(s.data, split)
+        except DsbuildError:
+            continue
+        return rows_mod.read_rows(ds, f"{s.data} [{split}]", limit=s.validation_rows)
+    return []
+
+
+def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path: Path) -> None:
+    """A grid of edits on fixed rows (input | edit | ground truth), with the EMA weights."""
+    import torch
+
+    from dsbuild.evaluate.report import edit_grid
+    from dsbuild.records import write_image
+    from dsbuild.train.model import editor_pipeline
+
+    if not acc.is_main_process:
+        return
+    rows = validation_rows(s)
+    net = acc.unwrap_model(unet)
+    was_training = net.training
+    net.eval()
+    with _ema_weights(ema, params), torch.no_grad(), acc.autocast():
+        pipe = editor_pipeline(net, vae, text_encoder, tok, sched_cfg)
+        images = [rows_mod.fit(r.input_image, s.resolution) for r in rows]
+        gens = [torch.Generator().manual_seed(s.seed + r.index) for r in rows]
+        edits = pipe([r.edit_prompt for r in rows], image=images, generator=gens,
+                     num_inference_steps=s.validation_steps, guidance_scale=7.5,
+                     image_guidance_scale=1.5).images
+    net.train(was_training)
+    write_image(path, edit_grid([(r.edit_prompt, im, e, rows_mod.fit(r.edited_image,
+                                                                      s.resolution))
+                                 for r, im, e in zip(rows, images, edits, strict=True)]))
+
+
+def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, params,
+               base_kind: str, steps: int, n_rows: int) -> None:
+    """The finished model: a StableDiffusionInstructPix2PixPipeline folder (EMA weights, LoRA
+    fused), ``train_config.json`` and a model card."""
+    import torch
+
+    from dsbuild.train.card import write_card
+    from dsbuild.train.model import editor_pipeline
+
+    net = acc.unwrap_model(unet)
+    if ema:
+        ema.copy_to(params)
+    if s.method == "lora":
+        net.save_lora_adapter(str(out / "unet_lora"))
+        net.fuse_lora()
+        net.unload_lora()
+    for module in (net, vae, text_encoder):  # saved in fp32 whatever the training precision
+        if module.dtype != torch.float32:
+            module.to(dtype=torch.float32)
+    pipe = editor_pipeline(net, vae, text_encoder, tok, sched_cfg)
+    pipe.save_pretrained(str(out))
+    config = {"settings": s.model_dump(mode="json"), "base_kind": base_kind, "steps": steps,
+              "rows": n_rows, "dsbuild_version": __version__}
+    write_json(out / CONFIG_FILE, config)
+    write_card(out, config)
