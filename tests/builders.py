@@ -2,7 +2,9 @@
 
 These write records exactly as DESIGN.md's record contract says (through the real
 ``Build.run_stage``), with small real PNGs, so filter/review/export tests need not run
-generation. End-to-end tests use the real stages instead.
+generation. Score records go through the filter stage's own ``decide`` (keep, reason, rank,
+failed), and test_filter.py checks their keys against a record the real filter wrote.
+End-to-end tests use the real stages instead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from PIL import Image
 
 from dsbuild.build import Build
 from dsbuild.hashing import content_id
+
+# a raw score that passes every default threshold, and a clip_sim_dir that fails its own
+PASSING = {"clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_image": 0.8}
+FAILING_DIR = 0.1
 
 TRIPLES = [
     ("chairs", "object", "change", "a red velvet armchair", "make the armchair blue",
@@ -68,11 +74,28 @@ def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = T
     build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None)
     sc: list[dict] = []
     if scores:
-        for i, p in enumerate(pairs):
-            keep = i % keep_every == 0
-            sc.append({"pair_id": p["id"], "clip_sim_0": 0.3, "clip_sim_1": 0.3,
-                       "clip_sim_dir": 0.1 + 0.01 * i, "clip_sim_image": 0.8, "keep": keep,
-                       "reason": None if keep else "clip_sim_dir", "rank": 1 if keep else None})
-        build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in sc] and None,
-                        key="pair_id")
+        # pair i passes (clip_sim_dir 0.3 + 0.01 i) when i % keep_every == 0, else fails
+        sc = write_scores(build, pairs, [0.3 + 0.01 * i if i % keep_every == 0 else FAILING_DIR
+                                         for i in range(len(pairs))])
     return {"triples": tr, "pairs": pairs, "scores": sc}
+
+
+def score_records(build: Build, pairs: list[dict], clip_sim_dir: list[float]) -> list[dict]:
+    """What the filter stage writes for ``pairs``: raw scores (the given clip_sim_dir, the rest
+    passing), decided per triple by the filter's own ``decide`` under the build's settings."""
+    from dsbuild.filter.stage import decide
+
+    groups: dict[str, list[dict]] = {}
+    for p, d in zip(pairs, clip_sim_dir, strict=True):
+        groups.setdefault(p["triple_id"], []).append(
+            {"pair_id": p["id"], "triple_id": p["triple_id"], **PASSING, "clip_sim_dir": d})
+    decided = {r["pair_id"]: r for g in groups.values() for r in decide(g, build.config.filter)}
+    return [decided[p["id"]] for p in pairs]
+
+
+def write_scores(build: Build, pairs: list[dict], clip_sim_dir: list[float],
+                 force: bool = False) -> list[dict]:
+    """Write ``score_records`` as the filter stage's output (complete, with its marker)."""
+    sc = score_records(build, pairs, clip_sim_dir)
+    build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in sc] and None, force=force)
+    return sc

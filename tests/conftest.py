@@ -16,6 +16,10 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
+# fixtures that start a real server; a test using one must carry the `server` marker
+SERVER_FIXTURES = frozenset({"ls_server", "mongod"})
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -25,6 +29,12 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
+    unmarked = [item.nodeid for item in items
+                if SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and "server" not in item.keywords]
+    if unmarked:  # `-m "not server"` must really leave every server out
+        raise pytest.UsageError("tests that start a server need @pytest.mark.server: "
+                                + ", ".join(unmarked))
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)

@@ -124,6 +124,13 @@ def test_review_policy_and_corrections(built, tmp_path):
     assert pairs[0] not in got
     assert got[pairs[1]]["edit_prompt"] == "paint the armchair blue"
     assert got[pairs[1]]["original_edit"] != "paint the armchair blue"
+    # the correction is flagged; the captions stay those the images were generated from
+    triples = {t["id"]: t for t in built.records("captions")}
+    fixed = got[pairs[1]]
+    assert fixed["corrected"] is True and got[pairs[2]]["corrected"] is False
+    assert fixed["original_edit"] == triples[fixed["triple_id"]]["edit"]
+    assert fixed["edited_prompt"] == triples[fixed["triple_id"]]["output"]
+    assert not any(r["corrected"] for r in rows if r["no_change"])
     assert got[pairs[1]]["review"] == "accept"
     assert res.stats["rejected_by_review"] == 1 and res.stats["corrected"] == 1
     built.update(["export.policy=accepted"])
@@ -151,14 +158,18 @@ def test_card(built):
                    "Not computed"):
         assert needle in text, needle
     assert str(built.root.resolve()) not in text and "/tmp" not in text
-    # with a diversity report, the card shows its overall table
-    built.reports_dir.mkdir(exist_ok=True)
-    (built.reports_dir / "diversity.md").write_text(
-        "# Lexical diversity\n\n## Overall\n\n| field | build | MTLD |\n|---|---|---:|\n"
-        "| input | build | 42.00 |\n\n## Per agent\n\n| x |\n")
+    # once the diversity stage has run on the build, the card shows its overall table
+    from dsbuild.report.diversity import run_diversity
+
+    div = run_diversity(built)
+    md = (built.reports_dir / "diversity.md").read_text()
+    overall = md.split("## Overall", 1)[1].split("\n## ", 1)[0].strip()
+    mtld = div.report["builds"][0]["fields"]["input"]["overall"]["mtld"]
+    assert f"{mtld:.2f}" in overall.splitlines()[2]  # the first data row: input
     res = export_build(built)
+    assert not res.skipped  # a new diversity report makes the card out of date
     text = (res.path / "README.md").read_text()
-    assert "| input | build | 42.00 |" in text and "Not computed" not in text
+    assert overall in text and "Not computed" not in text
 
 
 def test_export_refuses_foreign_folder_and_empty_builds(built, mini_recipe, tmp_path):
@@ -206,7 +217,7 @@ def test_train_only_when_test_ratio_is_zero(built, tmp_path):
 def test_split_stays_near_its_ratio_with_a_big_caption_group():
     """A large caption-chained group never lands in test just for coming first in seeded
     order; test is still never empty."""
-    from dsbuild.export.split import row_nodes, split_rows
+    from dsbuild.split import row_nodes, split_rows
 
     chain = {f"c{i}": row_nodes(f"t{i}", [f"caption {i}", f"caption {i + 1}"]) for i in range(60)}
     singles = {f"s{i}": row_nodes(f"u{i}", [f"single {i}"]) for i in range(40)}

