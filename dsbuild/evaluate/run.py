@@ -16,7 +16,8 @@ batch gives the edits one at a time would.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dsbuild.errors import DsbuildError, require_installed
@@ -135,6 +136,24 @@ def score(rows, edit_paths: dict[int, Path], inputs: dict[int, Path], truths: di
     return out
 
 
+def placeholder_backbones(ds, s: EvalSettings) -> EvalSettings:
+    """Data made by dsbuild's tiny placeholder models (the offline demo) is scored with the
+    tiny backbones too, unless backbones were chosen: real CLIP on noise means nothing, and
+    the offline demo must run without downloads. Said on stderr."""
+    default = EvalSettings()
+    chosen = (s.clip_model, s.clip_pretrained, s.dino_model) != \
+        (default.clip_model, default.clip_pretrained, default.dino_model)
+    if chosen or "model" not in ds.column_names:
+        return s
+    made_by = set(ds.unique("model"))
+    if made_by != {"tiny"}:
+        return s
+    print("note: this data was made with dsbuild's tiny placeholder models (offline demo); "
+          "scoring it with the tiny CLIP/DINOv2 backbones too (placeholder scores). Pass "
+          "--clip-model/--dino-model to choose others.", file=sys.stderr)
+    return replace(s, clip_model="tiny", clip_pretrained="none", dino_model="tiny")
+
+
 def load_encoders(s: EvalSettings):
     """The filter stage's CLIP and DINOv2 encoders (with its model-loading rules)."""
     from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
@@ -167,6 +186,7 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
         raise DsbuildError(f"a model is named twice: {' '.join(models)}")
     out = Path(out)
     ds = rows_mod.load_split(data, s.split)
+    s = placeholder_backbones(ds, s)
     rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.limit)
     inputs = {r.index: out / "rows" / f"{r.index:05d}_input.png" for r in rows}
     truths = {r.index: out / "rows" / f"{r.index:05d}_truth.png" for r in rows}
