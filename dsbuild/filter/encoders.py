@@ -43,6 +43,9 @@ def autocast(device: str, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+RANDOM_SEED = 0  # seeds models built with random weights ('tiny', pretrained 'none')
+
+
 class ClipEncoder:
     """An open_clip model with its preprocess transform and tokenizer."""
 
@@ -84,8 +87,10 @@ class ClipEncoder:
         root = logging.getLogger()
         was_disabled, root.disabled = root.disabled, True  # open_clip's root-logger chatter
         try:
-            m, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pre, device=device)
+            with torch.random.fork_rng(devices=[]):  # random weights: the same every run
+                torch.manual_seed(RANDOM_SEED)
+                m, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pre, device=device)
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
             raise DsbuildError(f"filter.clip_model: cannot load {model!r} with pretrained "

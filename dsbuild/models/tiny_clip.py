@@ -38,10 +38,11 @@ def register_tiny_clip() -> str:
     import open_clip
 
     if _registered is None or TINY_CLIP_NAME not in open_clip.list_models():
-        folder = Path(tempfile.mkdtemp(prefix="dsbuild-tiny-clip-"))
-        cfg = folder / f"{TINY_CLIP_NAME}.json"
-        cfg.write_text(json.dumps(TINY_CLIP_CONFIG))
-        open_clip.add_model_config(cfg)
+        # open_clip reads configs from files; it keeps what it read, so the file can go
+        with tempfile.TemporaryDirectory(prefix="dsbuild-tiny-clip-") as folder:
+            cfg = Path(folder) / f"{TINY_CLIP_NAME}.json"
+            cfg.write_text(json.dumps(TINY_CLIP_CONFIG))
+            open_clip.add_model_config(cfg)
         _registered = cfg
     return TINY_CLIP_NAME
 
