@@ -90,7 +90,7 @@ def works(result: dict) -> None:
 
 def test_without_torch(tmp_path, mini_recipe):
     b, b2 = str(tmp_path / "b"), str(tmp_path / "b2")
-    init, captions, diversity, status, generate, filter_, run = run_hidden(
+    init, captions, diversity, status, generate, filter_, verify, run = run_hidden(
         tmp_path, ["torch"], [
             ["init", b, "--recipe", str(mini_recipe)],
             ["captions", b, "--backend", "template"],
@@ -98,6 +98,7 @@ def test_without_torch(tmp_path, mini_recipe):
             ["status", b],
             ["generate", b],
             ["filter", b],
+            ["verify", b],
             ["run", str(mini_recipe), "--out", b2, "--offline"],
         ])
     for r in (init, captions, diversity, status):
@@ -105,6 +106,7 @@ def test_without_torch(tmp_path, mini_recipe):
     assert "captions" in status["out"] and "complete" in status["out"]
     needs_extra(generate, "gen")
     needs_extra(filter_, "filter")
+    needs_extra(verify, "filter")
     needs_extra(run, "gen")  # captions ran; generate stops the run with its pip line
     assert (Path(b2) / "triples" / "r00000.jsonl").exists()
     assert not (Path(b) / "pairs").exists()  # failed before any work
@@ -129,7 +131,8 @@ def test_without_review_and_export_extras(tmp_path, mini_build):
 
 LIGHT_MODULES = ("dsbuild.stages", "dsbuild.build", "dsbuild.join", "dsbuild.generate.stage",
                  "dsbuild.filter.stage", "dsbuild.filter.report", "dsbuild.review.fiftyone",
-                 "dsbuild.review.labelstudio", "dsbuild.export.writer", "dsbuild.pipeline")
+                 "dsbuild.review.labelstudio", "dsbuild.export.writer", "dsbuild.pipeline",
+                 "dsbuild.verify.stage", "dsbuild.verify.report")
 HEAVY = ("torch", "diffusers", "open_clip", "transformers", "fiftyone", "label_studio_sdk",
          "datasets", "pyarrow", "huggingface_hub")
 

@@ -29,8 +29,8 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
                                  "--limit", "1"])
     assert r.exit_code == 0, r.output
     assert "PLACEHOLDER images" in r.output
-    assert stages.names() == ["captions", "generate", "filter", "augment", "diversity",
-                              "export"]
+    assert stages.names() == ["captions", "generate", "filter", "verify", "augment",
+                              "diversity", "export"]
     for stage in stages.names():  # every stage ran (none skipped)
         assert re.search(rf"^{stage}\s+done\s", r.output, re.M), (stage, r.output)
     ds = load_export(out / "export", cache_dir=str(tmp_path / "hf-cache"))

@@ -161,7 +161,7 @@ def test_every_builtin_stage_is_declared_once_and_everything_derives(tmp_path):
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "interior-design.yaml")
     cfg = BuildConfig(recipe=recipe)
     names = stages.names()
-    assert names[:4] == ["captions", "generate", "filter", "augment"]
+    assert names[:5] == ["captions", "generate", "filter", "verify", "augment"]
     assert names.index("export") > names.index("augment") > names.index("filter")
     commands = all_commands()
     build = Build.init(tmp_path / "b", recipe)
@@ -179,7 +179,7 @@ def test_every_builtin_stage_is_declared_once_and_everything_derives(tmp_path):
     build.update(["generate.steps=3"])
     after = {n: build.signature(n) for n in names}
     changed = {n for n in names if before[n] != after[n]}
-    assert changed == {"generate", "filter", "augment", "export"}
+    assert changed == {"generate", "filter", "verify", "augment", "export"}
     build.update(["split.test_ratio=0.3"])
     assert build.signature("captions") == after["captions"]
     assert build.signature("filter") == after["filter"]

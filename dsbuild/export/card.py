@@ -194,8 +194,9 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
               "image is the input image and `no_change` is true.", ""]
     lines += ["### Review and split", "",
               f"- policy `{cfg.export.policy}`: {st.get('kept', 0)} of {st.get('scored', 0)} "
-              f"scored pairs kept by the filter, {st.get('rejected_by_review', 0)} rejected in "
-              f"review, {st.get('not_accepted', 0)} not accepted, {st.get('corrected', 0)} "
+              f"scored pairs kept by the filter, {st.get('rejected_by_verify', 0)} rejected by "
+              f"verify ({st.get('verify', 'not run')}), {st.get('rejected_by_review', 0)} "
+              f"rejected in review, {st.get('not_accepted', 0)} not accepted, {st.get('corrected', 0)} "
               "instructions corrected in review (`original_edit` keeps the first one)",
               f"- split: seeded (seed {cfg.split.seed}), test share {cfg.split.test_ratio:g}, "
               "grouped by triple and by caption, so no caption (input or edited) is in both "

@@ -123,19 +123,28 @@ def no_change_row(sample: dict, source: dict, decision: dict | None) -> dict:
 
 
 def collect_rows(build: Build) -> ExportRows:
-    """Apply the policy (filter keep, review verdicts, corrections) and split the rows."""
+    """Apply the policy (filter keep, verify verdict, review verdicts, corrections) and split
+    the rows."""
     check_installed()
     s = build.config.export
     build.require_complete("filter")
     decisions = latest_by_pair(build)
     stats = {"scored": 0, "kept": 0, "rejected_by_review": 0, "not_accepted": 0,
              "corrected": 0, "no_change_available": 0, "no_change_dropped": 0}
+    # verify's verdict, where it ran: a rejected pair is dropped like a filter reject
+    verified = {r["pair_id"]: r for r in build.records("verify")} \
+        if build.is_complete("verify") else None
+    stats["verify"] = "not run" if verified is None else "applied"
+    stats["rejected_by_verify"] = 0
     rows: dict[str, dict] = {}
     for pair, triple, sc in join.scored_pairs(build):
         stats["scored"] += 1
         if not sc.get("keep"):
             continue
         stats["kept"] += 1
+        if verified is not None and (verified.get(pair["id"]) or {}).get("verdict") == "reject":
+            stats["rejected_by_verify"] += 1
+            continue
         d = decisions.get(pair["id"])
         verdict = (d or {}).get("verdict")
         if verdict == "reject":
@@ -174,7 +183,8 @@ def collect_rows(build: Build) -> ExportRows:
     if not splits["train"]:
         raise DsbuildError(
             f"nothing to export from {build.root}: {stats['scored']} pairs scored, "
-            f"{stats['kept']} kept by the filter, {stats['rejected_by_review']} rejected in "
+            f"{stats['kept']} kept by the filter, {stats['rejected_by_verify']} rejected by "
+            f"verify, {stats['rejected_by_review']} rejected in "
             f"review, {stats['not_accepted']} not accepted (policy {s.policy!r})")
     return ExportRows(splits, stats)
 

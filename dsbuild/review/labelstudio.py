@@ -173,6 +173,10 @@ def select_pairs(build, *, policy: str = "kept", sample_size: int | None = None,
     joined = join.scored_pairs(build, kept_only=True) if policy == "kept" \
         else join.all_pairs(build)
     rows = [j._asdict() for j in joined]  # {"pair", "triple", "score"}
+    if build.is_complete("verify"):  # verify's verdict goes into the task data
+        verified = {r["pair_id"]: r for r in build.records("verify")}
+        for r in rows:
+            r["verify"] = verified.get(r["pair"]["id"])
     if sample_size is None or sample_size >= len(rows):
         return sorted(rows, key=lambda r: r["pair"]["id"])
     strata: dict[str, list[dict]] = defaultdict(list)
@@ -210,6 +214,8 @@ def task_data(row: dict, images: dict[str, str]) -> dict:
         "output_caption": triple["output"], "input_image": images["input"],
         "output_image": images["output"], "seed": pair.get("seed"),
         "clip_sim_dir": score.get("clip_sim_dir"), "clip_sim_image": score.get("clip_sim_image"),
+        **({"verify": (row["verify"] or {}).get("verdict"),
+            "verify_reason": (row["verify"] or {}).get("reason")} if "verify" in row else {}),
     }
 
 
