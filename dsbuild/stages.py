@@ -29,6 +29,7 @@ from dsbuild.settings.diversity import DiversitySettings
 from dsbuild.settings.export import ExportSettings
 from dsbuild.settings.filter import FilterSettings
 from dsbuild.settings.generate import GenerateSettings
+from dsbuild.settings.verify import VerifySettings
 
 # Build inputs a stage may sign besides its own settings and upstream stages: the recipe,
 # a non-stage config section ("split", "review"), or the curators' decisions file.
@@ -178,7 +179,7 @@ EXTRA_OF_MODULE = {
     "httpx": "llm", "lexicalrichness": "diversity", "sentence_transformers": "semantic",
     "datasets": "export", "pyarrow": "export", "huggingface_hub": "export",
     "fiftyone": "fiftyone", "label_studio_sdk": "review", "peft": "train", "tenacity": "llm",
-    "inflect": "all",
+    "inflect": "all", "ray": "ray",
 }
 
 
@@ -225,6 +226,12 @@ register(Stage(
     help="score pairs with CLIP/DINO and keep the best", extra="filter", key="pair_id",
 ))
 register(Stage(
+    name="verify", output="verify", settings=VerifySettings, upstream=("filter",),
+    run="dsbuild.verify.stage:run_verify", command="dsbuild.verify.cli:verify_cmd",
+    help="check each kept edit with a detector (and a VLM judge)", extra="filter",
+    key="pair_id",
+))
+register(Stage(
     name="augment", output="augment", settings=AugmentSettings, upstream=("filter",),
     signs=("recipe", "split"), run="dsbuild.augment.stage:run_augment",
     command="dsbuild.augment.cli:augment_cmd", help="add no-change samples", key="pair_id",
@@ -238,7 +245,7 @@ register(Stage(
 ))
 register(Stage(
     name="export", output="export", settings=ExportSettings, upstream=("filter",),
-    uses=("augment", "diversity"), signs=("split", "decisions"),
+    uses=("augment", "diversity", "verify"), signs=("split", "decisions"),
     run="dsbuild.export.writer:run_export", command="dsbuild.export.cli:export_cmd",
     help="write train/test splits with a dataset card", extra="export",
     sharded=False, records=False,

@@ -243,6 +243,8 @@ FIELDS: dict[str, tuple[str, Any]] = {
     "decision_tool": ("StringField", _str), "decision_reviewer": ("StringField", _str),
     "decision_at": ("StringField", _str), "corrected_edit": ("StringField", _str),
     "decisions": ("IntField", _int), "in_build": ("BooleanField", _bool),
+    "verify": ("StringField", _str), "verify_reason": ("StringField", _str),
+    "verify_checks": ("StringField", _str),
 }
 # the App's sidebar: our fields in groups of their own, review first
 SIDEBAR: dict[str, tuple[str, ...]] = {
@@ -250,6 +252,7 @@ SIDEBAR: dict[str, tuple[str, ...]] = {
                "decision_reviewer", "decision_at"),
     "filter": ("keep", "reason", "rank", "clip_sim_dir", "clip_sim_image", "clip_sim_0",
                "clip_sim_1", "dino", "scored"),
+    "verify": ("verify", "verify_reason", "verify_checks"),
     "pair": ("edit", "input_caption", "output_caption", "agent", "level", "operation",
              "no_change", "kind", "recipe", "pair_id", "triple_id", "source_pair_id", "target",
              "caption_backend", "caption_model", "in_build"),
@@ -267,6 +270,16 @@ def _decision_fields(latest: dict | None, count: int) -> dict:
             "decision_tool": d.get("tool"), "decision_reviewer": d.get("reviewer"),
             "decision_at": d.get("at"), "corrected_edit": d.get("corrected_edit"),
             "decisions": count}
+
+
+def _verify_fields(rec: dict | None) -> dict:
+    """verify's verdict, first failed check and every check in a line ("add:fail(reason)")."""
+    r = rec or {}
+    checks = " ".join(f"{c['name']}:" + {True: "pass", False: "fail", None: "unchecked"}[
+        c.get("pass")] + (f"({c['reason']})" if c.get("reason") else "")
+        for c in r.get("checks", []))
+    return {"verify": r.get("verdict"), "verify_reason": r.get("reason"),
+            "verify_checks": checks or None}
 
 
 def _pair_fields(pair: dict, triple: dict, score: dict | None, kind: str) -> dict:
@@ -326,6 +339,8 @@ def collect_rows(build) -> tuple[list[dict], dict]:
     joined = list(join.all_pairs(build))
     scores = {j.pair["id"]: j.score for j in joined if j.score is not None}
     latest, counts = _decision_state(build)
+    verified = {r["pair_id"]: r for r in build.records("verify")} \
+        if build.is_complete("verify") else {}
     rows, stats = [], {"pairs": 0, "no_change": 0, "augment_skipped": 0,
                        "scored": bool(scores)}
     for p, t, score in joined:
@@ -344,6 +359,7 @@ def collect_rows(build) -> tuple[list[dict], dict]:
     for row in rows:
         pid = row["pair_id"]
         row["fields"].update(_decision_fields(latest.get(pid), counts.get(pid, 0)))
+        row["fields"].update(_verify_fields(verified.get(pid)))
         row["fields"] = {k: FIELDS[k][1](v) for k, v in row["fields"].items()}
         row["images"] = {s: str((build.root / rel).resolve())
                          for s, rel in row["images"].items() if s in SLICES and rel}
@@ -480,7 +496,8 @@ def build_dataset(build, name: str | None = None) -> dict:
 
 def save_views(ds) -> list[str]:
     """(Re)write the saved views: kept, filtered out (all and per reason), lowest clip_sim_dir,
-    no-change samples, undecided, per agent; drops our views that no longer apply."""
+    no-change samples, undecided, verify rejects (all and per reason, e.g.
+    "verify-add-not-detected"), per agent; drops our views that no longer apply."""
     from fiftyone import ViewField as F
 
     views = {
@@ -498,6 +515,10 @@ def save_views(ds) -> list[str]:
 
     for reason in sorted(r for r in ds.distinct("reason") if r):
         views[unique(f"filtered-{_slug(reason)}")] = ds.match(F("reason") == reason)
+    if any(ds.distinct("verify")):  # verify ran: its rejects, all and per reason
+        views["verify-rejected"] = ds.match(F("verify") == "reject").sort_by("verify_reason")
+        for reason in sorted(r for r in ds.distinct("verify_reason") if r):
+            views[unique(f"verify-{_slug(reason)}")] = ds.match(F("verify_reason") == reason)
     for agent in sorted(a for a in ds.distinct("agent") if a):
         views[unique(f"agent-{_slug(agent)}")] = ds.match(F("agent") == agent)
     info = dict(ds.info or {})
