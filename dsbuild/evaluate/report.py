@@ -83,12 +83,17 @@ def curve_figure(result: dict):
 
 def edit_grid(rows, cell: int = 128):
     """A grid image: one line per row, ``(prompt, input, edit or [edits], truth)`` as columns."""
-    from PIL import Image, ImageDraw
-
     lines = []
     for prompt, inp, edits, truth in rows:
         edits = edits if isinstance(edits, list) else [edits]
         lines.append((prompt, [inp, *edits, truth]))
+    return image_grid(lines, cell)
+
+
+def image_grid(lines, cell: int = 128):
+    """A grid image: one line per ``(label, [images])``, the label above its images."""
+    from PIL import Image, ImageDraw
+
     cols = max(len(c) for _, c in lines) if lines else 1
     band = 14
     grid = Image.new("RGB", (cols * cell, len(lines) * (cell + band)), "white")

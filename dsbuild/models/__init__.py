@@ -36,9 +36,16 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+def _lora_marker(model: str) -> dict | None:
+    from dsbuild.models.lora import read_marker
+
+    return read_marker(model) if Path(model).is_dir() else None
+
+
 def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False):
     """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:small', 'arch:sd15'
-    (random weights built from config), a dir or a Hub id."""
+    (random weights built from config), a dir or a Hub id; a LoRA folder written by
+    ``dsbuild train-generator`` loads its base and merges the LoRA into it."""
     require("diffusers", "gen")
     from diffusers import StableDiffusionPipeline
 
@@ -53,6 +60,11 @@ def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet
             tiny_sd.warn_tiny()
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    elif (marker := _lora_marker(model)) is not None:  # `dsbuild train-generator --mode lora`
+        from dsbuild.models.lora import apply_lora_folder
+
+        pipe = load_sd_pipeline(marker["base"], "fp32", "cpu", quiet=quiet)
+        apply_lora_folder(pipe, model, marker)
     else:
         local = Path(model)
         if not local.exists() and (model.startswith((".", "/")) or model.count("/") != 1):

@@ -80,3 +80,63 @@ def update_eval(folder: Path, eval_md: str) -> bool:
     _, tail = rest.split(EVAL_END, 1)
     write_text(card, f"{head}{EVAL_START}\n{eval_md}\n{EVAL_END}{tail}")
     return True
+
+
+GENERATOR_NO_EVAL = ("Not evaluated yet: run `dsbuild eval-generator THIS_FOLDER` (CLIP-T, "
+                     "CLIP-I/DINO to the photos, language drift, base vs tuned).")
+
+
+def generator_card_text(config: dict, eval_md: str | None = None) -> str:
+    """The card of a ``dsbuild train-generator`` model (full pipeline or LoRA on its base)."""
+    s = config["settings"]
+    base = public_name(config["base"])
+    lora = s["mode"] == "lora"
+    meta = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
+            f"tags: [dreambooth, {'lora, ' if lora else ''}stable-diffusion, dsbuild]"]
+    if base and base != "tiny" and not str(base).startswith("local:"):
+        meta.append(f"base_model: {base}")
+    meta.append("---")
+    if lora:
+        use = ("LoRA weights (`unet_lora.safetensors`, peft names) on the base named in "
+               "`dsbuild-generator.json`; `generate.model=THIS_FOLDER` merges them on load.")
+    else:
+        use = "A full `StableDiffusionPipeline` folder; `generate.model=THIS_FOLDER` loads it."
+    prior = (f"prior preservation: {config['class_images']} class images for "
+             f"\"{config['prior_prompt']}\", λ = {s['prior_loss_weight']}"
+             if config.get("prior_prompt") else "no prior preservation")
+    prompts = "\n".join(f"- `{p}`" for p in config["prompts"][:10])
+    settings = "\n".join(f"| {k} | {v} |" for k, v in s.items() if k != "device")
+    body = f"""
+# A Stable Diffusion generator tuned with dsbuild
+
+Fine-tuned with `dsbuild train-generator --mode {s['mode']}` on {config['photos']} photos
+({prior}; text encoder {'trained' if s['train_text_encoder'] else 'frozen'}).
+
+- Base: **{base}**
+- {use}
+- Optimizer steps: {config['steps']} at batch {s['batch_size']}, resolution {s['resolution']},
+  precision {s['mixed_precision']}
+
+Training prompts:
+{prompts}
+
+## Evaluation
+
+{EVAL_START}
+{eval_md or GENERATOR_NO_EVAL}
+{EVAL_END}
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+
+Trained with dsbuild {config.get('dsbuild_version', '')}; the full settings are in
+`generator_config.json`.
+"""
+    return "\n".join(meta) + "\n" + body
+
+
+def write_generator_card(out: Path, config: dict, eval_md: str | None = None) -> None:
+    write_text(Path(out) / "README.md", generator_card_text(config, eval_md))

@@ -13,26 +13,36 @@ from dsbuild.settings.train import TrainSettings
 SKIP = {"data"}
 
 
-def _settings_options(fn):
-    """One option per settings field (``--max-steps``, ``--flip/--no-flip``, choices for
-    literals), so the command and the settings model cannot drift apart."""
-    for name, f in reversed(list(TrainSettings.model_fields.items())):
-        if name in SKIP:
-            continue
-        flag = "--" + name.replace("_", "-")
-        ann = f.annotation
-        args = typing.get_args(ann)
-        kw: dict = {"default": None, "help": (f.description or "") + f" [default: {f.default}]"}
-        if ann is bool:
-            fn = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, **kw)(fn)
-            continue
-        if typing.get_origin(ann) is typing.Literal:
-            kw["type"] = click.Choice(args)
-        else:
-            inner = [a for a in args if a is not type(None)] or [ann]
-            kw["type"] = {int: int, float: float}.get(inner[0], str)
-        fn = click.option(flag, name, **kw)(fn)
-    return fn
+def settings_options(model, skip=frozenset(), flags: dict[str, str] | None = None):
+    """One option per settings field of ``model`` (``--max-steps``, ``--flip/--no-flip``,
+    choices for literals), so a command and its settings model cannot drift apart; ``flags``
+    renames a field's option (``class_noun`` -> ``--class``)."""
+    flags = flags or {}
+
+    def decorate(fn):
+        for name, f in reversed(list(model.model_fields.items())):
+            if name in skip:
+                continue
+            flag = flags.get(name, "--" + name.replace("_", "-"))
+            ann = f.annotation
+            args = typing.get_args(ann)
+            kw: dict = {"default": None,
+                        "help": (f.description or "") + f" [default: {f.default}]"}
+            if ann is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", name, **kw)(fn)
+                continue
+            if typing.get_origin(ann) is typing.Literal:
+                kw["type"] = click.Choice(args)
+            else:
+                inner = [a for a in args if a is not type(None)] or [ann]
+                kw["type"] = {int: int, float: float}.get(inner[0], str)
+            fn = click.option(flag, name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+_settings_options = settings_options(TrainSettings, SKIP)
 
 
 def settings_from(data: str, given: dict) -> TrainSettings:

@@ -12,29 +12,36 @@ samples ``mean + std·ε`` and runs only the UNet. Data order, noise, timesteps,
 dropout come from one seeded generator whose state is checkpointed with the model, optimizer,
 LR schedule, EMA and the data position (accelerate ``save_state`` / ``register_for_checkpointing``),
 so a run killed and resumed with ``--resume latest`` ends with the weights of one that was not.
+The loop itself (accumulation, checkpoints, resume, validation, progress) is
+:mod:`dsbuild.train.loop`, shared with ``dsbuild train-generator``; this module is the objective.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild import __version__
-from dsbuild.errors import DsbuildError, MissingDependency, require_installed
-from dsbuild.progress import progress
+from dsbuild.errors import DsbuildError, require_installed
 from dsbuild.records import write_json
 from dsbuild.settings.train import TrainSettings
 from dsbuild.train import data as rows_mod
+from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer's public names
+    KILL_ENV,
+    RUN_FILE,
+    TrainState,
+    checkpoints,
+    ema_weights,
+    encode_text,
+    noised,
+    optimizer_cls,
+    prepare_out,
+    run_loop,
+)
 
-RUN_FILE = "dsbuild-train.json"  # settings of the run that owns the folder (written first)
 CONFIG_FILE = "train_config.json"  # what the finished model was trained with
-KILL_ENV = "DSBUILD_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL self after this step (no cleanup)
 TRAIN_MODULES = ("torch", "diffusers", "accelerate", "transformers", "datasets")
 
 
@@ -48,86 +55,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     cache_cpu_s: float = 0.0  # CPU seconds encoding latents and prompts once (0 if not cached)
     loop_cpu_s: float = 0.0  # CPU seconds of the training steps
-
-
-class TrainState:
-    """What accelerate cannot see: optimizer steps, micro-batches consumed (the data position)
-    and the generator for noise, timesteps, flips and dropout. Checkpointed with the model."""
-
-    def __init__(self, seed: int):
-        import torch
-
-        self.step = 0
-        self.micro = 0
-        self.generator = torch.Generator("cpu").manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "micro": self.micro, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.micro = int(state["step"]), int(state["micro"])
-        self.generator.set_state(state["generator"])
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a half-written one is a hidden temp folder)."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
-
-
-def changed_keys(old: dict, new: dict, volatile: frozenset[str]) -> list[str]:
-    keys = (set(old) | set(new)) - volatile
-    return sorted(k for k in keys if old.get(k) != new.get(k))
-
-
-def prepare_out(out: Path, s: TrainSettings, resume: str | None) -> Path | None:
-    """Check the output folder and pick the checkpoint to resume from; nothing is deleted.
-
-    A folder of another run (different settings) is refused; so is a folder that already holds
-    this run's checkpoints unless ``--resume`` says to continue."""
-    mine = s.model_dump(mode="json")
-    run_file = out / RUN_FILE
-    if out.exists() and not out.is_dir():
-        raise DsbuildError(f"--out {out} is a file; choose a folder")
-    if out.exists() and any(out.iterdir()):
-        if not run_file.exists():
-            raise DsbuildError(f"--out {out} is not empty and is not a dsbuild train folder; "
-                               "choose an empty or new folder")
-        old = json.loads(run_file.read_text())["settings"]
-        diff = changed_keys(old, mine, TrainSettings.volatile)
-        if diff:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in diff)
-            if resume:
-                raise DsbuildError(f"--resume with changed settings ({detail}); resume with the "
-                                   f"settings of {run_file}, or train into a new --out")
-            raise DsbuildError(f"--out {out} holds another run's checkpoints (settings differ: "
-                               f"{detail}); choose a new --out, or --resume it with its settings")
-        if not resume and (checkpoints(out) or (out / CONFIG_FILE).exists()):
-            raise DsbuildError(f"--out {out} already holds this run's checkpoints or model; pass "
-                               "--resume latest to continue, or choose a new --out")
-    if not resume:
-        return None
-    if resume == "latest":
-        found = checkpoints(out) if out.exists() else []
-        return found[-1] if found else None
-    path = Path(resume) if Path(resume).is_dir() else out / resume
-    if not path.is_dir() or path.parent.resolve() != out.resolve():
-        raise DsbuildError(f"--resume {resume}: no such checkpoint in {out} (have: "
-                           f"{', '.join(p.name for p in checkpoints(out)) or 'none'})")
-    return path
-
-
-def _optimizer_cls(s: TrainSettings):
-    import torch
-
-    if not s.use_8bit_adam:
-        return torch.optim.AdamW
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise MissingDependency("--use-8bit-adam needs bitsandbytes, which is not installed.\n"
-                                "  Install it with: pip install bitsandbytes") from None
-    return bnb.optim.AdamW8bit
 
 
 class LatentCache:
@@ -182,19 +109,6 @@ def images_tensor(images, resolution: int, flip, crops=None, scale: float = 1.0)
     return rows_mod.to_tensor(out)
 
 
-def encode_text(text_encoder, tokenizer, prompts, device, dtype, batch: int = 64):
-    """Last hidden states of the CLIP text encoder (what the UNet cross-attends to)."""
-    import torch
-
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            ids = tokenizer(list(prompts[i:i + batch]), max_length=tokenizer.model_max_length,
-                            padding="max_length", truncation=True, return_tensors="pt").input_ids
-            outs.append(text_encoder(ids.to(device))[0].to(dtype))
-    return torch.cat(outs)
-
-
 def conditioning_dropout(u, p: float, text, null_text, image_latents):
     """InstructPix2Pix's dropout from one uniform draw per row: u < 2p drops the text,
     p ≤ u < 3p drops the image (so p each: text only, both, image only)."""
@@ -215,7 +129,7 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     if s.method == "lora":
         require_installed("train", "peft", what="dsbuild train --method lora")
     out = Path(out)
-    start_from = prepare_out(out, s, resume)
+    start_from = prepare_out(out, s, resume, "train", CONFIG_FILE)
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -253,7 +167,7 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = _optimizer_cls(s)(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
+    opt = optimizer_cls(s)(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
                             weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
     world, rank = acc.num_processes, acc.process_index
     micro_per_epoch = math.ceil(len(rows) / (s.batch_size * world))
@@ -301,78 +215,49 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
         start = pos * s.batch_size * world + rank * s.batch_size
         return perm[torch.arange(start, start + s.batch_size) % n]
 
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
-    losses: list[float] = []
-    bar = progress(total=max_steps, initial=state.step, desc="train", unit="step")
-    try:
-        while state.step < max_steps:
-            idx = batch_indices(state.micro)
-            b = len(idx)
-            g = state.generator
-            flip = (torch.rand(b, generator=g) < 0.5) if s.flip else torch.zeros(b, dtype=bool)
-            with acc.accumulate(unet):
-                if cached:
-                    mean, std, cond, text = cache.batch(idx, flip)
-                    eps = torch.randn(mean.shape, generator=g)
-                    latents = (mean + std * eps).to(dev, weight_dtype) * sf
-                    cond, text = cond.to(dev), text.to(dev)
-                else:
-                    crops = None
-                    if s.crop == "random":
-                        crops = []
-                        for i in idx.tolist():
-                            rx, ry = rows_mod.crop_range(rows[i].input_image, s.resolution, scale)
-                            crops.append((int(torch.randint(rx + 1, (1,), generator=g)),
-                                          int(torch.randint(ry + 1, (1,), generator=g))))
-                    src = images_tensor([rows[i].input_image for i in idx.tolist()],
-                                        s.resolution, flip, crops, scale).to(dev, weight_dtype)
-                    dst = images_tensor([rows[i].edited_image for i in idx.tolist()],
-                                        s.resolution, flip, crops, scale).to(dev, weight_dtype)
-                    with torch.no_grad():
-                        post = vae.encode(dst).latent_dist
-                        eps = torch.randn(post.mean.shape, generator=g)
-                        latents = (post.mean + post.std * eps.to(dev, post.mean.dtype)) * sf
-                        cond = vae.encode(src).latent_dist.mode()
-                        text = encode_text(text_encoder, tok,
-                                           [rows[i].edit_prompt for i in idx.tolist()], dev,
-                                           weight_dtype)
-                noise = torch.randn(latents.shape, generator=g).to(dev, latents.dtype)
-                t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,),
-                                  generator=g).to(dev)
-                u = torch.rand(b, generator=g).to(dev)
-                noisy = noise_sched.add_noise(latents, noise, t)
-                text, cond = conditioning_dropout(u, s.conditioning_dropout, text, null_text,
-                                                  cond)
-                if noise_sched.config.prediction_type == "v_prediction":
-                    target = noise_sched.get_velocity(latents, noise, t)
-                else:
-                    target = noise
-                pred = unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, text).sample
-                loss = F.mse_loss(pred.float(), target.float())
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(params, s.max_grad_norm)
-                opt.step()
-                lr_sched.step()
-                opt.zero_grad(set_to_none=True)
-            state.micro += 1
-            if not acc.sync_gradients:
-                continue
-            if ema:
-                ema.step(params)
-            state.step += 1
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-            if state.step % s.checkpoint_every == 0 and state.step < max_steps:
-                save_checkpoint(acc, out, state.step, s)
-            if s.validate_every and state.step % s.validate_every == 0:
-                validate(acc, s, unet, vae, text_encoder, tok, comps["scheduler_config"], ema,
-                         params, out / "validation" / f"step-{state.step:06d}.png")
-            if kill_at and state.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        bar.close()
+    def loss_fn(micro: int, g):
+        """InstructPix2Pix's objective on one micro-batch (edited latents noised, input
+        latents concatenated, conditioning dropout)."""
+        idx = batch_indices(micro)
+        b = len(idx)
+        flip = (torch.rand(b, generator=g) < 0.5) if s.flip else torch.zeros(b, dtype=bool)
+        if cached:
+            mean, std, cond, text = cache.batch(idx, flip)
+            eps = torch.randn(mean.shape, generator=g)
+            latents = (mean + std * eps).to(dev, weight_dtype) * sf
+            cond, text = cond.to(dev), text.to(dev)
+        else:
+            crops = None
+            if s.crop == "random":
+                crops = []
+                for i in idx.tolist():
+                    rx, ry = rows_mod.crop_range(rows[i].input_image, s.resolution, scale)
+                    crops.append((int(torch.randint(rx + 1, (1,), generator=g)),
+                                  int(torch.randint(ry + 1, (1,), generator=g))))
+            src = images_tensor([rows[i].input_image for i in idx.tolist()],
+                                s.resolution, flip, crops, scale).to(dev, weight_dtype)
+            dst = images_tensor([rows[i].edited_image for i in idx.tolist()],
+                                s.resolution, flip, crops, scale).to(dev, weight_dtype)
+            with torch.no_grad():
+                post = vae.encode(dst).latent_dist
+                eps = torch.randn(post.mean.shape, generator=g)
+                latents = (post.mean + post.std * eps.to(dev, post.mean.dtype)) * sf
+                cond = vae.encode(src).latent_dist.mode()
+                text = encode_text(text_encoder, tok,
+                                   [rows[i].edit_prompt for i in idx.tolist()], dev,
+                                   weight_dtype)
+        noisy, t, target = noised(latents, noise_sched, g, dev)
+        u = torch.rand(b, generator=g).to(dev)
+        text, cond = conditioning_dropout(u, s.conditioning_dropout, text, null_text, cond)
+        pred = unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, text).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def validate_at(step: int) -> None:
+        validate(acc, s, unet, vae, text_encoder, tok, comps["scheduler_config"], ema,
+                 params, out / "validation" / f"step-{step:06d}.png")
+
+    losses = run_loop(acc, state, s, out, max_steps=max_steps, loss_fn=loss_fn, models=[unet],
+                      params=params, opt=opt, lr_sched=lr_sched, ema=ema, validate=validate_at)
     t_end = time.process_time()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -381,44 +266,6 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     acc.end_training()
     return TrainResult(out, state.step, resumed, len(rows), base_kind, losses,
                        t_loop - t_cache if cached else 0.0, t_end - t_loop)
-
-
-def save_checkpoint(acc, out: Path, step: int, s: TrainSettings) -> Path:
-    """accelerate ``save_state`` into a temp folder, renamed when complete; oldest pruned."""
-    tmp = out / f".checkpoint-{step}.tmp"
-    final = out / f"checkpoint-{step}"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if s.checkpoint_limit:
-            for old in checkpoints(out)[:-s.checkpoint_limit]:
-                shutil.rmtree(old)
-    return final
-
-
-def _ema_weights(ema, params):
-    """Context: the EMA weights in ``params`` for the block, the trained ones after."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def swap():
-        if ema is None:
-            yield
-            return
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            yield
-        finally:
-            ema.restore(params)
-
-    return swap()
 
 
 def validation_rows(s: TrainSettings):
@@ -446,7 +293,7 @@ def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path:
     net = acc.unwrap_model(unet)
     was_training = net.training
     net.eval()
-    with _ema_weights(ema, params), torch.no_grad(), acc.autocast():
+    with ema_weights(ema, params), torch.no_grad(), acc.autocast():
         pipe = editor_pipeline(net, vae, text_encoder, tok, sched_cfg)
         images = [rows_mod.fit(r.input_image, s.resolution) for r in rows]
         gens = [torch.Generator().manual_seed(s.seed + r.index) for r in rows]

@@ -1,0 +1,212 @@
+"""The training loop that ``dsbuild train`` and ``dsbuild train-generator`` share.
+
+A trainer supplies a *denoising objective* (``loss_fn(micro, generator) -> loss``: which rows,
+how they are noised and what the model is asked to predict); this module owns everything
+else: the output folder's guard, accelerate's gradient accumulation, clipping, the optimizer
+and LR steps, EMA, checkpoints written atomically and pruned, ``--resume`` state (optimizer
+step, data position and the seeded generator, through ``register_for_checkpointing``),
+validation hooks, progress and the test kill switch. So both commands resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from dsbuild.errors import DsbuildError, MissingDependency
+from dsbuild.progress import progress
+
+RUN_FILE = "dsbuild-train.json"  # settings of the run that owns the folder (written first)
+KILL_ENV = "DSBUILD_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL self after this step (no cleanup)
+
+
+class TrainState:
+    """What accelerate cannot see: optimizer steps, micro-batches consumed (the data position)
+    and the generator for noise, timesteps, flips and dropout. Checkpointed with the model."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self.step = 0
+        self.micro = 0
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro = int(state["step"]), int(state["micro"])
+        self.generator.set_state(state["generator"])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a half-written one is a hidden temp folder)."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def changed_keys(old: dict, new: dict, volatile: frozenset[str]) -> list[str]:
+    keys = (set(old) | set(new)) - volatile
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def prepare_out(out: Path, s, resume: str | None, command: str = "train",
+                config_file: str = "train_config.json") -> Path | None:
+    """Check the output folder and pick the checkpoint to resume from; nothing is deleted.
+
+    A folder of another run (different settings) is refused; so is a folder that already holds
+    this run's checkpoints unless ``--resume`` says to continue."""
+    mine = s.model_dump(mode="json")
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise DsbuildError(f"--out {out} is a file; choose a folder")
+    if out.exists() and any(out.iterdir()):
+        if not run_file.exists():
+            raise DsbuildError(f"--out {out} is not empty and is not a dsbuild {command} folder; "
+                               "choose an empty or new folder")
+        old = json.loads(run_file.read_text())["settings"]
+        diff = changed_keys(old, mine, type(s).volatile)
+        if diff:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+            if resume:
+                raise DsbuildError(f"--resume with changed settings ({detail}); resume with the "
+                                   f"settings of {run_file}, or train into a new --out")
+            raise DsbuildError(f"--out {out} holds another run's checkpoints (settings differ: "
+                               f"{detail}); choose a new --out, or --resume it with its settings")
+        if not resume and (checkpoints(out) or (out / config_file).exists()):
+            raise DsbuildError(f"--out {out} already holds this run's checkpoints or model; pass "
+                               "--resume latest to continue, or choose a new --out")
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(out) if out.exists() else []
+        return found[-1] if found else None
+    path = Path(resume) if Path(resume).is_dir() else out / resume
+    if not path.is_dir() or path.parent.resolve() != out.resolve():
+        raise DsbuildError(f"--resume {resume}: no such checkpoint in {out} (have: "
+                           f"{', '.join(p.name for p in checkpoints(out)) or 'none'})")
+    return path
+
+
+def optimizer_cls(s):
+    import torch
+
+    if not s.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise MissingDependency("--use-8bit-adam needs bitsandbytes, which is not installed.\n"
+                                "  Install it with: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit
+
+
+def encode_text(text_encoder, tokenizer, prompts, device, dtype, batch: int = 64):
+    """Last hidden states of the CLIP text encoder (what the UNet cross-attends to)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            ids = tokenizer(list(prompts[i:i + batch]), max_length=tokenizer.model_max_length,
+                            padding="max_length", truncation=True, return_tensors="pt").input_ids
+            outs.append(text_encoder(ids.to(device))[0].to(dtype))
+    return torch.cat(outs)
+
+
+def save_checkpoint(acc, out: Path, step: int, s) -> Path:
+    """accelerate ``save_state`` into a temp folder, renamed when complete; oldest pruned."""
+    tmp = out / f".checkpoint-{step}.tmp"
+    final = out / f"checkpoint-{step}"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if s.checkpoint_limit:
+            for old in checkpoints(out)[:-s.checkpoint_limit]:
+                shutil.rmtree(old)
+    return final
+
+
+def ema_weights(ema, params):
+    """Context: the EMA weights in ``params`` for the block, the trained ones after."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def swap():
+        if ema is None:
+            yield
+            return
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            yield
+        finally:
+            ema.restore(params)
+
+    return swap()
+
+
+
+
+def noised(latents, noise_sched, generator, device):
+    """The denoising target at a uniform timestep: (noisy latents, timesteps, target), noise
+    and timesteps drawn from ``generator``; the target is the noise, or v for v-prediction."""
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],),
+                      generator=generator).to(device)
+    noisy = noise_sched.add_noise(latents, noise, t)
+    if noise_sched.config.prediction_type == "v_prediction":
+        return noisy, t, noise_sched.get_velocity(latents, noise, t)
+    return noisy, t, noise
+
+
+def run_loop(acc, state: TrainState, s, out: Path, *, max_steps: int,
+             loss_fn: Callable, models: list, params: list, opt, lr_sched, ema=None,
+             validate: Callable[[int], None] | None = None, desc: str = "train") -> list[float]:
+    """Optimizer steps until ``max_steps``: ``loss_fn(micro, generator)`` gives each
+    micro-batch's loss; accumulation, clipping, EMA, checkpoints (``s.checkpoint_every``,
+    ``s.checkpoint_limit``), ``validate(step)`` every ``s.validate_every`` steps and the
+    progress bar are handled here. Returns the loss of each optimizer step run."""
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    losses: list[float] = []
+    bar = progress(total=max_steps, initial=state.step, desc=desc, unit="step")
+    try:
+        while state.step < max_steps:
+            with acc.accumulate(*models):
+                loss = loss_fn(state.micro, state.generator)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, s.max_grad_norm)
+                opt.step()
+                lr_sched.step()
+                opt.zero_grad(set_to_none=True)
+            state.micro += 1
+            if not acc.sync_gradients:
+                continue
+            if ema:
+                ema.step(params)
+            state.step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+            if state.step % s.checkpoint_every == 0 and state.step < max_steps:
+                save_checkpoint(acc, out, state.step, s)
+            if validate and s.validate_every and state.step % s.validate_every == 0:
+                validate(state.step)
+            if kill_at and state.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+    return losses
