@@ -46,6 +46,9 @@ def mongod(tmp_path_factory):
         mp.setenv("FIFTYONE_DO_NOT_TRACK", "true")
         mp.setenv("FIFTYONE_DATABASE_DIR", str(base / "fo-db"))  # never ~/.fiftyone
         mp.setenv("FIFTYONE_DATABASE_VALIDATION", "false")  # no MongoDB 6 deprecation notice
+        mp.setenv("FIFTYONE_PLUGINS_DIR", str(base / "plugins"))  # never ~/fiftyone/__plugins__
+        if "fiftyone" in sys.modules:  # imported already: its config was read at import
+            mp.setattr(sys.modules["fiftyone"].config, "plugins_dir", str(base / "plugins"))
         server = fr.Mongod(base / "mongod")
         server.start()
         try:
@@ -81,19 +84,20 @@ def test_build_dataset_copies_every_field_onto_both_slices(fo, build):
     r = fr.build_dataset(build)
     ds = fo.load_dataset(r["name"])
     n = len(recs["pairs"])
-    assert (r["pairs"], r["added_pairs"], r["groups"], r["samples"]) == (n, n, n, 2 * n)
+    assert (r["pairs"], r["added_pairs"], r["groups"], r["samples"]) == (n, n, n, 3 * n)
     assert r["missing_images"] == []
-    assert ds.media_type == "group" and set(ds.group_slices) == {"input", "output"}
-    assert ds.default_group_slice == "output"
+    assert ds.media_type == "group" and set(ds.group_slices) == {"pair", "input", "output"}
+    assert ds.default_group_slice == "pair"
 
     samples = by_slice(ds)
-    assert len(samples) == 2 * n
+    assert len(samples) == 3 * n
     scores = {s["pair_id"]: s for s in recs["scores"]}
     triples = {t["id"]: t for t in recs["triples"]}
     own = [f for f in fr.FIELDS]
     for p in recs["pairs"]:
         inp, out = samples[(p["id"], "input")], samples[(p["id"], "output")]
-        assert {k: inp[k] for k in own} == {k: out[k] for k in own}
+        assert {k: inp[k] for k in own} == {k: out[k] for k in own} == \
+            {k: samples[(p["id"], "pair")][k] for k in own}
         assert inp["group"]["_id"] == out["group"]["_id"]
         assert Path(inp["filepath"]) == (build.root / p["images"]["input"]).resolve()
         assert Path(out["filepath"]) == (build.root / p["images"]["output"]).resolve()
@@ -110,7 +114,7 @@ def test_build_dataset_copies_every_field_onto_both_slices(fo, build):
         assert out["no_change"] is False and out["decision"] is None and out["decisions"] == 0
 
     views = set(ds.list_saved_views())
-    assert {"kept", "filtered-out", "lowest-clip-sim-dir", "no-change", "undecided",
+    assert {"kept", "filtered-out", "lowest-clip-sim-dir", "no-change", "not-reviewed-yet",
             "agent-chairs", "agent-living-room", "filtered-clip-sim-dir"} <= views
     kept = sum(s["keep"] for s in recs["scores"])
     assert len(ds.load_saved_view("kept")) == kept  # groups whose active slice matches
@@ -156,12 +160,12 @@ def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
     write_scores(build, pairs, [0.4 - 0.01 * i for i in range(len(pairs))])
 
     r2 = fr.build_dataset(build)
-    assert r2["added_pairs"] == 2 and r2["added_samples"] == 5  # 2 pairs, one with a mask
-    assert r2["updated_samples"] == 2 * len(recs["pairs"])  # every old sample got its scores
-    assert r2["groups"] == len(pairs) and r2["samples"] == 2 * len(pairs) + 1
+    assert r2["added_pairs"] == 2 and r2["added_samples"] == 7  # 2 pairs, one with a mask
+    assert r2["updated_samples"] == 3 * len(recs["pairs"])  # every old sample got its scores
+    assert r2["groups"] == len(pairs) and r2["samples"] == 3 * len(pairs) + 1
     samples = by_slice(ds)
     assert len(samples) == r2["samples"]  # no (pair, slice) twice
-    assert set(ds.group_slices) == {"input", "output", "mask"}
+    assert set(ds.group_slices) == {"pair", "input", "output", "mask"}
     assert (extra[1]["id"], "mask") in samples and (extra[0]["id"], "mask") not in samples
     mask = samples[(extra[1]["id"], "mask")]
     assert mask["p2p_blend_words"] == '["armchair"]' and mask["keep"] is False
@@ -192,7 +196,7 @@ def test_no_change_samples_from_the_real_augment_stage(fo, build):
     triples = {t["id"]: t for t in recs["triples"]}
     nc = fo.load_dataset(r["name"]).load_saved_view("no-change")
     assert len(nc) == made
-    for s in nc.select_group_slices().iter_samples():
+    for s in nc.select_group_slices(["input", "output"]).iter_samples():
         a = aug[s["pair_id"]]
         src = pairs[a["source_pair_id"]]
         assert (s["kind"], s["edit"], s["source_pair_id"], s["target"]) == \
@@ -242,7 +246,7 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
         assert samples[(b, sl)]["decision"] == "reject"
         assert samples[(b, sl)]["decision_reason"] == "artefacts"
         assert samples[(a, sl)]["decisions"] == 1
-    assert len(ds.load_saved_view("undecided")) == len(recs["pairs"]) - 2
+    assert len(ds.load_saved_view("not-reviewed-yet")) == len(recs["pairs"]) - 2
 
     # pulling twice adds nothing (through the CLI this time)
     out = CliRunner().invoke(inspect_cmd, [str(build.root), "--pull"])
@@ -282,9 +286,118 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     fr.build_dataset(build)
     ds = fo.load_dataset(name)
     tags = ds.select_group_slices().match(F("pair_id") == b).count_sample_tags()
-    assert tags == {"reject": 2, "artefacts": 2}
+    assert tags == {"reject": 3, "artefacts": 3}
     res = fr.pull(build)
     assert (res["added"], res["withdrawn"]) == (0, 0)
+
+
+def test_pair_slice_shows_input_and_output_side_by_side_and_is_cached(fo, build):
+    from PIL import Image
+
+    recs = make_build(build, samples=1)
+    r = fr.build_dataset(build)
+    assert r["tiles"] == {"rendered": len(recs["pairs"]), "cached": 0}
+    ds = fo.load_dataset(r["name"])
+    tiles = {s["pair_id"]: s for s in ds.select_group_slices("pair").iter_samples()}
+    assert set(tiles) == {p["id"] for p in recs["pairs"]}  # one tile per pair
+    assert len(ds) == len(recs["pairs"])  # the default slice counts pairs
+    for p in recs["pairs"]:
+        tile = Image.open(tiles[p["id"]]["filepath"]).convert("RGB")
+        inp = Image.open(build.root / p["images"]["input"]).convert("RGB")
+        out = Image.open(build.root / p["images"]["output"]).convert("RGB")
+        boxes = fr.tile_layout(tile.size, inp.size, out.size)
+        h = boxes["input"][3] - boxes["input"][1]
+        assert h == fr.TILE_HEIGHT and tile.height > h  # scaled up, instruction banner above
+        for side, im in (("input", inp), ("output", out)):
+            want = im.resize((h * im.width // im.height, h), Image.Resampling.NEAREST)
+            assert tile.crop(boxes[side]).tobytes() == want.tobytes(), side
+        banner = tile.crop((0, 0, tile.width, boxes["input"][1])).getcolors(1 << 16)
+        assert len(banner) > 2  # text drawn on the banner, not a blank strip
+
+    # cached: nothing is rendered again until a pair's image changes
+    assert fr.build_dataset(build)["tiles"] == {"rendered": 0, "cached": len(recs["pairs"])}
+    first = recs["pairs"][0]
+    old_tile = tiles[first["id"]]["filepath"]
+    write_png(build.root / first["images"]["output"], 999)
+    r3 = fr.build_dataset(build)
+    assert r3["tiles"]["rendered"] == 1 and r3["updated_samples"] == 1  # the tile's filepath
+    new = ds.select_group_slices("pair").match(fo.ViewField("pair_id") == first["id"]).first()
+    assert new.filepath != old_tile and not os.path.exists(old_tile)
+
+
+def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch):
+    """accept / reject / correct through FiftyOne's operator execution API."""
+    import fiftyone.operators as foo
+    from click.testing import CliRunner
+
+    from dsbuild.cli import cli
+    from dsbuild.decisions import latest_by_pair, read_decisions
+    from dsbuild.export.dataset import collect_rows
+
+    recs = make_build(build, samples=1, keep_every=1)
+    r = fr.build_dataset(build)
+    assert (Path(fo.config.plugins_dir) / "dsbuild").resolve() == fr.plugin_dir()
+    ds = fo.load_dataset(r["name"])
+    sample = {s["pair_id"]: s.id for s in ds.iter_samples()}  # the pair slice's samples
+    a, b, c = (p["id"] for p in recs["pairs"][:3])
+
+    def run(op, ids=(), current=None, **params):
+        return foo.execute_operator(f"{fr.PLUGIN}/{op}", ctx={
+            "dataset": ds, "selected": list(ids), "current_sample": current,
+            "params": params}).result
+
+    monkeypatch.setenv("DSBUILD_REVIEWER", "alice")
+    assert run("accept_pair", [sample[a], sample[b]])["reviewer"] == "alice"  # a selection
+    run("reject_pair", current=sample[a], reviewer="bob", reason="artefacts")  # the modal
+    with pytest.raises(Exception, match="reason.*Invalid enum value"):  # the label config's
+        run("reject_pair", [sample[b]], reviewer="bob", reason="ugly")
+    run("correct_instruction", [sample[c]], reviewer="bob", corrected_edit="paint it red")
+
+    dec = read_decisions(build)
+    assert [(d["pair_id"], d["reviewer"], d["verdict"], d["reason"], d["corrected_edit"])
+            for d in dec] == [(a, "alice", "accept", None, None), (b, "alice", "accept", None, None),
+                              (a, "bob", "reject", "artefacts", None),
+                              (c, "bob", "accept", None, "paint it red")]
+    assert all(d["tool"] == "fiftyone" and d["source"] == "operator" for d in dec)
+    force = latest_by_pair(build)
+    # two reviewers disagree on a: a tie rejects (the Label Studio rule), agreement 0
+    assert (force[a]["verdict"], force[a]["reason"], force[a]["agreement"]) == \
+        ("reject", "artefacts", 0.0)
+    assert force[a]["reviewer"] == "alice,bob" and force[b]["verdict"] == "accept"
+    shown = by_slice(ds)
+    assert shown[(a, "pair")]["decision_agreement"] == 0.0
+    assert shown[(a, "input")]["decision_reviewers"] == 2
+    assert shown[(c, "output")]["corrected_edit"] == "paint it red"
+    assert len(ds.load_saved_view("reviewers-disagree")) == 1
+    assert len(ds.load_saved_view("corrected")) == 1
+    assert len(ds.load_saved_view("not-reviewed-yet")) == len(recs["pairs"]) - 3
+    st = CliRunner().invoke(cli, ["status", str(build.root)])
+    assert "decisions fiftyone:accept=2, fiftyone:reject=1" in st.output, st.output
+    assert "agreement fiftyone: 0.00 over 1 pairs with several reviewers, 1 disagree" \
+        in st.output
+
+    # alice changes her mind: one current verdict each, now both reject
+    run("reject_pair", [sample[a]], reason="edit_not_applied")
+    assert run("reject_pair", [sample[a]], reason="edit_not_applied")["added"] == 0
+    force = latest_by_pair(build)
+    assert (force[a]["verdict"], force[a]["agreement"], force[a]["votes"]) == \
+        ("reject", 1.0, {"accept": 0, "reject": 2})
+    # bob's accept keeps his correction of c
+    run("accept_pair", [sample[c]], reviewer="bob")
+    assert latest_by_pair(build)[c]["corrected_edit"] == "paint it red"
+
+    # re-running inspect keeps every verdict; a tag pull of another reviewer withdraws none
+    n = len(read_decisions(build))
+    fr.build_dataset(build)
+    assert fr.pull(build)["added"] == 0 and len(read_decisions(build)) == n
+    assert {k: v["verdict"] for k, v in latest_by_pair(build).items()} == \
+        {a: "reject", b: "accept", c: "accept"}
+
+    # ... and the verdicts reach the export: a rejected, c with its corrected instruction
+    rows = {row["pair_id"]: row for split in collect_rows(build).splits.values()
+            for row in split}
+    assert a not in rows and b in rows
+    assert (rows[c]["edit_prompt"], rows[c]["corrected"]) == ("paint it red", True)
 
 
 def test_pull_without_dataset_is_a_clear_error(fo, build):
@@ -321,7 +434,8 @@ def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
                 url = line.split()[2]
                 break
         assert url == f"http://127.0.0.1:{port}/datasets/{name}", "".join(lines)
-        assert f"dataset '{name}': 12 groups, 24 samples; 12 pairs added" in "".join(lines)
+        assert (f"dataset '{name}': 12 pairs (slices pair, input, output; 36 samples in all); "
+                "12 pairs added") in "".join(lines)
 
         base = f"http://127.0.0.1:{port}"
         reply = graphql(f"{base}/graphql", f'{{ dataset(name: "{name}") {{ name groupField '
@@ -333,9 +447,9 @@ def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
         assert name in [e["node"]["name"] for e in data["datasets"]["edges"]]
         got = data["dataset"]
         assert (got["name"], got["groupField"], got["defaultGroupSlice"]) == \
-            (name, "group", "output")
-        assert got["estimatedSampleCount"] == 24
-        assert {g["name"] for g in got["groupMediaTypes"]} == {"input", "output"}
+            (name, "group", "pair")
+        assert got["estimatedSampleCount"] == 36
+        assert {g["name"] for g in got["groupMediaTypes"]} == {"pair", "input", "output"}
         assert "kept" in {v["name"] for v in got["savedViews"]}
 
         if CHROMIUM is None:

@@ -79,3 +79,14 @@ def test_loaders_find_the_files_in_an_installed_wheel(dist, tmp_path):
         assert Path(got[key]).is_relative_to(site), (key, got[key])  # not the checkout's
     assert got["agents"] > 0
     assert got["configs"] == sorted(p.name for p in (ROOT / "label_config").glob("*.xml"))
+
+
+def test_wheel_holds_the_fiftyone_plugin(dist):
+    """FiftyOne finds a plugin by its fiftyone.yml: package data, not code."""
+    (wheel,) = dist.glob("dsbuild-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        for f in ("fiftyone.yml", "__init__.py"):
+            inside = f"dsbuild/review/fo_plugin/{f}"
+            assert inside in names, f"{inside} is not in {wheel.name}"
+            assert z.read(inside) == (ROOT / inside).read_bytes(), inside

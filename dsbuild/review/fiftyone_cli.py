@@ -14,8 +14,8 @@ import click
               help="FiftyOne dataset (default: review.dataset_name or dsbuild-<build>)")
 @click.option("--pull", is_flag=True,
               help="write the curators' tags (accept/reject, other tags = reasons) as decisions")
-@click.option("--reviewer", default=None, help="reviewer recorded with pulled decisions "
-              "(default: fiftyone)")
+@click.option("--reviewer", default=None, help="whose tags --pull reads: each reviewer holds "
+              "their own verdicts (default: fiftyone)")
 @click.option("--launch", is_flag=True, help="start the App and wait until Ctrl-C")
 @click.option("--port", type=int, default=None, help="App port (default: FiftyOne's, 5151)")
 @click.option("--address", default=None, help="App address (default: localhost)")
@@ -42,9 +42,12 @@ def inspect_cmd(build, name, pull, reviewer, launch, port, address, remote):
     else:
         r = fo_review.build_dataset(b, name)
         scored = "" if r["scored"] else " (filter not complete: score fields are empty)"
-        click.echo(f"dataset '{r['name']}': {r['groups']} groups, {r['samples']} samples; "
+        click.echo(f"dataset '{r['name']}': {r['groups']} pairs (slices "
+                   f"{', '.join(r['slices'])}; {r['samples']} samples in all); "
                    f"{r['added_pairs']} pairs added, {r['updated_samples']} samples updated"
                    f"{scored}")
+        click.echo(f"  pair tiles: {r['tiles']['rendered']} rendered, {r['tiles']['cached']} "
+                   f"cached; plugin @dsbuild/review registered at {r['plugin']}")
         if r["stale_samples"]:
             click.echo(f"  {r['stale_samples']} samples are no longer in the build "
                        "(in_build=False; their tags are kept)")

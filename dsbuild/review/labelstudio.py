@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,9 +38,10 @@ from dsbuild.decisions import (
     WITHDRAWN,
     add_decisions,
     current_by_tool,
-    make_decision,
+    pairwise_agreement,  # noqa: F401 - part of this module's API (agreement in a pull)
     read_decisions,
 )
+from dsbuild.decisions import aggregate as aggregate_reviews
 from dsbuild.errors import DsbuildError, require, require_installed
 from dsbuild.hashing import content_id
 from dsbuild.progress import progress
@@ -479,53 +480,10 @@ def read_annotation(ann: dict, emails: dict[int, str]) -> dict | None:
     return out
 
 
-def pairwise_agreement(verdicts: list[str]) -> float | None:
-    """Share of reviewer pairs that gave the same verdict (None with fewer than two)."""
-    n = len(verdicts)
-    if n < 2:
-        return None
-    same = sum(c * (c - 1) for c in Counter(verdicts).values())
-    return same / (n * (n - 1))
-
-
 def aggregate(pair_id: str, reviews: list[dict], **extra) -> dict:
-    """One decision from several reviews: majority verdict (a tie rejects), reasons, fix.
-
-    ``reason`` (rejections only) is the reason named most often (ties: order of ``REASONS``);
-    ``reasons`` counts them all. The corrected instruction given most often (then latest) wins.
-    """
-    latest: dict[str, dict] = {}
-    for r in sorted(reviews, key=lambda r: (r["at"], r.get("annotation_id") or 0)):
-        latest[r["reviewer"]] = r  # a reviewer's last answer counts
-    reviews = sorted(latest.values(), key=lambda r: r["reviewer"])
-    votes = Counter(r["verdict"] for r in reviews)
-    tie = votes["accept"] == votes["reject"]
-    verdict = "accept" if votes["accept"] > votes["reject"] else "reject"
-    reasons = Counter(x for r in reviews if r["verdict"] == "reject" for x in r["reasons"])
-    reason = min(reasons, key=lambda x: (-reasons[x], _reason_order(x))) \
-        if reasons and verdict == "reject" else None
-    if tie and reason is None:
-        reason = "reviewers_disagree"
-    fixes = [r for r in reviews if r["corrected_edit"]]
-    fix_count = Counter(r["corrected_edit"] for r in fixes)
-    corrected = max(fixes, key=lambda r: (fix_count[r["corrected_edit"]], r["at"]))[
-        "corrected_edit"] if fixes else None
-    ratings = [r["quality"] for r in reviews if r["quality"] is not None]
-    return make_decision(
-        pair_id, verdict, tool=TOOL, reviewer=",".join(r["reviewer"] for r in reviews),
-        reason=reason, corrected_edit=corrected, at=max(r["at"] for r in reviews),
-        votes={"accept": votes["accept"], "reject": votes["reject"]},
-        annotators=len(reviews), agreement=pairwise_agreement([r["verdict"] for r in reviews]),
-        tie=tie, quality=sum(ratings) / len(ratings) if ratings else None,
-        reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], _reason_order(kv[0])))),
-        reviews=[{k: r[k] for k in ("reviewer", "verdict", "reasons", "corrected_edit",
-                                    "quality", "at")} for r in reviews],
-        **extra,
-    )
-
-
-def _reason_order(reason: str) -> int:
-    return REASONS.index(reason) if reason in REASONS else len(REASONS)
+    """One decision from several reviews by the shared rule (``dsbuild.decisions.aggregate``:
+    majority verdict, a tie rejects; reasons ranked by count, then the order of ``REASONS``)."""
+    return aggregate_reviews(pair_id, reviews, tool=TOOL, reason_order=REASONS, **extra)
 
 
 def _emails(client, url: str) -> dict[int, str]:

@@ -10,7 +10,7 @@ from dsbuild.settings import StageSettings
 
 
 class ReviewSettings(StageSettings):
-    volatile: ClassVar[frozenset[str]] = frozenset({"url"})
+    volatile: ClassVar[frozenset[str]] = frozenset({"url", "reviewer"})
 
     dataset_name: str | None = Field(None, description="FiftyOne dataset (default: dsbuild-<build>)")
     project_title: str | None = Field(None, description="Label Studio project title")
@@ -19,3 +19,5 @@ class ReviewSettings(StageSettings):
     stratify_by: Literal["agent", "level", "operation", "none"] = "agent"
     images: Literal["upload", "local-files"] = "upload"
     seed: int = 0
+    reviewer: str | None = Field(None, description="reviewer of verdicts given in the FiftyOne "
+                                 "plugin when $DSBUILD_REVIEWER is unset (then: $USER)")
