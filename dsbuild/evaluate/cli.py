@@ -20,6 +20,56 @@ def _floats(value: str, flag: str) -> list[float]:
     return out
 
 
+def localize_options(f):
+    """The ``--localize`` flags shared by ``dsbuild edit`` and ``dsbuild eval``."""
+    opts = [
+        click.option("--localize", is_flag=True,
+                     help="confine the edit to the referred object (LIME attention penalty)"),
+        click.option("--segmenter", default="CIDAS/clipseg-rd64-refined", show_default=True,
+                     help="CLIPSeg checkpoint for the referred object's mask, or 'tiny'"),
+        click.option("--mask-threshold", type=float, default=0.4, show_default=True,
+                     help="segmentation probability above which a pixel is the object"),
+        click.option("--alpha", type=float, default=10000.0, show_default=True,
+                     help="penalty on unrelated tokens' cross-attention logits in the mask"),
+        click.option("--window", default="0,1", show_default=True,
+                     help="start,end fractions of the steps that carry the penalty"),
+        click.option("--layers", default="down,mid,up", show_default=True,
+                     help="UNet parts whose cross-attention carries the penalty"),
+        click.option("--llm-model", default=None,
+                     help="chat model naming the referred object (default: rules, offline)"),
+        click.option("--llm-base-url", default=None,
+                     help="OpenAI-compatible endpoint for --llm-model (key: OPENAI_API_KEY)"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def localize_settings(segmenter, mask_threshold, alpha, window, layers, llm_model,
+                      llm_base_url):
+    """``LocalizeSettings`` and the referring agent from the ``--localize`` flags."""
+    from dsbuild.localize.referring import ReferringAgent
+    from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
+
+    w = _floats(window, "--window")
+    if len(w) != 2:
+        raise DsbuildError(f"--window: give start,end (got {window!r})")
+    reg = RegularisationSettings(alpha=alpha, start=w[0], end=w[1],
+                                 layers=tuple(x.strip() for x in layers.split(",") if x.strip()))
+    reg.check()
+    llm = None
+    if llm_model or llm_base_url:
+        from dsbuild.settings.llm import LLMSettings
+
+        llm = LLMSettings(model=llm_model or "gpt-4o-mini", base_url=llm_base_url,
+                          temperature=0.0, max_tokens=128)
+    from pathlib import Path
+
+    cache = Path.home() / ".cache" / "dsbuild" / "referring"
+    return (LocalizeSettings(segmenter=segmenter, threshold=mask_threshold, regularisation=reg),
+            ReferringAgent(llm, cache if llm else None))
+
+
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", required=True, help="export folder or Hub dataset id")
@@ -46,9 +96,11 @@ def _floats(value: str, flag: str) -> list[float]:
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
+@localize_options
 def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, batch_size,
              resolution, limit, clip_model, clip_pretrained, dino_model, offline, device, dtype,
-             as_json):
+             as_json, localize, segmenter, mask_threshold, alpha, window, layers, llm_model,
+             llm_base_url):
     """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
     from dsbuild.evaluate.run import EvalSettings, evaluate
 
@@ -59,13 +111,21 @@ def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, ba
                      seed=seed, batch_size=batch_size, resolution=resolution, limit=limit,
                      clip_model=clip_model, clip_pretrained=clip_pretrained,
                      dino_model=dino_model, device=device, dtype=dtype)
-    res = evaluate(list(models), data, out, s)
+    agent = None
+    if localize:
+        s.localize, agent = localize_settings(segmenter, mask_threshold, alpha, window, layers,
+                                              llm_model, llm_base_url)
+    res = evaluate(list(models), data, out, s, agent=agent)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
     from dsbuild.evaluate.report import markdown_table
 
     click.echo(markdown_table(res))
+    if localize:
+        from dsbuild.localize.region import region_table
+
+        click.echo(region_table(res))
     click.echo(f"written: {out}/eval.json, {out}/eval.md, grids"
                + (", curve.png" if len(s.image_guidance) > 1 else ""))
 
@@ -84,12 +144,22 @@ def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, ba
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               show_default=True)
+@localize_options
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="with --localize: the region as a PNG (white = edit) instead of segmenting")
 def edit_cmd(model, image, instruction, out, seed, guidance, image_guidance, steps, resolution,
-             device, dtype):
+             device, dtype, localize, segmenter, mask_threshold, alpha, window, layers, llm_model,
+             llm_base_url, mask):
     """Edit IMAGE by INSTRUCTION with MODEL ('tiny', a folder or a Hub id); write --out."""
     from dsbuild.evaluate.edit import edit_image
 
+    if mask and not localize:
+        raise DsbuildError("--mask needs --localize")
+    ls = agent = None
+    if localize:
+        ls, agent = localize_settings(segmenter, mask_threshold, alpha, window, layers,
+                                      llm_model, llm_base_url)
     path = edit_image(model, image, instruction, out, seed=seed, guidance=guidance,
                       image_guidance=image_guidance, steps=steps, resolution=resolution,
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, localize=ls, mask=mask, agent=agent)
     click.echo(f"edited {image} -> {path}")

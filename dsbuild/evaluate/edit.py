@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from dsbuild.errors import DsbuildError, require_installed
@@ -10,8 +11,11 @@ from dsbuild.errors import DsbuildError, require_installed
 def edit_image(model: str, image: str | Path, instruction: str, out: str | Path, seed: int = 0,
                guidance: float = 7.5, image_guidance: float = 1.5, steps: int = 50,
                resolution: int | None = None, device: str = "auto", dtype: str = "auto",
-               pipe=None) -> Path:
-    """Edit ``image`` by ``instruction``; the result is written atomically to ``out``."""
+               pipe=None, localize=None, mask: str | Path | None = None, agent=None) -> Path:
+    """Edit ``image`` by ``instruction``; the result is written atomically to ``out``.
+    ``localize`` (a ``LocalizeSettings``) confines the edit to ``mask`` or, without one, to the
+    referred object segmented (``agent``: the referring LLM; rules without it); the region is
+    written next to ``out`` as ``<stem>_mask.png``."""
     require_installed("train", "torch", "diffusers", "transformers", what="dsbuild edit")
     import torch
     from PIL import Image
@@ -38,9 +42,21 @@ def edit_image(model: str, image: str | Path, instruction: str, out: str | Path,
         pipe = load_editor(model, dev, resolve_dtype(dtype, dev))
     out = Path(out)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(out.suffix.lower(), "PNG")
-    with torch.no_grad():
-        edited = pipe(instruction, image=src, num_inference_steps=steps, guidance_scale=guidance,
-                      image_guidance_scale=image_guidance,
-                      generator=torch.Generator().manual_seed(seed)).images[0]
+    call = dict(num_inference_steps=steps, guidance_scale=guidance,
+                image_guidance_scale=image_guidance, generator=torch.Generator().manual_seed(seed))
+    if localize is not None:
+        from dsbuild.localize.edit import localized_edit, region
+        from dsbuild.localize.mask import save_mask
+
+        m, phrases, source = region(src, instruction, localize, mask=mask, agent=agent)
+        save_mask(out.with_name(f"{out.stem}_mask.png"), m)
+        if not m.any():
+            print(f"note: no region for {instruction!r} (referred: {', '.join(phrases) or 'none'}"
+                  f", from {source}): the edit is plain", file=sys.stderr)
+        edited = localized_edit(pipe, [instruction], [src], [m], localize.regularisation,
+                                **call)[0]
+    else:
+        with torch.no_grad():
+            edited = pipe(instruction, image=src, **call).images[0]
     write_image(out, edited, format=fmt)
     return out

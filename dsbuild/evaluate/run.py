@@ -46,6 +46,9 @@ class EvalSettings:
     dino_model: str = "facebook/dinov2-base"
     device: str = "auto"
     dtype: str = "auto"
+    # ``LocalizeSettings``: also edit every row with the LIME penalty on its referred region
+    # and score both runs inside and outside it (dsbuild.localize.region)
+    localize: object | None = None
 
     @property
     def main_image_guidance(self) -> float:
@@ -62,8 +65,10 @@ def edit_dir(out: Path, model: str, data: str, s: EvalSettings, ig: float) -> Pa
     return out / "edits" / f"{slug(model)}-{sig}"
 
 
-def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str) -> None:
-    """Edit the rows not yet in ``folder`` (batched; each row with its own seeded generator)."""
+def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str,
+               masks: dict | None = None) -> None:
+    """Edit the rows not yet in ``folder`` (batched; each row with its own seeded generator);
+    with ``masks`` (row -> region), each edit carries the LIME penalty on its region."""
     import torch
 
     todo = [r for r in rows if not (folder / f"{r.index:05d}.png").exists()]
@@ -72,10 +77,17 @@ def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str) 
             batch = todo[i:i + s.batch_size]
             images = [rows_mod.fit(r.input_image, s.resolution) for r in batch]
             gens = [torch.Generator().manual_seed(s.seed + r.index) for r in batch]
-            with torch.no_grad():
-                edits = pipe([r.edit_prompt for r in batch], image=images, generator=gens,
-                             num_inference_steps=s.steps, guidance_scale=s.guidance,
-                             image_guidance_scale=ig).images
+            call = dict(generator=gens, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                        image_guidance_scale=ig)
+            if masks is not None:
+                from dsbuild.localize.edit import localized_edit
+
+                edits = localized_edit(pipe, [r.edit_prompt for r in batch], images,
+                                       [masks[r.index] for r in batch],
+                                       s.localize.regularisation, **call)
+            else:
+                with torch.no_grad():
+                    edits = pipe([r.edit_prompt for r in batch], image=images, **call).images
             for r, im in zip(batch, edits, strict=True):
                 write_image(folder / f"{r.index:05d}.png", im)
             bar.update(len(batch))
@@ -169,8 +181,10 @@ def load_encoders(s: EvalSettings):
 
 
 def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | None = None,
-             update_cards: bool = True) -> dict:
-    """Edit and score; writes eval.json, eval.md, curve.png (a sweep) and grids under ``out``."""
+             update_cards: bool = True, agent=None) -> dict:
+    """Edit and score; writes eval.json, eval.md, curve.png (a sweep) and grids under ``out``.
+    With ``s.localize``, ``agent`` (a ``ReferringAgent``; rules when None) names each row's
+    referred object."""
     require_installed("train", *EVAL_MODULES, what="dsbuild eval")
     import torch
 
@@ -197,7 +211,13 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
             write_image(truths[r.index], rows_mod.fit(r.edited_image, s.resolution))
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
+    masks = None
+    if s.localize is not None:
+        from dsbuild.localize.region import eval_masks, localized_dir
+
+        masks, mask_folder = eval_masks(rows, inputs, s.localize, agent, out, data, s.split)
     folders: dict[tuple[str, float], Path] = {}
+    local: dict[str, Path] = {}
     for model in models:
         pipe = None
         for ig in s.image_guidance:
@@ -206,6 +226,13 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
                 continue
             pipe = pipe or load_editor(model, device, dtype)
             make_edits(pipe, rows, folder, s, ig, f"edit {slug(model)} ig={ig}")
+        if masks is not None:  # the localized run, at the main image guidance
+            main = folders[model, s.main_image_guidance]
+            folder = local[model] = localized_dir(main, s.localize)
+            if not all((folder / f"{r.index:05d}.png").exists() for r in rows):
+                pipe = pipe or load_editor(model, device, dtype)
+                make_edits(pipe, rows, folder, s, s.main_image_guidance,
+                           f"edit {slug(model)} localized", masks=masks)
         del pipe
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -213,8 +240,10 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
     embedder = ImageEmbedder({"clip": clip, "dino": dino}, batch_size=s.batch_size * 4)
     edit_paths = {key: {r.index: f / f"{r.index:05d}.png" for r in rows}
                   for key, f in folders.items()}
+    local_paths = {m: {r.index: f / f"{r.index:05d}.png" for r in rows}
+                   for m, f in local.items()}
     every = [*inputs.values(), *truths.values(),
-             *(p for d in edit_paths.values() for p in d.values())]
+             *(p for d in (*edit_paths.values(), *local_paths.values()) for p in d.values())]
     emb, errors = embedder.embed(every)
     if errors:
         p, (kind, detail) = next(iter(errors.items()))
@@ -237,7 +266,24 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
         result["models"][model] = {"edit": main["edit"], "no_change": main["no_change"],
                                    "sweep": sweep,
                                    "edits": str(folders[model, s.main_image_guidance])}
+        if masks is not None:
+            from dsbuild.localize.region import region_scores
+
+            m = result["models"][model]
+            m["localized"] = {**score(rows, local_paths[model], inputs, truths, emb, text),
+                              "edits": str(local[model])}
+            m["region"] = {
+                run: region_scores(rows, masks, paths, inputs,
+                                   out / "region" / f"{slug(model)}-{run}", embedder, text)
+                for run, paths in (("plain", edit_paths[model, s.main_image_guidance]),
+                                   ("localized", local_paths[model]))}
+    if masks is not None:
+        result["masks"] = str(mask_folder)
     md = markdown_table(result)
+    if masks is not None:
+        from dsbuild.localize.region import region_table
+
+        md += region_table(result)
     write_json(out / "eval.json", result)
     write_text(out / "eval.md", md)
     if len(s.image_guidance) > 1:

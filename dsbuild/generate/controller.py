@@ -42,6 +42,7 @@ class RowEdit:
     equalizer: torch.Tensor | None = None  # [L] per-token scale (reweight), default 1
     blend_src: torch.Tensor | None = None  # [L] source tokens whose maps form the blend mask
     blend_tgt: torch.Tensor | None = None  # [L] target tokens whose maps form the blend mask
+    segment_phrase: str | None = None  # blend_mask=segment: what to segment in the source
 
 
 class P2PController:
@@ -54,6 +55,8 @@ class P2PController:
         self.blend_layers: set[str] = set()
         self.last_mask: torch.Tensor | None = None
         self.calls = {"self_injected": 0, "cross_edited": 0, "probs": 0}
+        # blend_mask=segment: (source x0 latents [n, C, h, w], phrases) -> [n, 1, h, w] bool
+        self.segment = None
 
     # ------------------------------------------------------------------ setup
     def set_layers(self, names: list[str], unet) -> None:
@@ -99,6 +102,10 @@ class P2PController:
             self.b_rows = self.blend_idx + n_rows
             self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + n_rows,
                                                            return_inverse=True)
+            if self.segment is not None:  # the mask is segmented, not read from attention
+                self.use_tgt = self.use_src = False
+                self.seg_phrases = [edits[r].segment_phrase or "" for r in self.blend_rows]
+        self.seg_mask: torch.Tensor | None = None
         self.last_mask = None
         self.active = True
 
@@ -157,7 +164,7 @@ class P2PController:
             self.calls["self_injected"] += 1
             idx = self.self_idx
             return F.scaled_dot_product_attention(q[idx], k[idx], v, attn_mask=_rows(mask, idx))
-        if self.blend_rows and name in self.blend_layers:
+        if self.blend_rows and name in self.blend_layers and (self.use_src or self.use_tgt):
             self._store_blend_maps(q, k)
         if self.x_rows is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -204,17 +211,29 @@ class P2PController:
         m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         return m.gt(self.blend_threshold)
 
-    def after_step(self, latents: torch.Tensor, i: int) -> torch.Tensor:
-        """Local blend: outside the chosen words' mask a target's latents become its source's."""
-        if not self.blend_rows or not self.maps_seen or i < int(self.blend_start * self.steps):
+    def after_step(self, latents: torch.Tensor, i: int,
+                   x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Local blend: outside the chosen words' mask a target's latents become its source's.
+        With ``segment``, the mask is the source's words segmented in its predicted image
+        ``x0`` (else the latents) at the first blending step, and kept."""
+        if not self.blend_rows or i < int(self.blend_start * self.steps):
             return latents
         hw = tuple(latents.shape[-2:])
-        mask = torch.zeros(len(self.blend_rows), 1, *hw, dtype=torch.bool, device=latents.device)
-        if self.use_tgt:
-            mask |= self._mask(self.maps_tgt, hw)
-        if self.use_src:
-            mask |= self._mask(self.maps_src, hw)
-        mask = mask.to(latents.dtype)
+        if self.segment is not None:
+            if self.seg_mask is None:
+                pred = x0 if x0 is not None else latents
+                self.seg_mask = self.segment(pred[self.blend_src_idx], self.seg_phrases)
+            mask = self.seg_mask.to(latents.device, latents.dtype)
+        else:
+            if not self.maps_seen:
+                return latents
+            mask = torch.zeros(len(self.blend_rows), 1, *hw, dtype=torch.bool,
+                               device=latents.device)
+            if self.use_tgt:
+                mask |= self._mask(self.maps_tgt, hw)
+            if self.use_src:
+                mask |= self._mask(self.maps_src, hw)
+            mask = mask.to(latents.dtype)
         rows, srcs = self.blend_idx, self.blend_src_idx
         latents = latents.clone()
         latents[rows] = latents[srcs] + mask * (latents[rows] - latents[srcs])

@@ -83,12 +83,16 @@ class P2PGenerator:
     """Prompt-to-Prompt on a diffusers StableDiffusionPipeline via attention processors."""
 
     def __init__(self, pipe, scheduler: str = "euler_ancestral", blend_threshold: float = 0.3,
-                 blend_start: float = 0.2):
+                 blend_start: float = 0.2, segmenter=None, segment_threshold: float = 0.4):
         self.pipe = pipe
         self.scheduler_name = scheduler
         make_scheduler(scheduler, pipe.scheduler.config)  # fail early on a bad name
         self.controller = P2PController(blend_threshold, blend_start)
         install(pipe.unet, self.controller)
+        # blend_mask=segment: a dsbuild.localize.mask.Segmenter makes the local-blend mask
+        self.segmenter, self.segment_threshold = segmenter, segment_threshold
+        if segmenter is not None:
+            self.controller.segment = self._segment
         self._embeds: dict[str, torch.Tensor] = {}
         self._aligned: dict[tuple[str, str, str], Alignment] = {}
         self.L = max_length(pipe.tokenizer)
@@ -150,6 +154,8 @@ class P2PGenerator:
             tgt_words = al.tgt_words if al else self.words(t.prompt)
             edit.blend_src = token_weights(src_words, t.blend_words[0], L)
             edit.blend_tgt = token_weights(tgt_words, t.blend_words[1], L)
+            # segment what the source shows; an add has only target words: look for those
+            edit.segment_phrase = " ".join(t.blend_words[0] or t.blend_words[1])
         return edit, resolved
 
     # ------------------------------------------------------------------ sampling
@@ -244,8 +250,9 @@ class P2PGenerator:
                 noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False)[0]
                 n_u, n_c = noise.chunk(2)
                 noise = n_u + g * (n_c - n_u)
-                latents = sched.step(noise, t, latents, **step_kw, return_dict=False)[0]
-                latents = ctrl.after_step(latents, i)
+                out = sched.step(noise, t, latents, **step_kw)
+                latents = ctrl.after_step(out.prev_sample, i,
+                                          getattr(out, "pred_original_sample", None))
                 if callback is not None:
                     callback(i, latents, ctrl, layout)
             row_masks = self._final_masks(height, width)
@@ -253,6 +260,19 @@ class P2PGenerator:
             ctrl.reset()
         images = self.decode(latents)
         return list(images), layout, resolved, row_masks
+
+    def _segment(self, x0: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+        """blend_mask=segment: each source's phrase segmented in its predicted image, at the
+        latents' size (a latent cell is in when at least half its pixels are)."""
+        from PIL import Image
+
+        images = self.decode(x0.to(self.dtype))
+        masks = [self.segmenter.mask(Image.fromarray((im * 255).round().astype(np.uint8)),
+                                     [p] if p else [], self.segment_threshold)
+                 for im, p in zip(images, phrases, strict=True)]
+        m = torch.from_numpy(np.stack(masks)).float()[:, None]
+        m = torch.nn.functional.interpolate(m, size=tuple(x0.shape[-2:]), mode="area")
+        return m.ge(0.5).to(x0.device)
 
     def _final_masks(self, height: int, width: int) -> dict[int, np.ndarray]:
         """The last local-blend mask of each blending row, at image size (nearest upsampling)."""

@@ -129,7 +129,13 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
         device = resolve_device(s.device)
         dtype = resolve_dtype(s.dtype, device)
         pipe = load_sd_pipeline(s.model, dtype, device)
-        gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start)
+        segmenter = None
+        if s.blend and s.blend_mask == "segment":
+            from dsbuild.localize.mask import Segmenter
+
+            segmenter = Segmenter.load(s.segmenter, device)
+        gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start, segmenter,
+                           s.segment_threshold)
         plans = [p for t in mine for p in plan_triple(t, s, pipe.tokenizer)]
         todo = [p for p in plans if p.id not in writer.done]
         _clean_temp(build, {p.triple["id"] for p in todo})

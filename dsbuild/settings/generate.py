@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -45,7 +45,24 @@ class GenerateSettings(StageSettings):
     blend: bool = False
     blend_threshold: float = Field(0.3, gt=0, lt=1)
     blend_start: float = Field(0.2, ge=0, le=1)
+    blend_mask: Literal["attention", "segment"] = Field(
+        "attention", description="attention: the words' accumulated cross-attention maps; "
+        "segment: the source's blend words segmented (CLIPSeg) in its predicted image at "
+        "blend_start, kept for the remaining steps")
+    segmenter: str = Field("CIDAS/clipseg-rd64-refined",
+                           description="CLIPSeg checkpoint for blend_mask=segment, or 'tiny'")
+    segment_threshold: float = Field(0.4, gt=0, lt=1)
     contact_sheet: int = Field(3, ge=0, description="pairs per agent on the contact sheet")
+
+    def signature_dict(self) -> dict[str, Any]:
+        """Attention blend (the default) signs as it did before segmented blend existed, so
+        builds made then keep their generate markers; the segment settings sign only when
+        used (and then only with generate.blend=true)."""
+        data = super().signature_dict()
+        if not (self.blend and self.blend_mask == "segment"):
+            for key in ("blend_mask", "segmenter", "segment_threshold"):
+                data.pop(key, None)
+        return data
 
     @field_validator("self_replace", "cross_replace")
     @classmethod

@@ -1,0 +1,49 @@
+"""A localized edit: the region (a user mask, or the referred object segmented), then the
+editor run with the LIME penalty on that region (``attention.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
+
+
+def region(image, instruction: str, s: LocalizeSettings, mask: str | Path | None = None,
+           segmenter=None, agent=None) -> tuple[np.ndarray, list[str], str]:
+    """(mask at the image's size, referred phrases, where they came from): the user's mask
+    when given, else the referred object(s) segmented; empty when nothing is found."""
+    from dsbuild.localize.mask import Segmenter, load_mask
+    from dsbuild.localize.referring import ReferringAgent
+
+    if mask is not None:
+        return load_mask(mask, image.size), [], "user"
+    agent = agent or ReferringAgent()
+    ref = agent([instruction])[0]
+    segmenter = segmenter or Segmenter.load(s.segmenter)
+    return segmenter.mask(image, ref.phrases, s.threshold), ref.phrases, ref.source
+
+
+def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarray],
+                   s: RegularisationSettings, **call) -> list:
+    """Edit ``images`` by ``prompts`` with the penalty inside ``masks`` (one per image, at the
+    image's size); ``call`` goes to the pipeline (steps, guidance, generator...)."""
+    import torch
+
+    from dsbuild.localize.attention import (
+        LocalizeController,
+        edit_token_mask,
+        regularised,
+        step_callback,
+    )
+
+    w, h = images[0].size
+    f = getattr(pipe, "vae_scale_factor", 8)
+    ctl = LocalizeController(s)
+    ctl.configure(torch.from_numpy(np.stack(masks)).float(),
+                  edit_token_mask(pipe.tokenizer, prompts), call["num_inference_steps"],
+                  (h // f, w // f))
+    with regularised(pipe, ctl), torch.no_grad():
+        return pipe(prompts, image=images, callback_on_step_end=step_callback(ctl),
+                    **call).images

@@ -1,0 +1,160 @@
+"""``dsbuild eval --localize``: the referred region of every row, and scores inside and
+outside it for the plain and the localized edits.
+
+Outside the mask (what should not change): L1 over the complement's pixels, and DINO between
+input and edit with the region painted mid-grey. Inside (the edit itself): CLIP direction
+between the region's bounding-box crops of input and edit and the caption change. A row whose
+mask is empty has no inside score; its outside is the whole image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from dsbuild.hashing import content_id
+from dsbuild.records import write_image, write_text
+
+# (key, title); L1 prints as it is, cosines ×100 (as eval's main table)
+REGION_COLUMNS = (("l1_outside", "L1 outside ↓"), ("dino_outside", "DINO outside ↑"),
+                  ("clip_dir_inside", "CLIP_dir inside ↑"), ("l1_inside", "L1 inside"))
+
+
+def _rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _pil(arr: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def outside(arr: np.ndarray, mask: np.ndarray):
+    """The image with the region painted mid-grey (what DINO compares outside the edit)."""
+    out = arr.copy()
+    out[mask] = 0.5
+    return _pil(out)
+
+
+def crop(arr: np.ndarray, mask: np.ndarray):
+    """The region's bounding-box crop; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return None
+    return _pil(arr[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+
+
+def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, split: str
+               ) -> tuple[dict[int, np.ndarray], Path]:
+    """Each row's region on its (fitted) input image, referred from its instruction; written
+    as PNGs (and the phrases as ``referred.json``) under a folder named by the settings, so a
+    re-run reuses them."""
+    from PIL import Image
+
+    from dsbuild.localize.mask import Segmenter, load_mask, save_mask
+    from dsbuild.localize.referring import ReferringAgent
+
+    agent = agent or ReferringAgent()
+    llm = agent.settings
+    sig = content_id(data, split, s.segmenter, s.threshold,
+                     None if llm is None else (llm.model, llm.base_url), length=10)
+    folder = out / f"masks-{sig}"
+    todo = [r for r in rows if not (folder / f"{r.index:05d}.png").exists()]
+    if todo:
+        seg = Segmenter.load(s.segmenter)
+        refs = agent([r.edit_prompt for r in todo])
+        listed = folder / "referred.json"
+        referred = json.loads(listed.read_text()) if listed.exists() else {}
+        for r, ref in zip(todo, refs, strict=True):
+            with Image.open(inputs[r.index]) as im:
+                m = seg.mask(im.convert("RGB"), ref.phrases, s.threshold)
+            referred[f"{r.index:05d}"] = {"instruction": r.edit_prompt, "phrases": ref.phrases,
+                                          "source": ref.source, "pixels": int(m.sum())}
+            save_mask(folder / f"{r.index:05d}.png", m)
+        write_text(listed, json.dumps(referred, indent=1, sort_keys=True))
+    masks: dict[int, np.ndarray] = {}
+    for r in rows:
+        with Image.open(inputs[r.index]) as im:
+            size = im.size
+        masks[r.index] = load_mask(folder / f"{r.index:05d}.png", size)
+    return masks, folder
+
+
+def localized_dir(plain: Path, s) -> Path:
+    """The localized edits' folder: next to the plain one, signed by the region and penalty."""
+    return plain.with_name(f"{plain.name}-loc-{content_id(asdict(s), length=8)}")
+
+
+def region_scores(rows, masks: dict[int, np.ndarray], edits: dict[int, Path],
+                  inputs: dict[int, Path], folder: Path, embedder, text: dict) -> dict:
+    """Mean region scores of one set of edits (see the module docstring); ``folder`` holds the
+    grey-filled and cropped images that are embedded."""
+    import torch
+
+    from dsbuild import metrics
+
+    rows = [r for r in rows if not r.no_change]
+    l1_out, l1_in, pairs_out, pairs_in = [], [], [], []
+    for r in rows:
+        x, e, m = _rgb(inputs[r.index]), _rgb(edits[r.index]), masks[r.index]
+        diff = np.abs(e - x).mean(-1)
+        l1_out.append(float(diff[~m].mean()) if (~m).any() else float("nan"))
+        l1_in.append(float(diff[m].mean()) if m.any() else float("nan"))
+        po = (folder / f"{r.index:05d}_in_out.png", folder / f"{r.index:05d}_edit_out.png")
+        write_image(po[0], outside(x, m))
+        write_image(po[1], outside(e, m))
+        pairs_out.append(po)
+        cx, ce = crop(x, m), crop(e, m)
+        if cx is not None and r.original_prompt and r.edited_prompt:
+            pi = (folder / f"{r.index:05d}_in_crop.png", folder / f"{r.index:05d}_edit_crop.png")
+            write_image(pi[0], cx)
+            write_image(pi[1], ce)
+            pairs_in.append((r, pi))
+    if not rows:
+        return {}
+    emb, errors = embedder.embed([p for pair in pairs_out for p in pair]
+                                 + [p for _, pair in pairs_in for p in pair])
+    if errors:
+        p, (kind, detail) = next(iter(errors.items()))
+        raise RuntimeError(f"{p}: {kind} {detail}")
+    vals = {"l1_outside": torch.tensor(l1_out), "l1_inside": torch.tensor(l1_in),
+            "dino_outside": metrics.dino(torch.stack([emb[a]["dino"] for a, _ in pairs_out]),
+                                         torch.stack([emb[b]["dino"] for _, b in pairs_out]))}
+    if pairs_in:
+        vals["clip_dir_inside"] = metrics.clip_direction(
+            torch.stack([emb[a]["clip"] for _, (a, _) in pairs_in]),
+            torch.stack([emb[b]["clip"] for _, (_, b) in pairs_in]),
+            torch.stack([text[r.original_prompt] for r, _ in pairs_in]),
+            torch.stack([text[r.edited_prompt] for r, _ in pairs_in]))
+    out = metrics.mean_metrics(vals)
+    out["rows_with_region"] = int(sum(bool(masks[r.index].any()) for r in rows))
+    return out
+
+
+def region_table(result: dict) -> str:
+    """The markdown section comparing plain and localized edits inside and outside the mask."""
+    from dsbuild.export.dataset import public_name
+
+    def fmt(k, v):
+        if v is None or v != v:
+            return "–"
+        return f"{v:.4f}" if k.startswith("l1") else f"{100 * v:.2f}"
+
+    lines = ["", "Localized edits (`--localize`): change outside the referred region (L1, DINO "
+             "on the image with the region greyed) and the edit inside it (CLIP_dir on the "
+             "region's crop), plain editing next to the LIME-regularised one:", "",
+             "| model | run | " + " | ".join(t for _, t in REGION_COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(REGION_COLUMNS)]
+    for name, m in result["models"].items():
+        for run in ("plain", "localized"):
+            reg = (m.get("region") or {}).get(run) or {}
+            lines.append(f"| {public_name(name)} | {run} | "
+                         + " | ".join(fmt(k, reg.get(k)) for k, _ in REGION_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,291 @@
+"""Localized edits: the LIME penalty against an explicit softmax, an empty mask = plain editing,
+`dsbuild edit --localize` end to end (user mask and tiny CLIPSeg), the referring LLM against a
+local OpenAI-compatible server, and the offline rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from openai_server import OpenAIServer, chat  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dsbuild.cli import cli  # noqa: E402
+from dsbuild.errors import DsbuildError  # noqa: E402
+from dsbuild.localize.attention import (  # noqa: E402
+    LocalizeController,
+    RegularisationSettings,
+    edit_token_mask,
+)
+from dsbuild.localize.edit import localized_edit  # noqa: E402
+from dsbuild.localize.referring import ReferringAgent, referred_by_rules  # noqa: E402
+from dsbuild.settings.llm import LLMSettings  # noqa: E402
+
+LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+
+
+def explicit(q, k, v, m, edit, alpha, B):
+    """softmax(R(QKᵀ, M)/√d) V with R = QKᵀ − α where M = 1 and t is not an edit token, on the
+    first B (instruction) rows, written out with materialised probabilities."""
+    logits = q.double() @ k.double().transpose(-1, -2)  # [R, h, N, L]
+    pen = torch.zeros_like(logits)
+    pen[:B] = alpha * m.double().flatten(1)[:, None, :, None] * \
+        (~edit).double()[:, None, None, :]
+    probs = torch.softmax((logits - pen) / q.shape[-1] ** 0.5, -1)
+    return (probs @ v.double()).float()
+
+
+@pytest.mark.parametrize("alpha", [0.7, 5.0, 1e4])
+def test_penalty_equals_explicit_softmax(alpha):
+    g = torch.Generator().manual_seed(0)
+    B, heads, h, w, L, d = 2, 2, 4, 6, 7, 8
+    q = torch.randn(3 * B, heads, h * w, d, generator=g)
+    k = torch.randn(3 * B, heads, L, d, generator=g)
+    v = torch.randn(3 * B, heads, L, d, generator=g)
+    m = torch.rand(B, h, w, generator=g) > 0.5
+    edit = torch.zeros(B, L, dtype=torch.bool)
+    edit[0, 2:4], edit[1, 1] = True, True
+    ctl = LocalizeController(RegularisationSettings(alpha=alpha))
+    ctl.configure(m.float(), edit, steps=4, latent_hw=(h, w))
+    got = ctl.attend(LAYER, True, q, k, v, None)
+    want = explicit(q, k, v, m, edit, alpha, B)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert ctl.calls == 1
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the penalty did something
+    torch.testing.assert_close(got[B:], plain[B:])  # rows without the instruction: untouched
+    # outside the window, on self-attention or an unchosen part: plain attention
+    ctl.step = 4
+    torch.testing.assert_close(ctl.attend(LAYER, True, q, k, v, None), plain)
+    ctl.step = 0
+    torch.testing.assert_close(ctl.attend(LAYER.replace("attn2", "attn1"), False, q, k, v,
+                                          None), plain)
+    up = LocalizeController(RegularisationSettings(alpha=alpha, layers=("up",)))
+    up.configure(m.float(), edit, steps=4, latent_hw=(h, w))
+    torch.testing.assert_close(up.attend(LAYER, True, q, k, v, None), plain)
+
+
+def test_bad_settings_are_refused():
+    for bad in (dict(alpha=-1), dict(start=0.8, end=0.2), dict(layers=("side",))):
+        with pytest.raises(DsbuildError):
+            RegularisationSettings(**bad).check()
+
+
+@pytest.fixture(scope="module")
+def editor():
+    from dsbuild.train.model import load_editor
+
+    return load_editor("tiny", "cpu", "fp32", quiet=True)
+
+
+def _image(seed=0, size=32):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))
+
+
+def _call(seed=0):
+    return dict(num_inference_steps=2, guidance_scale=7.5, image_guidance_scale=1.5,
+                generator=torch.Generator().manual_seed(seed))
+
+
+def test_edit_tokens_are_the_instruction_content_words(editor):
+    tok = editor.tokenizer
+    got = edit_token_mask(tok, ["remove the lamp"])[0]
+    ids = tok("remove the lamp", padding="max_length", max_length=77)["input_ids"]
+    words = tok.convert_ids_to_tokens(ids)
+    # the char tokenizer: one token per letter; "remove" and "lamp" are edit tokens, "the",
+    # start/end of text and padding are not
+    assert int(got.sum()) == len("remove") + len("lamp")
+    assert not got[0] and not got[7:10].any()  # start of text, then r-e-m-o-v-e, t-h-e
+    assert "".join(w.replace("</w>", "") for w, e in zip(words, got.tolist(), strict=True)
+                   if e) == "removelamp"
+
+
+def test_empty_mask_is_plain_editing(editor, one_torch_thread):
+    src = _image()
+    with torch.no_grad():
+        plain = editor(["remove the lamp"], image=[src], output_type="np", **_call()).images
+    empty = np.zeros((32, 32), dtype=bool)
+    s = RegularisationSettings()
+    got = localized_edit(editor, ["remove the lamp"], [src], [empty], s, output_type="np",
+                         **_call())
+    np.testing.assert_allclose(got, plain, atol=1e-6)
+    full = np.zeros((32, 32), dtype=bool)
+    full[8:24, 8:24] = True
+    moved = localized_edit(editor, ["remove the lamp"], [src], [full], s, output_type="np",
+                           **_call())
+    assert np.abs(moved - plain).max() > 1e-4  # a region changes the edit
+    # the editor's own processors are back: a plain call again gives the plain edit
+    with torch.no_grad():
+        again = editor(["remove the lamp"], image=[src], output_type="np", **_call()).images
+    np.testing.assert_array_equal(again, plain)
+
+
+def test_edit_cli_localize(tmp_path, one_torch_thread):
+    src, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    _image().save(src)
+    m = np.zeros((32, 32), dtype=np.uint8)
+    m[4:20, 10:30] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "out.png"
+    base = ["edit", "tiny", str(src), "remove the lamp", "--steps", "2", "--device", "cpu",
+            "--localize"]
+    r = CliRunner().invoke(cli, [*base, "--mask", str(mask), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out_mask.png")) > 127,
+                                  m > 127)
+    # no mask: the rules refer to "lamp", the tiny CLIPSeg segments it
+    out2 = tmp_path / "seg.png"
+    r = CliRunner().invoke(cli, [*base, "--segmenter", "tiny", "--out", str(out2)])
+    assert r.exit_code == 0, r.output
+    assert out2.exists() and (tmp_path / "seg_mask.png").exists()
+    r = CliRunner().invoke(cli, ["edit", "tiny", str(src), "x", "--mask", str(mask), "--out",
+                                 str(out)])
+    assert isinstance(r.exception, DsbuildError) and "--mask needs --localize" in str(r.exception)
+
+
+def test_tiny_clipseg_masks_are_seeded_and_thresholded():
+    from dsbuild.localize.mask import Segmenter
+
+    im = _image(1, 48)
+    a, b = Segmenter.load("tiny"), Segmenter.load("tiny")
+    pa = a.probabilities(im, ["lamp", "red chair"])
+    assert pa.shape == (2, 48, 48)
+    torch.testing.assert_close(pa, b.probabilities(im, ["lamp", "red chair"]))
+    assert not a.mask(im, [], 0.4).any()  # nothing referred: nothing edited
+    assert not a.mask(im, ["lamp"], 1.0).any()  # nothing above the threshold: empty
+    np.testing.assert_array_equal(a.mask(im, ["lamp", "red chair"], 0.4),
+                                  (pa > 0.4).any(0).numpy())
+
+
+@pytest.mark.parametrize("text, want", [
+    ("remove the lamp", ["lamp"]),
+    ("Make the right blue chair red.", ["right blue chair"]),
+    ("replace the sofa with a leather couch", ["sofa"]),
+    ("add a vase on the dining table", ["dining table"]),
+    ("add a mirror", []),
+    ("take away the rug and the floor lamp", ["rug", "floor lamp"]),
+    ("change the colour of the rug to blue", ["rug"]),
+    ("paint the walls green", ["walls"]),
+    ("make it look like winter", []),
+])
+def test_rules_fallback(text, want):
+    assert referred_by_rules(text) == want
+    assert ReferringAgent()([text])[0].phrases == want
+
+
+@pytest.mark.server
+def test_referring_llm_against_local_server(tmp_path):
+    answers = {"make the left lamp brighter": '{"objects": ["left lamp"]}',
+               "put a cushion on the sofa": '```json\n{"objects": ["sofa"]}\n```',
+               "remove the rug": "I think it is the rug."}
+
+    def handler(body, n):
+        return chat(answers[body["messages"][-1]["content"]])
+
+    with OpenAIServer(handler=handler) as srv:
+        settings = LLMSettings(model="test-model", base_url=srv.base_url, temperature=0.0)
+        agent = ReferringAgent(settings, tmp_path / "cache")
+        got = agent(list(answers))
+        assert [(r.phrases, r.source) for r in got] == [
+            (["left lamp"], "llm"), (["sofa"], "llm"),
+            (["rug"], "rules (llm reply unusable)")]
+        first = srv.chat_requests[0]["body"]
+        assert first["messages"][0]["role"] == "system"
+        assert len(first["messages"]) == 2 + 2 * 6  # system, six worked examples, the ask
+        assert agent.stats["sent"] == 3
+        again = ReferringAgent(settings, tmp_path / "cache")(list(answers))
+        assert [r.phrases for r in again] == [r.phrases for r in got]
+        assert len(srv.chat_requests) == 3  # replayed from the request cache
+    assert json.loads(json.dumps(agent.stats))["usage"]["total_tokens"] > 0
+
+
+def test_eval_localize_reports_region_scores_next_to_plain(tmp_path, one_torch_thread):
+    pytest.importorskip("open_clip")
+    pytest.importorskip("datasets")
+    from test_train import build_export
+
+    from dsbuild import metrics
+
+    export = build_export(tmp_path)
+    out = tmp_path / "ev"
+    args = ["eval", "tiny", "--data", str(export), "--out", str(out), "--offline", "--steps",
+            "2", "--resolution", "32", "--limit", "4", "--localize", "--segmenter", "tiny",
+            "--mask-threshold", "0.3", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    m = res["models"]["tiny"]
+    assert set(m["region"]) == {"plain", "localized"}
+    assert "edit" in m["localized"] and m["localized"]["edits"] != m["edits"]
+    masks = Path(res["masks"])
+    referred = json.loads((masks / "referred.json").read_text())
+    assert referred and all(v["source"] == "rules" for v in referred.values())
+    # L1 outside recomputed here from the written files
+    plain, loc = Path(m["edits"]), Path(m["localized"]["edits"])
+    rows = [k for k in sorted(referred) if (plain / f"{k}.png").exists()]
+    edit_rows = [k for k in rows if (out / "region" / "tiny-plain" / f"{k}_in_out.png").exists()]
+    assert edit_rows
+    for run, folder in (("plain", plain), ("localized", loc)):
+        vals = []
+        for k in edit_rows:
+            x = np.asarray(Image.open(out / "rows" / f"{k}_input.png"), dtype=np.float32) / 255
+            e = np.asarray(Image.open(folder / f"{k}.png"), dtype=np.float32) / 255
+            mk = np.asarray(Image.open(masks / f"{k}.png")) > 127
+            vals.append(np.abs(e - x).mean(-1)[~mk].mean() if (~mk).any() else np.nan)
+        want = float(np.nanmean(vals))
+        assert m["region"][run]["l1_outside"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert np.isfinite(m["region"][run]["dino_outside"])
+    md = (out / "eval.md").read_text()
+    assert "L1 outside" in md and "| localized |" in md
+    # a re-run reuses masks and edits
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and json.loads(again.stdout)["models"]["tiny"]["region"] == \
+        m["region"]
+    assert metrics  # imported for the same formulas the eval uses
+
+
+def test_generate_blend_mask_segment(one_torch_thread):
+    """blend_mask=segment: the source's blend words segmented by a tiny CLIPSeg are the local
+    blend mask; outside it the target's latents are the source's, and no attention map is
+    materialised."""
+    from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec
+    from dsbuild.localize.mask import Segmenter
+    from dsbuild.models import load_sd_pipeline
+    from dsbuild.settings.generate import GenerateSettings
+
+    assert GenerateSettings(blend=True, blend_mask="segment").blend_mask == "segment"
+    with pytest.raises(ValueError):
+        GenerateSettings(blend_mask="boxes")
+    # the default signs as before segmented blend existed: old builds keep their markers
+    assert "blend_mask" not in GenerateSettings().signature_dict()
+    assert GenerateSettings(blend=True, blend_mask="segment", segmenter="tiny"
+                            ).signature_dict()["segmenter"] == "tiny"
+    seg = Segmenter.load("tiny")
+    gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",
+                       blend_start=0.5, segmenter=seg, segment_threshold=0.3)
+    t = TargetSpec("a room with a green sofa", mode="replace", cross_replace=0.8,
+                   blend_words=(["red", "sofa"], ["green", "sofa"]))
+    final = {}
+
+    def grab(i, latents, ctrl, layout):
+        final["latents"], final["mask"] = latents.clone(), ctrl.last_mask
+
+    res = gen.generate([SourceGroup("a room with a red sofa", 3, 7.5, [t])], steps=4,
+                       height=32, width=32, callback=grab)
+    assert gen.controller.calls["probs"] == 0
+    m = final["mask"][0, 0].bool()
+    assert m.any() and not m.all(), "the tiny CLIPSeg at 0.3 should give a partial mask"
+    src, tgt = final["latents"][0], final["latents"][1]
+    torch.testing.assert_close(tgt[:, ~m], src[:, ~m], rtol=0, atol=0)
+    assert not torch.equal(tgt[:, m], src[:, m])
+    assert res[0].masks[0] is not None and res[0].masks[0].shape == (32, 32)
