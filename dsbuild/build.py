@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,13 @@ from dsbuild.records import (
 )
 
 CONFIG_NAME = "dsbuild.yaml"
+WORKER_ENV = "DSBUILD_WORKER"  # set by an executor in its workers; recorded in each marker
+
+
+def worker_info() -> dict:
+    """Who wrote a rank (for ``dsbuild status``): the executor's worker id, host and PID."""
+    return {"id": os.environ.get(WORKER_ENV, "main"), "host": socket.gethostname(),
+            "pid": os.getpid()}
 
 
 def shard_of(key: str, world_size: int) -> int:
@@ -341,7 +350,7 @@ class Build:
             n = int(stats.get("records", 0))
         mdir.mkdir(parents=True, exist_ok=True)
         write_json(marker, {
-            "world_size": world_size, "records": n, "stats": stats,
+            "world_size": world_size, "records": n, "stats": stats, "worker": worker_info(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         if st.records:
@@ -472,19 +481,26 @@ class Build:
                 "missing_ranks": sorted(set(range(ws)) - set(marks)) if ws else [],
                 "complete": self.is_complete(stage) and not damaged,
                 "records": sum(m.get("records", 0) for m in marks.values()),
+                "workers": _shards_per_worker(marks),
                 "in_progress": partial,
                 "stale_signatures": stale,
             }
-        from dsbuild.decisions import WITHDRAWN, current_by_tool
+        from dsbuild.decisions import summary
 
         dec = self.decisions_path
-        verdicts: dict[str, int] = {}
-        if dec.exists():
-            for (_, tool), d in current_by_tool(read_jsonl(dec, strict=False)).items():
-                if d.get("verdict") != WITHDRAWN:
-                    k = f"{tool or '?'}:{d.get('verdict', '?')}"
-                    verdicts[k] = verdicts.get(k, 0) + 1
-        out["decisions"] = verdicts  # pairs per tool and verdict, counting the decision in force
+        decided = summary(read_jsonl(dec, strict=False) if dec.exists() else [])
+        out["decisions"] = decided["verdicts"]  # pairs per tool and verdict in force
+        out["agreement"] = decided["agreement"]  # per tool, between reviewers of one pair
         out["reports"] = sorted(p.name for p in self.reports_dir.glob("*")) \
             if self.reports_dir.exists() else []
         return out
+
+
+def _shards_per_worker(marks: dict[int, dict]) -> dict[str, int]:
+    """Done shards per worker that wrote them ("<id>@<host>"; "?" for older markers)."""
+    out: dict[str, int] = {}
+    for m in marks.values():
+        w = m.get("worker") or {}
+        key = f"{w.get('id', '?')}@{w.get('host', '?')}" if w else "?"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))

@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "eval": ("dsbuild.evaluate.cli:eval_cmd", "edit a test split with models and compare them",
              "train"),
     "edit": ("dsbuild.evaluate.cli:edit_cmd", "edit one image by an instruction", "train"),
+    "train-generator": ("dsbuild.train.generator_cli:train_generator_cmd",
+                        "tune the SD generator on your photos (DreamBooth / LoRA)", "train"),
+    "eval-generator": ("dsbuild.train.generator_cli:eval_generator_cmd",
+                       "score a tuned generator against its base", "train"),
 }
 
 
@@ -135,6 +139,10 @@ def status_cmd(build, as_json):
         click.echo(f"  {stage:<9} {state:<34} records={s['records']:<7} "
                    f"ranks={len(s['done_ranks'])}/{s['world_size'] or '-'} "
                    f"sig={s['signature']}{extra}")
+        if len(s.get("workers", {})) > 1 or any(not w.startswith("main@")
+                                                for w in s.get("workers", {})):
+            per = ", ".join(f"{w}: {n}" for w, n in s["workers"].items())
+            click.echo(f"  {'':<9} shards per worker: {per}")
     for stage, s in st["stages"].items():
         for rank, why in s["damaged"].items():
             click.echo(f"  {stage} rank {rank}: {why}; repair with `dsbuild repair {build} "
@@ -142,6 +150,9 @@ def status_cmd(build, as_json):
     if st["decisions"]:
         dec = ", ".join(f"{k}={v}" for k, v in sorted(st["decisions"].items()))
         click.echo(f"  decisions {dec}")
+    for tool, a in st.get("agreement", {}).items():
+        click.echo(f"  agreement {tool}: {a['agreement']:.2f} over {a['pairs']} pairs with "
+                   f"several reviewers, {a['disagree']} disagree")
     if st["reports"]:
         click.echo(f"  reports   {', '.join(st['reports'])}")
 

@@ -1,14 +1,14 @@
 """``dsbuild run``: every stage end to end, each resuming where it stopped.
 
 The stages and their order come from their declarations (:mod:`dsbuild.stages`): captions →
-generate → filter → augment → diversity → export for the built-in ones, plus any registered
-plugin stage. Each runs through ``Build.run_stage`` (done ranks skipped, partial ones resumed,
-a marker written last), so a second run with the same settings does nothing and a killed run
-continues where it stopped. A stage whose optional dependency is missing stops the run with
-its pip line. ``--offline`` freezes a demo-sized build into dsbuild.yaml: template captions,
-the built-in tiny models, a few triples per agent and a few small samples each, so the whole
-run needs no network and finishes in minutes on a laptop. Tiny models make placeholder
-images; the run says so.
+generate → filter → verify → augment → diversity → export for the built-in ones, plus any
+registered plugin stage. Each runs through ``Build.run_stage`` (done ranks skipped, partial
+ones resumed, a marker written last), so a second run with the same settings does nothing and
+a killed run continues where it stopped. A stage whose optional dependency is missing stops
+the run with its pip line. ``--offline`` freezes a demo-sized build into dsbuild.yaml: template
+captions, the built-in tiny models, a few triples per agent and a few small samples each, so
+the whole run needs no network and finishes in minutes on a laptop. Tiny models make
+placeholder images; the run says so.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import click
 
 from dsbuild import stages
 from dsbuild.build import Build
-from dsbuild.cli_util import wait_option
+from dsbuild.cli_util import executor_options, wait_option
 from dsbuild.config import default_recipe_path, load_recipe
 from dsbuild.errors import DsbuildError
+from dsbuild.executors import ExecutorOptions, make_executor
 
 DEMO_TRIPLES_PER_AGENT = 2
 OFFLINE_SETTINGS: tuple[str, ...] = (
@@ -35,6 +36,11 @@ OFFLINE_SETTINGS: tuple[str, ...] = (
     # tiny CLIP scores are noise: thresholds off, top-k still applies
     "filter.clip_sim_0=-1", "filter.clip_sim_1=-1", "filter.clip_sim_dir=-1",
     "filter.clip_sim_image=-1",
+    # verify with the tiny detector/CLIP/DINO: their scores are noise too, so the detector and
+    # change thresholds are off; the near-copy bound (pixels, no model) still applies
+    "verify.detector=tiny", "verify.clip_model=tiny", "verify.clip_pretrained=none",
+    "verify.dino_model=tiny", "verify.present_min=0", "verify.absent_max=1",
+    "verify.change_dir_min=-1", "verify.rest_min=-1",
 )
 OFFLINE_NOTE = ("offline: template captions and dsbuild's built-in tiny models with random "
                 "weights. Tiny models make PLACEHOLDER images (noise), not real pictures, and "
@@ -89,30 +95,40 @@ def open_or_init(recipe: str | Path | None, out: str | Path, overrides: list[str
 
 def run_pipeline(recipe: str | Path | None, out: str | Path, *, offline: bool = False,
                  limit: int | None = None, until: str | None = None,
-                 echo: Callable[[str], None] = print) -> RunResult:
-    """Run every stage (or those ``until`` needs) on BUILD, created from RECIPE if new."""
+                 echo: Callable[[str], None] = print,
+                 executor: ExecutorOptions | None = None) -> RunResult:
+    """Run every stage (or those ``until`` needs) on BUILD, created from RECIPE if new.
+    Sharded stages run on ``executor`` (default: in this process, one shard); the others
+    run here."""
     overrides = run_settings(offline, limit)
     order = stages.needed_for(until) if until else [s.name for s in stages.all_stages()]
-    fns = {name: stages.get(name).load_run() for name in order}  # missing extras fail first
+    for name in order:  # missing extras fail first
+        stages.get(name).load_run()
     if offline:
         echo(OFFLINE_NOTE)
     build = open_or_init(recipe, out, overrides)
     result = RunResult(build)
-    for name in order:
-        t0 = time.perf_counter()
-        res = fns[name](build, 0, 1)
-        o = StageOutcome(name, "skipped" if res.skipped else "done", describe(res),
-                         time.perf_counter() - t0)
-        if name == "export":
-            result.export_path = build.output_dir("export")
-        result.outcomes.append(o)
-        echo(f"{name:<9} {_label(o):<24} {o.detail}"
-             + (f"  [{o.seconds:.1f}s]" if o.state == "done" else ""))
+    with make_executor(executor, echo=echo) as ex:
+        for name in order:
+            _run_one(ex, build, name, result, echo)
     if result.did_nothing:
         echo("nothing to do: every stage is up to date")
     if result.export_path:
         echo(f"load it with: datasets.load_dataset({str(result.export_path)!r})")
     return result
+
+
+def _run_one(ex, build: Build, name: str, result: RunResult, echo: Callable[[str], None]):
+    """Run one stage on the executor and note its outcome."""
+    t0 = time.perf_counter()
+    res = ex.run(build, name)
+    o = StageOutcome(name, "skipped" if res.skipped else "done", describe(res),
+                     time.perf_counter() - t0)
+    if name == "export":
+        result.export_path = build.output_dir("export")
+    result.outcomes.append(o)
+    echo(f"{name:<9} {_label(o):<24} {o.detail}"
+         + (f"  [{o.seconds:.1f}s]" if o.state == "done" else ""))
 
 
 def describe(res) -> str:
@@ -136,8 +152,9 @@ def _label(o: StageOutcome) -> str:
 @click.option("--until", default=None, metavar="STAGE",
               help="run only this stage and the stages it needs")
 @wait_option
-def run_cmd(recipe, out, offline, limit, until):
-    """Run every stage (captions → generate → filter → augment → diversity → export) on
+@executor_options
+def run_cmd(recipe, out, offline, limit, until, executor):
+    """Run every stage (captions → generate → filter → verify → augment → diversity → export) on
     RECIPE into BUILD.
 
     RECIPE defaults to the built-in interior-design recipe. Each stage resumes where it
@@ -146,4 +163,5 @@ def run_cmd(recipe, out, offline, limit, until):
     if until is not None and stages.find(until) is None:
         raise click.BadParameter(f"no stage {until!r} (stages: {', '.join(stages.names())})",
                                  param_hint="--until")
-    run_pipeline(recipe, out, offline=offline, limit=limit, until=until, echo=click.echo)
+    run_pipeline(recipe, out, offline=offline, limit=limit, until=until, echo=click.echo,
+                 executor=executor)

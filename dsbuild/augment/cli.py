@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, shard_options
+from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("augment")
 @build_argument
 @shard_options
-def augment_cmd(build, rank, world_size, force, overrides):
+def augment_cmd(build, rank, world_size, force, overrides, executor):
     """Add no-change samples to BUILD: instructions naming something absent, output = input."""
     from dsbuild.augment.stage import run_augment
     from dsbuild.build import Build
 
     b = Build.open(build)
     b.update(overrides)
+    if executor.distributed or executor.shards:
+        return run_all_ranks(b, "augment", executor, force)
     result = run_augment(b, rank, world_size, force=force)
     echo_result(result)
     st = result.stats

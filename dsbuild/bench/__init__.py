@@ -9,8 +9,10 @@ from dsbuild.cli import LazyGroup
 BENCHES = {
     "p2p": ("dsbuild.generate.bench:bench_p2p", "Prompt-to-Prompt vs plain diffusers"),
     "filter": ("dsbuild.filter.bench:bench_filter", "CLIP scoring vs raw open_clip"),
+    "verify": ("dsbuild.verify.bench:bench_verify", "OWLv2 detection vs raw transformers"),
     "train": ("dsbuild.train.bench:bench_train", "training steps vs diffusers' IP2P loop"),
     "eval": ("dsbuild.evaluate.bench:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
+    "scale": ("dsbuild.executors.bench:bench_scale", "generate with 1 vs 2 local workers"),
 }
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, shard_options
+from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("filter")
 @build_argument
 @shard_options
-def filter_cmd(build, rank, world_size, force, overrides):
+def filter_cmd(build, rank, world_size, force, overrides, executor):
     """Score BUILD's pairs with CLIP (and DINOv2), apply thresholds, keep the top k per triple."""
     from dsbuild.build import Build
     from dsbuild.filter.stage import run_filter
 
     b = Build.open(build)
+    if executor.distributed or executor.shards:
+        b.update(overrides)
+        return run_all_ranks(b, "filter", executor, force)
     result = run_filter(b, rank, world_size, force=force, overrides=overrides)
     echo_result(result)
     st = result.stats

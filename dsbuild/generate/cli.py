@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, shard_options
+from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("generate")
@@ -12,7 +12,7 @@ from dsbuild.cli_util import build_argument, echo_result, shard_options
 @click.option("--model", default=None, metavar="ID_OR_DIR",
               help="diffusers SD 1.x/2.x folder or Hub id, or 'tiny' (saved as generate.model)")
 @shard_options
-def generate_cmd(build, model, rank, world_size, force, overrides):
+def generate_cmd(build, model, rank, world_size, force, overrides, executor):
     """Make image pairs for BUILD's caption triples with Prompt-to-Prompt."""
     from dsbuild.build import Build
     from dsbuild.generate.stage import check_installed, run_generate
@@ -20,6 +20,8 @@ def generate_cmd(build, model, rank, world_size, force, overrides):
     check_installed()  # before the --set/--model overrides are saved
     b = Build.open(build)
     b.update(list(overrides) + ([f"generate.model={model}"] if model else []))
+    if executor.distributed or executor.shards:
+        return run_all_ranks(b, "generate", executor, force)
     res = run_generate(b, rank=rank, world_size=world_size, force=force)
     echo_result(res)
     if res.stats.get("pairs_per_s"):

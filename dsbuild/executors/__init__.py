@@ -1,0 +1,30 @@
+"""Executors: where a stage's shards run — in process, local worker processes, or a Ray cluster.
+
+Stages never know where they run (datatrove's shape): an executor calls a stage's declared run
+function per rank, as the stage's own command does, and ``Build.run_stage`` keeps the markers,
+locks and resume. See docs/scale.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dsbuild import stages
+from dsbuild.executors.base import Executor, ExecutorOptions, ShardFailed
+
+__all__ = ["Executor", "ExecutorOptions", "ShardFailed", "make_executor"]
+
+
+def make_executor(options: ExecutorOptions | None = None,
+                  echo: Callable[[str], None] = print) -> Executor:
+    """The executor for ``options``: in process, local worker processes, or Ray actors."""
+    options = options or ExecutorOptions()
+    if options.executor == "ray":
+        ray_exec = stages.load_target("dsbuild.executors.ray:RayExecutor", "ray",
+                                      "--executor ray")
+        return ray_exec(options, echo)
+    if options.workers > 1:
+        from dsbuild.executors.local import LocalWorkers
+
+        return LocalWorkers(options, echo)
+    return Executor(options, echo)
