@@ -331,3 +331,31 @@ def test_a_full_disk_names_the_path_keeps_the_partial_and_resumes(small_disk, cl
     r = dsbuild("captions", b.root)
     assert r.returncode == 0, r.stderr
     assert sorted(t["id"] for t in b.records("captions")) == clean_ids
+
+
+def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
+    """Executors run shard after shard in one process: generate's pipeline and filter's
+    encoders load once, and reusing them changes nothing."""
+    from dsbuild import models
+    from dsbuild.config import load_recipe as load
+    from dsbuild.filter.stage import run_filter
+    from dsbuild.generate.stage import run_generate
+    from dsbuild.pipeline import OFFLINE_SETTINGS
+
+    builds, held = [], []
+    for name in ("a", "b"):
+        b = Build.init(tmp_path / name, load(mini_recipe), recipe_path=str(mini_recipe),
+                       overrides=[*OFFLINE_SETTINGS, "captions.limit=1"])
+        assert dsbuild("captions", b.root).returncode == 0
+        run_generate(b)
+        run_filter(b, quiet=True)
+        held.append((models._LOADED["generate"][1], models._LOADED["filter"][1]))
+        builds.append(b)
+    assert held[0][0] is held[1][0] and held[0][1] is held[1][1]
+    a, b = ({p["id"]: p for p in x.records("generate")} for x in builds)
+    assert a.keys() == b.keys()
+    for pid, p in a.items():
+        for k, rel in p["images"].items():
+            assert (builds[0].root / rel).read_bytes() == (builds[1].root / rel).read_bytes()
+    sa, sb = ({s["pair_id"]: s for s in x.records("filter")} for x in builds)
+    assert sa == sb

@@ -1,7 +1,8 @@
 """``--executor ray``: shards as tasks on Ray actors, one actor per worker, shard after shard.
 
-Each actor is a long-lived process: the stage's imports (torch, diffusers, open_clip) load once
-per worker, not once per shard, and the OS keeps the model files it reads cached. A worker
+Each actor is a long-lived process: the stage's imports (torch, diffusers, open_clip) and its
+models (``dsbuild.models.keep_loaded``: generate's pipeline, filter's encoders) load once per
+worker, not once per shard. A worker
 that dies (killed, out of memory, its node lost) is a system failure: a new actor is started
 wherever the cluster has room and the rank runs again there, resuming its partial shard, up to
 ``--max-retries`` times. An error the stage raises is an application error: the run stops at

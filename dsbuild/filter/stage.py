@@ -202,11 +202,16 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
 
     def work(writer) -> dict:
         nonlocal scorer
+        from dsbuild.models import keep_loaded, model_key
+
         written = {r["pair_id"]: r for r in writer.records}
         todo = [g for g in groups.values() if any(p["id"] not in writer.done for p in g)]
         total = sum(len(g) for g in groups.values())
         if todo:
-            scorer = scorer or Scorer.from_settings(s, quiet=quiet)
+            scorer = scorer or keep_loaded(
+                "filter", (*model_key(s.clip_model), s.clip_pretrained, s.dino,
+                           *model_key(s.dino_model), s.device, s.dtype, s.batch_size,
+                           s.workers), lambda: Scorer.from_settings(s, quiet=quiet))
             bar = progress(total=total, initial=len(written), desc=f"filter r{rank}",
                            unit="pair")
             for chunk in _chunks(todo, 4 * s.batch_size):

@@ -109,7 +109,13 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
     def work(writer) -> dict:
         from dsbuild.generate.pipeline import P2PGenerator
         from dsbuild.generate.sweep import plan_triple
-        from dsbuild.models import load_sd_pipeline, resolve_device, resolve_dtype
+        from dsbuild.models import (
+            keep_loaded,
+            load_sd_pipeline,
+            model_key,
+            resolve_device,
+            resolve_dtype,
+        )
 
         triples = [t for t in build.records("captions") if not t.get("no_change")]
         for t in triples:
@@ -128,7 +134,8 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
             return {"pairs": 0, "sources": 0}
         device = resolve_device(s.device)
         dtype = resolve_dtype(s.dtype, device)
-        pipe = load_sd_pipeline(s.model, dtype, device)
+        pipe = keep_loaded("generate", (*model_key(s.model), dtype, device),
+                           lambda: load_sd_pipeline(s.model, dtype, device))
         segmenter = None
         if s.blend and s.blend_mask == "segment":
             from dsbuild.localize.mask import Segmenter

@@ -8,6 +8,27 @@ from dsbuild.errors import DsbuildError, require
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
+_LOADED: dict[str, tuple[tuple, object]] = {}
+
+
+def keep_loaded(kind: str, key: tuple, load):
+    """The model of ``kind`` this process loaded last for ``key``, else ``load()`` (which
+    replaces it; one model per kind is kept). An executor's worker runs shard after shard in
+    one process, so a stage's models load once per worker, not once per shard."""
+    held = _LOADED.get(kind)
+    if held is not None and held[0] == key:
+        return held[1]
+    _LOADED.pop(kind, None)  # let the old one go before the new one is built
+    obj = load()
+    _LOADED[kind] = (key, obj)
+    return obj
+
+
+def model_key(model: str) -> tuple:
+    """A model name plus, for a folder, when it last changed (a retrained folder reloads)."""
+    path = Path(model)
+    return (model, path.stat().st_mtime_ns if path.exists() else None)
+
 
 def torch_dtype(name: str):
     """torch dtype for 'fp32' | 'fp16' | 'bf16'."""
