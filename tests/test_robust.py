@@ -354,8 +354,8 @@ def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
     assert held[0][0] is held[1][0] and held[0][1] is held[1][1]
     a, b = ({p["id"]: p for p in x.records("generate")} for x in builds)
     assert a.keys() == b.keys()
-    for pid, p in a.items():
-        for k, rel in p["images"].items():
+    for p in a.values():
+        for rel in p["images"].values():
             assert (builds[0].root / rel).read_bytes() == (builds[1].root / rel).read_bytes()
     sa, sb = ({s["pair_id"]: s for s in x.records("filter")} for x in builds)
     assert sa == sb

@@ -27,13 +27,16 @@ from dsbuild.hashing import content_id
 from dsbuild.records import write_image, write_json
 from dsbuild.settings.train_generator import GeneratorTrainSettings
 from dsbuild.train.loop import (
-    RUN_FILE,
     TrainState,
+    begin_run,
     encode_text,
     noised,
     optimizer_cls,
     prepare_out,
     run_loop,
+)
+from dsbuild.train.loop import (
+    weight_dtype as frozen_dtype,
 )
 
 CONFIG_FILE = "generator_config.json"  # what the finished generator was trained with
@@ -317,20 +320,11 @@ def train_generator(s: GeneratorTrainSettings, out: str | Path, resume: str | No
     unet = trained[0]
     if s.train_text_encoder:
         text_encoder = trained[1]
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision,
-                                                                        torch.float32)
+    weight_dtype = frozen_dtype(acc)
     vae.to(dev, dtype=weight_dtype)
     if not s.train_text_encoder:
         text_encoder.to(dev, dtype=weight_dtype)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / RUN_FILE).exists():
-            write_json(out / RUN_FILE, {"settings": s.model_dump(mode="json"),
-                                        "dsbuild_version": __version__})
-    resumed = None
-    if start_from is not None:
-        acc.load_state(str(start_from))
-        resumed = state.step
+    resumed = begin_run(acc, s, out, start_from, state)
     photo_cache = PosteriorCache([p.image for p in photos], vae, s.resolution, s.flip, dev,
                                  weight_dtype)
     prior_cache = PosteriorCache(priors, vae, s.resolution, s.flip, dev, weight_dtype) \

@@ -43,6 +43,31 @@ class TrainState:
         self.generator.set_state(state["generator"])
 
 
+def weight_dtype(acc):
+    """The dtype of frozen models under the accelerator's mixed precision."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision,
+                                                              torch.float32)
+
+
+def begin_run(acc, s, out: Path, start_from: Path | None, state) -> int | None:
+    """Note the run's settings in OUT (its first start only: they own the folder), then
+    restore ``start_from``; returns the step resumed from (None for a new run)."""
+    from dsbuild import __version__
+    from dsbuild.records import write_json
+
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_FILE).exists():
+            write_json(out / RUN_FILE, {"settings": s.model_dump(mode="json"),
+                                        "dsbuild_version": __version__})
+    if start_from is None:
+        return None
+    acc.load_state(str(start_from))
+    return state.step
+
+
 def checkpoints(out: Path) -> list[Path]:
     """Finished checkpoints, oldest first (a half-written one is a hidden temp folder)."""
     found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]

@@ -32,6 +32,7 @@ from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer
     KILL_ENV,
     RUN_FILE,
     TrainState,
+    begin_run,
     checkpoints,
     ema_weights,
     encode_text,
@@ -39,6 +40,9 @@ from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer
     optimizer_cls,
     prepare_out,
     run_loop,
+)
+from dsbuild.train.loop import (
+    weight_dtype as frozen_dtype,
 )
 
 CONFIG_FILE = "train_config.json"  # what the finished model was trained with
@@ -180,20 +184,11 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     state = TrainState(s.seed + 7919 * rank)
     acc.register_for_checkpointing(state, *([ema] if ema else []))
     unet, opt, lr_sched = acc.prepare(unet, opt, lr_sched)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision,
-                                                                        torch.float32)
+    weight_dtype = frozen_dtype(acc)
     dev = acc.device
     vae.to(dev, dtype=weight_dtype)
     text_encoder.to(dev, dtype=weight_dtype)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / RUN_FILE).exists():
-            write_json(out / RUN_FILE, {"settings": s.model_dump(mode="json"),
-                                        "dsbuild_version": __version__})
-    resumed = None
-    if start_from is not None:
-        acc.load_state(str(start_from))
-        resumed = state.step
+    resumed = begin_run(acc, s, out, start_from, state)
     if ema:
         ema.to(dev)
     cached = s.cache_latents and s.crop == "center"
