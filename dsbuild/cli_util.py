@@ -27,7 +27,7 @@ def executor_options(fn):
     @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
                   help="GPUs per worker (default: 1 where there are GPUs, else 0)")
     @click.option("--shards", type=click.IntRange(min=1), default=None,
-                  help="number of shards (world size; default: 2 per worker, or the stage's "
+                  help="number of shards (world size; default: 4 per worker, or the stage's "
                        "earlier sharding)")
     @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
                   help="times a rank is run again when its worker dies")

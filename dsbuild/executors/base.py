@@ -26,7 +26,7 @@ from dsbuild.progress import progress, update_postfix
 from dsbuild.records import shard_name
 
 EXECUTORS = ("local", "ray")
-SHARDS_PER_WORKER = 2  # default world size = workers x this, so a straggler's share is small
+SHARDS_PER_WORKER = 4  # default world size = workers x this, so a straggler's share is small
 
 
 class ShardFailed(DsbuildError):
