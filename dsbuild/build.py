@@ -396,15 +396,16 @@ class Build:
         return stats, n
 
     # ------------------------------------------------------------------ repair
-    def shard_problems(self, stage: str) -> dict[int, str]:
+    def shard_problems(self, stage: str, *, parse: bool = True) -> dict[int, str]:
         """Done ranks whose committed shard does not match its marker (torn or bad lines, a
-        different record count): rank -> what is wrong."""
+        different record count): rank -> what is wrong. ``parse=False`` counts lines and
+        checks the last one without decoding records (what ``status`` can afford)."""
         if not stages.get(stage).records:
             return {}
         out_dir = self.output_dir(stage)
         problems = {}
         for rank, m in self.markers(stage).items():
-            why = shard_problem(out_dir / shard_name(rank), m.get("records"))
+            why = shard_problem(out_dir / shard_name(rank), m.get("records"), parse=parse)
             if why:
                 problems[rank] = why
         return problems
@@ -470,7 +471,7 @@ class Build:
                      if p.is_dir() and p.name != sig]
             partial = sorted(p.name for p in self.output_dir(stage).glob("r*.jsonl.partial")) \
                 if st.records and self.output_dir(stage).is_dir() else []
-            damaged = self.shard_problems(stage)
+            damaged = self.shard_problems(stage, parse=False)
             out["stages"][stage] = {
                 "damaged": {str(r): why for r, why in damaged.items()},
                 "signature": sig,

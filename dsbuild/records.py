@@ -36,12 +36,35 @@ def disk_error(exc: OSError, path: str | os.PathLike) -> Exception:
     return exc
 
 
-def shard_problem(path: str | os.PathLike, expected: int | None) -> str | None:
+def count_lines(path: str | os.PathLike) -> int:
+    """Newlines in a file, read in 1 MiB chunks (0 when it does not exist)."""
+    try:
+        with open(path, "rb") as fh:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def shard_problem(path: str | os.PathLike, expected: int | None, *, parse: bool = True
+                  ) -> str | None:
     """Why a committed shard cannot be trusted (a torn or bad line, or a record count other
-    than its completion marker's), or None. Reads the file once, parsing every line."""
+    than its completion marker's), or None. ``parse=False`` (``dsbuild status``) only checks
+    the last byte and counts lines, without decoding a record; a shard writer never writes
+    blank lines, so the count is the record count."""
     path = Path(path)
     if not path.exists():
         return "the file is missing"
+    if not parse:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    return "its last line is torn (the file ends in the middle of a record)"
+        n = count_lines(path)
+        if expected is not None and n != expected:
+            return f"it holds {n} records but its completion marker says {expected}"
+        return None
     n = 0
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):

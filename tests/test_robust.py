@@ -151,6 +151,8 @@ def test_torn_committed_shard_is_named_with_its_repair(tmp_path):
     shard.write_bytes(b"".join(shard.read_bytes().splitlines(keepends=True)[1:]))
     with pytest.raises(DsbuildError, match="but its completion marker says"):
         list(Build.open(b.root).records("captions"))
+    damaged = Build.open(b.root).status()["stages"]["captions"]["damaged"]
+    assert "but its completion marker says" in damaged["0"]  # status's line count sees it too
 
 
 def test_commit_without_marker_is_verified_not_redone(tmp_path):

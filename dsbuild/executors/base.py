@@ -23,7 +23,7 @@ from dsbuild import stages
 from dsbuild.build import WORKER_ENV, Build, StageResult
 from dsbuild.errors import DsbuildError
 from dsbuild.progress import progress, update_postfix
-from dsbuild.records import shard_name
+from dsbuild.records import count_lines, shard_name
 
 EXECUTORS = ("local", "ray")
 SHARDS_PER_WORKER = 4  # default world size = workers x this, so a straggler's share is small
@@ -178,7 +178,7 @@ class DriverProgress:
         running = 0
         if self.st.records:
             for rank in set(range(self.world_size)) - set(marks):
-                running += _lines(self.out_dir / (shard_name(rank) + ".partial"))
+                running += count_lines(self.out_dir / (shard_name(rank) + ".partial"))
         n = done + running
         if marks and len(marks) < self.world_size:
             self.bar.total = max(n, round(done / len(marks) * self.world_size))
@@ -193,13 +193,6 @@ class DriverProgress:
         self.poll()
         self.bar.close()
 
-
-def _lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as fh:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-    except OSError:
-        return 0
 
 
 class Executor:
