@@ -52,9 +52,21 @@ def write_png(path, seed: int, size: int = 32) -> None:
     Image.fromarray(arr).save(path)
 
 
+def write_mask(path, index: int, size: int = 32) -> None:
+    """A local-blend mask as generate writes it (mode L, 255 = may change): a box that moves
+    with ``index``."""
+    m = np.zeros((size, size), dtype="uint8")
+    x, y = 2 + (3 * index) % (size // 2), 4 + (5 * index) % (size // 2)
+    m[y:y + size // 3, x:x + size // 2] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(m).save(path)
+
+
 def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = True,
-               keep_every: int = 2) -> dict[str, list[dict]]:
-    """Write triples, pairs (+PNGs) and, optionally, scores; returns the records written."""
+               keep_every: int = 2, masks: bool = False) -> dict[str, list[dict]]:
+    """Write triples, pairs (+PNGs) and, optionally, scores; returns the records written.
+    ``masks``: every second pair also has a local-blend mask (``images.mask``), as pairs made
+    with ``generate.blend=true`` do."""
     recipe = build.recipe.name
     tr = [triple_record(recipe, *t) for t in triples]
     build.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None)
@@ -71,6 +83,9 @@ def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = T
             pairs.append({"id": pid, "triple_id": t["id"], "seed": s, "params": params,
                           "model": "tiny", "images": {"input": f"{rel}_0.png",
                                                       "output": f"{rel}_1.png"}})
+            if masks and len(pairs) % 2:
+                write_mask(build.root / f"{rel}_mask.png", len(pairs))
+                pairs[-1]["images"]["mask"] = f"{rel}_mask.png"
     build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None)
     sc: list[dict] = []
     if scores:

@@ -230,3 +230,35 @@ def test_split_stays_near_its_ratio_with_a_big_caption_group():
            for g, n in (("a", 30), ("b", 20)) for i in range(n)}
     row_split, _ = split_rows(big, 0.1, 0)
     assert sorted(k[0] for k, v in row_split.items() if v == "test") == ["b"] * 20
+
+
+def test_edit_mask_column_carries_the_blend_masks(mini_build, tmp_path):
+    """Pairs made with local blend export their mask (the ground-truth edit region) as
+    ``edit_mask``; others and no-change rows have none; a broken mask drops its row."""
+    mini_build.update(["augment.ratio=0.3", "export.test_ratio=0.25"])
+    made = make_build(mini_build, samples=3, triples=CHAINED, keep_every=1, masks=True)
+    run_augment(mini_build)
+    masked = {p["id"]: p["images"]["mask"] for p in made["pairs"] if "mask" in p["images"]}
+    assert masked and len(masked) < len(made["pairs"])
+    res = export_build(mini_build)
+    ds = load(res.path, tmp_path)
+    assert isinstance(ds["train"].features["edit_mask"], datasets.Image)
+    rows = [r for k in ds for r in ds[k].cast_column("edit_mask", datasets.Image(decode=False))]
+    pairs = [r for r in rows if not r["no_change"]]
+    assert {r["pair_id"] for r in pairs if r["edit_mask"]} == set(masked) & {
+        r["pair_id"] for r in pairs}
+    for r in pairs:
+        if r["edit_mask"]:
+            want = (mini_build.root / masked[r["pair_id"]]).read_bytes()
+            assert r["edit_mask"]["bytes"] == want
+            assert r["edit_mask"]["path"] == f"{r['pair_id']}_mask.png"
+    assert all(r["edit_mask"] is None for r in rows if r["no_change"])
+    assert res.stats["with_edit_mask"] == sum(bool(r["edit_mask"]) for r in pairs)
+    assert "edit_mask" in (res.path / "README.md").read_text()
+    # a mask that no longer decodes keeps its row out of the parquet files, counted
+    broken = sorted(masked)[0]
+    (mini_build.root / masked[broken]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    again = export_build(mini_build, force=True)
+    ids = {i for k in ("train", "test") for f in (again.path / "data").glob(f"{k}-*")
+           for i in pq.read_table(f).column("pair_id").to_pylist()}
+    assert broken not in ids and again.stats["unreadable_images"] == 1

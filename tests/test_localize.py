@@ -4,6 +4,7 @@ local OpenAI-compatible server, and the offline rules."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def test_eval_localize_reports_region_scores_next_to_plain(tmp_path, one_torch_t
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     m = res["models"]["tiny"]
-    assert set(m["region"]) == {"plain", "localized"}
+    assert set(m["regions"]) == {"referred"}  # this export has no blend masks
+    assert set(m["regions"]["referred"]) == {"plain", "localized"}
     assert "edit" in m["localized"] and m["localized"]["edits"] != m["edits"]
     masks = Path(res["masks"])
     referred = json.loads((masks / "referred.json").read_text())
@@ -243,14 +245,15 @@ def test_eval_localize_reports_region_scores_next_to_plain(tmp_path, one_torch_t
             mk = np.asarray(Image.open(masks / f"{k}.png")) > 127
             vals.append(np.abs(e - x).mean(-1)[~mk].mean() if (~mk).any() else np.nan)
         want = float(np.nanmean(vals))
-        assert m["region"][run]["l1_outside"] == pytest.approx(want, rel=1e-5, abs=1e-6)
-        assert np.isfinite(m["region"][run]["dino_outside"])
+        reg = m["regions"]["referred"][run]
+        assert reg["l1_outside"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert np.isfinite(reg["dino_outside"])
     md = (out / "eval.md").read_text()
     assert "L1 outside" in md and "| localized |" in md
     # a re-run reuses masks and edits
     again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 0 and json.loads(again.stdout)["models"]["tiny"]["region"] == \
-        m["region"]
+    assert again.exit_code == 0 and json.loads(again.stdout)["models"]["tiny"]["regions"] == \
+        m["regions"]
     assert metrics  # imported for the same formulas the eval uses
 
 
@@ -289,3 +292,95 @@ def test_generate_blend_mask_segment(one_torch_thread):
     torch.testing.assert_close(tgt[:, ~m], src[:, ~m], rtol=0, atol=0)
     assert not torch.equal(tgt[:, m], src[:, m])
     assert res[0].masks[0] is not None and res[0].masks[0].shape == (32, 32)
+
+
+def _bool_png(path):
+    return np.asarray(Image.open(path).convert("L")) > 127
+
+
+def test_eval_localize_scores_the_ground_truth_regions_of_blend_masks(tmp_path,
+                                                                      one_torch_thread):
+    """An export whose pairs carry P2P blend masks (``edit_mask``) is scored on those
+    ground-truth regions too, next to the referred ones, with the referred-vs-truth IoU; with
+    ``--region truth`` the penalty itself goes on the ground-truth region."""
+    pytest.importorskip("open_clip")
+    datasets = pytest.importorskip("datasets")
+    from test_train import build_export
+
+    from dsbuild.export.dataset import load_export
+
+    export = build_export(tmp_path, masks=True)
+    split = load_export(export)["train"].cast_column("edit_mask", datasets.Image(decode=False))
+    n = 8
+    with_mask = [i for i in range(n) if split[i]["edit_mask"] and not split[i]["no_change"]]
+    assert with_mask and len(with_mask) < n
+    out = tmp_path / "ev"
+    base = ["eval", "tiny", "--data", str(export), "--split", "train", "--out", str(out),
+            "--offline", "--steps", "2", "--resolution", "32", "--limit", str(n), "--localize",
+            "--segmenter", "tiny", "--mask-threshold", "0.3", "--json"]
+    r = CliRunner().invoke(cli, base)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    m = res["models"]["tiny"]
+    assert set(m["regions"]) == {"referred", "truth"}
+    assert res["localize"] == {"region": "referred", "regions": ["referred", "truth"]}
+    # the ground-truth masks are the export's, fitted like the inputs (32 px: unchanged)
+    truth = {i: np.asarray(Image.open(io.BytesIO(split[i]["edit_mask"]["bytes"]))) > 127
+             for i in with_mask}
+    for i in with_mask:
+        np.testing.assert_array_equal(_bool_png(out / "rows" / f"{i:05d}_edit_mask.png"),
+                                      truth[i])
+    # L1 outside the truth region, recomputed from the written files
+    for run, folder in (("plain", Path(m["edits"])), ("localized", Path(m["localized"]["edits"]))):
+        vals = []
+        for i in with_mask:
+            x = np.asarray(Image.open(out / "rows" / f"{i:05d}_input.png"), dtype=np.float32)
+            e = np.asarray(Image.open(folder / f"{i:05d}.png"), dtype=np.float32)
+            vals.append((np.abs(e - x) / 255).mean(-1)[~truth[i]].mean())
+        got = m["regions"]["truth"][run]
+        assert got["l1_outside"] == pytest.approx(float(np.mean(vals)), rel=1e-5)
+        assert got["rows_with_region"] == len(with_mask)
+    # referred vs truth agreement
+    referred = {i: _bool_png(Path(res["masks"]) / f"{i:05d}.png") for i in with_mask}
+    ious = [(referred[i] & truth[i]).sum() / (referred[i] | truth[i]).sum() for i in with_mask]
+    agree = res["mask_agreement"]
+    assert agree["rows"] == len(with_mask)
+    assert agree["iou"] == pytest.approx(float(np.mean(ious)))
+    assert agree["referred_empty"] == sum(not referred[i].any() for i in with_mask)
+    md = (out / "eval.md").read_text()
+    assert "truth (edit_mask)" in md and "mean IoU" in md
+
+    # --region truth: the penalty on the ground truth; rows without one are edited plainly
+    r2 = CliRunner().invoke(cli, [*base, "--region", "truth"])
+    assert r2.exit_code == 0, r2.output
+    res2 = json.loads(r2.stdout)
+    m2 = res2["models"]["tiny"]
+    assert set(m2["regions"]) == {"truth"} and "masks" not in res2
+    assert m2["edits"] == m["edits"]  # the plain edits are reused
+    loc2 = Path(m2["localized"]["edits"])
+    assert loc2 != Path(m["localized"]["edits"])
+    plain = Path(m["edits"])
+    for i in range(n):
+        a = np.asarray(Image.open(plain / f"{i:05d}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(loc2 / f"{i:05d}.png"), dtype=np.int16)
+        if i not in with_mask:  # an empty region: the plain edit, up to float noise
+            assert np.abs(a - b).max() <= 1, i
+    assert any(np.abs(np.asarray(Image.open(plain / f"{i:05d}.png"), dtype=np.int16)
+                      - np.asarray(Image.open(loc2 / f"{i:05d}.png"), dtype=np.int16)).max() > 1
+               for i in with_mask)
+
+
+def test_eval_region_truth_needs_blend_masks(tmp_path):
+    pytest.importorskip("datasets")
+    from test_train import build_export
+
+    export = build_export(tmp_path)
+    r = CliRunner().invoke(cli, ["eval", "tiny", "--data", str(export), "--out",
+                                 str(tmp_path / "ev"), "--offline", "--steps", "1",
+                                 "--resolution", "32", "--limit", "2", "--localize",
+                                 "--region", "truth"])
+    assert r.exit_code != 0
+    assert "no edit_mask" in str(r.exception) and "generate.blend=true" in str(r.exception)
+    r = CliRunner().invoke(cli, ["eval", "tiny", "--data", str(export), "--out",
+                                 str(tmp_path / "ev"), "--region", "truth"])
+    assert r.exit_code != 0 and "--region needs --localize" in str(r.exception)

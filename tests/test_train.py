@@ -24,8 +24,9 @@ from dsbuild.train.trainer import KILL_ENV, train  # noqa: E402
 FAST = dict(base="tiny", resolution=32, batch_size=2, checkpoint_every=2, validation_steps=2)
 
 
-def build_export(root: Path) -> Path:
-    """A real export (augment's no-change rows included) of a builder-made build."""
+def build_export(root: Path, masks: bool = False) -> Path:
+    """A real export (augment's no-change rows included) of a builder-made build; ``masks``:
+    half the pairs carry a local-blend mask (the export's ``edit_mask``)."""
     import conftest
 
     from dsbuild.augment.stage import run_augment
@@ -37,7 +38,7 @@ def build_export(root: Path) -> Path:
     recipe.write_text(conftest.MINI_RECIPE)
     b = Build.init(root / "build", load_recipe(recipe), recipe_path=str(recipe))
     b.update(["export.grid_pairs=3", "augment.ratio=0.3", "export.test_ratio=0.25"])
-    make_build(b, samples=2, triples=TRIPLES, keep_every=1)
+    make_build(b, samples=2, triples=TRIPLES, keep_every=1, masks=masks)
     run_augment(b)
     return Path(export_build(b).path)
 

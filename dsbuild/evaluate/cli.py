@@ -96,10 +96,14 @@ def localize_settings(segmenter, mask_threshold, alpha, window, layers, llm_mode
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
+@click.option("--region", type=click.Choice(["referred", "truth"]), default="referred",
+              show_default=True,
+              help="with --localize: the penalty's region, the referred object segmented or the "
+                   "data's edit_mask (P2P blend mask, ground truth)")
 @localize_options
 def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, batch_size,
              resolution, limit, clip_model, clip_pretrained, dino_model, offline, device, dtype,
-             as_json, localize, segmenter, mask_threshold, alpha, window, layers, llm_model,
+             as_json, region, localize, segmenter, mask_threshold, alpha, window, layers, llm_model,
              llm_base_url):
     """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
     from dsbuild.evaluate.run import EvalSettings, evaluate
@@ -112,9 +116,12 @@ def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, ba
                      clip_model=clip_model, clip_pretrained=clip_pretrained,
                      dino_model=dino_model, device=device, dtype=dtype)
     agent = None
+    if region != "referred" and not localize:
+        raise DsbuildError("--region needs --localize")
     if localize:
         s.localize, agent = localize_settings(segmenter, mask_threshold, alpha, window, layers,
                                               llm_model, llm_base_url)
+        s.localize.region = region
     res = evaluate(list(models), data, out, s, agent=agent)
     if as_json:
         click.echo(json.dumps(res, indent=2))

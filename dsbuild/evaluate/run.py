@@ -211,11 +211,13 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
             write_image(truths[r.index], rows_mod.fit(r.edited_image, s.resolution))
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
-    masks = None
+    masks = mask_folder = None  # the region each localized edit is confined to
+    regions: dict[str, dict] = {}  # region name -> {row index: mask} that scores are taken on
     if s.localize is not None:
-        from dsbuild.localize.region import eval_masks, localized_dir
+        from dsbuild.localize.region import edit_regions, localized_dir
 
-        masks, mask_folder = eval_masks(rows, inputs, s.localize, agent, out, data, s.split)
+        masks, mask_folder, regions = edit_regions(rows, inputs, s.localize, agent, out, data,
+                                                   s.split, s.resolution)
     folders: dict[tuple[str, float], Path] = {}
     local: dict[str, Path] = {}
     for model in models:
@@ -272,13 +274,24 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
             m = result["models"][model]
             m["localized"] = {**score(rows, local_paths[model], inputs, truths, emb, text),
                               "edits": str(local[model])}
-            m["region"] = {
-                run: region_scores(rows, masks, paths, inputs,
-                                   out / "region" / f"{slug(model)}-{run}", embedder, text)
-                for run, paths in (("plain", edit_paths[model, s.main_image_guidance]),
-                                   ("localized", local_paths[model]))}
+            # each region's scores; "referred" keeps its folder names from before truth regions
+            m["regions"] = {
+                name: {run: region_scores(
+                    [r for r in rows if r.index in reg], reg, paths, inputs,
+                    out / "region" / (f"{slug(model)}-{run}" if name == "referred"
+                                      else f"{slug(model)}-{run}-{name}"), embedder, text)
+                       for run, paths in (("plain", edit_paths[model, s.main_image_guidance]),
+                                          ("localized", local_paths[model]))}
+                for name, reg in regions.items()}
     if masks is not None:
-        result["masks"] = str(mask_folder)
+        from dsbuild.localize.region import mask_agreement
+
+        result["localize"] = {"region": s.localize.region, "regions": list(regions)}
+        if mask_folder is not None:
+            result["masks"] = str(mask_folder)
+        if {"referred", "truth"} <= set(regions):
+            result["mask_agreement"] = mask_agreement(rows, regions["referred"],
+                                                      regions["truth"])
     md = markdown_table(result)
     if masks is not None:
         from dsbuild.localize.region import region_table

@@ -215,6 +215,9 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["no_change", "true for augmentation rows"],
         ["seed, model, p2p_*, guidance, cross_replace, self_replace, scheduler, p2p_params",
          "generation settings of the pair"],
+        ["edit_mask", "the Prompt-to-Prompt local-blend mask (white: where the edited image may "
+         "differ from the input; black pixels equal the input's latents), the pair's ground-truth "
+         "edit region; empty for pairs made without local blend and for no-change rows"],
         ["clip_sim_0, clip_sim_1, clip_sim_dir, clip_sim_image, dino, filter_rank",
          "filter scores (empty for no-change rows)"],
         ["review, original_edit", "latest review verdict and the instruction before correction"],

@@ -47,7 +47,7 @@ def features():
         "seed": V("int64"), "model": V("string"),
         "p2p_mode": V("string"), "p2p_steps": V("int64"), "guidance": V("float64"),
         "cross_replace": V("float64"), "self_replace": V("float64"), "scheduler": V("string"),
-        "p2p_params": V("string"),
+        "p2p_params": V("string"), "edit_mask": Img(),
         "clip_sim_0": V("float64"), "clip_sim_1": V("float64"), "clip_sim_dir": V("float64"),
         "clip_sim_image": V("float64"), "dino": V("float64"), "filter_rank": V("int64"),
     }
@@ -103,6 +103,8 @@ def pair_row(pair: dict, triple: dict, score: dict, decision: dict | None) -> di
         "p2p_params": json.dumps(params, sort_keys=True, default=str),
         **{k: _num(score.get(k)) for k in SCORE_KEYS}, "filter_rank": score.get("rank"),
         "_images": (pair["images"]["input"], pair["images"]["output"]),
+        # the local-blend mask (what P2P let change) when the pair was made with one
+        "_mask": pair["images"].get("mask"),
     }
 
 
@@ -118,6 +120,7 @@ def no_change_row(sample: dict, source: dict, decision: dict | None) -> dict:
         "review": (decision or {}).get("verdict"), "filter_rank": None,
         **{k: None for k in SCORE_KEYS},
         "_images": (sample["images"]["input"], sample["images"]["output"]),
+        "_mask": None,  # nothing changes: there is no edit region
     })
     return row
 
@@ -157,6 +160,7 @@ def collect_rows(build: Build) -> ExportRows:
             stats["corrected"] += 1
         rows[pair["id"]] = pair_row(pair, triple, sc, d)
     drop_unreadable(build, rows, stats)
+    stats["with_edit_mask"] = sum(bool(r.get("_mask")) for r in rows.values())
     nodes = {rid: row_nodes(r["triple_id"], [r["original_prompt"], r["edited_prompt"]])
              for rid, r in rows.items()}
     row_split, node_split = split_rows(nodes, build.config.split.test_ratio,
@@ -196,7 +200,7 @@ def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:
     seen: dict[str, str | None] = {}
     dropped: list[str] = []
     for rid in list(rows):
-        for rel in rows[rid]["_images"]:
+        for rel in _files(rows[rid]):
             if rel not in seen:
                 seen[rel] = image_problem(build.root / rel)
             why = seen[rel]
@@ -218,6 +222,11 @@ def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:
               "then `dsbuild generate` makes them again", file=sys.stderr)
 
 
+def _files(row: dict) -> tuple[str, ...]:
+    """The build files a row embeds: its two images and, when it has one, its blend mask."""
+    return (*row["_images"], *((row["_mask"],) if row.get("_mask") else ()))
+
+
 def _image(build: Build, rel: str, name: str, row: dict) -> dict:
     path = build.root / rel
     try:
@@ -229,18 +238,21 @@ def _image(build: Build, rel: str, name: str, row: dict) -> dict:
 
 
 def encode_row(build: Build, row: dict) -> dict:
-    """The row with both images read as PNG bytes (paths reduced to bare file names)."""
+    """The row with both images (and the blend mask, else None) read as PNG bytes (paths
+    reduced to bare file names)."""
     src, dst = row["_images"]
     out = {k: v for k, v in row.items() if not k.startswith("_")}
     out["input_image"] = _image(build, src, f"{row['pair_id']}_input.png", row)
     out["edited_image"] = _image(build, dst, f"{row['pair_id']}_edited.png", row)
+    mask = row.get("_mask")
+    out["edit_mask"] = _image(build, mask, f"{row['pair_id']}_mask.png", row) if mask else None
     return out
 
 
 def shard_count(build: Build, rows: list[dict], shard_mb: int) -> int:
     size = 0
     for r in rows:
-        for rel in r["_images"]:
+        for rel in _files(r):
             p = build.root / rel
             size += p.stat().st_size if p.exists() else 0
     return max(1, math.ceil(size / (shard_mb * 1_000_000)))

@@ -1,5 +1,12 @@
-"""``dsbuild eval --localize``: the referred region of every row, and scores inside and
-outside it for the plain and the localized edits.
+"""``dsbuild eval --localize``: the region of every row, and scores inside and outside it
+for the plain and the localized edits.
+
+Two kinds of region: **referred**, the object the instruction names segmented in the input
+(what an editor can know at edit time), and **truth**, the data's ``edit_mask`` column (the
+Prompt-to-Prompt local-blend mask the pair was generated with: outside it the edited image
+kept the input's latents, so it is where the edit really happened). The localized edit's
+penalty goes on one of them (``LocalizeSettings.region``); scores are taken on every region
+the run has, and where both exist their agreement (IoU) measures the referring segmentation.
 
 Outside the mask (what should not change): L1 over the complement's pixels, and DINO between
 input and edit with the region painted mid-grey. Inside (the edit itself): CLIP direction
@@ -87,9 +94,96 @@ def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, sp
     return masks, folder
 
 
+def truth_masks(rows, inputs: dict[int, Path], out: Path, resolution: int
+                ) -> dict[int, np.ndarray]:
+    """The rows' ``edit_mask`` (ground-truth edit regions) fitted as their input images were
+    (same resize and centre crop), as bool arrays; written as ``rows/<i>_edit_mask.png``.
+    Rows without one (no-change rows, pairs made without local blend) are left out."""
+    from dsbuild.localize.mask import save_mask
+    from dsbuild.train.data import fit
+
+    got: dict[int, np.ndarray] = {}
+    for r in rows:
+        if r.edit_mask is None or r.no_change:
+            continue
+        m = np.asarray(fit(r.edit_mask.convert("L"), resolution), dtype=np.float32) > 127.5
+        path = inputs[r.index].with_name(f"{r.index:05d}_edit_mask.png")
+        if not path.exists():
+            save_mask(path, m)
+        got[r.index] = m
+    return got
+
+
+def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, split: str,
+                 resolution: int) -> tuple[dict[int, np.ndarray], Path | None, dict]:
+    """(each row's penalty region, the referred masks' folder or None, the regions scores are
+    taken on: name -> {row: mask}). ``s.region`` "truth" confines each edit to the data's
+    ``edit_mask`` (an empty region, so a plain edit, for rows without one) and segments nothing."""
+    from PIL import Image
+
+    from dsbuild.errors import DsbuildError
+
+    truth = truth_masks(rows, inputs, out, resolution)
+    regions: dict[str, dict] = {}
+    folder = None
+    if s.region == "truth":
+        if not truth:
+            raise DsbuildError(
+                f"--region truth: {data} [{split}] has no edit_mask (the P2P local-blend mask); "
+                "export a build generated with generate.blend=true, or use --region referred")
+        masks = {}
+        for r in rows:
+            if r.index in truth:
+                masks[r.index] = truth[r.index]
+            else:
+                with Image.open(inputs[r.index]) as im:
+                    w, h = im.size
+                masks[r.index] = np.zeros((h, w), dtype=bool)
+    elif s.region == "referred":
+        masks, folder = eval_masks(rows, inputs, s, agent, out, data, split)
+        regions["referred"] = masks
+    else:
+        raise DsbuildError(f"localize region must be 'referred' or 'truth' (got {s.region!r})")
+    if truth:
+        regions["truth"] = truth
+    return masks, folder, regions
+
+
+def mask_agreement(rows, referred: dict[int, np.ndarray], truth: dict[int, np.ndarray]) -> dict:
+    """How well the referred regions match the ground truth, over edit rows that have both:
+    mean IoU, and how many referred masks came out empty while the truth was not."""
+    ious, empty = [], 0
+    for r in rows:
+        if r.no_change or r.index not in truth or r.index not in referred:
+            continue
+        a, b = referred[r.index], truth[r.index]
+        union = int((a | b).sum())
+        if not union:
+            continue
+        ious.append(int((a & b).sum()) / union)
+        empty += int(not a.any())
+    return {"iou": float(np.mean(ious)) if ious else None, "rows": len(ious),
+            "referred_empty": empty}
+
+
+def localize_signature(s) -> str:
+    """What the localized edits depend on. Settings added since the first localized evals
+    sign only when they differ from what those evals did, so their folders keep their names;
+    with the truth region the segmenter plays no part."""
+    d = asdict(s)
+    if d.get("region", "referred") == "referred":
+        d.pop("region", None)
+        if d.get("segmenter") != "sam":
+            for key in ("detector", "sam_model", "box_threshold"):
+                d.pop(key, None)
+    else:
+        d = {"region": d["region"], "regularisation": d["regularisation"]}
+    return content_id(d, length=8)
+
+
 def localized_dir(plain: Path, s) -> Path:
     """The localized edits' folder: next to the plain one, signed by the region and penalty."""
-    return plain.with_name(f"{plain.name}-loc-{content_id(asdict(s), length=8)}")
+    return plain.with_name(f"{plain.name}-loc-{localize_signature(s)}")
 
 
 def region_scores(rows, masks: dict[int, np.ndarray], edits: dict[int, Path],
@@ -138,8 +232,12 @@ def region_scores(rows, masks: dict[int, np.ndarray], edits: dict[int, Path],
     return out
 
 
+REGION_TITLES = {"referred": "referred (segmented)", "truth": "truth (edit_mask)"}
+
+
 def region_table(result: dict) -> str:
-    """The markdown section comparing plain and localized edits inside and outside the mask."""
+    """The markdown section comparing plain and localized edits inside and outside each
+    region, and how well the referred regions match the ground truth."""
     from dsbuild.export.dataset import public_name
 
     def fmt(k, v):
@@ -147,14 +245,24 @@ def region_table(result: dict) -> str:
             return "–"
         return f"{v:.4f}" if k.startswith("l1") else f"{100 * v:.2f}"
 
-    lines = ["", "Localized edits (`--localize`): change outside the referred region (L1, DINO "
-             "on the image with the region greyed) and the edit inside it (CLIP_dir on the "
-             "region's crop), plain editing next to the LIME-regularised one:", "",
-             "| model | run | " + " | ".join(t for _, t in REGION_COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(REGION_COLUMNS)]
+    loc = result.get("localize") or {}
+    where = ("the data's edit_mask (P2P local-blend mask)" if loc.get("region") == "truth"
+             else "the referred object's segmentation")
+    lines = ["", f"Localized edits (`--localize`, penalty on {where}): change outside the region "
+             "(L1, DINO on the image with the region greyed) and the edit inside it (CLIP_dir "
+             "on the region's crop), plain editing next to the LIME-regularised one:", "",
+             "| model | run | region | " + " | ".join(t for _, t in REGION_COLUMNS) + " |",
+             "|---|---|---|" + "---:|" * len(REGION_COLUMNS)]
     for name, m in result["models"].items():
-        for run in ("plain", "localized"):
-            reg = (m.get("region") or {}).get(run) or {}
-            lines.append(f"| {public_name(name)} | {run} | "
-                         + " | ".join(fmt(k, reg.get(k)) for k, _ in REGION_COLUMNS) + " |")
+        for region, runs in (m.get("regions") or {}).items():
+            for run in ("plain", "localized"):
+                reg = runs.get(run) or {}
+                lines.append(f"| {public_name(name)} | {run} | {REGION_TITLES.get(region, region)}"
+                             f" ({reg.get('rows_with_region', 0)} rows) | "
+                             + " | ".join(fmt(k, reg.get(k)) for k, _ in REGION_COLUMNS) + " |")
+    agree = result.get("mask_agreement")
+    if agree and agree.get("rows"):
+        lines += ["", f"Referred vs ground-truth region: mean IoU {agree['iou']:.3f} over "
+                  f"{agree['rows']} rows; {agree['referred_empty']} referred masks empty where "
+                  "the truth is not."]
     return "\n".join(lines) + "\n"

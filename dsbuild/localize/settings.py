@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from dsbuild.errors import DsbuildError
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
+SAM_SEGMENTER = "sam"  # the segmenter value that selects detector boxes + SAM
+DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+DEFAULT_SAM = "facebook/sam-vit-base"
 LAYER_GROUPS = ("down", "mid", "up")
 
 
@@ -35,8 +38,14 @@ class RegularisationSettings:
 class LocalizeSettings:
     """Where the region comes from and how the penalty applies."""
 
-    segmenter: str = DEFAULT_SEGMENTER  # CLIPSeg checkpoint, or 'tiny'
-    threshold: float = 0.4  # probability above which a pixel is the referred object
+    segmenter: str = DEFAULT_SEGMENTER  # CLIPSeg checkpoint, 'tiny', or 'sam' (boxes + SAM)
+    threshold: float = 0.4  # CLIPSeg: probability above which a pixel is the referred object
+    detector: str = DEFAULT_DETECTOR  # segmenter 'sam': OWLv2/OWL-ViT checkpoint, or 'tiny'
+    sam_model: str = DEFAULT_SAM  # segmenter 'sam': SAM checkpoint, or 'tiny'
+    box_threshold: float = 0.2  # segmenter 'sam': detector score above which a box counts
     regularisation: RegularisationSettings = field(default_factory=RegularisationSettings)
+    # eval only: where the penalty goes, "referred" (the instruction's object segmented) or
+    # "truth" (the data's edit_mask column: the P2P local-blend mask the pair was made with)
+    region: str = "referred"
 
 

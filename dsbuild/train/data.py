@@ -29,6 +29,9 @@ class EditRow:
     original_prompt: str | None = None
     edited_prompt: str | None = None
     no_change: bool = False
+    # the pair's ground-truth edit region (export column ``edit_mask``: the P2P local-blend
+    # mask, white = may change) as a mode-L image, when the data has one
+    edit_mask: object | None = None
 
 
 def load_split(data: str, split: str):
@@ -90,8 +93,10 @@ def read_rows(ds, where: str = "data", limit: int | None = None) -> list[EditRow
 
     ds = ds.cast_column("input_image", ImageFeature(decode=False))
     ds = ds.cast_column("edited_image", ImageFeature(decode=False))
-    n = len(ds) if limit is None else min(limit, len(ds))
     cols = set(ds.column_names)
+    if "edit_mask" in cols:
+        ds = ds.cast_column("edit_mask", ImageFeature(decode=False))
+    n = len(ds) if limit is None else min(limit, len(ds))
     rows: list[EditRow] = []
     for i in range(n):
         r = ds[i]
@@ -108,12 +113,16 @@ def read_rows(ds, where: str = "data", limit: int | None = None) -> list[EditRow
         prompt = r["edit_prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise DsbuildError(f"{where} row {i}: empty edit_prompt")
+        mask = r.get("edit_mask") if "edit_mask" in cols else None
+        if mask is not None:
+            mask = _decode(mask, f"{where} row {i} edit_mask").convert("L")
         rows.append(EditRow(
             index=i, input_image=a.convert("RGB"), edited_image=b.convert("RGB"),
             edit_prompt=prompt,
             original_prompt=r.get("original_prompt") if "original_prompt" in cols else None,
             edited_prompt=r.get("edited_prompt") if "edited_prompt" in cols else None,
             no_change=bool(r.get("no_change")) if "no_change" in cols else False,
+            edit_mask=mask,
         ))
     return rows
 
