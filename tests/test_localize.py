@@ -384,3 +384,192 @@ def test_eval_region_truth_needs_blend_masks(tmp_path):
     r = CliRunner().invoke(cli, ["eval", "tiny", "--data", str(export), "--out",
                                  str(tmp_path / "ev"), "--region", "truth"])
     assert r.exit_code != 0 and "--region needs --localize" in str(r.exception)
+
+
+# ---------------------------------------------------------------- detector boxes + SAM
+def _tiny_sam_segmenter(box_threshold=0.2, sam_model="tiny"):
+    from dsbuild.localize.mask import load_segmenter
+
+    return load_segmenter("sam", 0.4, "tiny", sam_model, box_threshold)
+
+
+def test_tiny_detector_boxes_equal_the_owlv2_forward(one_torch_thread):
+    """OwlDetector.boxes: the model's own forward scores and boxes, in pixels, above the
+    threshold, NMS'd per phrase."""
+    from torchvision.ops import nms
+
+    seg = _tiny_sam_segmenter()
+    det, im = seg.detector, _image(2, 40)
+    found = det.boxes(im, ["lamp", "red chair", "lamp"], 0.5)
+    assert list(found) == ["lamp", "red chair"]
+    tok = det.tokenizer(["lamp", "red chair"], padding="max_length",
+                        max_length=det.text_len, return_tensors="pt")
+    px = det.image_processor(images=im, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = det.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                        pixel_values=px)
+    scores = out.logits[0].sigmoid()
+    cx, cy, w, h = out.pred_boxes[0].unbind(-1)  # a square image: no padding to undo
+    xyxy = (torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * 40).clamp(0, 40)
+    for q, phrase in enumerate(["lamp", "red chair"]):
+        keep = scores[:, q] > 0.5
+        want = xyxy[keep][nms(xyxy[keep], scores[keep, q], 0.5)]
+        assert 0 < len(want) < len(scores)
+        torch.testing.assert_close(found[phrase], want, rtol=1e-5, atol=1e-4)
+    assert all(len(b) == 0 for b in det.boxes(im, ["lamp", "sofa"], 1.0).values())
+
+
+def test_tiny_boxes_sam_masks_are_the_union_of_sams_box_masks(one_torch_thread):
+    from transformers import SamModel, SamProcessor
+
+    from dsbuild.localize.mask import SamSegmenter, tiny_sam
+
+    im = _image(2, 40)
+    a, b = _tiny_sam_segmenter(), _tiny_sam_segmenter()
+    assert isinstance(a, SamSegmenter) and a.threshold == 0.2 and a.name == "sam"
+    state = torch.random.get_rng_state()
+    got = a.mask(im, ["lamp", "red chair"])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    np.testing.assert_array_equal(got, b.mask(im, ["lamp", "red chair"]))  # seeded
+    assert got.shape == (40, 40) and got.dtype == bool
+    assert got.any() and not got.all(), "the tiny boxes + SAM should give a partial mask"
+    assert not a.mask(im, []).any()  # nothing referred: nothing edited
+    assert not a.mask(im, ["lamp"], 1.0).any()  # no box above the threshold: empty
+    assert not _tiny_sam_segmenter(1.0).mask(im, ["lamp"]).any()
+    # SAM run here on each of the detector's boxes, one box a call, masks united
+    boxes = [bx for bs in a.detector.boxes(im, ["lamp", "red chair"], 0.2).values()
+             for bx in bs.tolist()]
+    assert len(boxes) >= 2
+    model, proc = tiny_sam()
+    assert isinstance(model, SamModel) and isinstance(proc, SamProcessor)
+    want, each = np.zeros((40, 40), dtype=bool), []
+    for box in boxes:
+        inp = proc(images=im, input_boxes=[[box]], return_tensors="pt")
+        with torch.no_grad():
+            out = model(pixel_values=inp["pixel_values"],
+                        input_boxes=inp["input_boxes"].float(), multimask_output=False)
+        m = proc.post_process_masks(out.pred_masks, inp["original_sizes"],
+                                    inp["reshaped_input_sizes"])[0][0, 0].numpy()
+        each.append(m)
+        want |= m
+    assert not all((m == each[0]).all() for m in each)  # the boxes do steer SAM
+    np.testing.assert_array_equal(got, want)
+
+
+def test_edit_cli_localize_boxes_sam(tmp_path, one_torch_thread):
+    """`dsbuild edit --localize --segmenter sam`: tiny detector and SAM, and the same tiny SAM
+    saved with save_pretrained and loaded from its folder, give the same region."""
+    from dsbuild.localize.mask import tiny_sam
+
+    src = tmp_path / "in.png"
+    _image().save(src)
+    model, proc = tiny_sam()
+    model.save_pretrained(tmp_path / "sam")
+    proc.save_pretrained(tmp_path / "sam")
+    base = ["edit", "tiny", str(src), "remove the lamp", "--steps", "2", "--device", "cpu",
+            "--localize", "--segmenter", "sam", "--detector", "tiny", "--box-threshold", "0.0"]
+    masks = {}
+    for name, sam in (("tiny", "tiny"), ("folder", str(tmp_path / "sam"))):
+        out = tmp_path / f"{name}.png"
+        r = CliRunner().invoke(cli, [*base, "--sam-model", sam, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert Image.open(out).size == (32, 32)
+        masks[name] = np.asarray(Image.open(tmp_path / f"{name}_mask.png")) > 127
+    # the rules refer to "lamp"; every tiny box counts at 0.0
+    want = _tiny_sam_segmenter(0.0).mask(_image(), ["lamp"])
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(masks["tiny"], want)
+    np.testing.assert_array_equal(masks["folder"], want)
+    r = CliRunner().invoke(cli, [*base, "--sam-model", str(tmp_path / "nope"), "--out",
+                                 str(tmp_path / "x.png")])
+    assert isinstance(r.exception, DsbuildError) and "--sam-model" in str(r.exception)
+    assert "\n" not in str(r.exception)
+    r = CliRunner().invoke(cli, [*base, "--box-threshold", "1.5", "--out", str(src)])
+    assert r.exit_code != 0 and "--box-threshold" in r.output
+
+
+def test_generate_blend_mask_segment_boxes_sam(one_torch_thread):
+    """blend_mask=segment with segmenter=sam: the tiny detector's boxes of the source's blend
+    words, segmented by the tiny SAM, are the local blend mask; outside it the target's latents
+    are the source's. The box settings sign the stage only with segmenter=sam."""
+    from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec
+    from dsbuild.models import load_sd_pipeline
+    from dsbuild.settings.generate import GenerateSettings
+
+    new = {"detector", "sam_model", "box_threshold"}
+    assert not new & set(GenerateSettings().signature_dict())
+    assert not new & set(GenerateSettings(blend=True, blend_mask="segment", segmenter="tiny",
+                                          detector="tiny").signature_dict())
+    assert not new & set(GenerateSettings(segmenter="sam").signature_dict())  # no blend
+    s = GenerateSettings(blend=True, blend_mask="segment", segmenter="sam", detector="tiny",
+                         sam_model="tiny", box_threshold=0.5)
+    sig = s.signature_dict()
+    assert (sig["detector"], sig["sam_model"], sig["box_threshold"]) == ("tiny", "tiny", 0.5)
+    with pytest.raises(ValueError):
+        GenerateSettings(box_threshold=1.5)
+    seg = _tiny_sam_segmenter(0.5)
+    gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",
+                       blend_start=0.5, segmenter=seg, segment_threshold=seg.threshold)
+    t = TargetSpec("a room with a green sofa", mode="replace", cross_replace=0.8,
+                   blend_words=(["red", "sofa"], ["green", "sofa"]))
+    final = {}
+
+    def grab(i, latents, ctrl, layout):
+        final["latents"], final["mask"] = latents.clone(), ctrl.last_mask
+
+    res = gen.generate([SourceGroup("a room with a red sofa", 3, 7.5, [t])], steps=4,
+                       height=32, width=32, callback=grab)
+    assert gen.controller.calls["probs"] == 0
+    m = final["mask"][0, 0].bool()
+    assert m.any() and not m.all(), "the tiny boxes + SAM at 0.5 should give a partial mask"
+    src, tgt = final["latents"][0], final["latents"][1]
+    torch.testing.assert_close(tgt[:, ~m], src[:, ~m], rtol=0, atol=0)
+    assert not torch.equal(tgt[:, m], src[:, m])
+    assert res[0].masks[0] is not None and res[0].masks[0].shape == (32, 32)
+
+
+def test_bench_localize_reports_ratios_and_same_maths():
+    """The bench runs end to end; fused and materialised penalties give the same pixels."""
+    from dsbuild.localize.bench import bench_localize
+
+    r = CliRunner().invoke(bench_localize, ["--arch", "tiny", "--rows", "2", "--steps", "2",
+                                            "--resolution", "32", "--repeats", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert set(res["ratios"]) == {"dsbuild/plain", "dsbuild/materialised"}
+    assert all(v > 0 for v in res["ratios"].values())
+    assert res["max_abs_diff_vs_materialised"] < 1e-4
+    assert res["max_abs_change_vs_plain"] > 1e-3  # the penalty did change the edit
+
+
+def test_eval_localize_with_boxes_sam_segmenter(tmp_path, one_torch_thread):
+    """eval --localize --segmenter sam: the referred masks come from the detector + SAM, and
+    their folder is signed by the detector, SAM and box threshold."""
+    pytest.importorskip("open_clip")
+    pytest.importorskip("datasets")
+    from test_train import build_export
+
+    from dsbuild.localize.mask import load_segmenter
+
+    export = build_export(tmp_path)
+    out = tmp_path / "ev"
+    args = ["eval", "tiny", "--data", str(export), "--out", str(out), "--offline", "--steps",
+            "1", "--resolution", "64", "--limit", "3", "--localize", "--segmenter", "sam",
+            "--detector", "tiny", "--sam-model", "tiny", "--json"]
+    r = CliRunner().invoke(cli, [*args, "--box-threshold", "0.0"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    masks = Path(res["masks"])
+    referred = json.loads((masks / "referred.json").read_text())
+    seg = load_segmenter("sam", detector="tiny", sam_model="tiny", box_threshold=0.0)
+    for key, v in referred.items():
+        with Image.open(out / "rows" / f"{key}_input.png") as im:
+            want = seg.mask(im.convert("RGB"), v["phrases"])
+        np.testing.assert_array_equal(_bool_png(masks / f"{key}.png"), want)
+    assert any(v["pixels"] for v in referred.values())
+    r2 = CliRunner().invoke(cli, [*args, "--box-threshold", "1.0"])
+    assert r2.exit_code == 0, r2.output
+    res2 = json.loads(r2.stdout)
+    assert res2["masks"] != res["masks"]  # another threshold, another mask folder
+    assert not any(v["pixels"] for v in json.loads(
+        (Path(res2["masks"]) / "referred.json").read_text()).values())

@@ -13,6 +13,8 @@ BENCHES = {
     "train": ("dsbuild.train.bench:bench_train", "training steps vs diffusers' IP2P loop"),
     "eval": ("dsbuild.evaluate.bench:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
     "scale": ("dsbuild.executors.bench:bench_scale", "generate with 1 vs 2 local workers"),
+    "localize": ("dsbuild.localize.bench:bench_localize",
+                 "localized editing vs plain IP2P and materialised maps"),
 }
 
 

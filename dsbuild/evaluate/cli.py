@@ -26,9 +26,19 @@ def localize_options(f):
         click.option("--localize", is_flag=True,
                      help="confine the edit to the referred object (LIME attention penalty)"),
         click.option("--segmenter", default="CIDAS/clipseg-rd64-refined", show_default=True,
-                     help="CLIPSeg checkpoint for the referred object's mask, or 'tiny'"),
+                     help="CLIPSeg checkpoint, 'tiny', or 'sam' (detector boxes + SAM)"),
         click.option("--mask-threshold", type=float, default=0.4, show_default=True,
-                     help="segmentation probability above which a pixel is the object"),
+                     help="CLIPSeg probability above which a pixel is the object"),
+        click.option("--detector", default="google/owlv2-base-patch16-ensemble",
+                     show_default=True,
+                     help="with --segmenter sam: OWLv2/OWL-ViT checkpoint boxing the object, "
+                          "or 'tiny'"),
+        click.option("--sam-model", default="facebook/sam-vit-base", show_default=True,
+                     help="with --segmenter sam: SAM checkpoint segmenting each box, or 'tiny'"),
+        click.option("--box-threshold", type=click.FloatRange(0, 1), default=0.2,
+                     show_default=True,
+                     help="with --segmenter sam: detector score above which a box is segmented "
+                          "(none: empty mask, nothing edited)"),
         click.option("--alpha", type=float, default=10000.0, show_default=True,
                      help="penalty on unrelated tokens' cross-attention logits in the mask"),
         click.option("--window", default="0,1", show_default=True,
@@ -45,8 +55,8 @@ def localize_options(f):
     return f
 
 
-def localize_settings(segmenter, mask_threshold, alpha, window, layers, llm_model,
-                      llm_base_url):
+def localize_settings(segmenter, mask_threshold, detector, sam_model, box_threshold, alpha,
+                      window, layers, llm_model, llm_base_url):
     """``LocalizeSettings`` and the referring agent from the ``--localize`` flags."""
     from dsbuild.localize.referring import ReferringAgent
     from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
@@ -66,7 +76,9 @@ def localize_settings(segmenter, mask_threshold, alpha, window, layers, llm_mode
     from pathlib import Path
 
     cache = Path.home() / ".cache" / "dsbuild" / "referring"
-    return (LocalizeSettings(segmenter=segmenter, threshold=mask_threshold, regularisation=reg),
+    return (LocalizeSettings(segmenter=segmenter, threshold=mask_threshold, detector=detector,
+                             sam_model=sam_model, box_threshold=box_threshold,
+                             regularisation=reg),
             ReferringAgent(llm, cache if llm else None))
 
 
@@ -103,8 +115,8 @@ def localize_settings(segmenter, mask_threshold, alpha, window, layers, llm_mode
 @localize_options
 def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, batch_size,
              resolution, limit, clip_model, clip_pretrained, dino_model, offline, device, dtype,
-             as_json, region, localize, segmenter, mask_threshold, alpha, window, layers, llm_model,
-             llm_base_url):
+             as_json, region, localize, segmenter, mask_threshold, detector, sam_model,
+             box_threshold, alpha, window, layers, llm_model, llm_base_url):
     """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
     from dsbuild.evaluate.run import EvalSettings, evaluate
 
@@ -119,8 +131,9 @@ def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, ba
     if region != "referred" and not localize:
         raise DsbuildError("--region needs --localize")
     if localize:
-        s.localize, agent = localize_settings(segmenter, mask_threshold, alpha, window, layers,
-                                              llm_model, llm_base_url)
+        s.localize, agent = localize_settings(segmenter, mask_threshold, detector, sam_model,
+                                              box_threshold, alpha, window, layers, llm_model,
+                                              llm_base_url)
         s.localize.region = region
     res = evaluate(list(models), data, out, s, agent=agent)
     if as_json:
@@ -155,8 +168,8 @@ def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, ba
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
               help="with --localize: the region as a PNG (white = edit) instead of segmenting")
 def edit_cmd(model, image, instruction, out, seed, guidance, image_guidance, steps, resolution,
-             device, dtype, localize, segmenter, mask_threshold, alpha, window, layers, llm_model,
-             llm_base_url, mask):
+             device, dtype, localize, segmenter, mask_threshold, detector, sam_model,
+             box_threshold, alpha, window, layers, llm_model, llm_base_url, mask):
     """Edit IMAGE by INSTRUCTION with MODEL ('tiny', a folder or a Hub id); write --out."""
     from dsbuild.evaluate.edit import edit_image
 
@@ -164,8 +177,9 @@ def edit_cmd(model, image, instruction, out, seed, guidance, image_guidance, ste
         raise DsbuildError("--mask needs --localize")
     ls = agent = None
     if localize:
-        ls, agent = localize_settings(segmenter, mask_threshold, alpha, window, layers,
-                                      llm_model, llm_base_url)
+        ls, agent = localize_settings(segmenter, mask_threshold, detector, sam_model,
+                                      box_threshold, alpha, window, layers, llm_model,
+                                      llm_base_url)
     path = edit_image(model, image, instruction, out, seed=seed, guidance=guidance,
                       image_guidance=image_guidance, steps=steps, resolution=resolution,
                       device=device, dtype=dtype, localize=ls, mask=mask, agent=agent)

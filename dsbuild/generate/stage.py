@@ -138,11 +138,13 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
                            lambda: load_sd_pipeline(s.model, dtype, device))
         segmenter = None
         if s.blend and s.blend_mask == "segment":
-            from dsbuild.localize.mask import Segmenter
+            from dsbuild.localize.mask import load_segmenter
 
-            segmenter = Segmenter.load(s.segmenter, device)
+            segmenter = load_segmenter(s.segmenter, s.segment_threshold, s.detector,
+                                       s.sam_model, s.box_threshold, device)
+        # CLIPSeg thresholds pixels at segment_threshold, boxes + SAM boxes at box_threshold
         gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start, segmenter,
-                           s.segment_threshold)
+                           segmenter.threshold if segmenter else s.segment_threshold)
         plans = [p for t in mine for p in plan_triple(t, s, pipe.tokenizer)]
         todo = [p for p in plans if p.id not in writer.done]
         _clean_temp(build, {p.triple["id"] for p in todo})

@@ -13,16 +13,20 @@ from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
 def region(image, instruction: str, s: LocalizeSettings, mask: str | Path | None = None,
            segmenter=None, agent=None) -> tuple[np.ndarray, list[str], str]:
     """(mask at the image's size, referred phrases, where they came from): the user's mask
-    when given, else the referred object(s) segmented; empty when nothing is found."""
-    from dsbuild.localize.mask import Segmenter, load_mask
+    when given, else the referred object(s) segmented; empty when nothing is found. The mask
+    is thresholded at ``s.box_threshold`` (a detector box score) for boxes + SAM, at
+    ``s.threshold`` (a CLIPSeg pixel probability) otherwise."""
+    from dsbuild.localize.mask import SamSegmenter, load_mask, load_segmenter
     from dsbuild.localize.referring import ReferringAgent
 
     if mask is not None:
         return load_mask(mask, image.size), [], "user"
     agent = agent or ReferringAgent()
     ref = agent([instruction])[0]
-    segmenter = segmenter or Segmenter.load(s.segmenter)
-    return segmenter.mask(image, ref.phrases, s.threshold), ref.phrases, ref.source
+    segmenter = segmenter or load_segmenter(s.segmenter, s.threshold, s.detector, s.sam_model,
+                                            s.box_threshold)
+    threshold = s.box_threshold if isinstance(segmenter, SamSegmenter) else s.threshold
+    return segmenter.mask(image, ref.phrases, threshold), ref.phrases, ref.source
 
 
 def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarray],

@@ -65,23 +65,25 @@ def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, sp
     re-run reuses them."""
     from PIL import Image
 
-    from dsbuild.localize.mask import Segmenter, load_mask, save_mask
+    from dsbuild.localize.mask import load_mask, load_segmenter, save_mask
     from dsbuild.localize.referring import ReferringAgent
 
     agent = agent or ReferringAgent()
     llm = agent.settings
     sig = content_id(data, split, s.segmenter, s.threshold,
-                     None if llm is None else (llm.model, llm.base_url), length=10)
+                     None if llm is None else (llm.model, llm.base_url),
+                     *((s.detector, s.sam_model, s.box_threshold) if s.segmenter == "sam"
+                       else ()), length=10)
     folder = out / f"masks-{sig}"
     todo = [r for r in rows if not (folder / f"{r.index:05d}.png").exists()]
     if todo:
-        seg = Segmenter.load(s.segmenter)
+        seg = load_segmenter(s.segmenter, s.threshold, s.detector, s.sam_model, s.box_threshold)
         refs = agent([r.edit_prompt for r in todo])
         listed = folder / "referred.json"
         referred = json.loads(listed.read_text()) if listed.exists() else {}
         for r, ref in zip(todo, refs, strict=True):
             with Image.open(inputs[r.index]) as im:
-                m = seg.mask(im.convert("RGB"), ref.phrases, s.threshold)
+                m = seg.mask(im.convert("RGB"), ref.phrases)  # at the threshold of its kind
             referred[f"{r.index:05d}"] = {"instruction": r.edit_prompt, "phrases": ref.phrases,
                                           "source": ref.source, "pixels": int(m.sum())}
             save_mask(folder / f"{r.index:05d}.png", m)
@@ -260,6 +262,8 @@ def region_table(result: dict) -> str:
                 lines.append(f"| {public_name(name)} | {run} | {REGION_TITLES.get(region, region)}"
                              f" ({reg.get('rows_with_region', 0)} rows) | "
                              + " | ".join(fmt(k, reg.get(k)) for k, _ in REGION_COLUMNS) + " |")
+    lines += ["", "– : undefined (no pixel outside the region in any row, e.g. masks covering "
+              "the whole image, or no row with a region and captions)."]
     agree = result.get("mask_agreement")
     if agree and agree.get("rows"):
         lines += ["", f"Referred vs ground-truth region: mean IoU {agree['iou']:.3f} over "

@@ -47,20 +47,33 @@ class GenerateSettings(StageSettings):
     blend_start: float = Field(0.2, ge=0, le=1)
     blend_mask: Literal["attention", "segment"] = Field(
         "attention", description="attention: the words' accumulated cross-attention maps; "
-        "segment: the source's blend words segmented (CLIPSeg) in its predicted image at "
-        "blend_start, kept for the remaining steps")
+        "segment: the source's blend words segmented (CLIPSeg, or detector boxes + SAM) in its "
+        "predicted image at blend_start, kept for the remaining steps")
     segmenter: str = Field("CIDAS/clipseg-rd64-refined",
-                           description="CLIPSeg checkpoint for blend_mask=segment, or 'tiny'")
-    segment_threshold: float = Field(0.4, gt=0, lt=1)
+                           description="CLIPSeg checkpoint for blend_mask=segment, 'tiny', or "
+                           "'sam' (detector boxes + SAM)")
+    segment_threshold: float = Field(0.4, gt=0, lt=1,
+                                     description="CLIPSeg probability above which a pixel is in")
+    detector: str = Field("google/owlv2-base-patch16-ensemble",
+                          description="segmenter=sam: OWLv2/OWL-ViT checkpoint, or 'tiny'")
+    sam_model: str = Field("facebook/sam-vit-base",
+                           description="segmenter=sam: SAM checkpoint, or 'tiny'")
+    box_threshold: float = Field(0.2, ge=0, le=1, description="segmenter=sam: detector score "
+                                 "above which a box is segmented (none: empty mask)")
     contact_sheet: int = Field(3, ge=0, description="pairs per agent on the contact sheet")
 
     def signature_dict(self) -> dict[str, Any]:
         """Attention blend (the default) signs as it did before segmented blend existed, so
         builds made then keep their generate markers; the segment settings sign only when
-        used (and then only with generate.blend=true)."""
+        used (and then only with generate.blend=true), the boxes + SAM ones only with
+        segmenter=sam."""
         data = super().signature_dict()
-        if not (self.blend and self.blend_mask == "segment"):
+        segment = self.blend and self.blend_mask == "segment"
+        if not segment:
             for key in ("blend_mask", "segmenter", "segment_threshold"):
+                data.pop(key, None)
+        if not (segment and self.segmenter == "sam"):
+            for key in ("detector", "sam_model", "box_threshold"):
                 data.pop(key, None)
         return data
 

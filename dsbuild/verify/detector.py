@@ -180,6 +180,27 @@ class OwlDetector:
         lim = torch.tensor([w, h, w, h], dtype=xyxy.dtype)
         return torch.minimum(xyxy.clamp(min=0), lim)
 
+    def boxes(self, image, phrases: list[str], threshold: float = 0.2, nms_iou: float = 0.5
+              ) -> dict[str, torch.Tensor]:
+        """Per phrase, the boxes of one PIL image scoring above ``threshold`` (strictly, so 1.0
+        keeps none), overlaps above ``nms_iou`` suppressed: ``(k, 4)`` xyxy pixels of the
+        image, best score first; ``k`` is 0 where the phrase is not found."""
+        from torchvision.ops import nms
+
+        image = image.convert("RGB")
+        phrases = list(dict.fromkeys(phrases))
+        if not phrases:
+            return {}
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        scores, boxes = self._run(pixels, phrases)
+        px = self._pixel_boxes(boxes[0], image.size)
+        out: dict[str, torch.Tensor] = {}
+        for q, phrase in enumerate(phrases):
+            s = scores[0, :, q]
+            keep = s > threshold
+            out[phrase] = px[keep][nms(px[keep], s[keep], nms_iou)]
+        return out
+
     def detect(self, queries: Mapping[Path, Iterable[str]], present_min: float = 0.2,
                nms_iou: float = 0.5) -> tuple[dict[Path, dict[str, Found]], dict[Path, str]]:
         """Per image, what each of its phrases found; images that cannot be read in ``errors``."""
