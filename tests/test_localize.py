@@ -261,9 +261,7 @@ def test_generate_blend_mask_segment(one_torch_thread):
     """blend_mask=segment: the source's blend words segmented by a tiny CLIPSeg are the local
     blend mask; outside it the target's latents are the source's, and no attention map is
     materialised."""
-    from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec
     from dsbuild.localize.mask import Segmenter
-    from dsbuild.models import load_sd_pipeline
     from dsbuild.settings.generate import GenerateSettings
 
     assert GenerateSettings(blend=True, blend_mask="segment").blend_mask == "segment"
@@ -273,9 +271,18 @@ def test_generate_blend_mask_segment(one_torch_thread):
     assert "blend_mask" not in GenerateSettings().signature_dict()
     assert GenerateSettings(blend=True, blend_mask="segment", segmenter="tiny"
                             ).signature_dict()["segmenter"] == "tiny"
-    seg = Segmenter.load("tiny")
+    check_segmented_blend(Segmenter.load("tiny"), 0.3)
+
+
+def check_segmented_blend(seg, threshold: float):
+    """P2P with ``seg`` making the local-blend mask: the mask is segmented, not read from
+    attention (no map materialised), partial, and outside it the target's latents are exactly
+    the source's."""
+    from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec
+    from dsbuild.models import load_sd_pipeline
+
     gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",
-                       blend_start=0.5, segmenter=seg, segment_threshold=0.3)
+                       blend_start=0.5, segmenter=seg, segment_threshold=threshold)
     t = TargetSpec("a room with a green sofa", mode="replace", cross_replace=0.8,
                    blend_words=(["red", "sofa"], ["green", "sofa"]))
     final = {}
@@ -287,7 +294,7 @@ def test_generate_blend_mask_segment(one_torch_thread):
                        height=32, width=32, callback=grab)
     assert gen.controller.calls["probs"] == 0
     m = final["mask"][0, 0].bool()
-    assert m.any() and not m.all(), "the tiny CLIPSeg at 0.3 should give a partial mask"
+    assert m.any() and not m.all(), f"{seg.name} at {threshold} should give a partial mask"
     src, tgt = final["latents"][0], final["latents"][1]
     torch.testing.assert_close(tgt[:, ~m], src[:, ~m], rtol=0, atol=0)
     assert not torch.equal(tgt[:, m], src[:, m])
@@ -492,8 +499,6 @@ def test_generate_blend_mask_segment_boxes_sam(one_torch_thread):
     """blend_mask=segment with segmenter=sam: the tiny detector's boxes of the source's blend
     words, segmented by the tiny SAM, are the local blend mask; outside it the target's latents
     are the source's. The box settings sign the stage only with segmenter=sam."""
-    from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec
-    from dsbuild.models import load_sd_pipeline
     from dsbuild.settings.generate import GenerateSettings
 
     new = {"detector", "sam_model", "box_threshold"}
@@ -508,24 +513,7 @@ def test_generate_blend_mask_segment_boxes_sam(one_torch_thread):
     with pytest.raises(ValueError):
         GenerateSettings(box_threshold=1.5)
     seg = _tiny_sam_segmenter(0.5)
-    gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",
-                       blend_start=0.5, segmenter=seg, segment_threshold=seg.threshold)
-    t = TargetSpec("a room with a green sofa", mode="replace", cross_replace=0.8,
-                   blend_words=(["red", "sofa"], ["green", "sofa"]))
-    final = {}
-
-    def grab(i, latents, ctrl, layout):
-        final["latents"], final["mask"] = latents.clone(), ctrl.last_mask
-
-    res = gen.generate([SourceGroup("a room with a red sofa", 3, 7.5, [t])], steps=4,
-                       height=32, width=32, callback=grab)
-    assert gen.controller.calls["probs"] == 0
-    m = final["mask"][0, 0].bool()
-    assert m.any() and not m.all(), "the tiny boxes + SAM at 0.5 should give a partial mask"
-    src, tgt = final["latents"][0], final["latents"][1]
-    torch.testing.assert_close(tgt[:, ~m], src[:, ~m], rtol=0, atol=0)
-    assert not torch.equal(tgt[:, m], src[:, m])
-    assert res[0].masks[0] is not None and res[0].masks[0].shape == (32, 32)
+    check_segmented_blend(seg, seg.threshold)
 
 
 def test_bench_localize_reports_ratios_and_same_maths():

@@ -58,23 +58,6 @@ def _materialised_controller(settings):
     return Materialised(settings)
 
 
-def _edit(pipe, prompts, images, masks, settings, controller_cls, call):
-    """``localized_edit`` with a chosen controller (the materialised side swaps it in)."""
-    import torch
-
-    from dsbuild.localize.attention import edit_token_mask, regularised, step_callback
-
-    w, h = images[0].size
-    f = getattr(pipe, "vae_scale_factor", 8)
-    ctl = controller_cls(settings)
-    ctl.configure(torch.from_numpy(np.stack(masks)).float(),
-                  edit_token_mask(pipe.tokenizer, prompts), call["num_inference_steps"],
-                  (h // f, w // f))
-    with regularised(pipe, ctl), torch.no_grad():
-        return pipe(prompts, image=images, callback_on_step_end=step_callback(ctl),
-                    **call).images
-
-
 def run_bench(arch: str = "small", rows: int = 4, steps: int = 4, resolution: int = 64,
               alpha: float = 1e4, repeats: int = 2, device: str = "auto",
               threads: int | None = 1) -> dict:
@@ -117,8 +100,8 @@ def run_bench(arch: str = "small", rows: int = 4, steps: int = 4, resolution: in
         _sync(dev)
 
     def materialised():
-        out["materialised"] = _edit(pipe, prompts, images, masks, reg,
-                                    lambda s: _materialised_controller(s), call())
+        out["materialised"] = localized_edit(pipe, prompts, images, masks, reg,
+                                             controller=_materialised_controller(reg), **call())
         _sync(dev)
 
     sides = {"plain": plain, "dsbuild": ours, "materialised": materialised}

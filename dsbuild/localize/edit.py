@@ -30,9 +30,10 @@ def region(image, instruction: str, s: LocalizeSettings, mask: str | Path | None
 
 
 def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarray],
-                   s: RegularisationSettings, **call) -> list:
+                   s: RegularisationSettings, controller=None, **call) -> list:
     """Edit ``images`` by ``prompts`` with the penalty inside ``masks`` (one per image, at the
-    image's size); ``call`` goes to the pipeline (steps, guidance, generator...)."""
+    image's size); ``call`` goes to the pipeline (steps, guidance, generator...).
+    ``controller``: a ``LocalizeController`` (subclass) to use instead of a new one on ``s``."""
     import torch
 
     from dsbuild.localize.attention import (
@@ -44,7 +45,7 @@ def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarra
 
     w, h = images[0].size
     f = getattr(pipe, "vae_scale_factor", 8)
-    ctl = LocalizeController(s)
+    ctl = controller or LocalizeController(s)
     ctl.configure(torch.from_numpy(np.stack(masks)).float(),
                   edit_token_mask(pipe.tokenizer, prompts), call["num_inference_steps"],
                   (h // f, w // f))

@@ -108,6 +108,16 @@ def tiny_sam(seed: int = TINY_SAM_SEED):
     return model, proc
 
 
+def _pretrained(model_cls, processor_cls, name: str, what: str, remedy: str):
+    """(model in eval mode, processor) from a Hub id or folder; any failure (network, missing
+    repo, another architecture) becomes one line: ``what (error); remedy``."""
+    try:
+        return model_cls.from_pretrained(name).eval(), processor_cls.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes one message
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise DsbuildError(f"{what} ({type(exc).__name__}: {first}); {remedy}") from None
+
+
 class Segmenter:
     """Referring segmentation with CLIPSeg: phrases + image -> one bool mask at the image's
     size; ``threshold`` is the pixel probability mask() uses when it is given none."""
@@ -127,14 +137,10 @@ class Segmenter:
         else:
             from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-            try:
-                model = CLIPSegForImageSegmentation.from_pretrained(name).eval()
-                proc = CLIPSegProcessor.from_pretrained(name)
-            except Exception as exc:  # noqa: BLE001 - network, missing repo, not CLIPSeg
-                raise DsbuildError(
-                    f"segmenter {name!r}: cannot load a CLIPSeg model ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:200]}); offline, give --mask PNG or "
-                    "--segmenter tiny (placeholder masks)") from None
+            model, proc = _pretrained(
+                CLIPSegForImageSegmentation, CLIPSegProcessor, name,
+                f"segmenter {name!r}: cannot load a CLIPSeg model",
+                "offline, give --mask PNG or --segmenter tiny (placeholder masks)")
         return cls(model.to(device), proc, name, device, threshold)
 
     def probabilities(self, image, phrases: list[str]):
@@ -192,15 +198,11 @@ class SamSegmenter:
         else:
             from transformers import SamModel, SamProcessor
 
-            try:
-                model = SamModel.from_pretrained(sam_model).eval()
-                proc = SamProcessor.from_pretrained(sam_model)
-            except Exception as exc:  # noqa: BLE001 - network, missing repo, not SAM
-                raise DsbuildError(
-                    f"sam model {sam_model!r}: cannot load a SAM model ({type(exc).__name__}: "
-                    f"{(str(exc).splitlines() or [''])[0][:200]}); give --sam-model "
-                    "(generate.sam_model) a SAM checkpoint or folder, 'tiny' (placeholder "
-                    "masks), or --mask PNG") from None
+            model, proc = _pretrained(
+                SamModel, SamProcessor, sam_model,
+                f"sam model {sam_model!r}: cannot load a SAM model",
+                "give --sam-model (generate.sam_model) a SAM checkpoint or folder, 'tiny' "
+                "(placeholder masks), or --mask PNG")
         return cls(det, model.to(device), proc, SAM_SEGMENTER, device, threshold)
 
     def segment_boxes(self, image, boxes) -> np.ndarray:
