@@ -254,7 +254,8 @@ def test_edit_mask_column_carries_the_blend_masks(mini_build, tmp_path):
             assert r["edit_mask"]["path"] == f"{r['pair_id']}_mask.png"
     assert all(r["edit_mask"] is None for r in rows if r["no_change"])
     assert res.stats["with_edit_mask"] == sum(bool(r["edit_mask"]) for r in pairs)
-    assert "edit_mask" in (res.path / "README.md").read_text()
+    card = (res.path / "README.md").read_text()
+    assert f"{res.stats['with_edit_mask']} rows carry their blend mask (`edit_mask`)" in card
     # a mask that no longer decodes keeps its row out of the parquet files, counted
     broken = sorted(masked)[0]
     (mini_build.root / masked[broken]).write_bytes(b"\x89PNG\r\n\x1a\n broken")

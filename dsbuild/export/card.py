@@ -161,7 +161,8 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["self_replace range", f"{g.self_replace[0]:g} – {g.self_replace[1]:g}"],
         ["guidance range", f"{g.guidance[0]:g} – {g.guidance[1]:g}"],
         ["cross_replace range", f"{g.cross_replace[0]:g} – {g.cross_replace[1]:g}"],
-        ["local blend", "on" if g.blend else "off"], ["seed", g.seed],
+        ["local blend", _blend(g) + f"; {sum(bool(r.get('_mask')) for r in allrows)} rows "
+         "carry their blend mask (`edit_mask`)"], ["seed", g.seed],
     ])
     edits = [r for r in allrows if not r["no_change"]]
     lines += ["", "P2P parameters of the exported pairs:", ""]
@@ -225,6 +226,18 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     body = "\n".join(lines).rstrip() + "\n"
     # DatasetCard parses the header back, so a malformed one fails here, not on the Hub
     return str(hub.DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _blend(g) -> str:
+    """How the local-blend mask was made, in words."""
+    if not g.blend:
+        return "off"
+    if g.blend_mask == "attention":
+        return f"on (the changed words' cross-attention maps > {g.blend_threshold:g})"
+    how = (f"boxes from `{public_name(g.detector)}` > {g.box_threshold:g}, segmented by "
+           f"`{public_name(g.sam_model)}`" if g.segmenter == "sam"
+           else f"`{public_name(g.segmenter)}` > {g.segment_threshold:g}")
+    return f"on (the source's blend words segmented: {how})"
 
 
 def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:

@@ -140,8 +140,11 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
         if s.blend and s.blend_mask == "segment":
             from dsbuild.localize.mask import load_segmenter
 
-            segmenter = load_segmenter(s.segmenter, s.segment_threshold, s.detector,
-                                       s.sam_model, s.box_threshold, device)
+            key = (*model_key(s.segmenter), s.segment_threshold, *model_key(s.detector),
+                   *model_key(s.sam_model), s.box_threshold, device)
+            segmenter = keep_loaded("generate-segmenter", key, lambda: load_segmenter(
+                s.segmenter, s.segment_threshold, s.detector, s.sam_model, s.box_threshold,
+                device))
         # CLIPSeg thresholds pixels at segment_threshold, boxes + SAM boxes at box_threshold
         gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start, segmenter,
                            segmenter.threshold if segmenter else s.segment_threshold)
