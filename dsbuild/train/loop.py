@@ -130,6 +130,18 @@ def optimizer_cls(s):
     return bnb.optim.AdamW8bit
 
 
+def make_optimizer(s, params, **kwargs):
+    """The optimiser of ``optimizer_cls(s)`` on ``params``. torch's AdamW runs fused (one
+    kernel over every tensor, on CPU and CUDA) rather than its default per-tensor loop on CPU:
+    the same update up to float rounding, a measurable share of a step saved."""
+    import torch
+
+    cls = optimizer_cls(s)
+    if cls is torch.optim.AdamW:
+        kwargs["fused"] = True
+    return cls(params, **kwargs)
+
+
 def encode_text(text_encoder, tokenizer, prompts, device, dtype, batch: int = 64):
     """Last hidden states of the CLIP text encoder (what the UNet cross-attends to)."""
     import torch

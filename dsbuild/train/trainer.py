@@ -36,8 +36,8 @@ from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer
     checkpoints,
     ema_weights,
     encode_text,
+    make_optimizer,
     noised,
-    optimizer_cls,
     prepare_out,
     run_loop,
 )
@@ -171,8 +171,8 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = optimizer_cls(s)(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
-                            weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
+    opt = make_optimizer(s, params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
+                        weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
     world, rank = acc.num_processes, acc.process_index
     micro_per_epoch = math.ceil(len(rows) / (s.batch_size * world))
     steps_per_epoch = math.ceil(micro_per_epoch / s.gradient_accumulation)
@@ -180,7 +180,8 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     lr_sched = get_scheduler(s.lr_scheduler, optimizer=opt,
                              num_warmup_steps=s.lr_warmup_steps * world,
                              num_training_steps=max_steps * world)
-    ema = EMAModel(params, decay=s.ema_decay) if s.ema else None
+    # foreach: one op over all tensors per EMA step, not a Python loop over them
+    ema = EMAModel(params, decay=s.ema_decay, foreach=True) if s.ema else None
     state = TrainState(s.seed + 7919 * rank)
     acc.register_for_checkpointing(state, *([ema] if ema else []))
     unet, opt, lr_sched = acc.prepare(unet, opt, lr_sched)
