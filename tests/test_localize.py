@@ -561,3 +561,10 @@ def test_eval_localize_with_boxes_sam_segmenter(tmp_path, one_torch_thread):
     assert res2["masks"] != res["masks"]  # another threshold, another mask folder
     assert not any(v["pixels"] for v in json.loads(
         (Path(res2["masks"]) / "referred.json").read_text()).values())
+    # another resolution segments its own (differently fitted) inputs
+    small = [a if a != "64" else "32" for a in args]
+    r3 = CliRunner().invoke(cli, [*small, "--box-threshold", "0.0"])
+    assert r3.exit_code == 0, r3.output
+    res3 = json.loads(r3.stdout)
+    assert res3["masks"] != res["masks"]
+    assert _bool_png(next(Path(res3["masks"]).glob("0*.png"))).shape == (32, 32)

@@ -15,6 +15,7 @@ batch gives the edits one at a time would.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -204,11 +205,17 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
     rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.limit)
     inputs = {r.index: out / "rows" / f"{r.index:05d}_input.png" for r in rows}
     truths = {r.index: out / "rows" / f"{r.index:05d}_truth.png" for r in rows}
+    # the fitted rows are reused by a re-run, but not across data, split or resolution
+    made_for = {"data": data, "split": s.split, "resolution": s.resolution}
+    meta = out / "rows" / "rows.json"
+    stale = not meta.exists() or json.loads(meta.read_text()) != made_for
     for r in rows:
-        if not inputs[r.index].exists():
+        if stale or not inputs[r.index].exists():
             write_image(inputs[r.index], rows_mod.fit(r.input_image, s.resolution))
-        if not truths[r.index].exists():
+        if stale or not truths[r.index].exists():
             write_image(truths[r.index], rows_mod.fit(r.edited_image, s.resolution))
+    if stale:
+        write_json(meta, made_for)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     masks = mask_folder = None  # the region each localized edit is confined to

@@ -58,11 +58,12 @@ def crop(arr: np.ndarray, mask: np.ndarray):
     return _pil(arr[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
 
 
-def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, split: str
-               ) -> tuple[dict[int, np.ndarray], Path]:
+def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, split: str,
+               resolution: int) -> tuple[dict[int, np.ndarray], Path]:
     """Each row's region on its (fitted) input image, referred from its instruction; written
-    as PNGs (and the phrases as ``referred.json``) under a folder named by the settings, so a
-    re-run reuses them."""
+    as PNGs (and the phrases as ``referred.json``) under a folder named by the settings and
+    the resolution the inputs were fitted to, so a re-run reuses them and another resolution
+    segments its own inputs."""
     from PIL import Image
 
     from dsbuild.localize.mask import load_mask, load_segmenter, save_mask
@@ -72,6 +73,7 @@ def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, sp
     llm = agent.settings
     sig = content_id(data, split, s.segmenter, s.threshold,
                      None if llm is None else (llm.model, llm.base_url),
+                     resolution,
                      *((s.detector, s.sam_model, s.box_threshold) if s.segmenter == "sam"
                        else ()), length=10)
     folder = out / f"masks-{sig}"
@@ -109,9 +111,7 @@ def truth_masks(rows, inputs: dict[int, Path], out: Path, resolution: int
         if r.edit_mask is None or r.no_change:
             continue
         m = np.asarray(fit(r.edit_mask.convert("L"), resolution), dtype=np.float32) > 127.5
-        path = inputs[r.index].with_name(f"{r.index:05d}_edit_mask.png")
-        if not path.exists():
-            save_mask(path, m)
+        save_mask(inputs[r.index].with_name(f"{r.index:05d}_edit_mask.png"), m)
         got[r.index] = m
     return got
 
@@ -142,7 +142,7 @@ def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, 
                     w, h = im.size
                 masks[r.index] = np.zeros((h, w), dtype=bool)
     elif s.region == "referred":
-        masks, folder = eval_masks(rows, inputs, s, agent, out, data, split)
+        masks, folder = eval_masks(rows, inputs, s, agent, out, data, split, resolution)
         regions["referred"] = masks
     else:
         raise DsbuildError(f"localize region must be 'referred' or 'truth' (got {s.region!r})")
