@@ -568,3 +568,11 @@ def test_eval_localize_with_boxes_sam_segmenter(tmp_path, one_torch_thread):
     res3 = json.loads(r3.stdout)
     assert res3["masks"] != res["masks"]
     assert _bool_png(next(Path(res3["masks"]).glob("0*.png"))).shape == (32, 32)
+
+
+def test_bad_detector_names_the_setting():
+    from dsbuild.localize.mask import load_segmenter
+
+    with pytest.raises(DsbuildError, match=r"^--detector \(generate.detector\): 'nope' is "
+                                           r"neither 'tiny'"):
+        load_segmenter("sam", detector="nope", sam_model="tiny")

@@ -188,11 +188,8 @@ class SamSegmenter:
                                "--box-threshold or generate.box_threshold")
         from dsbuild.verify.detector import OwlDetector
 
-        try:
-            det = OwlDetector.load(detector, device=device, quiet=True, workers=0)
-        except DsbuildError as exc:
-            raise DsbuildError(f"detector (--detector, generate.detector): "
-                               f"{str(exc).removeprefix('verify.detector: ')}") from None
+        det = OwlDetector.load(detector, device=device, quiet=True, workers=0,
+                               setting="--detector (generate.detector)")
         if sam_model == "tiny":
             model, proc = tiny_sam()
         else:

@@ -89,8 +89,10 @@ class OwlDetector:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", quiet: bool = False,
-             batch_size: int = 16, workers: int = 4) -> OwlDetector:
-        """'tiny', a folder saved with save_pretrained, or a Hub id of an OWLv2/OWL-ViT model."""
+             batch_size: int = 16, workers: int = 4,
+             setting: str = "verify.detector") -> OwlDetector:
+        """'tiny', a folder saved with save_pretrained, or a Hub id of an OWLv2/OWL-ViT model;
+        errors name ``setting`` (what the user changes to fix them)."""
         require("transformers", "gen")
         device = resolve_device(device)
         if model == "tiny":
@@ -102,7 +104,7 @@ class OwlDetector:
         else:
             if not Path(model).exists() and (model.startswith((".", "/"))
                                               or model.count("/") != 1):
-                raise DsbuildError(f"verify.detector: {model!r} is neither 'tiny', an existing "
+                raise DsbuildError(f"{setting}: {model!r} is neither 'tiny', an existing "
                                    "folder, nor a Hub id like 'google/owlv2-base-patch16-ensemble'")
             from transformers import AutoConfig, AutoProcessor
 
@@ -113,14 +115,14 @@ class OwlDetector:
                 elif kind == "owlvit":
                     from transformers import OwlViTForObjectDetection as Model
                 else:
-                    raise DsbuildError(f"verify.detector: {model!r} is a {kind!r} model; verify "
-                                       "takes OWLv2 or OWL-ViT checkpoints")
+                    raise DsbuildError(f"{setting}: {model!r} is a {kind!r} model; give "
+                                       "an OWLv2 or OWL-ViT checkpoint")
                 processor = AutoProcessor.from_pretrained(model)
                 m = Model.from_pretrained(model)
             except DsbuildError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any load failure becomes one message
-                raise DsbuildError(f"verify.detector: cannot load {model!r}: "
+                raise DsbuildError(f"{setting}: cannot load {model!r}: "
                                    f"{type(exc).__name__}: {exc}") from None
             proc, tok = processor.image_processor, processor.tokenizer
         return cls(m, proc, tok, device, amp_dtype(dtype, device), name=model,
