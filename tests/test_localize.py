@@ -576,3 +576,34 @@ def test_bad_detector_names_the_setting():
     with pytest.raises(DsbuildError, match=r"^--detector \(generate.detector\): 'nope' is "
                                            r"neither 'tiny'"):
         load_segmenter("sam", detector="nope", sam_model="tiny")
+
+
+def test_region_covering_the_whole_image_has_no_outside_score(tmp_path):
+    """A mask over every pixel leaves nothing outside: L1 and DINO outside are undefined (not a
+    perfect 1.0 from two all-grey images); a partial mask gets both."""
+    pytest.importorskip("open_clip")
+    from dsbuild.filter.encoders import ClipEncoder, DinoEncoder, ImageEmbedder
+    from dsbuild.localize.region import region_scores
+    from dsbuild.train.data import EditRow
+
+    emb = ImageEmbedder({"clip": ClipEncoder.load("tiny", "none"),
+                         "dino": DinoEncoder.load("tiny")}, batch_size=4)
+    paths = {}
+    for i in range(2):
+        for kind, seed in (("in", i), ("ed", 10 + i)):
+            p = tmp_path / f"{kind}{i}.png"
+            _image(seed, 32).save(p)
+            paths[kind, i] = p
+    rows = [EditRow(i, None, None, "remove the lamp") for i in range(2)]
+    inputs = {i: paths["in", i] for i in range(2)}
+    edits = {i: paths["ed", i] for i in range(2)}
+    full = {i: np.ones((32, 32), dtype=bool) for i in range(2)}
+    got = region_scores(rows, full, edits, inputs, tmp_path / "full", emb, {})
+    assert np.isnan(got["l1_outside"]) and np.isnan(got["dino_outside"])
+    assert got["rows_with_region"] == 2 and got["l1_inside"] > 0
+    half = {i: np.zeros((32, 32), dtype=bool) for i in range(2)}
+    for m in half.values():
+        m[:, :16] = True
+    got = region_scores(rows, half, edits, inputs, tmp_path / "half", emb, {})
+    assert np.isfinite(got["dino_outside"]) and got["dino_outside"] < 1.0
+    assert np.isfinite(got["l1_outside"])

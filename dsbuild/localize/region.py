@@ -98,8 +98,7 @@ def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, sp
     return masks, folder
 
 
-def truth_masks(rows, inputs: dict[int, Path], out: Path, resolution: int
-                ) -> dict[int, np.ndarray]:
+def truth_masks(rows, inputs: dict[int, Path], resolution: int) -> dict[int, np.ndarray]:
     """The rows' ``edit_mask`` (ground-truth edit regions) fitted as their input images were
     (same resize and centre crop), as bool arrays; written as ``rows/<i>_edit_mask.png``.
     Rows without one (no-change rows, pairs made without local blend) are left out."""
@@ -125,7 +124,7 @@ def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, 
 
     from dsbuild.errors import DsbuildError
 
-    truth = truth_masks(rows, inputs, out, resolution)
+    truth = truth_masks(rows, inputs, resolution)
     regions: dict[str, dict] = {}
     folder = None
     if s.region == "truth":
@@ -203,10 +202,11 @@ def region_scores(rows, masks: dict[int, np.ndarray], edits: dict[int, Path],
         diff = np.abs(e - x).mean(-1)
         l1_out.append(float(diff[~m].mean()) if (~m).any() else float("nan"))
         l1_in.append(float(diff[m].mean()) if m.any() else float("nan"))
-        po = (folder / f"{r.index:05d}_in_out.png", folder / f"{r.index:05d}_edit_out.png")
-        write_image(po[0], outside(x, m))
-        write_image(po[1], outside(e, m))
-        pairs_out.append(po)
+        if (~m).any():  # a region covering the whole image leaves nothing outside to compare
+            po = (folder / f"{r.index:05d}_in_out.png", folder / f"{r.index:05d}_edit_out.png")
+            write_image(po[0], outside(x, m))
+            write_image(po[1], outside(e, m))
+            pairs_out.append(po)
         cx, ce = crop(x, m), crop(e, m)
         if cx is not None and r.original_prompt and r.edited_prompt:
             pi = (folder / f"{r.index:05d}_in_crop.png", folder / f"{r.index:05d}_edit_crop.png")
@@ -222,7 +222,8 @@ def region_scores(rows, masks: dict[int, np.ndarray], edits: dict[int, Path],
         raise RuntimeError(f"{p}: {kind} {detail}")
     vals = {"l1_outside": torch.tensor(l1_out), "l1_inside": torch.tensor(l1_in),
             "dino_outside": metrics.dino(torch.stack([emb[a]["dino"] for a, _ in pairs_out]),
-                                         torch.stack([emb[b]["dino"] for _, b in pairs_out]))}
+                                         torch.stack([emb[b]["dino"] for _, b in pairs_out]))
+            if pairs_out else torch.tensor([float("nan")])}
     if pairs_in:
         vals["clip_dir_inside"] = metrics.clip_direction(
             torch.stack([emb[a]["clip"] for _, (a, _) in pairs_in]),
