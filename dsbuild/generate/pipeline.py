@@ -89,7 +89,8 @@ class P2PGenerator:
         make_scheduler(scheduler, pipe.scheduler.config)  # fail early on a bad name
         self.controller = P2PController(blend_threshold, blend_start)
         install(pipe.unet, self.controller)
-        # blend_mask=segment: a dsbuild.localize.mask.Segmenter makes the local-blend mask
+        # blend_mask=segment: a segmenter (dsbuild.localize.mask.load_segmenter: CLIPSeg, or
+        # detector boxes + SAM) makes the local-blend mask
         self.segmenter, self.segment_threshold = segmenter, segment_threshold
         if segmenter is not None:
             self.controller.segment = self._segment
