@@ -271,10 +271,10 @@ def test_generate_blend_mask_segment(one_torch_thread):
     assert "blend_mask" not in GenerateSettings().signature_dict()
     assert GenerateSettings(blend=True, blend_mask="segment", segmenter="tiny"
                             ).signature_dict()["segmenter"] == "tiny"
-    check_segmented_blend(Segmenter.load("tiny"), 0.3)
+    check_segmented_blend(Segmenter.load("tiny", threshold=0.3))
 
 
-def check_segmented_blend(seg, threshold: float):
+def check_segmented_blend(seg):
     """P2P with ``seg`` making the local-blend mask: the mask is segmented, not read from
     attention (no map materialised), partial, and outside it the target's latents are exactly
     the source's."""
@@ -282,7 +282,7 @@ def check_segmented_blend(seg, threshold: float):
     from dsbuild.models import load_sd_pipeline
 
     gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",
-                       blend_start=0.5, segmenter=seg, segment_threshold=threshold)
+                       blend_start=0.5, segmenter=seg)
     t = TargetSpec("a room with a green sofa", mode="replace", cross_replace=0.8,
                    blend_words=(["red", "sofa"], ["green", "sofa"]))
     final = {}
@@ -294,7 +294,7 @@ def check_segmented_blend(seg, threshold: float):
                        height=32, width=32, callback=grab)
     assert gen.controller.calls["probs"] == 0
     m = final["mask"][0, 0].bool()
-    assert m.any() and not m.all(), f"{seg.name} at {threshold} should give a partial mask"
+    assert m.any() and not m.all(), f"{seg.name} at {seg.threshold} should give a partial mask"
     src, tgt = final["latents"][0], final["latents"][1]
     torch.testing.assert_close(tgt[:, ~m], src[:, ~m], rtol=0, atol=0)
     assert not torch.equal(tgt[:, m], src[:, m])
@@ -513,7 +513,7 @@ def test_generate_blend_mask_segment_boxes_sam(one_torch_thread):
     with pytest.raises(ValueError):
         GenerateSettings(box_threshold=1.5)
     seg = _tiny_sam_segmenter(0.5)
-    check_segmented_blend(seg, seg.threshold)
+    check_segmented_blend(seg)
 
 
 def test_bench_localize_reports_ratios_and_same_maths():

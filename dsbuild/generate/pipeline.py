@@ -83,15 +83,15 @@ class P2PGenerator:
     """Prompt-to-Prompt on a diffusers StableDiffusionPipeline via attention processors."""
 
     def __init__(self, pipe, scheduler: str = "euler_ancestral", blend_threshold: float = 0.3,
-                 blend_start: float = 0.2, segmenter=None, segment_threshold: float = 0.4):
+                 blend_start: float = 0.2, segmenter=None):
         self.pipe = pipe
         self.scheduler_name = scheduler
         make_scheduler(scheduler, pipe.scheduler.config)  # fail early on a bad name
         self.controller = P2PController(blend_threshold, blend_start)
         install(pipe.unet, self.controller)
         # blend_mask=segment: a segmenter (dsbuild.localize.mask.load_segmenter: CLIPSeg, or
-        # detector boxes + SAM) makes the local-blend mask
-        self.segmenter, self.segment_threshold = segmenter, segment_threshold
+        # detector boxes + SAM, each with its own threshold) makes the local-blend mask
+        self.segmenter = segmenter
         if segmenter is not None:
             self.controller.segment = self._segment
         self._embeds: dict[str, torch.Tensor] = {}
@@ -269,7 +269,7 @@ class P2PGenerator:
 
         images = self.decode(x0.to(self.dtype))
         masks = [self.segmenter.mask(Image.fromarray((im * 255).round().astype(np.uint8)),
-                                     [p] if p else [], self.segment_threshold)
+                                     [p] if p else [])
                  for im, p in zip(images, phrases, strict=True)]
         m = torch.from_numpy(np.stack(masks)).float()[:, None]
         m = torch.nn.functional.interpolate(m, size=tuple(x0.shape[-2:]), mode="area")

@@ -145,9 +145,7 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
             segmenter = keep_loaded("generate-segmenter", key, lambda: load_segmenter(
                 s.segmenter, s.segment_threshold, s.detector, s.sam_model, s.box_threshold,
                 device))
-        # CLIPSeg thresholds pixels at segment_threshold, boxes + SAM boxes at box_threshold
-        gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start, segmenter,
-                           segmenter.threshold if segmenter else s.segment_threshold)
+        gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start, segmenter)
         plans = [p for t in mine for p in plan_triple(t, s, pipe.tokenizer)]
         todo = [p for p in plans if p.id not in writer.done]
         _clean_temp(build, {p.triple["id"] for p in todo})

@@ -11,22 +11,19 @@ from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
 
 
 def region(image, instruction: str, s: LocalizeSettings, mask: str | Path | None = None,
-           segmenter=None, agent=None) -> tuple[np.ndarray, list[str], str]:
+           agent=None) -> tuple[np.ndarray, list[str], str]:
     """(mask at the image's size, referred phrases, where they came from): the user's mask
-    when given, else the referred object(s) segmented; empty when nothing is found. The mask
-    is thresholded at ``s.box_threshold`` (a detector box score) for boxes + SAM, at
-    ``s.threshold`` (a CLIPSeg pixel probability) otherwise."""
-    from dsbuild.localize.mask import SamSegmenter, load_mask, load_segmenter
+    when given, else the referred object(s) segmented by the segmenter ``s`` names (at its
+    own threshold: a detector box score for boxes + SAM, a CLIPSeg pixel probability
+    otherwise); empty when nothing is found."""
+    from dsbuild.localize.mask import load_mask, segmenter_for
     from dsbuild.localize.referring import ReferringAgent
 
     if mask is not None:
         return load_mask(mask, image.size), [], "user"
     agent = agent or ReferringAgent()
     ref = agent([instruction])[0]
-    segmenter = segmenter or load_segmenter(s.segmenter, s.threshold, s.detector, s.sam_model,
-                                            s.box_threshold)
-    threshold = s.box_threshold if isinstance(segmenter, SamSegmenter) else s.threshold
-    return segmenter.mask(image, ref.phrases, threshold), ref.phrases, ref.source
+    return segmenter_for(s).mask(image, ref.phrases), ref.phrases, ref.source
 
 
 def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarray],

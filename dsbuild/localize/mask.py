@@ -230,6 +230,12 @@ class SamSegmenter:
         return self.segment_boxes(image, boxes)
 
 
+def segmenter_for(s, device: str = "cpu") -> Segmenter | SamSegmenter:
+    """The segmenter a ``LocalizeSettings`` names (see :func:`load_segmenter`)."""
+    return load_segmenter(s.segmenter, s.threshold, s.detector, s.sam_model, s.box_threshold,
+                          device)
+
+
 def load_segmenter(segmenter: str = DEFAULT_SEGMENTER, threshold: float = 0.4,
                    detector: str = DEFAULT_DETECTOR, sam_model: str = DEFAULT_SAM,
                    box_threshold: float = 0.2, device: str = "cpu") -> Segmenter | SamSegmenter:

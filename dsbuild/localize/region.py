@@ -66,7 +66,7 @@ def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, sp
     segments its own inputs."""
     from PIL import Image
 
-    from dsbuild.localize.mask import load_mask, load_segmenter, save_mask
+    from dsbuild.localize.mask import load_mask, save_mask, segmenter_for
     from dsbuild.localize.referring import ReferringAgent
 
     agent = agent or ReferringAgent()
@@ -79,7 +79,7 @@ def eval_masks(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, sp
     folder = out / f"masks-{sig}"
     todo = [r for r in rows if not (folder / f"{r.index:05d}.png").exists()]
     if todo:
-        seg = load_segmenter(s.segmenter, s.threshold, s.detector, s.sam_model, s.box_threshold)
+        seg = segmenter_for(s)
         refs = agent([r.edit_prompt for r in todo])
         listed = folder / "referred.json"
         referred = json.loads(listed.read_text()) if listed.exists() else {}
@@ -120,8 +120,6 @@ def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, 
     """(each row's penalty region, the referred masks' folder or None, the regions scores are
     taken on: name -> {row: mask}). ``s.region`` "truth" confines each edit to the data's
     ``edit_mask`` (an empty region, so a plain edit, for rows without one) and segments nothing."""
-    from PIL import Image
-
     from dsbuild.errors import DsbuildError
 
     truth = truth_masks(rows, inputs, resolution)
@@ -132,14 +130,8 @@ def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, 
             raise DsbuildError(
                 f"--region truth: {data} [{split}] has no edit_mask (the P2P local-blend mask); "
                 "export a build generated with generate.blend=true, or use --region referred")
-        masks = {}
-        for r in rows:
-            if r.index in truth:
-                masks[r.index] = truth[r.index]
-            else:
-                with Image.open(inputs[r.index]) as im:
-                    w, h = im.size
-                masks[r.index] = np.zeros((h, w), dtype=bool)
+        empty = np.zeros((resolution, resolution), dtype=bool)  # inputs are fitted square
+        masks = {r.index: truth.get(r.index, empty) for r in rows}
     elif s.region == "referred":
         masks, folder = eval_masks(rows, inputs, s, agent, out, data, split, resolution)
         regions["referred"] = masks
@@ -263,8 +255,9 @@ def region_table(result: dict) -> str:
                 lines.append(f"| {public_name(name)} | {run} | {REGION_TITLES.get(region, region)}"
                              f" ({reg.get('rows_with_region', 0)} rows) | "
                              + " | ".join(fmt(k, reg.get(k)) for k, _ in REGION_COLUMNS) + " |")
-    lines += ["", "– : undefined (no pixel outside the region in any row, e.g. masks covering "
-              "the whole image, or no row with a region and captions)."]
+    if any("| –" in line for line in lines):
+        lines += ["", "– : undefined (no pixel outside the region in any row, e.g. masks "
+                  "covering the whole image, or no row with a region and captions)."]
     agree = result.get("mask_agreement")
     if agree and agree.get("rows"):
         lines += ["", f"Referred vs ground-truth region: mean IoU {agree['iou']:.3f} over "

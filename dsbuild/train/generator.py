@@ -304,8 +304,7 @@ def train_generator(s: GeneratorTrainSettings, out: str | Path, resume: str | No
         unet.enable_gradient_checkpointing()
     trained = [unet, *([text_encoder] if s.train_text_encoder else [])]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    opt = make_optimizer(s, params, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2),
-                        weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
+    opt = make_optimizer(s, params, s.lr)
     world, rank = acc.num_processes, acc.process_index
     n = len(photos)
     micro_per_epoch = math.ceil(n / (s.batch_size * world))

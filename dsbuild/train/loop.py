@@ -117,29 +117,22 @@ def prepare_out(out: Path, s, resume: str | None, command: str = "train",
     return path
 
 
-def optimizer_cls(s):
+def make_optimizer(s, params, lr: float):
+    """AdamW on ``params`` with the settings' betas, weight decay and epsilon: torch's, fused
+    (one kernel over every tensor instead of the per-tensor loop torch runs on CPU; the same
+    update up to float rounding), or bitsandbytes' AdamW8bit with ``s.use_8bit_adam``."""
     import torch
 
+    kwargs = dict(lr=lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.adam_weight_decay,
+                  eps=s.adam_epsilon)
     if not s.use_8bit_adam:
-        return torch.optim.AdamW
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise MissingDependency("--use-8bit-adam needs bitsandbytes, which is not installed.\n"
                                 "  Install it with: pip install bitsandbytes") from None
-    return bnb.optim.AdamW8bit
-
-
-def make_optimizer(s, params, **kwargs):
-    """The optimiser of ``optimizer_cls(s)`` on ``params``. torch's AdamW runs fused (one
-    kernel over every tensor, on CPU and CUDA) rather than its default per-tensor loop on CPU:
-    the same update up to float rounding, a measurable share of a step saved."""
-    import torch
-
-    cls = optimizer_cls(s)
-    if cls is torch.optim.AdamW:
-        kwargs["fused"] = True
-    return cls(params, **kwargs)
+    return bnb.optim.AdamW8bit(params, **kwargs)
 
 
 def encode_text(text_encoder, tokenizer, prompts, device, dtype, batch: int = 64):

@@ -171,8 +171,7 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = make_optimizer(s, params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
-                        weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
+    opt = make_optimizer(s, params, s.learning_rate)
     world, rank = acc.num_processes, acc.process_index
     micro_per_epoch = math.ceil(len(rows) / (s.batch_size * world))
     steps_per_epoch = math.ceil(micro_per_epoch / s.gradient_accumulation)
