@@ -1,7 +1,7 @@
 """Build hook: ship the top-level ``recipes/`` and ``label_config/`` as ``dsbuild/data/``.
 
 Users read both folders at the repository's top level, so they stay there; a wheel has no
-top level, so ``build_py`` copies them into the package, where ``dsbuild.resources`` finds
+top level, so ``build_py`` copies them into the package, where ``dsbuild.core.resources`` finds
 them with importlib.resources. Everything else is in pyproject.toml.
 """
 
@@ -12,7 +12,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DATA_FOLDERS = ("recipes", "label_config")  # dsbuild.resources.DATA_FOLDERS
+DATA_FOLDERS = ("recipes", "label_config")  # dsbuild.core.resources.DATA_FOLDERS
 
 
 class BuildPyWithData(build_py):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from dsbuild.build import Build
-from dsbuild.hashing import content_id
+from dsbuild.core.build import Build
+from dsbuild.core.hashing import content_id
 
 # a raw score that passes every default threshold, and a clip_sim_dir that fails its own
 PASSING = {"clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_image": 0.8}

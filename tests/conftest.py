@@ -96,7 +96,7 @@ def mini_recipe(tmp_path):
 
 @pytest.fixture
 def mini_build(tmp_path, mini_recipe):
-    from dsbuild.build import Build
-    from dsbuild.config import load_recipe
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import load_recipe
 
     return Build.init(tmp_path / "build", load_recipe(mini_recipe), recipe_path=str(mini_recipe))

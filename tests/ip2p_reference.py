@@ -2,7 +2,7 @@
 
 Transcribed from InstructPix2Pix ``metrics/clip_similarity.py`` (``ClipSimilarity.forward``):
 each CLIP embedding is divided by its norm, then the four cosines are taken, the direction
-one on differences of the normalised embeddings. Tests compare ``dsbuild.metrics`` and the
+one on differences of the normalised embeddings. Tests compare ``dsbuild.core.metrics`` and the
 filter stage with this, never with the dsbuild functions themselves.
 """
 

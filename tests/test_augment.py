@@ -11,7 +11,7 @@ from builders import make_build
 
 from dsbuild.augment.mentions import Mentions, absent_terms, forms, phrase_in, words
 from dsbuild.augment.stage import no_change_instruction, run_augment
-from dsbuild.split import caption_key, row_nodes, split_rows
+from dsbuild.core.split import caption_key, row_nodes, split_rows
 
 
 def _surface(term: str, mentions: Mentions) -> set[str]:
@@ -79,7 +79,7 @@ def test_shipped_recipe_instructions_never_name_a_present_thing():
     rod" on a picture of curtains), and articles from the vocabulary ("a lower shelf") never
     end up after "the"."""
     from dsbuild.augment.mentions import candidates
-    from dsbuild.config import default_recipe_path, load_recipe
+    from dsbuild.core.config import default_recipe_path, load_recipe
 
     recipe = load_recipe(default_recipe_path())
     mentions = Mentions(recipe)
@@ -252,7 +252,7 @@ def test_llm_requests_run_concurrently_and_resume_after_failure(mini_build):
 
     from openai_server import OpenAIServer, chat, delay, error
 
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
 
     def handler(req, n):  # the answer depends on the request alone, never on arrival order
         user = req["messages"][-1]["content"]

@@ -8,14 +8,14 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from dsbuild.build import Build
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
 from dsbuild.captions.stage import run_captions
 from dsbuild.captions.validate import Validator, check_examples
 from dsbuild.cli import cli
-from dsbuild.config import default_recipe_path, load_recipe
-from dsbuild.errors import ConfigError, DsbuildError
-from dsbuild.records import read_jsonl
+from dsbuild.core.build import Build
+from dsbuild.core.config import default_recipe_path, load_recipe
+from dsbuild.core.errors import ConfigError, DsbuildError
+from dsbuild.core.records import read_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -242,8 +242,8 @@ def test_template_seed_shards_limit_and_scale(tmp_path, mini_recipe):
 
 
 def test_auto_backend_choice(monkeypatch):
+    from dsbuild.captions.settings import CaptionsSettings
     from dsbuild.captions.stage import resolve_backend
-    from dsbuild.settings.captions import CaptionsSettings
 
     assert resolve_backend(CaptionsSettings()) == "template"
     assert resolve_backend(CaptionsSettings(base_url="http://127.0.0.1:9/v1")) == "openai"

@@ -22,10 +22,10 @@ from openai_server import (
     free_port,
 )
 
-from dsbuild.build import Build
 from dsbuild.captions.stage import run_captions
-from dsbuild.config import load_recipe
-from dsbuild.errors import DsbuildError, StageFailed
+from dsbuild.core.build import Build
+from dsbuild.core.config import load_recipe
+from dsbuild.core.errors import DsbuildError, StageFailed
 
 pytestmark = pytest.mark.server
 
@@ -380,8 +380,8 @@ def test_client_waits_retry_after_and_reports_each_retry(tmp_path):
     (reason, attempt, wait), and a callback that raises stops the request (fail-fast hook)."""
     import asyncio
 
-    from dsbuild.llm import ChatClient, RequestCache
-    from dsbuild.settings.llm import LLMSettings
+    from dsbuild.llm.client import ChatClient, RequestCache
+    from dsbuild.llm.settings import LLMSettings
 
     async def ask(client):
         async with client:

@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from lexicalrichness import LexicalRichness
 from PIL import Image
 
-from dsbuild.build import Build
 from dsbuild.cli import cli, main
-from dsbuild.config import load_recipe
-from dsbuild.report.diversity import (
+from dsbuild.core.build import Build
+from dsbuild.core.config import load_recipe
+from dsbuild.diversity.settings import DiversitySettings
+from dsbuild.diversity.stage import (
     corpus_text,
     lexical_metrics,
     markdown,
@@ -26,7 +27,6 @@ from dsbuild.report.diversity import (
     run_report,
     tokenize,
 )
-from dsbuild.settings.diversity import DiversitySettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -382,7 +382,7 @@ def test_semantic_diversity_is_mean_pairwise_cosine_distance(tmp_path, mini_reci
     assert res.exit_code == 0, res.output  # gating on semantic turns it on
     saved = json.loads((b.reports_dir / "diversity.json").read_text())
     got = saved["builds"][0]["fields"]["edit"]["overall"]["semantic"]
-    from dsbuild.report.diversity import SemanticScorer
+    from dsbuild.diversity.stage import SemanticScorer
 
     edits = [t[4] for t in TRIPLES]
     emb = SemanticScorer().embed(edits).astype("float64")

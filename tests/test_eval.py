@@ -18,7 +18,7 @@ from ip2p_reference import ip2p_scores  # noqa: E402
 from test_train import build_export  # noqa: E402
 
 from dsbuild.cli import cli  # noqa: E402
-from dsbuild.errors import DsbuildError  # noqa: E402
+from dsbuild.core.errors import DsbuildError  # noqa: E402
 
 EVAL = ["--offline", "--steps", "2", "--resolution", "32", "--json"]
 
@@ -26,7 +26,7 @@ EVAL = ["--offline", "--steps", "2", "--resolution", "32", "--json"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The export and a model trained on it for 2 steps."""
-    from dsbuild.settings.train import TrainSettings
+    from dsbuild.train.settings import TrainSettings
     from dsbuild.train.trainer import train
 
     root = tmp_path_factory.mktemp("eval")

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsbuild.build import Build
-from dsbuild.config import default_recipe_path, load_recipe
+from dsbuild.cli.run import run_pipeline, run_settings
+from dsbuild.core.build import Build
+from dsbuild.core.config import default_recipe_path, load_recipe
 from dsbuild.executors import ExecutorOptions, make_executor
-from dsbuild.pipeline import run_pipeline, run_settings
 
 # the offline demo with --limit 1, trimmed to one sample per triple and two steps: every stage
 # still runs on every agent of the recipe
@@ -220,7 +220,7 @@ def test_executor_options_are_checked(tmp_path):
 
 
 def test_missing_ray_gives_the_pip_line(monkeypatch):
-    from dsbuild.errors import MissingDependency
+    from dsbuild.core.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
     monkeypatch.delitem(sys.modules, "dsbuild.executors.ray", raising=False)

@@ -10,8 +10,8 @@ import yaml
 from builders import TRIPLES, make_build
 
 from dsbuild.augment.stage import run_augment
-from dsbuild.decisions import add_decisions, make_decision
-from dsbuild.errors import DsbuildError
+from dsbuild.core.decisions import add_decisions, make_decision
+from dsbuild.core.errors import DsbuildError
 from dsbuild.export.writer import export_build, split_captions
 
 datasets = pytest.importorskip("datasets")
@@ -159,7 +159,7 @@ def test_card(built):
         assert needle in text, needle
     assert str(built.root.resolve()) not in text and "/tmp" not in text
     # once the diversity stage has run on the build, the card shows its overall table
-    from dsbuild.report.diversity import run_diversity
+    from dsbuild.diversity.stage import run_diversity
 
     div = run_diversity(built)
     md = (built.reports_dir / "diversity.md").read_text()
@@ -179,8 +179,8 @@ def test_export_refuses_foreign_folder_and_empty_builds(built, mini_recipe, tmp_
     with pytest.raises(DsbuildError, match="not a dsbuild export"):
         export_build(built, other)
     assert (other / "keep.txt").exists()
-    from dsbuild.build import Build
-    from dsbuild.config import load_recipe
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import load_recipe
 
     empty = Build.init(tmp_path / "empty", load_recipe(mini_recipe))
     make_build(empty, samples=1, keep_every=10 ** 6)
@@ -217,7 +217,7 @@ def test_train_only_when_test_ratio_is_zero(built, tmp_path):
 def test_split_stays_near_its_ratio_with_a_big_caption_group():
     """A large caption-chained group never lands in test just for coming first in seeded
     order; test is still never empty."""
-    from dsbuild.split import row_nodes, split_rows
+    from dsbuild.core.split import row_nodes, split_rows
 
     chain = {f"c{i}": row_nodes(f"t{i}", [f"caption {i}", f"caption {i + 1}"]) for i in range(60)}
     singles = {f"s{i}": row_nodes(f"u{i}", [f"single {i}"]) for i in range(40)}

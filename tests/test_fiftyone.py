@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from builders import make_build, write_png, write_scores
 
-from dsbuild.build import Build
-from dsbuild.config import load_recipe
-from dsbuild.hashing import content_id
+from dsbuild.core.build import Build
+from dsbuild.core.config import load_recipe
+from dsbuild.core.hashing import content_id
 from dsbuild.review import fiftyone as fr
 
 if find_spec("fiftyone") is None:  # not imported here: FiftyOne reads its env at import
@@ -210,7 +210,7 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     from click.testing import CliRunner
 
     from dsbuild.cli import cli
-    from dsbuild.decisions import read_decisions
+    from dsbuild.core.decisions import read_decisions
     from dsbuild.review.fiftyone_cli import inspect_cmd
 
     recs = make_build(build, samples=1)
@@ -276,7 +276,7 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     assert fr.pull(build)["added"] == 0
     assert by_slice(ds)[(a, "output")]["decision"] is None
     assert build.status()["decisions"] == {"fiftyone:reject": 1}
-    from dsbuild.decisions import latest_by_pair
+    from dsbuild.core.decisions import latest_by_pair
 
     assert set(latest_by_pair(build)) == {b}
 
@@ -331,7 +331,7 @@ def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch
     from click.testing import CliRunner
 
     from dsbuild.cli import cli
-    from dsbuild.decisions import latest_by_pair, read_decisions
+    from dsbuild.core.decisions import latest_by_pair, read_decisions
     from dsbuild.export.dataset import collect_rows
 
     recs = make_build(build, samples=1, keep_every=1)
@@ -401,7 +401,7 @@ def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch
 
 
 def test_pull_without_dataset_is_a_clear_error(fo, build):
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
 
     make_build(build, samples=1)
     with pytest.raises(DsbuildError, match="run `dsbuild inspect"):
@@ -489,7 +489,7 @@ def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
 
 
 def test_mongod_that_cannot_start_is_a_clear_error(tmp_path, monkeypatch):
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
 
     monkeypatch.setenv("DSBUILD_MONGOD", shutil.which("false"))
     assert str(fr.find_mongod()) == shutil.which("false")

@@ -11,13 +11,13 @@ from builders import make_build, score_records
 from ip2p_reference import ip2p_scores
 from PIL import Image
 
-from dsbuild import metrics
-from dsbuild.build import Build
-from dsbuild.errors import DsbuildError
+from dsbuild.core import metrics
+from dsbuild.core.build import Build
+from dsbuild.core.errors import DsbuildError
 from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
+from dsbuild.filter.settings import FilterSettings
 from dsbuild.filter.stage import Scorer, decide, run_filter
 from dsbuild.models.tiny_clip import tiny_clip, tiny_dino
-from dsbuild.settings.filter import FilterSettings
 
 TINY = ["filter.clip_model=tiny", "filter.dino=true", "filter.dino_model=tiny"]
 LOOSE = ["filter.clip_sim_0=-1", "filter.clip_sim_1=-1", "filter.clip_sim_dir=-1",
@@ -274,7 +274,7 @@ class CrashingScorer(Scorer):
 
 
 def test_resume_after_crash_and_mid_triple(tmp_path, mini_recipe, encoders):
-    from dsbuild.config import load_recipe
+    from dsbuild.core.config import load_recipe
 
     def fresh(name):
         b = Build.init(tmp_path / name, load_recipe(mini_recipe))
@@ -303,7 +303,7 @@ def test_resume_after_crash_and_mid_triple(tmp_path, mini_recipe, encoders):
 
 
 def test_sharded_by_triple_matches_single_rank(tmp_path, mini_recipe, encoders):
-    from dsbuild.config import load_recipe
+    from dsbuild.core.config import load_recipe
 
     results = {}
     for ws in (1, 2):
@@ -342,7 +342,7 @@ def test_bench_filter_encodes_what_it_claims_in_the_time_it_took(monkeypatch):
     import open_clip
     from click.testing import CliRunner
 
-    from dsbuild.filter.bench import bench_filter
+    from dsbuild.bench.filter import bench_filter
 
     encoded: list[int] = []
     real_encode = open_clip.model.CLIP.encode_image

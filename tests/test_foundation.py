@@ -10,12 +10,12 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dsbuild.build import Build, select_shard
 from dsbuild.cli import cli
-from dsbuild.config import load_recipe
-from dsbuild.errors import ConfigError, DsbuildError, RecordError
-from dsbuild.hashing import content_id
-from dsbuild.records import ShardWriter, atomic_open, read_jsonl
+from dsbuild.core.build import Build, select_shard
+from dsbuild.core.config import load_recipe
+from dsbuild.core.errors import ConfigError, DsbuildError, RecordError
+from dsbuild.core.hashing import content_id
+from dsbuild.core.records import ShardWriter, atomic_open, read_jsonl
 
 
 def test_bad_recipe_names_file_line_and_key(tmp_path):
@@ -117,7 +117,7 @@ def test_shard_writer_recovers_torn_tail(tmp_path):
 def test_shard_writer_survives_sigkill(tmp_path):
     out = tmp_path / "r00000.jsonl"
     code = (  # writes until killed, so the kill always lands mid-stream
-        "import itertools\nfrom dsbuild.records import ShardWriter\n"
+        "import itertools\nfrom dsbuild.core.records import ShardWriter\n"
         f"w = ShardWriter({str(out)!r})\n"
         "for i in itertools.count():\n"
         "    w.write({'id': str(i), 'pad': 'x' * 200})\n"
@@ -186,11 +186,11 @@ def test_cli_reference_matches_the_commands():
 
     # a fresh process: click caches each command's help option on first use, and commands
     # other tests invoked directly would render "--help" where the CLI shows "-h, --help"
-    rendered = subprocess.run([sys.executable, "-m", "dsbuild.clidoc"], capture_output=True,
+    rendered = subprocess.run([sys.executable, "-m", "dsbuild.cli.doc"], capture_output=True,
                               text=True, check=True).stdout
     page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     assert page.read_text() == rendered, (
-        "docs/cli.md is out of date: run `python -m dsbuild.clidoc > docs/cli.md`")
+        "docs/cli.md is out of date: run `python -m dsbuild.cli.doc > docs/cli.md`")
 
 
 def test_augment_follows_the_export_split_settings(mini_build):
@@ -205,7 +205,7 @@ def test_augment_follows_the_export_split_settings(mini_build):
 def test_decisions_each_tools_current_one_and_withdrawals(mini_build):
     """The decision in force: the latest (by time, then file order) of the tools' current
     decisions; a snapshot pull withdraws what its tool no longer holds."""
-    from dsbuild.decisions import add_decisions, latest_by_pair, make_decision
+    from dsbuild.core.decisions import add_decisions, latest_by_pair, make_decision
 
     def d(pid, verdict, tool, at, **kw):
         return make_decision(pid, verdict, tool=tool, reviewer="r", at=at, **kw)

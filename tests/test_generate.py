@@ -18,13 +18,13 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dsbuild.build import Build  # noqa: E402
-from dsbuild.config import load_recipe  # noqa: E402
-from dsbuild.errors import ConfigError, DsbuildError  # noqa: E402
+from dsbuild.core.build import Build  # noqa: E402
+from dsbuild.core.config import load_recipe  # noqa: E402
+from dsbuild.core.errors import ConfigError, DsbuildError  # noqa: E402
+from dsbuild.generate.settings import GenerateSettings  # noqa: E402
 from dsbuild.generate.stage import run_generate  # noqa: E402
 from dsbuild.generate.sweep import plan_triple  # noqa: E402
 from dsbuild.models.tiny_sd import char_tokenizer  # noqa: E402
-from dsbuild.settings.generate import GenerateSettings  # noqa: E402
 
 # two edits of one input caption share their sources
 EXTRA = [("chairs", "object", "change", "a red velvet armchair", "make it green",

@@ -1,12 +1,12 @@
-"""The records join (dsbuild/join.py): what every reader of triples, pairs and scores gets."""
+"""The records join (dsbuild/core/join.py): what every reader of triples, pairs and scores gets."""
 
 from __future__ import annotations
 
 import pytest
 from builders import make_build, write_scores
 
-from dsbuild import join
-from dsbuild.errors import DsbuildError
+from dsbuild.core import join
+from dsbuild.core.errors import DsbuildError
 
 
 def test_scored_and_all_pairs(mini_build):

@@ -24,8 +24,8 @@ from builders import make_build
 from click.testing import CliRunner
 
 from dsbuild.cli import cli
-from dsbuild.decisions import latest_by_pair, read_decisions
-from dsbuild.errors import DsbuildError
+from dsbuild.core.decisions import latest_by_pair, read_decisions
+from dsbuild.core.errors import DsbuildError
 from dsbuild.review import labelstudio as ls
 
 TOKEN = "dsbuild-test-token-0123456789"
@@ -407,8 +407,8 @@ def test_local_files_mode(ls_server, mini_build_under_root, token):
 
 @pytest.fixture
 def mini_build_under_root(ls_server, mini_recipe, request):
-    from dsbuild.build import Build
-    from dsbuild.config import load_recipe
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import load_recipe
 
     root = ls_server.root / "builds" / request.node.name
     return Build.init(root, load_recipe(mini_recipe), recipe_path=str(mini_recipe))

@@ -19,16 +19,16 @@ pytest.importorskip("transformers")
 from openai_server import OpenAIServer, chat  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dsbuild.cli import cli  # noqa: E402
-from dsbuild.errors import DsbuildError  # noqa: E402
-from dsbuild.localize.attention import (  # noqa: E402
+from dsbuild.attention.lime import (  # noqa: E402
     LocalizeController,
     RegularisationSettings,
     edit_token_mask,
 )
+from dsbuild.cli import cli  # noqa: E402
+from dsbuild.core.errors import DsbuildError  # noqa: E402
+from dsbuild.llm.settings import LLMSettings  # noqa: E402
 from dsbuild.localize.edit import localized_edit  # noqa: E402
 from dsbuild.localize.referring import ReferringAgent, referred_by_rules  # noqa: E402
-from dsbuild.settings.llm import LLMSettings  # noqa: E402
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
 
@@ -215,7 +215,7 @@ def test_eval_localize_reports_region_scores_next_to_plain(tmp_path, one_torch_t
     pytest.importorskip("datasets")
     from test_train import build_export
 
-    from dsbuild import metrics
+    from dsbuild.core import metrics
 
     export = build_export(tmp_path)
     out = tmp_path / "ev"
@@ -261,8 +261,8 @@ def test_generate_blend_mask_segment(one_torch_thread):
     """blend_mask=segment: the source's blend words segmented by a tiny CLIPSeg are the local
     blend mask; outside it the target's latents are the source's, and no attention map is
     materialised."""
+    from dsbuild.generate.settings import GenerateSettings
     from dsbuild.localize.mask import Segmenter
-    from dsbuild.settings.generate import GenerateSettings
 
     assert GenerateSettings(blend=True, blend_mask="segment").blend_mask == "segment"
     with pytest.raises(ValueError):
@@ -278,7 +278,7 @@ def check_segmented_blend(seg):
     """P2P with ``seg`` making the local-blend mask: the mask is segmented, not read from
     attention (no map materialised), partial, and outside it the target's latents are exactly
     the source's."""
-    from dsbuild.generate.pipeline import P2PGenerator, SourceGroup, TargetSpec
+    from dsbuild.generate.p2p import P2PGenerator, SourceGroup, TargetSpec
     from dsbuild.models import load_sd_pipeline
 
     gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",
@@ -499,7 +499,7 @@ def test_generate_blend_mask_segment_boxes_sam(one_torch_thread):
     """blend_mask=segment with segmenter=sam: the tiny detector's boxes of the source's blend
     words, segmented by the tiny SAM, are the local blend mask; outside it the target's latents
     are the source's. The box settings sign the stage only with segmenter=sam."""
-    from dsbuild.settings.generate import GenerateSettings
+    from dsbuild.generate.settings import GenerateSettings
 
     new = {"detector", "sam_model", "box_threshold"}
     assert not new & set(GenerateSettings().signature_dict())
@@ -518,7 +518,7 @@ def test_generate_blend_mask_segment_boxes_sam(one_torch_thread):
 
 def test_bench_localize_reports_ratios_and_same_maths():
     """The bench runs end to end; fused and materialised penalties give the same pixels."""
-    from dsbuild.localize.bench import bench_localize
+    from dsbuild.bench.localize import bench_localize
 
     r = CliRunner().invoke(bench_localize, ["--arch", "tiny", "--rows", "2", "--steps", "2",
                                             "--resolution", "32", "--repeats", "1", "--json"])

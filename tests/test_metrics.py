@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from ip2p_reference import ip2p_scores
 
-from dsbuild import metrics
+from dsbuild.core import metrics
 
 
 def t(*xs):

@@ -129,9 +129,9 @@ def test_without_review_and_export_extras(tmp_path, mini_build):
     assert not (mini_build.root / "export").exists()
 
 
-LIGHT_MODULES = ("dsbuild.stages", "dsbuild.build", "dsbuild.join", "dsbuild.generate.stage",
+LIGHT_MODULES = ("dsbuild.core.stages", "dsbuild.core.build", "dsbuild.core.join", "dsbuild.generate.stage",
                  "dsbuild.filter.stage", "dsbuild.filter.report", "dsbuild.review.fiftyone",
-                 "dsbuild.review.labelstudio", "dsbuild.export.writer", "dsbuild.pipeline",
+                 "dsbuild.review.labelstudio", "dsbuild.export.writer", "dsbuild.cli.run",
                  "dsbuild.verify.stage", "dsbuild.verify.report")
 HEAVY = ("torch", "diffusers", "open_clip", "transformers", "fiftyone", "label_studio_sdk",
          "datasets", "pyarrow", "huggingface_hub")

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dsbuild.generate.align import align_prompts, prompt_words  # noqa: E402
-from dsbuild.generate.pipeline import (  # noqa: E402
+from dsbuild.attention.align import align_prompts, prompt_words  # noqa: E402
+from dsbuild.generate.p2p import (  # noqa: E402
     P2PGenerator,
     SourceGroup,
     TargetSpec,
@@ -144,7 +144,7 @@ def test_full_self_injection_equals_sdpa_of_source_qk_and_target_v(gen):
 def test_fused_cross_attention_edit_equals_the_materialised_p2p_map(gen):
     """refine + per-word window + reweight through SDPA equals the explicit P2P attention map,
     with no attention probabilities materialised."""
-    from dsbuild.generate.align import token_weights
+    from dsbuild.attention.align import token_weights
 
     unet = gen.pipe.unet
     layer = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
@@ -406,7 +406,7 @@ def test_aligner_with_a_python_tokenizer_matches_the_fast_one(tok, src, tgt):
 
 
 def test_saved_pipeline_loads_from_a_directory(tmp_path, plain):
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
 
     plain.save_pretrained(tmp_path / "sd")
     loaded = load_sd_pipeline(str(tmp_path / "sd"))
@@ -420,7 +420,7 @@ def test_bench_p2p_reports_ratios():
     """The bench command runs end to end (figures only, no timing assertions)."""
     from click.testing import CliRunner
 
-    from dsbuild.generate.bench import bench_p2p
+    from dsbuild.bench.p2p import bench_p2p
 
     r = CliRunner().invoke(bench_p2p, ["--steps", "1", "--size", "32", "--k", "2",
                                        "--repeats", "1", "--json"])

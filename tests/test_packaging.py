@@ -65,7 +65,7 @@ def test_loaders_find_the_files_in_an_installed_wheel(dist, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = ("import dsbuild, json\n"
-            "from dsbuild.config import default_recipe_path, load_recipe\n"
+            "from dsbuild.core.config import default_recipe_path, load_recipe\n"
             "from dsbuild.review.labelstudio import CONFIG_DIR, PAIR_CONFIG\n"
             "print(json.dumps({'module': dsbuild.__file__, 'recipe': str(default_recipe_path()),"
             " 'agents': len(load_recipe(default_recipe_path()).agents),"

@@ -130,8 +130,8 @@ def exported(tmp_path_factory):
     """One small build, exported once in-process; pushes find the export up to date."""
     from conftest import MINI_RECIPE
 
-    from dsbuild.build import Build
-    from dsbuild.config import load_recipe
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import load_recipe
     from dsbuild.export.writer import export_build
 
     root = tmp_path_factory.mktemp("push")
@@ -201,7 +201,7 @@ def test_push_unreachable_hub(exported):
 
 
 def test_push_refuses_bad_repo_id_and_offline(exported, monkeypatch):
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
     from dsbuild.export.push import push_export
 
     with pytest.raises(DsbuildError, match="namespace/name"):
@@ -214,7 +214,7 @@ def test_push_refuses_bad_repo_id_and_offline(exported, monkeypatch):
 def test_check_public_catches_secrets_and_paths(exported, tmp_path, monkeypatch):
     import shutil
 
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
     from dsbuild.export.card import check_public
 
     folder = tmp_path / "copy"

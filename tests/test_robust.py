@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from dsbuild import locks
-from dsbuild.build import Build
-from dsbuild.config import load_recipe
-from dsbuild.errors import DsbuildError
-from dsbuild.records import ShardWriter, read_jsonl
+from dsbuild.core import locks
+from dsbuild.core.build import Build
+from dsbuild.core.config import load_recipe
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.records import ShardWriter, read_jsonl
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "interior-design.yaml"
 ENV = dict(os.environ, DSBUILD_NO_PROGRESS="1")
@@ -208,7 +208,7 @@ def test_resume_cuts_a_torn_tail_in_place(tmp_path):
 
 def test_decisions_appends_do_not_lose_each_other(tmp_path):
     """Two threads appending decisions at once (two pulls): every decision is kept."""
-    from dsbuild.decisions import add_decisions, make_decision, read_decisions
+    from dsbuild.core.decisions import add_decisions, make_decision, read_decisions
 
     b = new_build(tmp_path / "b")
 
@@ -242,9 +242,9 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path):
 def test_a_truncated_png_never_reaches_a_parquet_file(mini_recipe, tmp_path):
     import pyarrow.parquet as pq
 
-    from dsbuild import join
-    from dsbuild.pipeline import run_pipeline
-    from dsbuild.records import image_problem
+    from dsbuild.cli.run import run_pipeline
+    from dsbuild.core import join
+    from dsbuild.core.records import image_problem
 
     b = run_pipeline(mini_recipe, tmp_path / "b", offline=True, limit=1,
                      echo=lambda s: None).build
@@ -339,10 +339,10 @@ def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
     """Executors run shard after shard in one process: generate's pipeline and filter's
     encoders load once, and reusing them changes nothing."""
     from dsbuild import models
-    from dsbuild.config import load_recipe as load
+    from dsbuild.cli.run import OFFLINE_SETTINGS
+    from dsbuild.core.config import load_recipe as load
     from dsbuild.filter.stage import run_filter
     from dsbuild.generate.stage import run_generate
-    from dsbuild.pipeline import OFFLINE_SETTINGS
 
     builds, held = [], []
     for name in ("a", "b"):

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from dsbuild import stages
-from dsbuild.pipeline import run_pipeline, run_settings
+from dsbuild.cli.run import run_pipeline, run_settings
+from dsbuild.core import stages
 
 
 def test_offline_settings_are_demo_sized():
@@ -54,7 +54,7 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
 
 
 def test_run_refuses_another_recipe(mini_recipe, tmp_path, mini_build):
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
 
     other = tmp_path / "other.yaml"
     other.write_text(mini_recipe.read_text().replace("name: mini", "name: other"))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from dsbuild import stages
-from dsbuild.build import Build
-from dsbuild.config import BuildConfig, apply_overrides, load_recipe
-from dsbuild.errors import ConfigError, DsbuildError
-from dsbuild.records import read_jsonl
+from dsbuild.core import stages
+from dsbuild.core.build import Build
+from dsbuild.core.config import BuildConfig, apply_overrides, load_recipe
+from dsbuild.core.errors import ConfigError, DsbuildError
+from dsbuild.core.records import read_jsonl
 
 PLUGIN = textwrap.dedent('''
     """A stage that lives only in the tests: words per input caption, slowly."""
@@ -29,9 +29,9 @@ PLUGIN = textwrap.dedent('''
     import click
     from pydantic import Field
 
-    from dsbuild.cli_util import build_argument, echo_result, shard_options
-    from dsbuild.settings import StageSettings
-    from dsbuild.stages import Stage, register
+    from dsbuild.cli.util import build_argument, echo_result, shard_options
+    from dsbuild.core.settings import StageSettings
+    from dsbuild.core.stages import Stage, register
 
 
     class WordcountSettings(StageSettings):
@@ -62,7 +62,7 @@ PLUGIN = textwrap.dedent('''
     @shard_options
     def wordcount_cmd(build, rank, world_size, force, overrides):
         """Count words of BUILD's captions."""
-        from dsbuild.build import Build
+        from dsbuild.core.build import Build
 
         b = Build.open(build)
         b.update(overrides)
@@ -188,7 +188,7 @@ def test_every_builtin_stage_is_declared_once_and_everything_derives(tmp_path):
 
 
 def test_register_rejects_unknown_upstream_and_duplicates():
-    from dsbuild.settings import StageSettings
+    from dsbuild.core.settings import StageSettings
 
     class S(StageSettings):
         pass

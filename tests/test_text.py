@@ -1,4 +1,4 @@
-"""The shared text helpers (dsbuild/text.py), on the cases the hand-rolled versions got wrong:
+"""The shared text helpers (dsbuild/core/text.py), on the cases the hand-rolled versions got wrong:
 irregular plurals, articles by sound, numerals, uncountables, singular nouns in -s."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from dsbuild.augment.mentions import phrase_in, words
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import Validator
-from dsbuild.config import Agent
-from dsbuild.split import caption_key
-from dsbuild.text import (
+from dsbuild.core.config import Agent
+from dsbuild.core.split import caption_key
+from dsbuild.core.text import (
     article,
     bare,
     forms,
@@ -24,7 +24,7 @@ from dsbuild.text import (
     singular,
     with_article,
 )
-from dsbuild.text import words as text_words
+from dsbuild.core.text import words as text_words
 
 
 def test_one_tokeniser_keeps_joined_words_and_reads_unicode():
@@ -150,15 +150,15 @@ def test_template_captions_use_articles_by_sound_and_no_article_on_uncountables(
 
 
 def test_importing_inflect_leaves_typeguard_alone():
-    """dsbuild.text imports inflect with typeguard's decorator stubbed (import time); the stub
+    """dsbuild.core.text imports inflect with typeguard's decorator stubbed (import time); the stub
     must not stay behind, and a typeguard imported before must be the same module after."""
-    code = ("import typeguard, sys\nfrom dsbuild.text import singular\n"
+    code = ("import typeguard, sys\nfrom dsbuild.core.text import singular\n"
             "assert singular('shelves') == 'shelf'\n"
             "assert sys.modules['typeguard'] is typeguard and typeguard.typechecked.__module__ "
-            "!= 'dsbuild.text'\n"
+            "!= 'dsbuild.core.text'\n"
             "del sys.modules['typeguard']\n")
     subprocess.run([sys.executable, "-c", code], check=True)
-    code = ("import sys\nfrom dsbuild.text import plural\nassert plural('mouse') == 'mice'\n"
+    code = ("import sys\nfrom dsbuild.core.text import plural\nassert plural('mouse') == 'mice'\n"
             "assert 'typeguard' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -167,7 +167,7 @@ def test_p2p_token_weights_split_chosen_words_as_clip_splits_them():
     """Blend/reweight words are split by the shared tokeniser into CLIP's word pieces: the old
     whitespace split kept "mid-century" and "rug," whole and matched no CLIP word."""
     torch = pytest.importorskip("torch")
-    from dsbuild.generate.align import Word, token_weights
+    from dsbuild.attention.align import Word, token_weights
 
     clip_words = [Word("a", [1]), Word("mid", [2]), Word("-", [3]), Word("century", [4]),
                   Word("rug", [5, 6])]

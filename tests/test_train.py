@@ -17,8 +17,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("datasets")
 
 from dsbuild.cli import cli  # noqa: E402
-from dsbuild.errors import DsbuildError  # noqa: E402
-from dsbuild.settings.train import TrainSettings  # noqa: E402
+from dsbuild.core.errors import DsbuildError  # noqa: E402
+from dsbuild.train.settings import TrainSettings  # noqa: E402
 from dsbuild.train.trainer import KILL_ENV, train  # noqa: E402
 
 FAST = dict(base="tiny", resolution=32, batch_size=2, checkpoint_every=2, validation_steps=2)
@@ -30,8 +30,8 @@ def build_export(root: Path, masks: bool = False) -> Path:
     import conftest
 
     from dsbuild.augment.stage import run_augment
-    from dsbuild.build import Build
-    from dsbuild.config import load_recipe
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import load_recipe
     from dsbuild.export.writer import export_build
 
     recipe = root / "mini.yaml"
@@ -181,7 +181,7 @@ def test_bad_input_is_refused_with_what_to_fix(export, tmp_path):
     assert (foreign / "keep.txt").read_text() == "precious"
     s = TrainSettings(data=str(export), max_steps=2, **FAST)
     run = tmp_path / "run"
-    from dsbuild.records import write_json
+    from dsbuild.core.records import write_json
     from dsbuild.train.trainer import RUN_FILE
 
     run.mkdir()

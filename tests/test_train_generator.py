@@ -18,9 +18,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from dsbuild.cli import cli, main  # noqa: E402
-from dsbuild.errors import DsbuildError  # noqa: E402
-from dsbuild.settings.train_generator import GeneratorTrainSettings  # noqa: E402
+from dsbuild.core.errors import DsbuildError  # noqa: E402
 from dsbuild.train.generator import read_photos, token_warning, train_generator  # noqa: E402
+from dsbuild.train.generator_settings import GeneratorTrainSettings  # noqa: E402
 from dsbuild.train.loop import KILL_ENV  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

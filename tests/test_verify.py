@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from openai_server import OpenAIServer, chat, delay, error, free_port
 from PIL import Image
 
-from dsbuild import join
-from dsbuild.build import Build
-from dsbuild.errors import StageFailed
+from dsbuild.core import join
+from dsbuild.core.build import Build
+from dsbuild.core.errors import StageFailed
 from dsbuild.verify.checks import Found, targets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -37,8 +37,8 @@ def main() -> None:
     from builders import make_build
     from conftest import MINI_RECIPE
 
-    from dsbuild.build import Build
-    from dsbuild.config import load_recipe
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import load_recipe
     from dsbuild.review import fiftyone as fr
 
     tmp = Path(tempfile.mkdtemp(prefix="dsbuild-shots-"))

@@ -1,5 +1,13 @@
-"""No-change augmentation: instructions naming something absent, with output = input."""
+"""No-change augmentation: instructions naming something absent, with output = input.
 
-from dsbuild.augment.stage import run_augment
+The stage is declared here, once; everything else derives from it (see dsbuild.core.stages).
+"""
 
-__all__ = ["run_augment"]
+from dsbuild.augment.settings import AugmentSettings
+from dsbuild.core.stages import Stage, register
+
+STAGE = register(Stage(
+    name="augment", output="augment", settings=AugmentSettings, upstream=("filter",),
+    signs=("recipe", "split"), run="dsbuild.augment.stage:run_augment",
+    command="dsbuild.augment.cli:augment_cmd", help="add no-change samples", key="pair_id",
+))

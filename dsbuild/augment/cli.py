@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
+from dsbuild.cli.util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("augment")
@@ -13,7 +13,7 @@ from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_o
 def augment_cmd(build, rank, world_size, force, overrides, executor):
     """Add no-change samples to BUILD: instructions naming something absent, output = input."""
     from dsbuild.augment.stage import run_augment
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
 
     b = Build.open(build)
     b.update(overrides)

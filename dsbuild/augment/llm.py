@@ -4,7 +4,7 @@ The model sees the caption and the recipe things the caption does not mention, a
 ``{"target": ..., "edit": ...}``. A reply is used only when its target is one of those absent
 things, the instruction names it, and the instruction names nothing the caption mentions;
 otherwise the template writes that sample and the reason is counted. Requests go through the
-shared ``dsbuild.llm.ChatClient`` (``augment.*`` settings: endpoint, concurrency, retries) and
+shared ``dsbuild.llm.client.ChatClient`` (``augment.*`` settings: endpoint, concurrency, retries) and
 are cached in the build (``cache/augment``), so a re-run pays for no call twice.
 """
 
@@ -18,8 +18,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from dsbuild.augment.mentions import Mentions, key, names_any, phrase_in, words
-from dsbuild.build import Build
-from dsbuild.llm import ChatClient, RequestCache
+from dsbuild.core.build import Build
+from dsbuild.llm.client import ChatClient, RequestCache
 
 OFFLINE_HINT = "or set augment.backend=template"
 SYSTEM = (

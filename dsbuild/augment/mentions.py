@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dsbuild.config import Agent, Recipe
-from dsbuild.text import bare, forms
-from dsbuild.text import words as text_words
+from dsbuild.core.config import Agent, Recipe
+from dsbuild.core.text import bare, forms
+from dsbuild.core.text import words as text_words
 
 
 def words(text: str) -> list[str]:

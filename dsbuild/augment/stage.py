@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 
-from dsbuild import join
 from dsbuild.augment.llm import OFFLINE_HINT, Ask, LLMInstructions
 from dsbuild.augment.mentions import (
     Mentions,
@@ -21,13 +20,14 @@ from dsbuild.augment.mentions import (
     present_terms,
     words,
 )
-from dsbuild.build import Build, StageResult, shard_of
-from dsbuild.config import Agent
-from dsbuild.errors import DsbuildError
-from dsbuild.hashing import content_id
-from dsbuild.llm import check_endpoint
-from dsbuild.split import row_nodes, split_rows
-from dsbuild.text import article
+from dsbuild.core import join
+from dsbuild.core.build import Build, StageResult, shard_of
+from dsbuild.core.config import Agent
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.hashing import content_id
+from dsbuild.core.split import row_nodes, split_rows
+from dsbuild.core.text import article
+from dsbuild.llm.client import check_endpoint
 
 REMOVE = ("remove the {x}", "take away the {x}", "get rid of the {x}", "delete the {x}")
 REMOVE_VERBS = frozenset({"remove", "delete", "take", "get", "eliminate", "clear"})

@@ -7,13 +7,13 @@ import click
 from dsbuild.cli import LazyGroup
 
 BENCHES = {
-    "p2p": ("dsbuild.generate.bench:bench_p2p", "Prompt-to-Prompt vs plain diffusers"),
-    "filter": ("dsbuild.filter.bench:bench_filter", "CLIP scoring vs raw open_clip"),
-    "verify": ("dsbuild.verify.bench:bench_verify", "OWLv2 detection vs raw transformers"),
-    "train": ("dsbuild.train.bench:bench_train", "training steps vs diffusers' IP2P loop"),
-    "eval": ("dsbuild.evaluate.bench:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
-    "scale": ("dsbuild.executors.bench:bench_scale", "generate with 1 vs 2 local workers"),
-    "localize": ("dsbuild.localize.bench:bench_localize",
+    "p2p": ("dsbuild.bench.p2p:bench_p2p", "Prompt-to-Prompt vs plain diffusers"),
+    "filter": ("dsbuild.bench.filter:bench_filter", "CLIP scoring vs raw open_clip"),
+    "verify": ("dsbuild.bench.verify:bench_verify", "OWLv2 detection vs raw transformers"),
+    "train": ("dsbuild.bench.train:bench_train", "training steps vs diffusers' IP2P loop"),
+    "eval": ("dsbuild.bench.eval:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
+    "scale": ("dsbuild.bench.scale:bench_scale", "generate with 1 vs 2 local workers"),
+    "localize": ("dsbuild.bench.localize:bench_localize",
                  "localized editing vs plain IP2P and materialised maps"),
 }
 

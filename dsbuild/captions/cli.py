@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
+from dsbuild.cli.util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("captions")
@@ -15,9 +15,9 @@ from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_o
 @shard_options
 def captions_cmd(build, backend, rank, world_size, force, overrides, executor):
     """Write caption triples {input, edit, output} for BUILD with its recipe's agents."""
-    from dsbuild.build import Build
     from dsbuild.captions.report import format_summary
     from dsbuild.captions.stage import run_captions
+    from dsbuild.core.build import Build
 
     b = Build.open(build)
     if executor.distributed or executor.shards:

@@ -6,8 +6,8 @@ import json
 import random
 import re
 
-from dsbuild.config import Agent, Recipe
-from dsbuild.hashing import content_id
+from dsbuild.core.config import Agent, Recipe
+from dsbuild.core.hashing import content_id
 
 SYSTEM_PROMPT = """\
 You write training data for an instruction-based image editing model. Each sample is a JSON \

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dsbuild.build import Build
 from dsbuild.captions.validate import REASONS
-from dsbuild.records import write_json
+from dsbuild.core.build import Build
+from dsbuild.core.records import write_json
 
 REQUEST_KEYS = ("sent", "cached", "retries", "failed")
 
@@ -92,7 +92,7 @@ def plot_report(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dsbuild.records import write_figure
+    from dsbuild.core.records import write_figure
 
     names = list(report["agents"])
     kept = [report["agents"][n]["kept"] for n in names]

@@ -25,18 +25,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsbuild.build import Build, StageResult, check_rank
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
 from dsbuild.captions.report import write_report
+from dsbuild.captions.settings import CaptionsSettings
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import FIELDS, Checked, Validator, check_examples, clean_text
-from dsbuild.config import Agent, Recipe, apply_overrides
-from dsbuild.errors import StageFailed
-from dsbuild.hashing import content_id
-from dsbuild.llm import ChatClient, RequestCache, check_endpoint, sum_request_stats
-from dsbuild.progress import progress, retry_postfix, update_postfix
-from dsbuild.records import ShardWriter, shard_name, write_json
-from dsbuild.settings.captions import CaptionsSettings
+from dsbuild.core.build import Build, StageResult, check_rank
+from dsbuild.core.config import Agent, Recipe, apply_overrides
+from dsbuild.core.errors import StageFailed
+from dsbuild.core.hashing import content_id
+from dsbuild.core.progress import progress, retry_postfix, update_postfix
+from dsbuild.core.records import ShardWriter, shard_name, write_json
+from dsbuild.llm.client import ChatClient, RequestCache, check_endpoint, sum_request_stats
 
 AUTO_ROUNDS = 8
 TEMPLATE_ATTEMPTS = 50  # candidates per wanted triple before the template backend gives up

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from dsbuild.config import Agent
-from dsbuild.errors import DsbuildError
-from dsbuild.hashing import content_id
-from dsbuild.text import article, bare, with_article
+from dsbuild.core.config import Agent
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.hashing import content_id
+from dsbuild.core.text import article, bare, with_article
 
 
 def join_items(items: list[str]) -> str:

@@ -9,9 +9,9 @@ import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dsbuild.config import OPERATIONS, Agent, Recipe
-from dsbuild.errors import ConfigError
-from dsbuild.text import normalise, singular, words
+from dsbuild.core.config import OPERATIONS, Agent, Recipe
+from dsbuild.core.errors import ConfigError
+from dsbuild.core.text import normalise, singular, words
 
 FIELDS = ("input", "edit", "output")
 

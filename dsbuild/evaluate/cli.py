@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsbuild.errors import DsbuildError
+from dsbuild.core.errors import DsbuildError
 
 
 def _floats(value: str, flag: str) -> list[float]:
@@ -69,7 +69,7 @@ def localize_settings(segmenter, mask_threshold, detector, sam_model, box_thresh
     reg.check()
     llm = None
     if llm_model or llm_base_url:
-        from dsbuild.settings.llm import LLMSettings
+        from dsbuild.llm.settings import LLMSettings
 
         llm = LLMSettings(model=llm_model or "gpt-4o-mini", base_url=llm_base_url,
                           temperature=0.0, max_tokens=128)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, require_installed
+from dsbuild.core.errors import DsbuildError, require_installed
 
 
 def edit_image(model: str, image: str | Path, instruction: str, out: str | Path, seed: int = 0,
@@ -20,8 +20,8 @@ def edit_image(model: str, image: str | Path, instruction: str, out: str | Path,
     import torch
     from PIL import Image
 
+    from dsbuild.core.records import write_image
     from dsbuild.models import resolve_device, resolve_dtype
-    from dsbuild.records import write_image
     from dsbuild.train.data import fit
     from dsbuild.train.model import load_editor
 

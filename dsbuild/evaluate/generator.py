@@ -1,7 +1,7 @@
 """``dsbuild eval-generator``: a tuned generator against its base, side by side.
 
 Measured as DreamBooth (Ruiz et al. 2023) measures subject fidelity and prompt fidelity, with
-the filter stage's encoders and :mod:`dsbuild.metrics`, so the formulas are the ones filter and
+the filter stage's encoders and :mod:`dsbuild.core.metrics`, so the formulas are the ones filter and
 ``eval`` use:
 
 - **CLIP-T**: cosine of CLIP image and text embeddings of each image with its context prompt
@@ -23,10 +23,10 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, require_installed
-from dsbuild.hashing import content_id
-from dsbuild.progress import progress
-from dsbuild.records import write_image, write_json, write_text
+from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.hashing import content_id
+from dsbuild.core.progress import progress
+from dsbuild.core.records import write_image, write_json, write_text
 
 EVAL_MODULES = ("torch", "diffusers", "transformers", "open_clip")
 
@@ -99,7 +99,7 @@ def evaluate_generator(tuned: str, out: str | Path, s: GeneratorEvalSettings | N
     require_installed("train", *EVAL_MODULES, what="dsbuild eval-generator")
     import torch
 
-    from dsbuild import metrics
+    from dsbuild.core import metrics
     from dsbuild.evaluate.report import image_grid
     from dsbuild.evaluate.run import EvalSettings, load_encoders
     from dsbuild.filter.encoders import ImageEmbedder

@@ -3,7 +3,7 @@
 Against the input (LangDesign / Emu Edit): CLIP_im, CLIP_dir, CLIP_out, DINO. Against the
 ground-truth edited image (MagicBrush): CLIP-I, DINO, L1. No-change rows are scored apart
 (CLIP_im, DINO, L1 against the input: how much the editor leaves the image alone). Every
-score comes from :mod:`dsbuild.metrics` on embeddings from the filter stage's encoders, so
+score comes from :mod:`dsbuild.core.metrics` on embeddings from the filter stage's encoders, so
 eval and filter cannot disagree on a formula. JSON values are raw cosines (``scale:
 cosine``); the markdown table prints them ×100.
 
@@ -21,10 +21,10 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, require_installed
-from dsbuild.hashing import content_id
-from dsbuild.progress import progress
-from dsbuild.records import write_figure, write_image, write_json, write_text
+from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.hashing import content_id
+from dsbuild.core.progress import progress
+from dsbuild.core.records import write_figure, write_image, write_json, write_text
 from dsbuild.train import data as rows_mod
 
 EVAL_MODULES = ("torch", "diffusers", "transformers", "open_clip", "datasets")
@@ -108,7 +108,7 @@ def score(rows, edit_paths: dict[int, Path], inputs: dict[int, Path], truths: di
     """Mean metrics of one model at one image guidance: ``edit`` rows and ``no_change`` rows."""
     import torch
 
-    from dsbuild import metrics
+    from dsbuild.core import metrics
 
     def stack(paths, key):
         return torch.stack([emb[p][key] for p in paths])

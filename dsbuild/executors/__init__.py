@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dsbuild import stages
+from dsbuild.core import stages
 from dsbuild.executors.base import Executor, ExecutorOptions, ShardFailed
 
 __all__ = ["Executor", "ExecutorOptions", "ShardFailed", "make_executor"]

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsbuild import stages
-from dsbuild.build import WORKER_ENV, Build, StageResult
-from dsbuild.errors import DsbuildError
-from dsbuild.progress import progress, update_postfix
-from dsbuild.records import count_lines, shard_name
+from dsbuild.core import stages
+from dsbuild.core.build import WORKER_ENV, Build, StageResult
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.progress import progress, update_postfix
+from dsbuild.core.records import count_lines, shard_name
 
 EXECUTORS = ("local", "ray")
 SHARDS_PER_WORKER = 4  # default world size = workers x this, so a straggler's share is small

@@ -19,8 +19,8 @@ import threading
 from collections import deque
 from dataclasses import asdict
 
-from dsbuild.build import WORKER_ENV, Build
-from dsbuild.errors import DsbuildError
+from dsbuild.core.build import WORKER_ENV, Build
+from dsbuild.core.errors import DsbuildError
 from dsbuild.executors.base import DriverProgress, Executor, RankRun, failure, log_path
 
 POLL_S = 0.5

@@ -17,8 +17,8 @@ from collections import deque
 import ray
 from ray.exceptions import ActorDiedError, NodeDiedError, RayActorError, WorkerCrashedError
 
-from dsbuild.build import WORKER_ENV, Build
-from dsbuild.errors import DsbuildError
+from dsbuild.core.build import WORKER_ENV, Build
+from dsbuild.core.errors import DsbuildError
 from dsbuild.executors.base import DriverProgress, Executor, RankRun, failure, log_path, run_rank
 
 SYSTEM_FAILURES = (RayActorError, ActorDiedError, WorkerCrashedError, NodeDiedError)

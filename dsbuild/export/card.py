@@ -13,11 +13,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from dsbuild.build import Build
-from dsbuild.errors import DsbuildError, require
+from dsbuild.core.build import Build
+from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.records import write_figure
+from dsbuild.core.split import SPLITS, caption_key
 from dsbuild.export.dataset import ExportRows, public_name
-from dsbuild.records import write_figure
-from dsbuild.split import SPLITS, caption_key
 
 GRID_NAME = "grid.png"
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "LABEL_STUDIO_API_KEY",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from dsbuild.cli_util import build_argument, wait_option
-from dsbuild.config import apply_overrides
+from dsbuild.cli.util import build_argument, wait_option
+from dsbuild.core.config import apply_overrides
 
 
 @click.command("export")
@@ -26,7 +26,7 @@ def export_cmd(build, to, force, overrides):
     a one-off export into DIR whose --set settings are not saved, so they never change what a
     later plain `dsbuild export` writes.
     """
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.export.writer import default_export_dir, export_build
 
     b = Build.open(build)
@@ -56,7 +56,7 @@ def echo_export(res) -> None:
               help="export folder (default: BUILD/export; exported first if stale)")
 def push_cmd(build, repo_id, private, revision, export_dir):
     """Push BUILD's export with its card to the Hub dataset REPO_ID (token: HF_TOKEN or login)."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.export.push import push_export
 
     res = push_export(Build.open(build), repo_id, private=private, revision=revision,

@@ -15,15 +15,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dsbuild import join
-from dsbuild.build import Build
-from dsbuild.decisions import latest_by_pair
-from dsbuild.errors import DsbuildError, require, require_installed
-from dsbuild.hashing import content_id
-from dsbuild.progress import progress
-from dsbuild.records import image_problem
-from dsbuild.settings.filter import SCORE_KEYS
-from dsbuild.split import SPLITS, caption_key, row_nodes, split_rows
+from dsbuild.core import join
+from dsbuild.core.build import Build
+from dsbuild.core.decisions import latest_by_pair
+from dsbuild.core.errors import DsbuildError, require, require_installed
+from dsbuild.core.hashing import content_id
+from dsbuild.core.progress import progress
+from dsbuild.core.records import image_problem
+from dsbuild.core.split import SPLITS, caption_key, row_nodes, split_rows
+from dsbuild.filter.settings import SCORE_KEYS
 
 ROW_GROUP = 100  # rows per parquet row group (what the Hub's viewer pages by)
 

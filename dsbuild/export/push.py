@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsbuild.build import Build
-from dsbuild.errors import DsbuildError, require
+from dsbuild.core.build import Build
+from dsbuild.core.errors import DsbuildError, require
 from dsbuild.export.card import check_public
 from dsbuild.export.writer import INFO_NAME, export_build
 

@@ -1,6 +1,6 @@
 """The export stage: rows → parquet shards + grid + card in a temp folder, renamed into place.
 
-``run_export`` is the stage (declared in :mod:`dsbuild.stages`): it writes BUILD/export and
+``run_export`` is the stage (declared in :mod:`dsbuild.core.stages`): it writes BUILD/export and
 its completion marker through ``Build.run_stage``, like every other stage, so a re-run with
 the same inputs (upstream signatures, export and split settings, decisions, the diversity
 report) does nothing. ``export_build(build, to=OTHER)`` writes a one-off copy elsewhere; its
@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsbuild import locks
-from dsbuild.build import Build, StageResult
-from dsbuild.errors import DsbuildError
+from dsbuild.core import locks
+from dsbuild.core.build import Build, StageResult
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.records import write_json, write_text
+from dsbuild.core.split import SPLITS
 from dsbuild.export.card import GRID_NAME, card_text, check_public, grid_image
 from dsbuild.export.dataset import check_installed, collect_rows, write_shards
-from dsbuild.records import write_json, write_text
-from dsbuild.split import SPLITS
 
 INFO_NAME = "export_info.json"
 
@@ -133,7 +133,7 @@ def split_captions(path: Path) -> dict[str, set[str]]:
     """Input and edited captions per split of an export (for leak checks)."""
     import pyarrow.parquet as pq
 
-    from dsbuild.split import caption_key
+    from dsbuild.core.split import caption_key
 
     out: dict[str, set[str]] = {k: set() for k in SPLITS}
     for k in SPLITS:

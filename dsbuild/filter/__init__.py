@@ -1,1 +1,13 @@
-"""The filter stage: CLIP/DINO scores, InstructPix2Pix thresholds, top-k per triple."""
+"""The filter stage: CLIP/DINO scores, InstructPix2Pix thresholds, top-k per triple.
+
+The stage is declared here, once; everything else derives from it (see dsbuild.core.stages).
+"""
+
+from dsbuild.core.stages import Stage, register
+from dsbuild.filter.settings import FilterSettings
+
+STAGE = register(Stage(
+    name="filter", output="scores", settings=FilterSettings, upstream=("generate",),
+    run="dsbuild.filter.stage:run_filter", command="dsbuild.filter.cli:filter_cmd",
+    help="score pairs with CLIP/DINO and keep the best", extra="filter", key="pair_id",
+))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
+from dsbuild.cli.util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("filter")
@@ -12,7 +12,7 @@ from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_o
 @shard_options
 def filter_cmd(build, rank, world_size, force, overrides, executor):
     """Score BUILD's pairs with CLIP (and DINOv2), apply thresholds, keep the top k per triple."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.filter.stage import run_filter
 
     b = Build.open(build)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dsbuild.errors import DsbuildError, require
-from dsbuild.metrics import normalize
+from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.metrics import normalize
 from dsbuild.models import resolve_device, resolve_dtype, torch_dtype
 from dsbuild.models import tiny_clip as tiny
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from dsbuild import join
-from dsbuild.build import Build
-from dsbuild.records import write_figure, write_json, write_text
-from dsbuild.settings.filter import SCORE_KEYS, THRESHOLDS
+from dsbuild.core import join
+from dsbuild.core.build import Build
+from dsbuild.core.records import write_figure, write_json, write_text
+from dsbuild.filter.settings import SCORE_KEYS, THRESHOLDS
 
 
 def _rate(n: int, d: int) -> float | None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dsbuild import join
-from dsbuild.build import Build, StageResult, select_shard
-from dsbuild.errors import require_installed
-from dsbuild.progress import progress
-from dsbuild.settings.filter import THRESHOLDS, FilterSettings
+from dsbuild.core import join
+from dsbuild.core.build import Build, StageResult, select_shard
+from dsbuild.core.errors import require_installed
+from dsbuild.core.progress import progress
+from dsbuild.filter.settings import THRESHOLDS, FilterSettings
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,7 @@ class Scorer:
         """Raw scores (no keep/rank yet) per pair id; unusable images give an ``error``."""
         import torch
 
-        from dsbuild import metrics
+        from dsbuild.core import metrics
 
         paths = {}
         for p in pairs:

@@ -1,1 +1,14 @@
-"""Prompt-to-Prompt image pairs on Stable Diffusion (the generate stage)."""
+"""Prompt-to-Prompt image pairs on Stable Diffusion (the generate stage).
+
+The stage is declared here, once; everything else derives from it (see dsbuild.core.stages).
+"""
+
+from dsbuild.core.stages import Stage, register
+from dsbuild.generate.settings import GenerateSettings
+
+STAGE = register(Stage(
+    name="generate", output="pairs", settings=GenerateSettings, upstream=("captions",),
+    run="dsbuild.generate.stage:run_generate", command="dsbuild.generate.cli:generate_cmd",
+    help="make image pairs with Prompt-to-Prompt", extra="gen",
+    verify="dsbuild.core.records:pair_images_problem",
+))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_options
+from dsbuild.cli.util import build_argument, echo_result, run_all_ranks, shard_options
 
 
 @click.command("generate")
@@ -14,7 +14,7 @@ from dsbuild.cli_util import build_argument, echo_result, run_all_ranks, shard_o
 @shard_options
 def generate_cmd(build, model, rank, world_size, force, overrides, executor):
     """Make image pairs for BUILD's caption triples with Prompt-to-Prompt."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.generate.stage import check_installed, run_generate
 
     check_installed()  # before the --set/--model overrides are saved

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from dsbuild.join import Joined
-from dsbuild.records import write_image
+from dsbuild.core.join import Joined
+from dsbuild.core.records import write_image
 
 THUMB = 160
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from dsbuild import join
-from dsbuild.build import Build, StageResult, select_shard
-from dsbuild.errors import DsbuildError, StageFailed, require_installed
-from dsbuild.progress import progress
-from dsbuild.records import write_bytes
+from dsbuild.core import join
+from dsbuild.core.build import Build, StageResult, select_shard
+from dsbuild.core.errors import DsbuildError, StageFailed, require_installed
+from dsbuild.core.progress import progress
+from dsbuild.core.records import write_bytes
 
 if TYPE_CHECKING:
     from dsbuild.generate.sweep import PairPlan
@@ -92,7 +92,7 @@ def pair_record(plan: PairPlan, model: str, rel: str) -> dict:
 
 
 def hash_source(plan: PairPlan, model: str) -> str:
-    from dsbuild.hashing import content_id
+    from dsbuild.core.hashing import content_id
 
     inp, seed, guidance = plan.group_key
     p = plan.params
@@ -107,7 +107,7 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
     s = build.config.generate
 
     def work(writer) -> dict:
-        from dsbuild.generate.pipeline import P2PGenerator
+        from dsbuild.generate.p2p import P2PGenerator
         from dsbuild.generate.sweep import plan_triple
         from dsbuild.models import (
             keep_loaded,
@@ -182,7 +182,7 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1,
 
 
 def _group(key, plans: list[PairPlan]):
-    from dsbuild.generate.pipeline import SourceGroup
+    from dsbuild.generate.p2p import SourceGroup
 
     caption, seed, guidance = key
     return SourceGroup(caption, seed, guidance, [p.target() for p in plans])

@@ -13,10 +13,10 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from dsbuild.generate.align import align_prompts
-from dsbuild.generate.pipeline import TargetSpec
-from dsbuild.hashing import content_id
-from dsbuild.settings.generate import GenerateSettings
+from dsbuild.attention.align import align_prompts
+from dsbuild.core.hashing import content_id
+from dsbuild.generate.p2p import TargetSpec
+from dsbuild.generate.settings import GenerateSettings
 
 
 @dataclass

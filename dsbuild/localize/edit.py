@@ -33,7 +33,7 @@ def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarra
     ``controller``: a ``LocalizeController`` (subclass) to use instead of a new one on ``s``."""
     import torch
 
-    from dsbuild.localize.attention import (
+    from dsbuild.attention.lime import (
         LocalizeController,
         edit_token_mask,
         regularised,

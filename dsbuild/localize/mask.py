@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsbuild.errors import DsbuildError, require
+from dsbuild.core.errors import DsbuildError, require
 from dsbuild.localize.settings import (
     DEFAULT_DETECTOR,
     DEFAULT_SAM,
@@ -52,7 +52,7 @@ def save_mask(path: str | Path, mask: np.ndarray) -> Path:
     """Write a bool mask as a black/white PNG (atomically)."""
     from PIL import Image
 
-    from dsbuild.records import write_image
+    from dsbuild.core.records import write_image
 
     write_image(Path(path), Image.fromarray(mask.astype(np.uint8) * 255, "L"))
     return Path(path)

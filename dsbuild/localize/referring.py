@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsbuild.settings.llm import LLMSettings
-from dsbuild.text import ARTICLES, words
+from dsbuild.core.text import ARTICLES, words
+from dsbuild.llm.settings import LLMSettings
 
 SYSTEM = (
     "You read an image-editing instruction and name the object(s) of the INPUT image that the "
@@ -155,7 +155,7 @@ class ReferringAgent:
         return out
 
     async def _ask(self, instructions: list[str]) -> list[dict | None]:
-        from dsbuild.llm import ChatClient, RequestCache, check_endpoint
+        from dsbuild.llm.client import ChatClient, RequestCache, check_endpoint
 
         check_endpoint(self.settings, "localize.llm", "leave out the LLM to use the rules")
         cache = RequestCache(self.cache_dir) if self.cache_dir else None

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsbuild.hashing import content_id
-from dsbuild.records import write_image, write_text
+from dsbuild.core.hashing import content_id
+from dsbuild.core.records import write_image, write_text
 
 # (key, title); L1 prints as it is, cosines ×100 (as eval's main table)
 REGION_COLUMNS = (("l1_outside", "L1 outside ↓"), ("dino_outside", "DINO outside ↑"),
@@ -120,7 +120,7 @@ def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, 
     """(each row's penalty region, the referred masks' folder or None, the regions scores are
     taken on: name -> {row: mask}). ``s.region`` "truth" confines each edit to the data's
     ``edit_mask`` (an empty region, so a plain edit, for rows without one) and segments nothing."""
-    from dsbuild.errors import DsbuildError
+    from dsbuild.core.errors import DsbuildError
 
     truth = truth_masks(rows, inputs, resolution)
     regions: dict[str, dict] = {}
@@ -185,7 +185,7 @@ def region_scores(rows, masks: dict[int, np.ndarray], edits: dict[int, Path],
     grey-filled and cropped images that are embedded."""
     import torch
 
-    from dsbuild import metrics
+    from dsbuild.core import metrics
 
     rows = [r for r in rows if not r.no_change]
     l1_out, l1_in, pairs_out, pairs_in = [], [], [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dsbuild.errors import DsbuildError
+from dsbuild.core.errors import DsbuildError
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 SAM_SEGMENTER = "sam"  # the segmenter value that selects detector boxes + SAM

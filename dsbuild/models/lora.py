@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError
+from dsbuild.core.errors import DsbuildError
 
 MARKER = "dsbuild-generator.json"
 PARTS = ("unet", "text_encoder")

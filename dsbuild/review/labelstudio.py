@@ -33,20 +33,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from dsbuild import join
-from dsbuild.decisions import (
+from dsbuild.core import join
+from dsbuild.core.decisions import (
     WITHDRAWN,
     add_decisions,
     current_by_tool,
     pairwise_agreement,  # noqa: F401 - part of this module's API (agreement in a pull)
     read_decisions,
 )
-from dsbuild.decisions import aggregate as aggregate_reviews
-from dsbuild.errors import DsbuildError, require, require_installed
-from dsbuild.hashing import content_id
-from dsbuild.progress import progress
-from dsbuild.records import write_json
-from dsbuild.resources import bundled_dir
+from dsbuild.core.decisions import aggregate as aggregate_reviews
+from dsbuild.core.errors import DsbuildError, require, require_installed
+from dsbuild.core.hashing import content_id
+from dsbuild.core.progress import progress
+from dsbuild.core.records import write_json
+from dsbuild.core.resources import bundled_dir
 
 TOOL = "labelstudio"
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
@@ -481,7 +481,7 @@ def read_annotation(ann: dict, emails: dict[int, str]) -> dict | None:
 
 
 def aggregate(pair_id: str, reviews: list[dict], **extra) -> dict:
-    """One decision from several reviews by the shared rule (``dsbuild.decisions.aggregate``:
+    """One decision from several reviews by the shared rule (``dsbuild.core.decisions.aggregate``:
     majority verdict, a tie rejects; reasons ranked by count, then the order of ``REASONS``)."""
     return aggregate_reviews(pair_id, reviews, tool=TOOL, reason_order=REASONS, **extra)
 
@@ -598,7 +598,7 @@ def plot_summary(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dsbuild.records import write_figure
+    from dsbuild.core.records import write_figure
 
     agents = list(summary["per_agent"]) or ["(none)"]
     rows = [summary["per_agent"].get(a, {}) for a in agents]

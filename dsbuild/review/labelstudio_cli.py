@@ -37,7 +37,7 @@ def review_group():
 def push_cmd(build, url, title, sample_size, seed, policy, images, document_root, recreate,
              config_path):
     """Import BUILD's pairs as tasks; pairs already in the project are skipped."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.review.labelstudio import push
 
     r = push(Build.open(build), url, title=title, sample_size=sample_size, images=images,
@@ -54,7 +54,7 @@ def push_cmd(build, url, title, sample_size, seed, policy, images, document_root
 @click.option("--url", default=None, help=URL_HELP)
 def pull_cmd(build, url):
     """Write BUILD's Label Studio annotations into decisions.jsonl (majority verdict)."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.review.labelstudio import pull
 
     r = pull(Build.open(build), url)
@@ -71,7 +71,7 @@ def pull_cmd(build, url):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status_cmd(build, url, as_json):
     """Show review progress of BUILD: done, pending, agreement, per agent."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.review.labelstudio import status
 
     st = status(Build.open(build), url)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dsbuild.core.records import write_text
 from dsbuild.export.dataset import public_name
-from dsbuild.records import write_text
 
 EVAL_START, EVAL_END = "<!-- dsbuild-eval -->", "<!-- /dsbuild-eval -->"
 NO_EVAL = "Not evaluated yet: run `dsbuild eval BASE THIS_FOLDER --data DATA`."

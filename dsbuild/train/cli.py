@@ -1,4 +1,4 @@
-"""``dsbuild train``: options derived from :class:`dsbuild.settings.train.TrainSettings`."""
+"""``dsbuild train``: options derived from :class:`dsbuild.train.settings.TrainSettings`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import typing
 import click
 from pydantic import ValidationError
 
-from dsbuild.errors import ConfigError
-from dsbuild.settings.train import TrainSettings
+from dsbuild.core.errors import ConfigError
+from dsbuild.train.settings import TrainSettings
 
 SKIP = {"data"}
 

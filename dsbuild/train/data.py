@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, require
+from dsbuild.core.errors import DsbuildError, require
 
 REQUIRED = ("input_image", "edit_prompt", "edited_image")
 MODES = ("RGB", "RGBA", "L", "P")  # modes that convert to RGB without guessing

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild import __version__
-from dsbuild.errors import DsbuildError, require_installed
-from dsbuild.hashing import content_id
-from dsbuild.records import write_image, write_json
-from dsbuild.settings.train_generator import GeneratorTrainSettings
+from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.hashing import content_id
+from dsbuild.core.records import write_image, write_json
+from dsbuild.train.generator_settings import GeneratorTrainSettings
 from dsbuild.train.loop import (
     TrainState,
     begin_run,
@@ -192,7 +192,7 @@ def class_images(comps: dict, s: GeneratorTrainSettings, prompt: str, device, qu
     import torch
     from PIL import Image
 
-    from dsbuild.progress import progress
+    from dsbuild.core.progress import progress
 
     folder = class_dir(s, prompt)
     paths = [folder / f"{i:05d}.png" for i in range(s.num_class_images)]

@@ -8,9 +8,9 @@ import json
 import click
 from pydantic import ValidationError
 
-from dsbuild.errors import ConfigError
-from dsbuild.settings.train_generator import GeneratorTrainSettings
+from dsbuild.core.errors import ConfigError
 from dsbuild.train.cli import settings_options
+from dsbuild.train.generator_settings import GeneratorTrainSettings
 
 
 def settings_from(photos: str, given: dict) -> GeneratorTrainSettings:

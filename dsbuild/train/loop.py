@@ -17,8 +17,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, MissingDependency
-from dsbuild.progress import progress
+from dsbuild.core.errors import DsbuildError, MissingDependency
+from dsbuild.core.progress import progress
 
 RUN_FILE = "dsbuild-train.json"  # settings of the run that owns the folder (written first)
 KILL_ENV = "DSBUILD_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL self after this step (no cleanup)
@@ -55,7 +55,7 @@ def begin_run(acc, s, out: Path, start_from: Path | None, state) -> int | None:
     """Note the run's settings in OUT (its first start only: they own the folder), then
     restore ``start_from``; returns the step resumed from (None for a new run)."""
     from dsbuild import __version__
-    from dsbuild.records import write_json
+    from dsbuild.core.records import write_json
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

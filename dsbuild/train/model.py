@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsbuild.errors import DsbuildError, require
+from dsbuild.core.errors import DsbuildError, require
 
 IP2P_CHANNELS = 8
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild import __version__
-from dsbuild.errors import DsbuildError, require_installed
-from dsbuild.records import write_json
-from dsbuild.settings.train import TrainSettings
+from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.records import write_json
 from dsbuild.train import data as rows_mod
 from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer's public names
     KILL_ENV,
@@ -44,6 +43,7 @@ from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer
 from dsbuild.train.loop import (
     weight_dtype as frozen_dtype,
 )
+from dsbuild.train.settings import TrainSettings
 
 CONFIG_FILE = "train_config.json"  # what the finished model was trained with
 TRAIN_MODULES = ("torch", "diffusers", "accelerate", "transformers", "datasets")
@@ -278,8 +278,8 @@ def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path:
     """A grid of edits on fixed rows (input | edit | ground truth), with the EMA weights."""
     import torch
 
+    from dsbuild.core.records import write_image
     from dsbuild.evaluate.report import edit_grid
-    from dsbuild.records import write_image
     from dsbuild.train.model import editor_pipeline
 
     if not acc.is_main_process:

@@ -1,1 +1,14 @@
-"""The verify stage: did each edit happen, and only where it should (see docs/verify.md)."""
+"""The verify stage: did each edit happen, and only where it should (see docs/verify.md).
+
+The stage is declared here, once; everything else derives from it (see dsbuild.core.stages).
+"""
+
+from dsbuild.core.stages import Stage, register
+from dsbuild.verify.settings import VerifySettings
+
+STAGE = register(Stage(
+    name="verify", output="verify", settings=VerifySettings, upstream=("filter",),
+    run="dsbuild.verify.stage:run_verify", command="dsbuild.verify.cli:verify_cmd",
+    help="check each kept edit with a detector (and a VLM judge)", extra="filter",
+    key="pair_id",
+))

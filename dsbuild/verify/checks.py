@@ -13,8 +13,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from dsbuild.settings.verify import VerifySettings
-from dsbuild.text import words
+from dsbuild.core.text import words
+from dsbuild.verify.settings import VerifySettings
 
 ARTICLES = frozenset({"a", "an", "the", "some"})
 PRESENCE = frozenset({"a", "an", "no", "without", "with", "some"})  # say whether a thing is there

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsbuild.cli_util import build_argument, echo_result, shard_options
+from dsbuild.cli.util import build_argument, echo_result, shard_options
 
 
 @click.command("verify")
@@ -13,7 +13,7 @@ from dsbuild.cli_util import build_argument, echo_result, shard_options
 def verify_cmd(build, rank, world_size, force, overrides):
     """Check that each kept pair's edit happened, and only where it should: detector checks per
     operation, the near-copy bound and, when enabled, a vision-language judge."""
-    from dsbuild.build import Build
+    from dsbuild.core.build import Build
     from dsbuild.verify.stage import run_verify
 
     b = Build.open(build)

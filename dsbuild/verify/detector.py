@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dsbuild.errors import DsbuildError, require
+from dsbuild.core.errors import DsbuildError, require
 from dsbuild.filter.encoders import amp_dtype, autocast
 from dsbuild.models import resolve_device
 from dsbuild.verify.checks import Found

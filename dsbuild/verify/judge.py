@@ -1,5 +1,5 @@
 """The optional vision-language judge: a rubric in VIEScore's spirit, asked through the shared
-OpenAI-compatible client (``dsbuild.llm.ChatClient``: concurrency, tenacity retries, the request
+OpenAI-compatible client (``dsbuild.llm.client.ChatClient``: concurrency, tenacity retries, the request
 cache in ``cache/verify-judge``, usage stats).
 
 Each pair is one request: the instruction and both images as ``data:`` URLs (PNG, longest side
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from dsbuild.llm import ChatClient, RequestCache
-from dsbuild.settings.verify import JudgeSettings
+from dsbuild.llm.client import ChatClient, RequestCache
+from dsbuild.verify.settings import JudgeSettings
 
 SYSTEM = (
     "You check image edits. You get an editing instruction, the input image and the edited "

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from dsbuild import join
-from dsbuild.build import Build
-from dsbuild.records import write_image, write_json, write_text
+from dsbuild.core import join
+from dsbuild.core.build import Build
+from dsbuild.core.records import write_image, write_json, write_text
 
 SHEET_PER_REASON = 6
 THUMB = 128

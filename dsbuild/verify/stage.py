@@ -18,13 +18,13 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from dsbuild import join
-from dsbuild.build import Build, StageResult, select_shard
-from dsbuild.errors import StageFailed, require_installed
-from dsbuild.progress import progress
-from dsbuild.settings.verify import VerifySettings
+from dsbuild.core import join
+from dsbuild.core.build import Build, StageResult, select_shard
+from dsbuild.core.errors import StageFailed, require_installed
+from dsbuild.core.progress import progress
 from dsbuild.verify import checks
 from dsbuild.verify.checks import Found, Targets
+from dsbuild.verify.settings import VerifySettings
 
 VERIFY_MODULES = ("torch", "torchvision", "transformers", "open_clip")
 WHOLE_IMAGE = 0.9  # a region covering more than this share of the image leaves no "rest"
@@ -179,7 +179,7 @@ class Verifier:
     def _change(self, todo) -> dict[str, dict]:
         import torch
 
-        from dsbuild import metrics
+        from dsbuild.core import metrics
 
         clip, dino = self.encoders()
         out: dict[str, dict] = {}
@@ -237,7 +237,7 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
     build.update(list(overrides))
     s = build.config.verify
     if s.judge.enabled:
-        from dsbuild.llm import check_endpoint
+        from dsbuild.llm.client import check_endpoint
 
         check_endpoint(s.judge, "verify.judge", "or set verify.judge.enabled=false")
     build.require_complete("filter")

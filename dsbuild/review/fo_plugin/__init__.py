@@ -12,7 +12,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from dsbuild.errors import DsbuildError
+from dsbuild.core.errors import DsbuildError
 
 
 def _targets(ctx) -> list[str]:

@@ -1,0 +1,241 @@
+"""All per-run Prompt-to-Prompt state in one object; processors only call ``attend``.
+
+A UNet batch holds ``2R`` rows: R unconditional then R conditional, one per image. Every
+image row is a source or a target; a target names its source row. Edits are linear in the
+attention map columns, so they run on fused SDPA without materialised probabilities:
+
+- self-attention injection: ``softmax(Q_src K_srcᵀ) V_tgt`` = SDPA(Q_src, K_src, V_tgt);
+- cross-attention replace/refine/reweight: the edited map is ``A_src M + A_tgt diag(c)``
+  (M maps source tokens to target columns, scaled by the per-word step window and the
+  equalizer), so the output is SDPA(Q_src, K_src, M V_tgt) + SDPA(Q_tgt, K_tgt, c ⊙ V_tgt);
+- local blend is the one place that materialises probabilities: the chosen words' maps at
+  the lowest attention resolution, only for the rows that blend.
+
+Self-attention injection applies to both guidance halves (as InstructPix2Pix); cross-attention
+edits apply to the conditional half (as Prompt-to-Prompt).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsbuild.attention.align import Alignment
+
+
+def _rows(mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of the rows whose keys are used (masks follow their keys' row)."""
+    return mask if mask is None or mask.shape[0] == 1 else mask[idx]
+
+
+@dataclass
+class RowEdit:
+    """How one target row is edited relative to its source row."""
+
+    source: int  # row index of the source image
+    self_replace: float = 0.0  # fraction of steps reusing the source's self-attention
+    alignment: Alignment | None = None  # None: no cross-attention edit
+    cross_replace: torch.Tensor | None = None  # [L] per-token fraction of steps
+    equalizer: torch.Tensor | None = None  # [L] per-token scale (reweight), default 1
+    blend_src: torch.Tensor | None = None  # [L] source tokens whose maps form the blend mask
+    blend_tgt: torch.Tensor | None = None  # [L] target tokens whose maps form the blend mask
+    segment_phrase: str | None = None  # blend_mask=segment: what to segment in the source
+
+
+class P2PController:
+    """Per-run edit state: which rows read which, step windows, blend maps and masks."""
+
+    def __init__(self, blend_threshold: float = 0.3, blend_start: float = 0.2):
+        self.active = False
+        self.blend_threshold = blend_threshold
+        self.blend_start = blend_start
+        self.blend_layers: set[str] = set()
+        self.last_mask: torch.Tensor | None = None
+        self.calls = {"self_injected": 0, "cross_edited": 0, "probs": 0}
+        # blend_mask=segment: (source x0 latents [n, C, h, w], phrases) -> [n, 1, h, w] bool
+        self.segment = None
+
+    # ------------------------------------------------------------------ setup
+    def set_layers(self, names: list[str], unet) -> None:
+        """Blend reads the cross-attention layers at the lowest down/up attention resolution."""
+        n_up = len(unet.up_blocks)
+        levels: dict[str, int] = {}
+        for n in names:
+            if ".attn2." not in n:
+                continue
+            m = re.match(r"(down|up)_blocks\.(\d+)\.", n)
+            if m:
+                i = int(m.group(2))
+                levels[n] = i if m.group(1) == "down" else n_up - 1 - i
+        if levels:
+            top = max(lv for n, lv in levels.items() if n.startswith("down")) \
+                if any(n.startswith("down") for n in levels) else max(levels.values())
+            self.blend_layers = {n for n, lv in levels.items() if lv == top}
+
+    def configure(self, n_rows: int, edits: dict[int, RowEdit], steps: int, device,
+                  dtype) -> None:
+        """Start a run of ``n_rows`` images; ``edits`` maps target row -> its edit."""
+        self.R, self.edits, self.steps = n_rows, edits, steps
+        self.device, self.dtype = device, dtype
+        self.blend_rows = [r for r, e in edits.items()
+                           if e.blend_tgt is not None or e.blend_src is not None]
+        self.maps_src: torch.Tensor | None = None
+        self.maps_tgt: torch.Tensor | None = None
+        self.maps_seen = False
+        if self.blend_rows:
+            first = edits[self.blend_rows[0]]
+            z = torch.zeros_like(first.blend_tgt if first.blend_tgt is not None
+                                 else first.blend_src)
+            self.b_tgt = torch.stack([edits[r].blend_tgt if edits[r].blend_tgt is not None
+                                      else z for r in self.blend_rows]).to(device, torch.float32)
+            self.b_src = torch.stack([edits[r].blend_src if edits[r].blend_src is not None
+                                      else z for r in self.blend_rows]).to(device, torch.float32)
+            # decided once per run, not per layer or step: a side no row names is never computed
+            self.use_tgt, self.use_src = bool(self.b_tgt.any()), bool(self.b_src.any())
+            self.blend_idx = torch.tensor(self.blend_rows, device=device)
+            self.blend_src_idx = torch.tensor([edits[r].source for r in self.blend_rows],
+                                              device=device)
+            # conditional-half rows; a source shared by several targets is computed once
+            self.b_rows = self.blend_idx + n_rows
+            self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + n_rows,
+                                                           return_inverse=True)
+            if self.segment is not None:  # the mask is segmented, not read from attention
+                self.use_tgt = self.use_src = False
+                self.seg_phrases = [edits[r].segment_phrase or "" for r in self.blend_rows]
+        self.seg_mask: torch.Tensor | None = None
+        self.last_mask = None
+        self.active = True
+
+    def reset(self) -> None:
+        """Back to plain SDPA everywhere."""
+        self.active = False
+        self.edits = {}
+        self.maps_src = self.maps_tgt = None
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, i: int) -> None:
+        """Work out, once per step, which rows read which (not once per layer)."""
+        R, dev = self.R, self.device
+        self.step = i
+        self_rows = [(r, e.source) for r, e in self.edits.items()
+                     if i < int(e.self_replace * self.steps)]
+        if self_rows:
+            idx = torch.arange(2 * R, device=dev)
+            for r, s in self_rows:
+                idx[r], idx[R + r] = s, R + s
+            self.self_idx = idx
+        else:
+            self.self_idx = None
+        rows, srcs, mats, cs = [], [], [], []
+        for r, e in self.edits.items():
+            if e.alignment is None:
+                continue
+            w = (i < (e.cross_replace * self.steps).floor()).float()
+            if not bool(w.any()):
+                continue
+            we = w * e.equalizer if e.equalizer is not None else w
+            mats.append(e.alignment.mapper * we[None, :])
+            cs.append(we * (1 - e.alignment.alpha) + (1 - w))
+            rows.append(R + r)
+            srcs.append(R + e.source)
+        if rows:
+            self.x_rows = torch.tensor(rows, device=dev)
+            idx = torch.arange(2 * R, device=dev)
+            idx[self.x_rows] = torch.tensor(srcs, device=dev)
+            self.x_idx = idx
+            self.x_M = torch.stack(mats).to(dev, self.dtype)
+            c = torch.stack(cs)
+            self.x_c = c.to(dev, self.dtype) if bool((c != 0).any()) else None
+        else:
+            self.x_rows = None
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, name: str, is_cross: bool, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention op of one layer for the whole batch (q, k, v: [B, heads, N, d])."""
+        if q.shape[0] != 2 * self.R:  # not a batch this controller planned: leave it alone
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if not is_cross:
+            if self.self_idx is None:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            self.calls["self_injected"] += 1
+            idx = self.self_idx
+            return F.scaled_dot_product_attention(q[idx], k[idx], v, attn_mask=_rows(mask, idx))
+        if self.blend_rows and name in self.blend_layers and (self.use_src or self.use_tgt):
+            self._store_blend_maps(q, k)
+        if self.x_rows is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        self.calls["cross_edited"] += 1
+        rows, idx = self.x_rows, self.x_idx
+        v2 = v.clone()
+        v2[rows] = torch.einsum("rst,rhtd->rhsd", self.x_M, v[rows])
+        out = F.scaled_dot_product_attention(q[idx], k[idx], v2, attn_mask=_rows(mask, idx))
+        if self.x_c is not None:
+            own = F.scaled_dot_product_attention(q[rows], k[rows],
+                                                 v[rows] * self.x_c[:, None, :, None],
+                                                 attn_mask=_rows(mask, rows))
+            out[rows] = out[rows] + own
+        return out
+
+    # ------------------------------------------------------------------ local blend
+    def _probs_maps(self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
+                    weights: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+        """Head-mean attention probabilities of chosen tokens: [n, N] (materialised here only).
+        ``inverse`` maps each blend row to its entry in ``rows`` (shared sources)."""
+        self.calls["probs"] += 1
+        scale = q.shape[-1] ** -0.5
+        probs = torch.softmax((q[rows].float() @ k[rows].float().transpose(-1, -2)) * scale, -1)
+        probs = probs.mean(1)
+        if inverse is not None:
+            probs = probs[inverse]
+        return (probs @ weights[:, :, None]).squeeze(-1)
+
+    def _store_blend_maps(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        if self.use_tgt:
+            m = self._probs_maps(q, k, self.b_rows, self.b_tgt)
+            self.maps_tgt = m if self.maps_tgt is None else self.maps_tgt + m
+        if self.use_src:
+            m = self._probs_maps(q, k, self.b_src_rows, self.b_src, self.b_src_inv)
+            self.maps_src = m if self.maps_src is None else self.maps_src + m
+        self.maps_seen = True
+
+    def _mask(self, maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        H, W = hw
+        f = max(1, round((H * W / maps.shape[1]) ** 0.5))
+        m = maps.reshape(maps.shape[0], 1, H // f, W // f)
+        m = F.max_pool2d(m, 3, 1, padding=1)
+        m = F.interpolate(m, size=(H, W))
+        m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        return m.gt(self.blend_threshold)
+
+    def after_step(self, latents: torch.Tensor, i: int,
+                   x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Local blend: outside the chosen words' mask a target's latents become its source's.
+        With ``segment``, the mask is the source's words segmented in its predicted image
+        ``x0`` (else the latents) at the first blending step, and kept."""
+        if not self.blend_rows or i < int(self.blend_start * self.steps):
+            return latents
+        hw = tuple(latents.shape[-2:])
+        if self.segment is not None:
+            if self.seg_mask is None:
+                pred = x0 if x0 is not None else latents
+                self.seg_mask = self.segment(pred[self.blend_src_idx], self.seg_phrases)
+            mask = self.seg_mask.to(latents.device, latents.dtype)
+        else:
+            if not self.maps_seen:
+                return latents
+            mask = torch.zeros(len(self.blend_rows), 1, *hw, dtype=torch.bool,
+                               device=latents.device)
+            if self.use_tgt:
+                mask |= self._mask(self.maps_tgt, hw)
+            if self.use_src:
+                mask |= self._mask(self.maps_src, hw)
+            mask = mask.to(latents.dtype)
+        rows, srcs = self.blend_idx, self.blend_src_idx
+        latents = latents.clone()
+        latents[rows] = latents[srcs] + mask * (latents[rows] - latents[srcs])
+        self.last_mask = mask
+        return latents

@@ -1,0 +1,104 @@
+"""``dsbuild bench scale``: generate throughput with 1 vs 2 local workers on this machine.
+
+The same captions, the same shards and the same settings are generated twice, by one worker
+and by two, each worker pinned to one CPU thread (or one GPU where there are two). The measure
+is wall time of the whole stage — worker start, model load and the shards — because that is
+what a user waits for; CPU time would hide exactly what scaling is about. The machine must be
+otherwise idle for the number to mean anything: the load average before each run is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from dsbuild.core.build import Build
+from dsbuild.core.config import default_recipe_path, load_recipe
+from dsbuild.executors import ExecutorOptions, make_executor
+from dsbuild.executors.local import LocalWorkers
+
+
+def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
+              workers: tuple[int, ...] = (1, 2), keep: str | None = None) -> dict:
+    """Generate the same pairs with each worker count; pairs/s and scaling efficiency."""
+    from dsbuild.cli.run import run_settings
+
+    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="dsbuild-bench-scale-"))
+    settings = [*run_settings(offline=True, limit=limit), f"generate.limit={samples}",
+                f"generate.steps={steps}", f"generate.height={size}", f"generate.width={size}",
+                "generate.contact_sheet=0"]
+    recipe = default_recipe_path()
+    base = Build.init(tmp / "captions", load_recipe(recipe), recipe_path=str(recipe),
+                      overrides=settings, exist_ok=True)
+    with make_executor(ExecutorOptions(threads_per_worker=1)) as ex:
+        ex.run(base, "captions")
+    runs = {}
+    try:
+        for n in workers:
+            root = tmp / f"workers-{n}"
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(base.root, root, ignore=shutil.ignore_patterns("logs", ".locks"))
+            b = Build.open(root)
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            # one worker runs in a worker process too, so both sides pay the same start-up
+            opts = ExecutorOptions("local", workers=n, shards=shards, threads_per_worker=1)
+            with LocalWorkers(opts, echo=lambda s: None) as ex:
+                res = ex.run(b, "generate")
+            secs = time.perf_counter() - t0
+            marks = b.markers("generate")
+            gen_s = sum(m["stats"].get("seconds", 0) for m in marks.values())
+            runs[n] = {"pairs": res.records, "wall_s": round(secs, 2),
+                       "pairs_per_s": round(res.records / secs, 4),
+                       "shard_seconds_sum": round(gen_s, 2), "load_before": round(load, 2)}
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    one, many = runs[workers[0]], runs[workers[-1]]
+    ratio = workers[-1] / workers[0]
+    eff = many["pairs_per_s"] / (one["pairs_per_s"] * ratio)
+    return {"cpus": os.cpu_count(), "shards": shards, "steps": steps, "size": size,
+            "threads_per_worker": 1, "runs": {str(k): v for k, v in runs.items()},
+            "speedup": round(many["pairs_per_s"] / one["pairs_per_s"], 3),
+            "efficiency": round(eff, 3), "goal_efficiency": 0.9,
+            "goal_met": eff >= 0.9,
+            "idle": all(r["load_before"] < 0.5 for r in runs.values()),
+            "basis": "wall time of the generate stage, each worker pinned to one thread"}
+
+
+@click.command("scale")
+@click.option("--limit", type=int, default=1, show_default=True,
+              help="caption triples per agent (offline recipe, template captions)")
+@click.option("--samples", type=int, default=2, show_default=True, help="pairs per triple")
+@click.option("--steps", type=int, default=4, show_default=True)
+@click.option("--size", type=int, default=64, show_default=True, help="image height and width")
+@click.option("--shards", type=int, default=8, show_default=True,
+              help="shards (the same for every worker count)")
+@click.option("--keep", type=click.Path(file_okay=False), default=None,
+              help="keep the builds in this folder (default: a temp folder, removed)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def bench_scale(limit, samples, steps, size, shards, keep, as_json):
+    """Generate throughput (tiny model) with 1 vs 2 local workers: pairs/s, scaling efficiency.
+
+    Wall time, each worker pinned to one thread; run it on an otherwise idle machine."""
+    res = run_bench(limit, samples, steps, size, shards, keep=keep)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"generate, tiny model, {size}px, {steps} steps, {res['shards']} shards, "
+               f"{res['cpus']} CPUs, one thread per worker ({res['basis']})")
+    click.echo(f"{'workers':<9}{'pairs':>7}{'wall s':>9}{'pairs/s':>10}{'load before':>13}")
+    for n, r in res["runs"].items():
+        click.echo(f"{n:<9}{r['pairs']:>7}{r['wall_s']:>9.2f}{r['pairs_per_s']:>10.3f}"
+                   f"{r['load_before']:>13.2f}")
+    click.echo(f"speedup {res['speedup']:.2f}x, scaling efficiency {res['efficiency']:.2f} "
+               f"(goal >= {res['goal_efficiency']}: {'met' if res['goal_met'] else 'NOT met'})")
+    if not res["idle"]:
+        click.echo("note: the machine was not idle (load average >= 0.5 before a run); other "
+                   "work shares the cores, so the efficiency is a lower bound")

@@ -1,0 +1,197 @@
+"""``dsbuild bench verify``: pairs/s of verify's detector path vs raw transformers detection.
+
+Both sides use the same model object, image processor, tokenizer, batch size and device, on
+the same freshly written PNG pairs laid out as generate writes them: every pair has its own
+input file, and ``--targets-per-source`` pairs share one source's content (P2P batches many
+targets behind one source).
+
+- raw: per batch of pairs, ``processor(text=..., images=[inputs..., outputs...])``, then
+  ``model(**inputs)`` and ``post_process_grounded_object_detection``: how one would detect
+  with plain transformers;
+- dsbuild: ``OwlDetector.detect`` (read + hash, each distinct image through the vision tower
+  once, each phrase through the text tower once, threaded decode/preprocess).
+
+Runs interleave (order reversed each repeat); the best of ``repeats`` counts. The default
+model is 'tiny' (offline, seconds on a CPU); ``arch:owlv2-base`` has OWLv2-base's shapes
+(960 px, ViT-B/16) with random weights, for timing real-sized work on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from dsbuild.core.errors import require_installed
+from dsbuild.verify.stage import VERIFY_MODULES
+
+PHRASES = ("sofa", "floor lamp", "rug", "coffee table", "armchair", "cushion", "mirror",
+           "plant")
+
+
+def _write_pairs(folder: Path, pairs: int, per_source: int, size: int) -> list[tuple]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out, src = [], None
+    for i in range(pairs):
+        if i % per_source == 0:
+            base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+            src = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))
+        a, b = folder / f"p{i:05d}_0.png", folder / f"p{i:05d}_1.png"
+        Image.fromarray(src).save(a)  # one file per pair, as generate writes them
+        noise = rng.integers(0, 32, src.shape, dtype=np.uint8)
+        Image.fromarray((src // 2 + noise).astype(np.uint8)).save(b)
+        out.append((a, b, PHRASES[i % len(PHRASES)]))
+    return out
+
+
+def _load(model: str, device: str, dtype: str, batch_size: int, workers: int):
+    """(OwlDetector, processor) for 'tiny', 'arch:owlv2-base' or a Hub id / folder."""
+    from transformers import Owlv2Processor
+
+    from dsbuild.verify.detector import OwlDetector, tiny_owlv2
+
+    if model == "arch:owlv2-base":
+        import torch
+        from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+        from dsbuild.models.tiny_sd import char_tokenizer
+
+        tok = char_tokenizer(16)
+        cfg = Owlv2Config(text_config={"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                                       "eos_token_id": tok.eos_token_id,
+                                       "pad_token_id": tok.pad_token_id})
+        torch.manual_seed(0)
+        det = OwlDetector(Owlv2ForObjectDetection(cfg), Owlv2ImageProcessor(), tok,
+                          name=model, batch_size=batch_size, workers=workers)
+        from dsbuild.filter.encoders import amp_dtype
+        from dsbuild.models import resolve_device
+
+        det.device = resolve_device(device)
+        det.model.to(det.device)
+        det.dtype = amp_dtype(dtype, det.device)
+    else:
+        det = OwlDetector.load(model, device, dtype, quiet=True, batch_size=batch_size,
+                               workers=workers)
+    if model in ("tiny", "arch:owlv2-base"):
+        if model == "tiny":
+            _, _, tok = tiny_owlv2()
+        proc = Owlv2Processor(image_processor=det.image_processor, tokenizer=det.tokenizer)
+    else:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(model)
+    return det, proc
+
+
+def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_size: int = 16,
+              image_size: int = 256, device: str = "auto", dtype: str = "auto", workers: int = 4,
+              repeats: int = 3) -> dict:
+    """Time raw transformers detection and dsbuild's detector on the same pairs."""
+    require_installed("filter", *VERIFY_MODULES, what="dsbuild bench verify")
+    import torch
+    from PIL import Image
+
+    from dsbuild.filter.encoders import autocast
+
+    det, proc = _load(model, device, dtype, batch_size, workers)
+    dev = det.device
+
+    def sync():
+        if str(dev).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with tempfile.TemporaryDirectory(prefix="dsbuild-bench-verify-") as tmp:
+        items = _write_pairs(Path(tmp), pairs, per_source, image_size)
+        half = max(1, batch_size // 2)  # a batch of pairs is 2 images each
+
+        @torch.inference_mode()
+        def raw() -> None:
+            for i in range(0, len(items), half):
+                chunk = items[i:i + half]
+                images = [Image.open(p).convert("RGB") for a, b, _ in chunk for p in (a, b)]
+                texts = [[ph] for _, _, ph in chunk for _ in (0, 1)]
+                inputs = proc(text=texts, images=images, return_tensors="pt",
+                              padding="max_length", max_length=det.text_len, truncation=True)
+                inputs = {k: v.to(dev) for k, v in inputs.items()}
+                with autocast(dev, det.dtype):
+                    out = det.model(**inputs)
+                side = [(max(im.size), max(im.size)) for im in images]
+                out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
+                proc.post_process_grounded_object_detection(out, threshold=0.2,
+                                                            target_sizes=side)
+            sync()
+
+        def ours() -> None:
+            det.text_cache.clear()
+            want: dict[Path, set[str]] = {}
+            for a, b, ph in items:
+                want.setdefault(a, set()).add(ph)
+                want.setdefault(b, set()).add(ph)
+            found, errors = det.detect(want)
+            assert len(found) == 2 * len(items) and not errors
+            sync()
+
+        def timed(fn) -> float:
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+
+        raw()  # warm-up for both (lazy imports, allocator, kernels, thread pool)
+        ours()
+        det.encoded = 0
+        best = {"raw": float("inf"), "dsbuild": float("inf")}
+        runs = {"raw": raw, "dsbuild": ours}
+        order = list(runs)
+        for _ in range(max(1, repeats)):
+            for name in order:
+                best[name] = min(best[name], timed(runs[name]))
+            order.reverse()
+    pps = {k: round(pairs / v, 2) for k, v in best.items()}
+    return {
+        "model": model, "device": dev, "batch_size": batch_size, "pairs": pairs,
+        "targets_per_source": per_source, "image_size": image_size, "workers": workers,
+        "repeats": repeats, "threads": torch.get_num_threads(),
+        "images_raw": 2 * pairs, "images_dsbuild": det.encoded // max(1, repeats),
+        "pairs_per_s": pps, "ratio": round(pps["dsbuild"] / pps["raw"], 3), "goal": 0.9,
+    }
+
+
+@click.command("verify")
+@click.option("--model", default="tiny", show_default=True,
+              help="'tiny', 'arch:owlv2-base' (random weights) or an OWL Hub id / folder")
+@click.option("--pairs", type=int, default=64, show_default=True)
+@click.option("--targets-per-source", "per_source", type=int, default=4, show_default=True,
+              help="pairs whose input images share one content")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="images per batch")
+@click.option("--image-size", type=int, default=256, show_default=True, help="PNG side, pixels")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              show_default=True, help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
+@click.option("--workers", type=int, default=4, show_default=True,
+              help="dsbuild decode/preprocess threads")
+@click.option("--repeats", type=int, default=3, show_default=True, help="best of N runs")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def bench_verify(model, pairs, per_source, batch_size, image_size, device, dtype, workers,
+                 repeats, as_json):
+    """Pairs/s of verify's detector vs raw transformers OWLv2 detection, same run."""
+    res = run_bench(model, pairs, max(1, per_source), batch_size, image_size, device, dtype,
+                    workers, repeats)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    pps = res["pairs_per_s"]
+    click.echo(f"bench verify: {res['model']} on {res['device']}, batch {res['batch_size']}, "
+               f"{res['pairs']} pairs ({res['targets_per_source']} per source) "
+               f"{res['image_size']}px, best of {res['repeats']}")
+    click.echo(f"  raw transformers (processor+model+post-process): {pps['raw']:>9.2f} pairs/s "
+               f"({res['images_raw']} images)")
+    click.echo(f"  dsbuild OwlDetector.detect:                      {pps['dsbuild']:>9.2f} "
+               f"pairs/s ({res['images_dsbuild']} distinct images)")
+    verdict = "meets" if res["ratio"] >= res["goal"] else "below"
+    click.echo(f"  ratio dsbuild/raw = {res['ratio']:.3f}x ({verdict} the {res['goal']}x goal)")

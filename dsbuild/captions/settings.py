@@ -1,0 +1,36 @@
+"""Settings of the captions stage (LLM agents or the offline template backend)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from dsbuild.llm.settings import TRANSPORT, LLMSettings
+
+
+class CaptionsSettings(LLMSettings):
+    """The endpoint settings (``model``, ``base_url``, retries ...) come from LLMSettings."""
+
+    # what counts as done, not what is written: changing it keeps the partial shard
+    volatile: ClassVar[frozenset[str]] = TRANSPORT | {"min_share"}
+
+    backend: Literal["auto", "template", "openai"] = Field(
+        "auto", description="auto = openai when an endpoint is configured, else template"
+    )
+    seed: int = 0
+    limit: int | None = Field(None, ge=1, description="cap on triples per agent (demo builds)")
+    count_scale: float = Field(1.0, gt=0, description="multiply every agent's target count")
+    per_request: int = Field(10, ge=1, le=100, description="triples asked for per request")
+    max_rounds: int = Field(
+        0, ge=0, description="request rounds per agent before giving up (0 = auto: 8)"
+    )
+    min_share: float = Field(
+        0.5, ge=0, le=1, description="a rank that keeps less than this share of its target "
+        "(or nothing at all) fails: exit 1, no completion marker, the partial shard kept"
+    )
+    # validator
+    max_changed_fraction: float = Field(
+        0.6, gt=0, le=1, description="max share of output words that may differ from input"
+    )
+    max_diff_spans: int = Field(2, ge=1, description="max separate changed spans input→output")

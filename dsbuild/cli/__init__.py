@@ -1,0 +1,211 @@
+"""The ``dsbuild`` command: a thin click layer over the Python API.
+
+Subcommands are imported lazily, so ``dsbuild status`` never imports torch. Stage commands
+come from the stage declarations (:mod:`dsbuild.core.stages`); the others are listed in
+``COMMANDS`` below as ``module:attribute`` with the extra their imports need. A command
+whose optional dependency is missing exits 2 with the ``pip install 'dsbuild[extra]'`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from dsbuild import __version__
+from dsbuild.core import stages
+from dsbuild.core.errors import DsbuildError
+
+# commands that are not stages: name -> (module:attribute, help, extra)
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "init": ("dsbuild.cli:init_cmd", "create a build directory from a recipe", None),
+    "status": ("dsbuild.cli:status_cmd", "show each stage: records, done ranks, what is left",
+               None),
+    "push": ("dsbuild.export.cli:push_cmd", "push an export to the Hugging Face Hub", "export"),
+    "run": ("dsbuild.cli.run:run_cmd", "run every stage end to end", None),
+    "repair": ("dsbuild.cli:repair_cmd", "keep the intact records of damaged shards", None),
+    "inspect": ("dsbuild.review.fiftyone_cli:inspect_cmd", "curate pairs in FiftyOne",
+                "fiftyone"),
+    "review": ("dsbuild.review.labelstudio_cli:review_group", "human review in Label Studio",
+               "review"),
+    "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries", None),
+    "train": ("dsbuild.train.cli:train_cmd", "fine-tune InstructPix2Pix on an export", "train"),
+    "eval": ("dsbuild.evaluate.cli:eval_cmd", "edit a test split with models and compare them",
+             "train"),
+    "edit": ("dsbuild.evaluate.cli:edit_cmd", "edit one image by an instruction", "train"),
+    "train-generator": ("dsbuild.train.generator_cli:train_generator_cmd",
+                        "tune the SD generator on your photos (DreamBooth / LoRA)", "train"),
+    "eval-generator": ("dsbuild.train.generator_cli:eval_generator_cmd",
+                       "score a tuned generator against its base", "train"),
+}
+
+
+def all_commands() -> dict[str, tuple[str, str, str | None]]:
+    """Every top-level command: the ones above plus one per stage declaration."""
+    out = dict(COMMANDS)
+    for st in stages.all_stages():
+        if st.command:
+            out[st.cli_name] = (st.command, st.help, st.extra)
+    return out
+
+
+def load_command(target: str, extra: str | None = None) -> click.Command:
+    return stages.load_target(target, extra)
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when used.
+
+    ``lazy`` maps a name to ``(module:attribute, help[, extra])``, or is a callable that
+    returns such a mapping (so stages registered later still show up)."""
+
+    def __init__(self, *args, lazy=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy or {}
+
+    @property
+    def lazy(self) -> dict:
+        return self._lazy() if callable(self._lazy) else self._lazy
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        lazy = self.lazy
+        if name in lazy:
+            target, _, *extra = lazy[name]
+            try:
+                return load_command(target, extra[0] if extra else None)
+            except DsbuildError:
+                if ctx.resilient_parsing or name not in (ctx.protected_args or [name]):
+                    return None
+                raise
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, entry[1]) for name, entry in sorted(self.lazy.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy=all_commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dsbuild")
+def cli():
+    """dsbuild: build context-specific datasets for instruction-based image editing."""
+
+
+@click.command("init")
+@click.argument("build", type=click.Path(file_okay=False))
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="recipe YAML (default: the built-in interior-design recipe)")
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="stage setting to freeze into dsbuild.yaml (repeatable)")
+@click.option("--force", is_flag=True, help="overwrite an existing dsbuild.yaml")
+def init_cmd(build, recipe, overrides, force):
+    """Create BUILD with a frozen dsbuild.yaml from RECIPE; nothing is written if it is invalid."""
+    from dsbuild.core.build import Build
+    from dsbuild.core.config import default_recipe_path, load_recipe
+
+    recipe_path = recipe or str(default_recipe_path())
+    r = load_recipe(recipe_path)
+    b = Build.init(build, r, recipe_path=str(recipe_path), overrides=overrides, exist_ok=force)
+    n = sum(a.count for a in r.agents)
+    click.echo(f"created {b.root}/dsbuild.yaml: recipe '{r.name}', {len(r.agents)} agents, "
+               f"{n} target triples")
+
+
+@click.command("status")
+@click.argument("build", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status_cmd(build, as_json):
+    """Show each stage of BUILD: records, done ranks, what is left, decisions so far."""
+    from dsbuild.core.build import Build
+
+    st = Build.open(build).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"build {st['build']} (recipe {st['recipe']})")
+    for stage, s in st["stages"].items():
+        if s["world_size"] is None:
+            state = "in progress" if s["in_progress"] else "not run"
+        elif s["complete"]:
+            state = "complete"
+        else:
+            state = f"incomplete, missing ranks {s['missing_ranks']}"
+        if s["damaged"]:
+            state = f"DAMAGED ranks {sorted(int(r) for r in s['damaged'])}"
+        extra = f", in progress: {', '.join(s['in_progress'])}" if s["in_progress"] else ""
+        click.echo(f"  {stage:<9} {state:<34} records={s['records']:<7} "
+                   f"ranks={len(s['done_ranks'])}/{s['world_size'] or '-'} "
+                   f"sig={s['signature']}{extra}")
+        if len(s.get("workers", {})) > 1 or any(not w.startswith("main@")
+                                                for w in s.get("workers", {})):
+            per = ", ".join(f"{w}: {n}" for w, n in s["workers"].items())
+            click.echo(f"  {'':<9} shards per worker: {per}")
+    for stage, s in st["stages"].items():
+        for rank, why in s["damaged"].items():
+            click.echo(f"  {stage} rank {rank}: {why}; repair with `dsbuild repair {build} "
+                       f"{stage}`", err=True)
+    if st["decisions"]:
+        dec = ", ".join(f"{k}={v}" for k, v in sorted(st["decisions"].items()))
+        click.echo(f"  decisions {dec}")
+    for tool, a in st.get("agreement", {}).items():
+        click.echo(f"  agreement {tool}: {a['agreement']:.2f} over {a['pairs']} pairs with "
+                   f"several reviewers, {a['disagree']} disagree")
+    if st["reports"]:
+        click.echo(f"  reports   {', '.join(st['reports'])}")
+
+
+@click.command("repair")
+@click.argument("build", type=click.Path(file_okay=False))
+@click.argument("stage")
+@click.option("--rank", "ranks", type=int, multiple=True,
+              help="repair these ranks even if they look intact (default: the damaged ones)")
+def repair_cmd(build, stage, ranks):
+    """Turn STAGE's damaged shards in BUILD back into partial ones, keeping intact records.
+
+    A committed shard with a torn or bad line, or with another record count than its
+    completion marker, loses its marker; its intact records become the rank's partial shard,
+    so the next run of the stage redoes only what was lost.
+    """
+    from dsbuild.core.build import Build
+
+    b = Build.open(build)
+    done = b.repair(stage, list(ranks) or None)
+    if not done:
+        click.echo(f"{stage}: every committed shard matches its marker; nothing to repair")
+        return
+    for rank, r in done.items():
+        click.echo(f"{stage} rank {rank}: {r['why']}; kept {r['kept']} intact records, dropped "
+                   f"{r['dropped']} bad lines")
+    click.echo(f"now run `{b.command_of(stage)}` to redo the rest")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rc = cli.main(args=argv, prog_name="dsbuild", standalone_mode=False)
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc:
+            sys.exit(rc)  # non-standalone click returns ctx.exit(n) / Exit(n) codes
+    except DsbuildError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # an optional dependency imported deep in a command
+        if (exc.name or "").split(".")[0] in ("dsbuild", ""):
+            raise
+        err = stages.missing_dependency(exc)
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Shared click options for stage commands."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import click
+
+EXECUTOR_KEYS = ("executor_name", "workers", "address", "gpus_per_worker", "shards",
+                 "max_retries")
+
+
+def executor_options(fn):
+    """--executor/--workers/--address/--gpus-per-worker/--shards/--max-retries, passed to the
+    command as one ``executor`` argument (a :class:`dsbuild.executors.ExecutorOptions`)."""
+
+    @click.option("--executor", "executor_name", type=click.Choice(["local", "ray"]),
+                  default="local", show_default=True,
+                  help="where shards run: this machine, or a Ray cluster (dsbuild[ray])")
+    @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="worker processes (local: one GPU each, else a share of the CPU "
+                       "threads) or Ray actors")
+    @click.option("--address", default=None, metavar="ADDR",
+                  help="Ray cluster to join ('auto' = the running one; default: start a "
+                       "local cluster)")
+    @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                  help="GPUs per worker (default: 1 where there are GPUs, else 0)")
+    @click.option("--shards", type=click.IntRange(min=1), default=None,
+                  help="number of shards (world size; default: 4 per worker, or the stage's "
+                       "earlier sharding)")
+    @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
+                  help="times a rank is run again when its worker dies")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dsbuild.executors import ExecutorOptions
+
+        e = {k: kwargs.pop(k) for k in EXECUTOR_KEYS}
+        kwargs["executor"] = ExecutorOptions(
+            e["executor_name"], e["workers"], e["address"], e["gpus_per_worker"], e["shards"],
+            e["max_retries"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def shard_options(fn):
+    """--rank/--world-size/--force/--set shared by every stage command, and the executor
+    options; a command without an ``executor`` parameter runs one rank in process only."""
+    takes_executor = "executor" in inspect.signature(fn).parameters
+
+    @click.option("--rank", type=int, default=0, show_default=True, help="this worker's shard")
+    @click.option("--world-size", type=int, default=1, show_default=True, help="number of shards")
+    @click.option("--force", is_flag=True, help="recompute this stage even where it is done")
+    @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
+                  help="change a setting in dsbuild.yaml before running (repeatable)")
+    @wait_option
+    @executor_options
+    @functools.wraps(fn)
+    def wrapper(*args, executor, **kwargs):
+        if executor.distributed or executor.shards:
+            if kwargs.get("rank"):
+                raise click.UsageError("--rank runs one shard here; --executor/--workers/"
+                                       "--shards run them all: give one or the other")
+            ws = kwargs.get("world_size", 1)
+            if ws != 1 and executor.shards not in (None, ws):
+                raise click.UsageError(f"--world-size {ws} and --shards {executor.shards} "
+                                       "disagree")
+            if ws != 1:
+                executor.shards = ws
+            if not takes_executor:
+                return _run_command_on(executor, **kwargs)
+        if takes_executor:
+            kwargs["executor"] = executor
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _run_command_on(executor, build, force, overrides, rank=0, world_size=1, **other):
+    """A stage command that leaves executors to this decorator: open BUILD, save --set, run
+    every rank of the command's stage on the executor."""
+    from dsbuild.core import stages
+    from dsbuild.core.build import Build
+
+    given = [k for k, v in other.items() if v not in (None, False, ())]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} cannot be combined with "
+                               "--executor/--workers/--shards on this command")
+    name = click.get_current_context().command.name
+    stage = next((st.name for st in stages.all_stages() if st.cli_name == name), name)
+    b = Build.open(build)
+    b.update(overrides)
+    run_all_ranks(b, stage, executor, force)
+
+
+def run_all_ranks(build, stage: str, executor, force: bool) -> None:
+    """Run every rank of ``stage`` on ``executor`` (what a stage command does when given
+    --executor/--workers/--shards) and print what was done."""
+    from dsbuild.executors import make_executor
+
+    with make_executor(executor, echo=click.echo) as ex:
+        res = ex.run(build, stage, force=force)
+    click.echo(f"{stage}: {res.stats.get('summary') or f'{res.records} records'}")
+    click.echo(f"  per-rank logs: {build.root / 'logs' / stage}; shards per worker: "
+               f"`dsbuild status {build.root}`")
+
+
+def wait_option(fn):
+    """--wait: when another process is writing the same rank, wait for it instead of exiting."""
+
+    def set_wait(ctx, param, value):
+        from dsbuild.core import locks
+
+        locks.set_wait(value)
+        return value
+
+    return click.option("--wait", is_flag=True, expose_value=False, callback=set_wait,
+                        help="if another process is writing this rank, wait for it instead "
+                             "of stopping")(fn)
+
+
+def build_argument(fn):
+    return click.argument("build", type=click.Path(file_okay=False))(fn)
+
+
+def echo_result(result) -> None:
+    """One line per rank: done, skipped, records."""
+    state = "already done (skipped)" if result.skipped else "done"
+    click.echo(f"{result.stage} rank {result.rank}/{result.world_size}: {state}, "
+               f"{result.records} records")

@@ -1,0 +1,507 @@
+"""The build directory: frozen config, stage outputs, completion markers and status.
+
+Layout (see docs/concepts.md)::
+
+    build/
+      dsbuild.yaml                 frozen config (recipe + stage settings); never holds secrets
+      triples/ pairs/ scores/ augment/   stage outputs, rNNNNN.jsonl per rank
+      pairs/img/<triple_id>/<pair_id>_0.png, _1.png
+      decisions.jsonl              curator verdicts
+      reports/                     json/md/png reports
+      cache/                       request caches (LLM), safe to delete
+      .done/<stage>/<signature>/rNNNNN   completion markers, written last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsbuild.core import locks, stages
+from dsbuild.core.config import BuildConfig, Recipe, apply_overrides, dump_config, load_build_config
+from dsbuild.core.errors import DsbuildError, RecordError
+from dsbuild.core.hashing import signature
+from dsbuild.core.records import (
+    ShardWriter,
+    read_jsonl,
+    shard_name,
+    shard_problem,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+
+CONFIG_NAME = "dsbuild.yaml"
+WORKER_ENV = "DSBUILD_WORKER"  # set by an executor in its workers; recorded in each marker
+
+
+def worker_info() -> dict:
+    """Who wrote a rank (for ``dsbuild status``): the executor's worker id, host and PID."""
+    return {"id": os.environ.get(WORKER_ENV, "main"), "host": socket.gethostname(),
+            "pid": os.getpid()}
+
+
+def shard_of(key: str, world_size: int) -> int:
+    """Deterministic shard of a record key (stable when other records come and go)."""
+    if world_size == 1:
+        return 0
+    return int(hashlib.sha256(str(key).encode()).hexdigest()[:8], 16) % world_size
+
+
+def select_shard(items: Iterable[Any], rank: int, world_size: int, key: Callable[[Any], str]):
+    """The items that belong to ``rank`` of ``world_size``."""
+    check_rank(rank, world_size)
+    return [it for it in items if shard_of(key(it), world_size) == rank]
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise DsbuildError(f"--world-size must be at least 1 (got {world_size})")
+    if not 0 <= rank < world_size:
+        raise DsbuildError(f"--rank must be in 0..{world_size - 1} (got {rank})")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    rank: int
+    world_size: int
+    skipped: bool
+    records: int
+    stats: dict = field(default_factory=dict)
+    report: dict | None = None  # the stage's report over every rank, where it writes one
+
+
+def _sig_file(shard: Path) -> Path:
+    """The signature a rank's partial shard was started under."""
+    return shard.with_name(shard.name + ".partial.sig")
+
+
+def _pending(shard: Path) -> Path:
+    """What a commit produced (signature, records, stats), until the marker is written."""
+    return shard.with_name(shard.name + ".commit.json")
+
+
+class Build:
+    """A build directory and its frozen config."""
+
+    def __init__(self, root: str | Path, config: BuildConfig):
+        self.root = Path(root)
+        self.config = config
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def init(cls, root: str | Path, recipe: Recipe, recipe_path: str | None = None,
+             overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False) -> Build:
+        root = Path(root)
+        cfg_path = root / CONFIG_NAME
+        if cfg_path.exists() and not exist_ok:
+            raise DsbuildError(
+                f"{cfg_path} already exists; use that build, or pass --force to overwrite its "
+                "config (outputs whose settings changed are recomputed)"
+            )
+        config = BuildConfig(recipe=recipe, recipe_path=recipe_path)
+        config = apply_overrides(config, overrides)
+        for stage in stages.all_stages():  # e.g. few-shot examples the validator refuses
+            if stage.check:
+                stages.load_target(stage.check, stage.extra, f"stage {stage.name}")(config)
+        build = cls(root, config)
+        root.mkdir(parents=True, exist_ok=True)
+        build.save_config()
+        return build
+
+    @classmethod
+    def open(cls, root: str | Path) -> Build:
+        root = Path(root)
+        cfg = root / CONFIG_NAME
+        if not cfg.exists():
+            raise DsbuildError(
+                f"{root} is not a dsbuild build (no {CONFIG_NAME}); create one with "
+                f"`dsbuild init {root} --recipe recipes/interior-design.yaml`"
+            )
+        return cls(root, load_build_config(cfg))
+
+    def save_config(self) -> None:
+        header = "# dsbuild build config (frozen). Secrets come from the environment, never here.\n"
+        write_text(self.root / CONFIG_NAME, header + dump_config(self.config))
+
+    def update(self, overrides: list[str] | tuple[str, ...]) -> None:
+        """Apply ``stage.key=value`` overrides and save them into dsbuild.yaml."""
+        if overrides:
+            self.config = apply_overrides(self.config, overrides)
+            self.save_config()
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.config.recipe
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "pairs" / "img"
+
+    @property
+    def decisions_path(self) -> Path:
+        return self.root / "decisions.jsonl"
+
+    def output_dir(self, stage: str) -> Path:
+        """Where a stage writes: the folder of its rNNNNN.jsonl shards, or its file/folder."""
+        return self.root / stages.get(stage).output
+
+    def _output_exists(self, stage: stages.Stage, rank: int) -> bool:
+        out = self.root / stage.output
+        return (out / shard_name(rank)).exists() if stage.records else out.exists()
+
+    # ------------------------------------------------------------------ signatures / markers
+    def signed_input(self, name: str):
+        """A build input a stage signs besides its settings (see ``stages.SIGNABLE``)."""
+        if name == "recipe":
+            return self.recipe.model_dump(mode="json")
+        if name == "decisions":
+            f = self.decisions_path
+            return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None
+        return getattr(self.config, name).signature_dict()
+
+    def stage_settings(self, stage: str) -> dict:
+        """What a stage's signature covers besides its upstream stages."""
+        st = stages.get(stage)
+        settings = self.config.stage_settings(stage).signature_dict()
+        if st.signs:
+            settings = {"settings": settings, **{k: self.signed_input(k) for k in st.signs}}
+        return settings
+
+    def signature(self, stage: str) -> str:
+        """Hash of a stage's settings, signed inputs and upstream signatures: it names the
+        marker folder, so changing any of them reruns this stage and what reads it."""
+        st = stages.get(stage)
+        parts = {"stage": stage, "settings": self.stage_settings(stage),
+                 "up": {u: self.signature(u) for u in st.upstream}}
+        if st.uses:  # optional inputs: signed as they are when this stage runs
+            parts["uses"] = {u: self.signature(u) if self.is_complete(u) else None
+                             for u in st.uses}
+        return signature(parts)
+
+    def marker_dir(self, stage: str) -> Path:
+        return self.root / ".done" / stage / self.signature(stage)
+
+    def markers(self, stage: str) -> dict[int, dict]:
+        """Completed ranks of a stage under its current signature: rank -> marker content.
+        A marker whose output was deleted does not count (that rank runs again)."""
+        st = stages.get(stage)
+        d = self.marker_dir(stage)
+        out: dict[int, dict] = {}
+        if d.is_dir():
+            for f in d.glob("r[0-9]*"):
+                try:
+                    rank = int(f.name[1:])
+                    mark = json.loads(f.read_text() or "{}")
+                except (ValueError, json.JSONDecodeError):
+                    continue
+                if self._output_exists(st, rank):
+                    out[rank] = mark
+        return out
+
+    def stage_world_size(self, stage: str) -> int | None:
+        ws = {m.get("world_size") for m in self.markers(stage).values()}
+        ws.discard(None)
+        return max(ws) if ws else None
+
+    def is_complete(self, stage: str) -> bool:
+        marks = self.markers(stage)
+        ws = self.stage_world_size(stage)
+        return ws is not None and set(range(ws)) <= set(marks)
+
+    def require_complete(self, stage: str) -> None:
+        """Raise a clear error when an upstream stage has not finished under its settings."""
+        if self.is_complete(stage):
+            return
+        marks = self.markers(stage)
+        ws = self.stage_world_size(stage)
+        if ws is None:
+            raise DsbuildError(
+                f"stage '{stage}' has no finished output for the current settings in {self.root}; "
+                f"run `{self.command_of(stage)}` first"
+            )
+        missing = sorted(set(range(ws)) - set(marks))
+        raise DsbuildError(
+            f"stage '{stage}' is incomplete in {self.root}: ranks {missing} of world size {ws} "
+            f"are not done; run `dsbuild {stage} {self.root} --rank R --world-size {ws}` for them"
+        )
+
+    def invalidate(self, stage: str) -> None:
+        """Forget a stage's completion (its output was replaced by something else)."""
+        shutil.rmtree(self.root / ".done" / stage, ignore_errors=True)
+
+    def command_of(self, stage: str) -> str:
+        """The shell command that runs a stage on this build."""
+        st = stages.get(stage)
+        if st.command_name and st.command_name != st.name:
+            return f"dsbuild run --out {self.root} --until {stage}"
+        return f"dsbuild {stage} {self.root}"
+
+    def records(self, stage: str, *, require: bool = True) -> Iterator[dict]:
+        """Records of a stage's committed shards (all ranks of its current signature)."""
+        if not stages.get(stage).records:
+            raise DsbuildError(f"stage '{stage}' writes files, not records")
+        if require:
+            self.require_complete(stage)
+        marks = self.markers(stage)
+        out_dir = self.output_dir(stage)
+        for rank in sorted(marks):
+            f = out_dir / shard_name(rank)
+            n = 0
+            try:
+                for rec in read_jsonl(f):
+                    n += 1
+                    yield rec
+            except RecordError as exc:
+                raise RecordError(exc.path, exc.line, f"{exc.msg}; "
+                                  f"{self._repair_hint(stage, rank)}") from None
+            expected = marks[rank].get("records")
+            if expected is not None and n != expected:
+                raise DsbuildError(f"{f}: holds {n} records but its completion marker says "
+                                   f"{expected}; {self._repair_hint(stage, rank)}")
+
+    def _repair_hint(self, stage: str, rank: int) -> str:
+        ws = self.stage_world_size(stage) or 1
+        return (f"repair it with `dsbuild repair {self.root} {stage}` (keeps the intact "
+                f"records, then `{self.command_of(stage)}` redoes the rest), or rerun the rank "
+                f"with `{self.command_of(stage)} --rank {rank} --world-size {ws} --force`")
+
+    def lock_path(self, stage: str, rank: int) -> Path:
+        return self.root / ".locks" / f"{stage}.r{rank:05d}.lock"
+
+    def run_stage(self, stage: str, rank: int, world_size: int,
+                  work: Callable[[ShardWriter | None], dict | None], *, force: bool = False
+                  ) -> StageResult:
+        """Run one rank of a stage: skip if done, else resume its partial shard, commit, mark.
+
+        Record stages: ``work(writer)`` writes records with ``writer.write`` (skipping keys in
+        ``writer.done``). File stages (``records=False``): ``work(None)`` writes the stage's
+        output atomically itself. Either may return stats that go into the completion marker
+        (a file stage's ``stats["records"]`` is its record count). The marker is written last.
+        One process at a time holds the rank (``dsbuild.core.locks``); a second one stops with who
+        is writing, or waits with ``--wait``.
+        """
+        st = stages.get(stage)
+        if not st.sharded and (rank, world_size) != (0, 1):
+            raise DsbuildError(f"stage '{stage}' does not shard: run it without --rank/"
+                               "--world-size")
+        check_rank(rank, world_size)
+        for up in st.upstream:
+            self.require_complete(up)
+        what = f"rank {rank} of {stage} in {self.root}" if st.sharded else \
+            f"{stage} of {self.root}"
+        with locks.hold(self.lock_path(stage, rank), what):
+            return self._run_locked(st, rank, world_size, work, force)
+
+    def _run_locked(self, st: stages.Stage, rank: int, world_size: int,
+                    work: Callable[[ShardWriter | None], dict | None], force: bool
+                    ) -> StageResult:
+        stage = st.name
+        mdir = self.marker_dir(stage)
+        marks = self.markers(stage)
+        prev_ws = self.stage_world_size(stage)
+        if prev_ws is not None and prev_ws != world_size:
+            if not force:
+                raise DsbuildError(
+                    f"stage '{stage}' already ran with --world-size {prev_ws} for these "
+                    f"settings; use --world-size {prev_ws}, or --force to start the stage over")
+            shutil.rmtree(mdir, ignore_errors=True)  # another sharding: start the stage over
+            marks = {}
+        marker = mdir / f"r{rank:05d}"
+        if force:
+            marker.unlink(missing_ok=True)
+            marks.pop(rank, None)
+        if rank in marks:
+            m = marks[rank]
+            return StageResult(stage, rank, world_size, True, m.get("records", 0),
+                               m.get("stats", {}))
+        committed = None if force or not st.records else self._committed_unmarked(st, rank)
+        if committed is not None:  # killed between the shard's commit and its marker
+            stats, n = committed
+        elif st.records:
+            stats, n = self._write_shard(st, rank, force, work)
+        else:
+            stats = work(None) or {}
+            n = int(stats.get("records", 0))
+        mdir.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {
+            "world_size": world_size, "records": n, "stats": stats, "worker": worker_info(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        if st.records:
+            out = self.output_dir(stage) / shard_name(rank)
+            for f in (_pending(out), _sig_file(out)):
+                f.unlink(missing_ok=True)
+        return StageResult(stage, rank, world_size, False, n, stats)
+
+    def _committed_unmarked(self, st: stages.Stage, rank: int) -> tuple[dict, int] | None:
+        """(stats, records) of a shard committed under the current signature whose marker was
+        never written, once the shard checks out against what the commit recorded."""
+        out = self.output_dir(st.name) / shard_name(rank)
+        pending = _pending(out)
+        if not (out.exists() and pending.exists()):
+            return None
+        try:
+            info = json.loads(pending.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if info.get("signature") != self.signature(st.name):
+            return None
+        if shard_problem(out, info.get("records")) is not None:
+            return None
+        return info.get("stats", {}), int(info["records"])
+
+    def _write_shard(self, st: stages.Stage, rank: int, force: bool,
+                     work: Callable[[ShardWriter | None], dict | None]) -> tuple[dict, int]:
+        """Resume (or start) the rank's partial shard, run ``work`` on it, commit it. What the
+        commit produced is noted beside the shard first, so a kill before the marker costs a
+        check, not a rerun."""
+        out = self.output_dir(st.name) / shard_name(rank)
+        sig = self.signature(st.name)
+        sig_file = _sig_file(out)
+        fresh = force or not sig_file.exists() or sig_file.read_text().strip() != sig
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with ShardWriter(out, key=st.key, fresh=fresh) as writer:
+            if fresh:
+                write_text(sig_file, sig)
+            stats = work(writer) or {}
+            n = len(writer.records)
+            write_json(_pending(out), {"signature": sig, "records": n, "stats": stats})
+            writer.commit()
+        return stats, n
+
+    # ------------------------------------------------------------------ repair
+    def shard_problems(self, stage: str, *, parse: bool = True) -> dict[int, str]:
+        """Done ranks whose committed shard does not match its marker (torn or bad lines, a
+        different record count): rank -> what is wrong. ``parse=False`` counts lines and
+        checks the last one without decoding records (what ``status`` can afford)."""
+        if not stages.get(stage).records:
+            return {}
+        out_dir = self.output_dir(stage)
+        problems = {}
+        for rank, m in self.markers(stage).items():
+            why = shard_problem(out_dir / shard_name(rank), m.get("records"), parse=parse)
+            if why:
+                problems[rank] = why
+        return problems
+
+    def repair(self, stage: str, ranks: list[int] | None = None) -> dict[int, dict]:
+        """Turn damaged committed shards back into partial ones: their intact records are kept
+        as the rank's partial shard and the marker is removed, so the next run of the stage
+        redoes only what was lost. A record is intact when its line parses and, where the
+        stage declares a ``verify`` check (generate: both images decode), the check passes.
+        Returns rank -> {kept, dropped, why} for the ranks it changed."""
+        st = stages.get(stage)
+        if not st.records:
+            raise DsbuildError(f"stage '{stage}' writes files, not shards: rerun it with "
+                               f"`{self.command_of(stage)}` (add --force to rewrite it)")
+        verify = stages.load_target(st.verify, st.extra) if st.verify else None
+        problems = self.shard_problems(stage)
+        marks = self.markers(stage)
+        todo = sorted(set(marks) | set(problems)) if ranks is None else sorted(ranks)
+        out_dir = self.output_dir(stage)
+        sig = self.signature(stage)
+        done: dict[int, dict] = {}
+        for rank in todo:
+            with locks.hold(self.lock_path(stage, rank), f"rank {rank} of {stage}"):
+                shard = out_dir / shard_name(rank)
+                kept, dropped, reasons = [], 0, []
+                if shard.exists():
+                    with open(shard, "rb") as fh:
+                        for line in fh:
+                            try:
+                                rec = json.loads(line) if line.endswith(b"\n") else None
+                            except (json.JSONDecodeError, UnicodeDecodeError):
+                                rec = None
+                            why = None if isinstance(rec, dict) else "bad line"
+                            if why is None and verify is not None:
+                                why = verify(self, rec)
+                            if why is None:
+                                kept.append(rec)
+                            elif line.strip():
+                                dropped += 1
+                                reasons.append(why)
+                if rank not in problems and not dropped and ranks is None:
+                    continue  # intact
+                partial = shard.with_name(shard.name + ".partial")
+                write_jsonl(partial, kept)
+                write_text(_sig_file(shard), sig)
+                (self.marker_dir(stage) / f"r{rank:05d}").unlink(missing_ok=True)
+                _pending(shard).unlink(missing_ok=True)
+                shard.unlink(missing_ok=True)
+                why = problems.get(rank) or (reasons[0] if reasons else "asked to")
+                done[rank] = {"kept": len(kept), "dropped": dropped, "why": why}
+        return done
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        """Per stage: signature, world size, done ranks, records; plus decisions and reports."""
+        out: dict[str, Any] = {"build": str(self.root), "recipe": self.recipe.name, "stages": {}}
+        for st in stages.all_stages():
+            stage = st.name
+            marks = self.markers(stage)
+            ws = self.stage_world_size(stage)
+            sig = self.signature(stage)
+            stale = [p.name for p in (self.root / ".done" / stage).glob("*")
+                     if p.is_dir() and p.name != sig]
+            partial = sorted(p.name for p in self.output_dir(stage).glob("r*.jsonl.partial")) \
+                if st.records and self.output_dir(stage).is_dir() else []
+            damaged = self.shard_problems(stage, parse=False)
+            out["stages"][stage] = {
+                "damaged": {str(r): why for r, why in damaged.items()},
+                "signature": sig,
+                "output": st.output,
+                "sharded": st.sharded,
+                "world_size": ws,
+                "done_ranks": sorted(marks),
+                "missing_ranks": sorted(set(range(ws)) - set(marks)) if ws else [],
+                "complete": self.is_complete(stage) and not damaged,
+                "records": sum(m.get("records", 0) for m in marks.values()),
+                "workers": _shards_per_worker(marks),
+                "in_progress": partial,
+                "stale_signatures": stale,
+            }
+        from dsbuild.core.decisions import summary
+
+        dec = self.decisions_path
+        decided = summary(read_jsonl(dec, strict=False) if dec.exists() else [])
+        out["decisions"] = decided["verdicts"]  # pairs per tool and verdict in force
+        out["agreement"] = decided["agreement"]  # per tool, between reviewers of one pair
+        out["reports"] = sorted(p.name for p in self.reports_dir.glob("*")) \
+            if self.reports_dir.exists() else []
+        return out
+
+
+def _shards_per_worker(marks: dict[int, dict]) -> dict[str, int]:
+    """Done shards per worker that wrote them ("<id>@<host>"; "?" for older markers)."""
+    out: dict[str, int] = {}
+    for m in marks.values():
+        w = m.get("worker") or {}
+        key = f"{w.get('id', '?')}@{w.get('host', '?')}" if w else "?"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,23 @@
+"""Settings of review (FiftyOne inspection and Label Studio)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from dsbuild.core.settings import StageSettings
+
+
+class ReviewSettings(StageSettings):
+    volatile: ClassVar[frozenset[str]] = frozenset({"url", "reviewer"})
+
+    dataset_name: str | None = Field(None, description="FiftyOne dataset (default: dsbuild-<build>)")
+    project_title: str | None = Field(None, description="Label Studio project title")
+    url: str | None = None
+    sample_size: int | None = Field(None, ge=1)
+    stratify_by: Literal["agent", "level", "operation", "none"] = "agent"
+    images: Literal["upload", "local-files"] = "upload"
+    seed: int = 0
+    reviewer: str | None = Field(None, description="reviewer of verdicts given in the FiftyOne "
+                                 "plugin when $DSBUILD_REVIEWER is unset (then: $USER)")

@@ -1,0 +1,38 @@
+"""Settings of the filter stage (CLIP/DINO scoring, thresholds, top-k); see docs/filter.md."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from dsbuild.core.settings import StageSettings
+
+# the scores a filter record carries (dino only when enabled); one list for every reader
+SCORE_KEYS: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
+# the scores with a minimum, in InstructPix2Pix's check order (the first one failed is the reason)
+THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")
+
+
+class FilterSettings(StageSettings):
+    """InstructPix2Pix's filter: thresholds on four CLIP scores, then top k per triple."""
+
+    volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "workers"})
+
+    clip_model: str = Field("ViT-L-14", description="open_clip name, 'hf-hub:…', "
+                            "'local-dir:…', or 'tiny' (random built-in, placeholder scores)")
+    clip_pretrained: str = Field("openai", description="open_clip tag, a checkpoint file, or "
+                                 "'none' for random weights")
+    dino: bool = Field(False, description="also score DINOv2 CLS cosine of the two images")
+    dino_model: str = Field("facebook/dinov2-base", description="transformers Hub id, a "
+                            "local folder, or 'tiny'")
+    clip_sim_0: float = Field(0.2, description="min cos(image 0, input caption)")
+    clip_sim_1: float = Field(0.2, description="min cos(image 1, output caption)")
+    clip_sim_dir: float = Field(0.2, description="min cos(image change, caption change)")
+    clip_sim_image: float = Field(0.7, description="min cos(image 0, image 1)")
+    dino_min: float | None = Field(None, description="min DINO cosine (None: not a filter)")
+    top_k: int = Field(4, ge=1, description="pairs kept per triple, best clip_sim_dir first")
+    batch_size: int = Field(32, ge=1)
+    workers: int = Field(4, ge=0, description="threads that decode and preprocess images")
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"

@@ -1,0 +1,303 @@
+"""The P2P sampler: sources and their targets denoised together in one batch.
+
+It reuses the diffusers pipeline's components (text encoding, scheduler, VAE, image
+post-processing) and runs the same loop as ``StableDiffusionPipeline``, with per-row guidance
+and one generator per row: every row of a (caption, seed) group gets a generator seeded alike,
+so source and targets share the initial noise and each ancestral step's noise, and each row's
+noise is exactly what the plain pipeline draws for that seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dsbuild.attention.align import (
+    Alignment,
+    align_prompts,
+    max_length,
+    prompt_words,
+    token_weights,
+)
+from dsbuild.attention.controller import P2PController, RowEdit
+from dsbuild.attention.processors import install
+from dsbuild.core.errors import DsbuildError
+
+MODES = ("self", "replace", "refine", "reweight", "auto")
+
+
+def make_scheduler(name: str, config):
+    """A fresh scheduler of the chosen kind from the model's scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+    )
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "euler_ancestral":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise DsbuildError(f"generate.scheduler must be ddim, euler_ancestral or dpmsolver++ "
+                       f"(got {name!r})")
+
+
+@dataclass
+class TargetSpec:
+    """One edited image made from a source: its prompt and P2P parameters."""
+
+    prompt: str
+    mode: str = "self"  # self | replace | refine | reweight | auto
+    self_replace: float = 0.0  # fraction of steps reusing the source's self-attention
+    cross_replace: float | dict[str, float] = 0.8  # fraction, or {word: fraction, "default": f}
+    equalizer: dict[str, float] | None = None  # target word -> attention scale (reweight)
+    blend_words: tuple[list[str], list[str]] | None = None  # (source words, target words)
+    guidance: float | None = None  # None: the source's guidance
+
+
+@dataclass
+class SourceGroup:
+    """All targets that share one source image (same caption, seed and guidance)."""
+
+    prompt: str
+    seed: int
+    guidance: float
+    targets: list[TargetSpec] = field(default_factory=list)
+
+
+@dataclass
+class GroupImages:
+    source: np.ndarray  # H x W x 3 float in [0, 1]
+    targets: list[np.ndarray]
+    modes: list[str]  # resolved mode per target (auto -> replace | refine)
+    masks: list[np.ndarray | None] = field(default_factory=list)  # local-blend mask, H x W bool
+
+
+class P2PGenerator:
+    """Prompt-to-Prompt on a diffusers StableDiffusionPipeline via attention processors."""
+
+    def __init__(self, pipe, scheduler: str = "euler_ancestral", blend_threshold: float = 0.3,
+                 blend_start: float = 0.2, segmenter=None):
+        self.pipe = pipe
+        self.scheduler_name = scheduler
+        make_scheduler(scheduler, pipe.scheduler.config)  # fail early on a bad name
+        self.controller = P2PController(blend_threshold, blend_start)
+        install(pipe.unet, self.controller)
+        # blend_mask=segment: a segmenter (dsbuild.localize.mask.load_segmenter: CLIPSeg, or
+        # detector boxes + SAM, each with its own threshold) makes the local-blend mask
+        self.segmenter = segmenter
+        if segmenter is not None:
+            self.controller.segment = self._segment
+        self._embeds: dict[str, torch.Tensor] = {}
+        self._aligned: dict[tuple[str, str, str], Alignment] = {}
+        self.L = max_length(pipe.tokenizer)
+        self.encoded = 0
+
+    @property
+    def device(self):
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self):
+        return self.pipe.unet.dtype
+
+    # ------------------------------------------------------------------ text
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings, each distinct caption encoded once (cached across batches)."""
+        if len(self._embeds) > 4096:  # bound memory; clear before looking up what is missing
+            self._embeds.clear()
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            emb = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            self.encoded += len(missing)
+            for p, e in zip(missing, emb, strict=True):
+                self._embeds[p] = e
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    # ------------------------------------------------------------------ edits
+    def align(self, source: str, target: str, mode: str) -> Alignment:
+        """Token alignment of two prompts, computed once per (source, target, mode)."""
+        key = (source, target, mode)
+        if key not in self._aligned:
+            if len(self._aligned) > 4096:
+                self._aligned.clear()
+            self._aligned[key] = align_prompts(self.pipe.tokenizer, source, target, mode)
+        return self._aligned[key]
+
+    def words(self, prompt: str) -> list:
+        """The tokenizer's words of a prompt with their token positions."""
+        return prompt_words(self.pipe.tokenizer, prompt)[0]
+
+    def row_edit(self, source_prompt: str, t: TargetSpec, source_row: int) -> tuple[RowEdit, str]:
+        """The controller's view of one target; returns it with the resolved mode."""
+        if t.mode not in MODES:
+            raise DsbuildError(f"P2P mode must be one of {', '.join(MODES)} (got {t.mode!r})")
+        L = self.L
+        edit = RowEdit(source=source_row, self_replace=float(t.self_replace))
+        resolved, al = t.mode, None
+        if t.mode != "self":
+            al = self.align(source_prompt, t.prompt, "auto" if t.mode == "reweight" else t.mode)
+            resolved = al.mode if t.mode == "auto" else t.mode
+            edit.alignment = al
+            cross = t.cross_replace if isinstance(t.cross_replace, dict) \
+                else {"default": t.cross_replace}
+            edit.cross_replace = per_token(al.tgt_words, cross, 0.8, L)
+            if t.equalizer:
+                edit.equalizer = per_token(al.tgt_words, t.equalizer, 1.0, L)
+        if t.blend_words is not None:
+            src_words = al.src_words if al else self.words(source_prompt)
+            tgt_words = al.tgt_words if al else self.words(t.prompt)
+            edit.blend_src = token_weights(src_words, t.blend_words[0], L)
+            edit.blend_tgt = token_weights(tgt_words, t.blend_words[1], L)
+            # segment what the source shows; an add has only target words: look for those
+            edit.segment_phrase = " ".join(t.blend_words[0] or t.blend_words[1])
+        return edit, resolved
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, groups: list[SourceGroup], steps: int, height: int, width: int,
+                 batch_size: int = 8,
+                 callback: Callable[[int, torch.Tensor, P2PController, list], None] | None = None,
+                 ) -> list[GroupImages]:
+        """Images for every group: batches of at most ``batch_size`` images, one source each."""
+        pieces: list[tuple[int, list[int]]] = []  # (group index, target indices)
+        per = max(1, batch_size - 1)
+        for gi, g in enumerate(groups):
+            idx = list(range(len(g.targets)))
+            for s in range(0, max(1, len(idx)), per):
+                pieces.append((gi, idx[s:s + per]))
+        batches: list[list[tuple[int, list[int]]]] = [[]]
+        rows = 0
+        for p in pieces:
+            n = 1 + len(p[1])
+            if batches[-1] and rows + n > batch_size:
+                batches.append([])
+                rows = 0
+            batches[-1].append(p)
+            rows += n
+        src_img: dict[int, np.ndarray] = {}
+        tgt_img: dict[tuple[int, int], np.ndarray] = {}
+        modes: dict[tuple[int, int], str] = {}
+        masks: dict[tuple[int, int], np.ndarray] = {}
+        for batch in batches:
+            images, layout, resolved, row_masks = self._run_batch(groups, batch, steps, height,
+                                                                  width, callback)
+            for row, ((gi, ti), im) in enumerate(zip(layout, images, strict=True)):
+                if ti is None:
+                    src_img.setdefault(gi, im)
+                else:
+                    tgt_img[(gi, ti)] = im
+                    if row in row_masks:
+                        masks[(gi, ti)] = row_masks[row]
+            modes.update(resolved)
+        return [GroupImages(src_img[gi], [tgt_img[(gi, ti)] for ti in range(len(g.targets))],
+                            [modes[(gi, ti)] for ti in range(len(g.targets))],
+                            [masks.get((gi, ti)) for ti in range(len(g.targets))])
+                for gi, g in enumerate(groups)]
+
+    @torch.no_grad()
+    def _run_batch(self, groups, batch, steps, height, width, callback):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, ctrl = self.pipe, self.controller
+        prompts, seeds, guid, layout = [], [], [], []
+        edits: dict[int, RowEdit] = {}
+        resolved: dict[tuple[int, int], str] = {}
+        for gi, tis in batch:
+            g = groups[gi]
+            src_row = len(prompts)
+            prompts.append(g.prompt)
+            seeds.append(g.seed)
+            guid.append(g.guidance)
+            layout.append((gi, None))
+            for ti in tis:
+                t = g.targets[ti]
+                row = len(prompts)
+                edits[row], resolved[(gi, ti)] = self.row_edit(g.prompt, t, src_row)
+                prompts.append(t.prompt)
+                seeds.append(g.seed)
+                guid.append(g.guidance if t.guidance is None else t.guidance)
+                layout.append((gi, ti))
+        R = len(prompts)
+        vsf = pipe.vae_scale_factor
+        if height % (vsf * 2 ** (len(pipe.unet.down_blocks) - 1)) or \
+                width % (vsf * 2 ** (len(pipe.unet.down_blocks) - 1)):
+            raise DsbuildError(f"generate.height/width must be multiples of "
+                               f"{vsf * 2 ** (len(pipe.unet.down_blocks) - 1)} for this model "
+                               f"(got {height}x{width})")
+        dev, dt = self.device, self.dtype
+        cond = self.encode(prompts)
+        uncond = self.encode([""]).expand(R, -1, -1)
+        ehs = torch.cat([uncond, cond]).to(dt)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        sched = make_scheduler(self.scheduler_name, pipe.scheduler.config)
+        sched.set_timesteps(steps, device=dev)
+        shape = (R, pipe.unet.config.in_channels, height // vsf, width // vsf)
+        latents = randn_tensor(shape, generator=gens, device=dev, dtype=dt)
+        latents = latents * sched.init_noise_sigma
+        g = torch.tensor(guid, device=dev, dtype=dt)[:, None, None, None]
+        step_kw = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters \
+            else {}
+        ctrl.configure(R, edits, len(sched.timesteps), dev, dt)
+        try:
+            for i, t in enumerate(sched.timesteps):
+                ctrl.begin_step(i)
+                inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False)[0]
+                n_u, n_c = noise.chunk(2)
+                noise = n_u + g * (n_c - n_u)
+                out = sched.step(noise, t, latents, **step_kw)
+                latents = ctrl.after_step(out.prev_sample, i,
+                                          getattr(out, "pred_original_sample", None))
+                if callback is not None:
+                    callback(i, latents, ctrl, layout)
+            row_masks = self._final_masks(height, width)
+        finally:
+            ctrl.reset()
+        images = self.decode(latents)
+        return list(images), layout, resolved, row_masks
+
+    def _segment(self, x0: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+        """blend_mask=segment: each source's phrase segmented in its predicted image, at the
+        latents' size (a latent cell is in when at least half its pixels are)."""
+        from PIL import Image
+
+        images = self.decode(x0.to(self.dtype))
+        masks = [self.segmenter.mask(Image.fromarray((im * 255).round().astype(np.uint8)),
+                                     [p] if p else [])
+                 for im, p in zip(images, phrases, strict=True)]
+        m = torch.from_numpy(np.stack(masks)).float()[:, None]
+        m = torch.nn.functional.interpolate(m, size=tuple(x0.shape[-2:]), mode="area")
+        return m.ge(0.5).to(x0.device)
+
+    def _final_masks(self, height: int, width: int) -> dict[int, np.ndarray]:
+        """The last local-blend mask of each blending row, at image size (nearest upsampling)."""
+        ctrl = self.controller
+        if ctrl.last_mask is None:
+            return {}
+        m = torch.nn.functional.interpolate(ctrl.last_mask.float(), size=(height, width))
+        m = m[:, 0].gt(0.5).cpu().numpy()
+        return {row: m[k] for k, row in enumerate(ctrl.blend_rows)}
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> float images [N, H, W, 3] in [0, 1] (each latent decoded once)."""
+        vae = self.pipe.vae
+        out = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(out, output_type="np",
+                                                     do_denormalize=[True] * out.shape[0])
+
+
+def per_token(words, values: dict[str, float], default: float, length: int) -> torch.Tensor:
+    """A [L] vector: ``values[word]`` at that word's tokens, ``values["default"]`` (else
+    ``default``) elsewhere: per-word cross-replace fractions and reweighting scales."""
+    out = torch.full((length,), float(values.get("default", default)))
+    for word, v in values.items():
+        if word != "default":
+            out[token_weights(words, [word], length) > 0] = float(v)
+    return out

@@ -1,1 +1,0 @@
-"""Reports over a build's records (diversity of caption text; see docs/diversity.md)."""

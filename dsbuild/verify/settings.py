@@ -1,0 +1,66 @@
+"""Settings of the verify stage (detector checks per operation, near-copy bound, optional
+vision-language judge); see docs/verify.md."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from dsbuild.core.settings import StageSettings
+from dsbuild.llm.settings import TRANSPORT, LLMSettings
+
+DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+
+
+class JudgeSettings(LLMSettings):
+    """A vision-language model asked to score each pair 0-10 on three rubric items (VIEScore's
+    spirit): the instruction was followed, nothing else changed, the edited image is sound."""
+
+    enabled: bool = Field(False, description="ask the judge (needs an endpoint that takes images)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(300, ge=16)
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    image_side: int = Field(512, ge=64, description="longest side of the images sent (pixels)")
+    instruction_min: int = Field(6, ge=0, le=10, description="min 'instruction followed' score")
+    preserve_min: int = Field(6, ge=0, le=10, description="min 'nothing else changed' score")
+    quality_min: int = Field(5, ge=0, le=10, description="min 'image quality' score")
+
+
+class VerifySettings(StageSettings):
+    """Per-operation detector checks, the change check, the near-copy bound and the judge."""
+
+    volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "workers"})
+
+    detector: str = Field(DEFAULT_DETECTOR, description="OWLv2/OWL-ViT Hub id or folder, or "
+                          "'tiny' (random, built from config: placeholder scores)")
+    present_min: float = Field(0.2, ge=0, le=1, description="detector score at which a "
+                               "target phrase counts as present")
+    absent_max: float = Field(0.1, ge=0, le=1, description="... and at or below which it counts "
+                              "as absent (in between: unsure, the check fails)")
+    count_gain: bool = Field(True, description="add/remove also pass when the number of "
+                             "detections grew/shrank although the thing was there before/after")
+    nms_iou: float = Field(0.5, gt=0, le=1, description="boxes overlapping more are one thing")
+    change_dir_min: float = Field(0.1, ge=-1, le=1, description="min CLIP direction of the "
+                                  "detected region (image change vs caption change)")
+    rest_min: float = Field(0.8, ge=-1, le=1, description="min DINO cosine of the two images "
+                            "with the edited region painted out (the rest stayed)")
+    near_copy_max: float = Field(0.995, ge=0, le=1, description="max pixel similarity "
+                                 "(1 - mean absolute difference) of an edit pair; above it the "
+                                 "output is a near copy of the input")
+    clip_model: str = Field("ViT-L-14", description="open_clip model of the change check")
+    clip_pretrained: str = Field("openai", description="open_clip tag, checkpoint or 'none'")
+    dino_model: str = Field("facebook/dinov2-base", description="DINOv2 of the change check")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    batch_size: int = Field(16, ge=1)
+    workers: int = Field(4, ge=0, description="threads that decode and preprocess images")
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    def signature_dict(self) -> dict[str, Any]:
+        """The judge's transport settings never count; a disabled judge counts not at all."""
+        data = super().signature_dict()
+        judge = self.judge.model_dump(mode="json")
+        data["judge"] = ({k: v for k, v in judge.items() if k not in TRANSPORT}
+                         if self.judge.enabled else None)
+        return data
