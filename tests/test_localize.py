@@ -278,7 +278,7 @@ def check_segmented_blend(seg):
     """P2P with ``seg`` making the local-blend mask: the mask is segmented, not read from
     attention (no map materialised), partial, and outside it the target's latents are exactly
     the source's."""
-    from dsbuild.generate.p2p import P2PGenerator, SourceGroup, TargetSpec
+    from dsbuild.generate.generators.p2p.sampler import P2PGenerator, SourceGroup, TargetSpec
     from dsbuild.models import load_sd_pipeline
 
     gen = P2PGenerator(load_sd_pipeline("tiny", quiet=True), "euler_ancestral",

@@ -65,3 +65,23 @@ def test_export_rows_equal_the_previous_main(demo):
             assert extra <= set(ADDED), f"unexpected new columns {extra - set(ADDED)}"
             for col, value in ADDED.items():
                 assert new[col] == value, (col, new[col])
+
+
+# the completion-marker folders of that build (.done/<stage>/<signature>)
+PREVIOUS_SIGNATURES = {"captions": "baf5242b5e19", "generate": "d9fe1d834b89",
+                       "filter": "df558a67fa31", "verify": "eeae05c7c39e",
+                       "augment": "da76c86ec331", "diversity": "49fb0cae0f2f"}
+# export's ("d3d02d804b70" there) also signs the optional stages it read when they were
+# complete, which this bare dsbuild.yaml has no markers for
+
+
+def test_a_build_of_the_previous_main_keeps_its_markers(tmp_path):
+    """The demo build's dsbuild.yaml as acb14b8 froze it signs every stage as it did then, so
+    an existing build stays done and nothing reruns."""
+    from dsbuild.core.build import Build
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "dsbuild.yaml").write_text(
+        (FIXTURE.parent / "offline_demo.dsbuild.yaml").read_text())
+    b = Build.open(tmp_path / "b")
+    assert {s: b.signature(s) for s in PREVIOUS_SIGNATURES} == PREVIOUS_SIGNATURES

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from dsbuild.attention.align import align_prompts, prompt_words  # noqa: E402
-from dsbuild.generate.p2p import (  # noqa: E402
+from dsbuild.generate.generators.p2p.sampler import (  # noqa: E402
     P2PGenerator,
     SourceGroup,
     TargetSpec,

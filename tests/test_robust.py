@@ -339,7 +339,7 @@ def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
     """Executors run shard after shard in one process: generate's pipeline and filter's
     encoders load once, and reusing them changes nothing."""
     from dsbuild import models
-    from dsbuild.cli.run import OFFLINE_SETTINGS
+    from dsbuild.cli.run import offline_settings
     from dsbuild.core.config import load_recipe as load
     from dsbuild.filter.stage import run_filter
     from dsbuild.generate.stage import run_generate
@@ -347,7 +347,7 @@ def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
     builds, held = [], []
     for name in ("a", "b"):
         b = Build.init(tmp_path / name, load(mini_recipe), recipe_path=str(mini_recipe),
-                       overrides=[*OFFLINE_SETTINGS, "captions.limit=1"])
+                       overrides=[*offline_settings(), "captions.limit=1"])
         assert dsbuild("captions", b.root).returncode == 0
         run_generate(b)
         run_filter(b, quiet=True)

@@ -123,7 +123,7 @@ def make_sample(build: Build, mentions: Mentions, pair: dict, triple: dict,
     }
 
 
-def run_augment(build: Build, rank: int = 0, world_size: int = 1,
+def run_augment(build: Build, rank: int = 0, world_size: int = 1, *,
                 force: bool = False) -> StageResult:
     """Write this rank's no-change samples to augment/rNNNNN.jsonl (resumable)."""
 

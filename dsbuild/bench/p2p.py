@@ -97,7 +97,7 @@ def run_bench(model: str | None = None, arch: str = "tiny", steps: int = 8, size
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from dsbuild.generate.p2p import P2PGenerator, SourceGroup, TargetSpec, make_scheduler
+    from dsbuild.generate.generators.p2p.sampler import P2PGenerator, SourceGroup, TargetSpec, make_scheduler
     from dsbuild.models import load_sd_pipeline, resolve_device
 
     if threads:

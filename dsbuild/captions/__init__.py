@@ -11,4 +11,5 @@ STAGE = register(Stage(
     run="dsbuild.captions.stage:run_captions", command="dsbuild.captions.cli:captions_cmd",
     help="write caption triples with LLM agents", extra="llm", signs=("recipe",),
     check="dsbuild.captions.validate:check_config",
+    offline={"backend": "template"},
 ))

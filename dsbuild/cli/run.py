@@ -13,6 +13,7 @@ placeholder images; the run says so.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,20 +29,14 @@ from dsbuild.core.errors import DsbuildError
 from dsbuild.executors import ExecutorOptions, make_executor
 
 DEMO_TRIPLES_PER_AGENT = 2
-OFFLINE_SETTINGS: tuple[str, ...] = (
-    "captions.backend=template",
-    "generate.model=tiny", "generate.steps=4", "generate.height=64", "generate.width=64",
-    "generate.limit=2",
-    "filter.clip_model=tiny", "filter.clip_pretrained=none", "filter.dino=false",
-    # tiny CLIP scores are noise: thresholds off, top-k still applies
-    "filter.clip_sim_0=-1", "filter.clip_sim_1=-1", "filter.clip_sim_dir=-1",
-    "filter.clip_sim_image=-1",
-    # verify with the tiny detector/CLIP/DINO: their scores are noise too, so the detector and
-    # change thresholds are off; the near-copy bound (pixels, no model) still applies
-    "verify.detector=tiny", "verify.clip_model=tiny", "verify.clip_pretrained=none",
-    "verify.dino_model=tiny", "verify.present_min=0", "verify.absent_max=1",
-    "verify.change_dir_min=-1", "verify.rest_min=-1",
-)
+
+
+def offline_settings() -> list[str]:
+    """Every stage's own offline values (its declaration's ``offline``) as overrides."""
+    return [f"{st.name}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+            for st in stages.all_stages() for key, value in st.offline.items()]
+
+
 OFFLINE_NOTE = ("offline: template captions and dsbuild's built-in tiny models with random "
                 "weights. Tiny models make PLACEHOLDER images (noise), not real pictures, and "
                 "their CLIP scores mean nothing (filter thresholds are off). Use a real SD "
@@ -69,7 +64,7 @@ class RunResult:
 
 def run_settings(offline: bool, limit: int | None) -> list[str]:
     """The overrides a run freezes into dsbuild.yaml."""
-    out = list(OFFLINE_SETTINGS) if offline else []
+    out = offline_settings() if offline else []
     if limit is not None:
         out.append(f"captions.limit={limit}")
     elif offline:

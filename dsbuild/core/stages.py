@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from dsbuild.core.errors import DsbuildError, MissingDependency
 from dsbuild.core.settings import StageSettings
@@ -56,6 +57,8 @@ class Stage:
     key: str = "id"  # record field the shard writer resumes on
     check: str | None = None  # "module:function"(config) run by `dsbuild init` before writing
     verify: str | None = None  # "module:function"(build, record) -> why it is damaged, or None
+    # what `dsbuild run --offline` sets for this stage: its demo-sized, network-free values
+    offline: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         bad = [s for s in self.signs if s not in SIGNABLE]

@@ -10,4 +10,9 @@ STAGE = register(Stage(
     name="filter", output="scores", settings=FilterSettings, upstream=("generate",),
     run="dsbuild.filter.stage:run_filter", command="dsbuild.filter.cli:filter_cmd",
     help="score pairs with CLIP/DINO and keep the best", extra="filter", key="pair_id",
+    offline={
+        "clip_model": "tiny", "clip_pretrained": "none", "dino": False,
+        # tiny CLIP scores are noise: thresholds off, top-k still applies
+        "clip_sim_0": -1, "clip_sim_1": -1, "clip_sim_dir": -1, "clip_sim_image": -1,
+    },
 ))

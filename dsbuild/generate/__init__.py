@@ -11,4 +11,5 @@ STAGE = register(Stage(
     run="dsbuild.generate.stage:run_generate", command="dsbuild.generate.cli:generate_cmd",
     help="make image pairs with Prompt-to-Prompt", extra="gen",
     verify="dsbuild.core.records:pair_images_problem",
+    offline={"model": "tiny", "steps": 4, "height": 64, "width": 64, "limit": 2},
 ))

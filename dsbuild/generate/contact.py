@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dsbuild.core.generators import generator_of, param_values
 from dsbuild.core.join import Joined
 from dsbuild.core.records import write_image
 
@@ -42,10 +43,9 @@ def contact_sheet(root: Path, pairs: Iterable[Joined], out: Path, per_agent: int
         y = head + r * row_h
         sheet.paste(_thumb(root / p["images"]["input"]), (8, y))
         sheet.paste(_thumb(root / p["images"]["output"]), (16 + THUMB, y))
-        prm = p["params"]
+        shown = " ".join(f"{k}={v}" for k, v in param_values(p).items() if v is not None)
         lines = [f"[{agent}] {t['edit']}", f"in:  {t['input']}", f"out: {t['output']}",
-                 f"mode={prm['mode']} seed={p['seed']} p={prm['self_replace']} "
-                 f"cross={prm['cross_replace']} g={prm['guidance']}"]
+                 f"{generator_of(p)} seed={p['seed']} {shown}"]
         for li, line in enumerate(lines):
             draw.text((24 + 2 * THUMB, y + 6 + 16 * li), line[:90], fill="black")
     write_image(out, sheet)

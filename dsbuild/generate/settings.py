@@ -1,23 +1,33 @@
-"""Settings of the generate stage (Prompt-to-Prompt on Stable Diffusion)."""
+"""Settings of the generate stage: which generator, on what model, how many pairs per triple.
+
+``generate.generator`` (default ``p2p``) picks a generator declared through
+:mod:`dsbuild.core.generators`. Prompt-to-Prompt's own settings are this section's top-level
+keys (:class:`P2PSettings`, inherited), as in builds made before generate had other
+generators; any other generator's settings are the sub-section named after it
+(``generate.<name>.<key>``), validated by its own settings model.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dsbuild.core.settings import StageSettings
+from dsbuild.core import generators
+from dsbuild.core.errors import DsbuildError
+from dsbuild.generate.generators.p2p.settings import P2PSettings
 
-Range = tuple[float, float]
 
-
-class GenerateSettings(StageSettings):
+class GenerateSettings(P2PSettings):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "contact_sheet"})
 
+    generator: str = Field(generators.DEFAULT, description="the generator that makes the "
+                           "pairs (p2p: Prompt-to-Prompt; a plugin's name)")
     # SD 1.5, as InstructPix2Pix made its data with; 'tiny' = random weights (offline demos)
     model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       description="diffusers SD 1.x/2.x dir or Hub id, or 'tiny'")
-    scheduler: Literal["ddim", "euler_ancestral", "dpmsolver++"] = "euler_ancestral"
+                       description="the generator's model: a diffusers dir or Hub id (p2p: SD "
+                       "1.x/2.x), or 'tiny'")
     steps: int = Field(50, ge=1)
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
@@ -25,68 +35,51 @@ class GenerateSettings(StageSettings):
         "auto", description="auto: fp16 on CUDA, fp32 elsewhere")
     device: str = "auto"
     batch_size: int = Field(8, ge=2, description="images per UNet batch (sources + targets)")
-    mode: Literal["self", "replace", "refine", "reweight", "auto"] = "self"
-    sweep: Literal["random", "grid"] = "random"
     samples_object: int = Field(30, ge=1)
     samples_room: int = Field(50, ge=1)
     limit: int | None = Field(None, ge=1, description="cap on samples per triple (demo builds)")
     seed: int = 0
-    # random sweep ranges (InstructPix2Pix: p ~ U[0.1, 0.9], guidance ~ U[7.5, 15])
-    self_replace: Range = (0.1, 0.9)
-    guidance: Range = (7.5, 15.0)
-    cross_replace: Range = (0.4, 0.9)
-    reweight: Range = (1.0, 3.0)
-    # grid sweep values (seeds vary fastest last: every combination per seed)
-    grid_self_replace: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
-    grid_guidance: list[float] = Field(default_factory=lambda: [7.5, 10.0])
-    grid_cross_replace: list[float] = Field(default_factory=lambda: [0.8])
-    grid_reweight: list[float] = Field(default_factory=lambda: [2.0])
-    # local blend on the words that change between the captions
-    blend: bool = False
-    blend_threshold: float = Field(0.3, gt=0, lt=1)
-    blend_start: float = Field(0.2, ge=0, le=1)
-    blend_mask: Literal["attention", "segment"] = Field(
-        "attention", description="attention: the words' accumulated cross-attention maps; "
-        "segment: the source's blend words segmented (CLIPSeg, or detector boxes + SAM) in its "
-        "predicted image at blend_start, kept for the remaining steps")
-    segmenter: str = Field("CIDAS/clipseg-rd64-refined",
-                           description="CLIPSeg checkpoint for blend_mask=segment, 'tiny', or "
-                           "'sam' (detector boxes + SAM)")
-    segment_threshold: float = Field(0.4, gt=0, lt=1,
-                                     description="CLIPSeg probability above which a pixel is in")
-    detector: str = Field("google/owlv2-base-patch16-ensemble",
-                          description="segmenter=sam: OWLv2/OWL-ViT checkpoint, or 'tiny'")
-    sam_model: str = Field("facebook/sam-vit-base",
-                           description="segmenter=sam: SAM checkpoint, or 'tiny'")
-    box_threshold: float = Field(0.2, ge=0, le=1, description="segmenter=sam: detector score "
-                                 "above which a box is segmented (none: empty mask)")
     contact_sheet: int = Field(3, ge=0, description="pairs per agent on the contact sheet")
 
+    @model_validator(mode="after")
+    def _generator_sections(self) -> GenerateSettings:
+        try:
+            gen = generators.get(self.generator)  # an unknown name fails with the known ones
+        except DsbuildError as exc:
+            raise ValueError(str(exc)) from None
+        for name, value in (self.model_extra or {}).items():
+            if name not in generators.names():
+                raise ValueError(f"unknown setting {name!r} (not a generate setting nor a "
+                                 "generator's section)")
+            own = generators.get(name).settings
+            if own is None or name == generators.DEFAULT:
+                raise ValueError(f"generator {name!r} has no settings section")
+            if not isinstance(value, BaseModel):
+                try:
+                    self.__pydantic_extra__[name] = own.model_validate(value or {})
+                except ValidationError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        if gen.name != generators.DEFAULT and gen.settings is not None \
+                and gen.name not in (self.model_extra or {}):
+            self.__pydantic_extra__[gen.name] = gen.settings()
+        return self
+
+    def section(self, name: str) -> BaseModel | None:
+        """A generator's own settings (p2p: these settings themselves)."""
+        if name == generators.DEFAULT:
+            return self
+        return (self.model_extra or {}).get(name)
+
     def signature_dict(self) -> dict[str, Any]:
-        """Attention blend (the default) signs as it did before segmented blend existed, so
-        builds made then keep their generate markers; the segment settings sign only when
-        used (and then only with generate.blend=true), the boxes + SAM ones only with
-        segmenter=sam."""
+        """P2P builds sign as they did before generators existed (no ``generator`` key); another
+        generator signs its name, its section and the shared settings, not P2P's."""
         data = super().signature_dict()
-        segment = self.blend and self.blend_mask == "segment"
-        if not segment:
-            for key in ("blend_mask", "segmenter", "segment_threshold"):
-                data.pop(key, None)
-        if not (segment and self.segmenter == "sam"):
-            for key in ("detector", "sam_model", "box_threshold"):
-                data.pop(key, None)
+        if self.generator == generators.DEFAULT:
+            data.pop("generator", None)
+            return self.p2p_signature(data)
+        for key in P2PSettings.model_fields:
+            data.pop(key, None)
+        for name in self.model_extra or {}:
+            if name != self.generator:
+                data.pop(name, None)
         return data
-
-    @field_validator("self_replace", "cross_replace")
-    @classmethod
-    def _fraction(cls, v: Range) -> Range:
-        if not 0 <= v[0] <= v[1] <= 1:
-            raise ValueError("expected [low, high] with 0 <= low <= high <= 1")
-        return v
-
-    @field_validator("guidance", "reweight")
-    @classmethod
-    def _ordered(cls, v: Range) -> Range:
-        if v[0] > v[1]:
-            raise ValueError("expected [low, high] with low <= high")
-        return v

@@ -1,40 +1,36 @@
 """The generate stage: triples in, pair records and PNGs out; resumable and shardable.
 
-Triples are sharded by input caption, so every edit of a caption (and its shared source)
-stays on one rank. For each pair both PNGs are written atomically before its record line, so
-a killed run resumes with no duplicate pair and no half-written image.
+The stage runs the generator ``generate.generator`` names (:mod:`dsbuild.core.generators`;
+Prompt-to-Prompt by default): the generator plans every pair of a triple (its sweep) and makes
+the images, batching as it likes; the stage owns sharding, resuming and writing. Triples are
+sharded by input caption, so every edit of a caption (and a source they share) stays on one
+rank. For each pair both PNGs are written atomically before its record line, so a killed run
+resumes with no duplicate pair and no half-written image.
 
 This module imports without torch (``dsbuild run`` imports every stage's run function); the
-P2P modules that need torch and diffusers are imported when there is work, and
-``run_generate`` checks first that they are installed.
+generator's implementation, which needs its extra, is imported when the stage is run, so a
+missing extra fails with its pip line before any work.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from dsbuild.core import join
+from dsbuild.core import generators, join
 from dsbuild.core.build import Build, StageResult, select_shard
-from dsbuild.core.errors import DsbuildError, StageFailed, require_installed
+from dsbuild.core.errors import DsbuildError, StageFailed
+from dsbuild.core.generators import Made
 from dsbuild.core.progress import progress
 from dsbuild.core.records import write_bytes
 
-if TYPE_CHECKING:
-    from dsbuild.generate.sweep import PairPlan
 
-# what generating imports (the ``gen`` extra); checked before any work
-GEN_MODULES = ("torch", "diffusers", "transformers")
-
-
-def check_installed() -> None:
-    """Fail with the pip line that fixes it when the ``gen`` extra is not installed."""
-    require_installed("gen", *GEN_MODULES, what="dsbuild generate")
+def check_installed(generator: str = generators.DEFAULT):
+    """The generator's implementation class; its missing extra fails with the pip line."""
+    return generators.get(generator).load_impl()
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -51,27 +47,6 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def group_plans(plans: list[PairPlan]) -> list[tuple[tuple, list[PairPlan]]]:
-    """Pairs grouped by (input caption, seed, guidance): each group shares one source image."""
-    groups: OrderedDict[tuple, list[PairPlan]] = OrderedDict()
-    for p in sorted(plans, key=lambda p: (p.group_key, p.triple["id"], p.index)):
-        groups.setdefault(p.group_key, []).append(p)
-    return list(groups.items())
-
-
-def _chunks(groups, batch_size: int):
-    """Consecutive groups filling about one UNet batch (a big group is split by the sampler)."""
-    chunk, rows = [], 0
-    for key, plans in groups:
-        if chunk and rows + 1 + len(plans) > batch_size:
-            yield chunk
-            chunk, rows = [], 0
-        chunk.append((key, plans))
-        rows += 1 + len(plans)
-    if chunk:
-        yield chunk
-
-
 def _clean_temp(build: Build, triple_ids) -> None:
     """Drop temp files a killed run left beside its PNGs (finished PNGs are never partial)."""
     for tid in triple_ids:
@@ -81,111 +56,77 @@ def _clean_temp(build: Build, triple_ids) -> None:
                 f.unlink(missing_ok=True)
 
 
-def pair_record(plan: PairPlan, model: str, rel: str) -> dict:
-    t = plan.triple
+def pair_record(generator: str, made: Made, model: str, rel: str) -> dict:
+    """The pair record (dsbuild.core.schema): ids, the generator and its params, images."""
+    plan, t = made.plan, made.plan.triple
     return {
-        "id": plan.id, "triple_id": t["id"], "seed": plan.seed, "params": plan.params,
-        "model": model, "images": {"input": f"{rel}_0.png", "output": f"{rel}_1.png"},
-        "agent": t.get("agent"), "level": t.get("level"),
-        "source_id": hash_source(plan, model),
+        "id": plan.id, "triple_id": t["id"], "seed": plan.seed, "generator": generator,
+        "params": plan.params, "model": model,
+        "images": {"input": f"{rel}_0.png", "output": f"{rel}_1.png"},
+        "agent": t.get("agent"), "level": t.get("level"), "source_id": made.source_id,
     }
 
 
-def hash_source(plan: PairPlan, model: str) -> str:
-    from dsbuild.core.hashing import content_id
+def _triples(build: Build) -> list[dict]:
+    triples = [t for t in build.records("captions") if not t.get("no_change")]
+    for t in triples:
+        missing = [f for f in ("id", "input", "output") if not t.get(f)]
+        if missing:
+            raise DsbuildError(f"triples of {build.root}: triple {t.get('id', '?')} has no "
+                               f"{', '.join(missing)}; re-run `dsbuild captions --force`")
+    if not triples:  # "done, 0 pairs" would pass an empty dataset on to every later stage
+        raise StageFailed(
+            f"generate: the captions of {build.root} hold no triple to make pairs from, so "
+            "generate has nothing to do; no completion marker written. Rerun `dsbuild "
+            "captions --force` (see reports/captions.json for why its lines were rejected)"
+        )
+    return triples
 
-    inp, seed, guidance = plan.group_key
-    p = plan.params
-    return content_id(model, inp, seed, guidance, p["steps"], p["scheduler"], p["height"],
-                      p["width"])
 
-
-def run_generate(build: Build, rank: int = 0, world_size: int = 1,
+def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
                  force: bool = False) -> StageResult:
     """Make this rank's pairs (skipping done ones), commit the shard, draw the contact sheet."""
-    check_installed()
     s = build.config.generate
+    impl_cls = check_installed(s.generator)
 
     def work(writer) -> dict:
-        from dsbuild.generate.p2p import P2PGenerator
-        from dsbuild.generate.sweep import plan_triple
-        from dsbuild.models import (
-            keep_loaded,
-            load_sd_pipeline,
-            model_key,
-            resolve_device,
-            resolve_dtype,
-        )
+        from dsbuild.models import resolve_device, resolve_dtype
 
-        triples = [t for t in build.records("captions") if not t.get("no_change")]
-        for t in triples:
-            missing = [f for f in ("id", "input", "output") if not t.get(f)]
-            if missing:
-                raise DsbuildError(f"triples of {build.root}: triple {t.get('id', '?')} has no "
-                                   f"{', '.join(missing)}; re-run `dsbuild captions --force`")
-        if not triples:  # "done, 0 pairs" would pass an empty dataset on to every later stage
-            raise StageFailed(
-                f"generate: the captions of {build.root} hold no triple to make pairs from, so "
-                "generate has nothing to do; no completion marker written. Rerun `dsbuild "
-                "captions --force` (see reports/captions.json for why its lines were rejected)"
-            )
-        mine = select_shard(triples, rank, world_size, key=lambda t: t["input"])
+        mine = select_shard(_triples(build), rank, world_size, key=lambda t: t["input"])
         if not mine:  # another rank has them all: a legitimately empty shard
             return {"pairs": 0, "sources": 0}
         device = resolve_device(s.device)
         dtype = resolve_dtype(s.dtype, device)
-        pipe = keep_loaded("generate", (*model_key(s.model), dtype, device),
-                           lambda: load_sd_pipeline(s.model, dtype, device))
-        segmenter = None
-        if s.blend and s.blend_mask == "segment":
-            from dsbuild.localize.mask import load_segmenter
-
-            key = (*model_key(s.segmenter), s.segment_threshold, *model_key(s.detector),
-                   *model_key(s.sam_model), s.box_threshold, device)
-            segmenter = keep_loaded("generate-segmenter", key, lambda: load_segmenter(
-                s.segmenter, s.segment_threshold, s.detector, s.sam_model, s.box_threshold,
-                device))
-        gen = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start, segmenter)
-        plans = [p for t in mine for p in plan_triple(t, s, pipe.tokenizer)]
+        gen = impl_cls(s, s.section(s.generator), device, dtype)
+        plans = [p for t in mine for p in gen.plan(t)]
         todo = [p for p in plans if p.id not in writer.done]
         _clean_temp(build, {p.triple["id"] for p in todo})
-        groups = group_plans(todo)
-        t0, made = time.perf_counter(), 0
+        t0, made, sources, png0 = time.perf_counter(), 0, set(), (None, b"")
         with progress(total=len(plans), initial=len(plans) - len(todo),
                       desc=f"generate r{rank}", unit="pair") as bar:
-            for chunk in _chunks(groups, s.batch_size):
-                src = [_group(key, plans_g) for key, plans_g in chunk]
-                results = gen.generate(src, s.steps, s.height, s.width, s.batch_size)
-                for (_, plans_g), res in zip(chunk, results, strict=True):
-                    png0 = png_bytes(res.source)
-                    for plan, image, mask in zip(plans_g, res.targets, res.masks, strict=True):
-                        rel = f"pairs/img/{plan.triple['id']}/{plan.id}"
-                        write_bytes(build.root / f"{rel}_0.png", png0)
-                        write_bytes(build.root / f"{rel}_1.png", png_bytes(image))
-                        rec = pair_record(plan, s.model, rel)
-                        rec["dtype"] = dtype
-                        if mask is not None:  # what local blend let change (white)
-                            write_bytes(build.root / f"{rel}_mask.png", mask_png(mask))
-                            rec["images"]["mask"] = f"{rel}_mask.png"
-                        writer.write(rec)
-                        made += 1
-                    bar.update(len(plans_g))
+            for m in gen.generate(todo):
+                rel = f"pairs/img/{m.plan.triple['id']}/{m.plan.id}"
+                if png0[0] is not m.source:  # a shared source is encoded once
+                    png0 = (m.source, png_bytes(m.source))
+                write_bytes(build.root / f"{rel}_0.png", png0[1])
+                write_bytes(build.root / f"{rel}_1.png", png_bytes(m.target))
+                rec = pair_record(s.generator, m, gen.model, rel)
+                rec["dtype"] = dtype
+                if m.mask is not None:  # what the generator let change (white)
+                    write_bytes(build.root / f"{rel}_mask.png", mask_png(m.mask))
+                    rec["images"]["mask"] = f"{rel}_mask.png"
+                writer.write(rec)
+                made += 1
+                sources.add(m.source_id)
+                bar.update(1)
         secs = time.perf_counter() - t0
-        return {"pairs": made, "sources": len(groups), "seconds": round(secs, 3),
-                "pairs_per_s": round(made / secs, 4) if secs > 0 else None,
-                "captions_encoded": gen.encoded}
+        return {"pairs": made, "sources": len(sources), "seconds": round(secs, 3),
+                "pairs_per_s": round(made / secs, 4) if secs > 0 else None, **gen.stats()}
 
     result = build.run_stage("generate", rank, world_size, work, force=force)
     if s.contact_sheet and build.is_complete("generate"):
         write_contact_sheet(build)
     return result
-
-
-def _group(key, plans: list[PairPlan]):
-    from dsbuild.generate.p2p import SourceGroup
-
-    caption, seed, guidance = key
-    return SourceGroup(caption, seed, guidance, [p.target() for p in plans])
 
 
 def write_contact_sheet(build: Build):

@@ -11,4 +11,11 @@ STAGE = register(Stage(
     run="dsbuild.verify.stage:run_verify", command="dsbuild.verify.cli:verify_cmd",
     help="check each kept edit with a detector (and a VLM judge)", extra="filter",
     key="pair_id",
+    offline={
+        # the tiny detector/CLIP/DINO give noise too: detector and change thresholds off; the
+        # near-copy bound (pixels, no model) still applies
+        "detector": "tiny", "clip_model": "tiny", "clip_pretrained": "none",
+        "dino_model": "tiny", "present_min": 0, "absent_max": 1, "change_dir_min": -1,
+        "rest_min": -1,
+    },
 ))

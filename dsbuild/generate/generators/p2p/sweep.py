@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dsbuild.attention.align import align_prompts
 from dsbuild.core.hashing import content_id
-from dsbuild.generate.p2p import TargetSpec
+from dsbuild.generate.generators.p2p.sampler import TargetSpec
 from dsbuild.generate.settings import GenerateSettings
 
 
@@ -32,6 +32,11 @@ class PairPlan:
     @property
     def group_key(self) -> tuple[str, int, float]:
         return (self.triple["input"], self.seed, self.params["guidance"])
+
+    @property
+    def group(self) -> tuple[str, int, float]:
+        """Plans of one group share their source image (dsbuild.core.generators.Plan)."""
+        return self.group_key
 
     def target(self) -> TargetSpec:
         p = self.params

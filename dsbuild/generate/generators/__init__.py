@@ -1,0 +1,1 @@
+"""The built-in generators of the generate stage, one package each (see dsbuild.core.generators)."""

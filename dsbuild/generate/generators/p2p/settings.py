@@ -1,0 +1,81 @@
+"""Prompt-to-Prompt's settings: the P2P mode, its sweep and local blend.
+
+They sit at the top of the ``generate`` section (``generate.mode``, ``generate.sweep``, ...) as
+they did before generate had other generators, so builds made then keep their settings and
+signatures; :class:`dsbuild.generate.settings.GenerateSettings` inherits them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from dsbuild.core.settings import StageSettings
+
+Range = tuple[float, float]
+
+
+class P2PSettings(StageSettings):
+    """How Prompt-to-Prompt edits the source: mode, sweep ranges or grid, local blend."""
+
+    scheduler: Literal["ddim", "euler_ancestral", "dpmsolver++"] = "euler_ancestral"
+    mode: Literal["self", "replace", "refine", "reweight", "auto"] = "self"
+    sweep: Literal["random", "grid"] = "random"
+    # random sweep ranges (InstructPix2Pix: p ~ U[0.1, 0.9], guidance ~ U[7.5, 15])
+    self_replace: Range = (0.1, 0.9)
+    guidance: Range = (7.5, 15.0)
+    cross_replace: Range = (0.4, 0.9)
+    reweight: Range = (1.0, 3.0)
+    # grid sweep values (seeds vary fastest last: every combination per seed)
+    grid_self_replace: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+    grid_guidance: list[float] = Field(default_factory=lambda: [7.5, 10.0])
+    grid_cross_replace: list[float] = Field(default_factory=lambda: [0.8])
+    grid_reweight: list[float] = Field(default_factory=lambda: [2.0])
+    # local blend on the words that change between the captions
+    blend: bool = False
+    blend_threshold: float = Field(0.3, gt=0, lt=1)
+    blend_start: float = Field(0.2, ge=0, le=1)
+    blend_mask: Literal["attention", "segment"] = Field(
+        "attention", description="attention: the words' accumulated cross-attention maps; "
+        "segment: the source's blend words segmented (CLIPSeg, or detector boxes + SAM) in its "
+        "predicted image at blend_start, kept for the remaining steps")
+    segmenter: str = Field("CIDAS/clipseg-rd64-refined",
+                           description="CLIPSeg checkpoint for blend_mask=segment, 'tiny', or "
+                           "'sam' (detector boxes + SAM)")
+    segment_threshold: float = Field(0.4, gt=0, lt=1,
+                                     description="CLIPSeg probability above which a pixel is in")
+    detector: str = Field("google/owlv2-base-patch16-ensemble",
+                          description="segmenter=sam: OWLv2/OWL-ViT checkpoint, or 'tiny'")
+    sam_model: str = Field("facebook/sam-vit-base",
+                           description="segmenter=sam: SAM checkpoint, or 'tiny'")
+    box_threshold: float = Field(0.2, ge=0, le=1, description="segmenter=sam: detector score "
+                                 "above which a box is segmented (none: empty mask)")
+
+    def p2p_signature(self, data: dict) -> dict:
+        """Attention blend (the default) signs as it did before segmented blend existed, so
+        builds made then keep their generate markers; the segment settings sign only when
+        used (and then only with generate.blend=true), the boxes + SAM ones only with
+        segmenter=sam."""
+        segment = self.blend and self.blend_mask == "segment"
+        if not segment:
+            for key in ("blend_mask", "segmenter", "segment_threshold"):
+                data.pop(key, None)
+        if not (segment and self.segmenter == "sam"):
+            for key in ("detector", "sam_model", "box_threshold"):
+                data.pop(key, None)
+        return data
+
+    @field_validator("self_replace", "cross_replace")
+    @classmethod
+    def _fraction(cls, v: Range) -> Range:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("expected [low, high] with 0 <= low <= high <= 1")
+        return v
+
+    @field_validator("guidance", "reweight")
+    @classmethod
+    def _ordered(cls, v: Range) -> Range:
+        if v[0] > v[1]:
+            raise ValueError("expected [low, high] with low <= high")
+        return v
