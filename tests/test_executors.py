@@ -226,3 +226,53 @@ def test_missing_ray_gives_the_pip_line(monkeypatch):
     monkeypatch.delitem(sys.modules, "dsbuild.executors.ray", raising=False)
     with pytest.raises(MissingDependency, match=r"pip install 'dsbuild\[ray\]'"):
         make_executor(ExecutorOptions("ray", workers=2))
+
+
+class LosingWorkers:
+    """A backend whose every worker is lost on the rank it is given."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.ids: dict[int, str] = {}
+        self.new, self.given, self.killed = 0, [], False
+
+    def start(self, workers):
+        for slot in range(workers):
+            self.replace(slot)
+
+    def replace(self, slot):
+        self.ids[slot] = f"fake-{self.new}"
+        self.new += 1
+        return self.ids[slot]
+
+    def submit(self, slot, task):
+        self.given.append(slot)
+
+    def poll(self, timeout):
+        from dsbuild.executors.loop import Outcome
+
+        lost = [Outcome(s, self.ids[s], lost="exit status -9") for s in self.given]
+        self.given = []
+        return lost
+
+    def kill(self):
+        self.killed = True
+
+    def close(self):
+        pass
+
+
+def test_a_rank_whose_workers_keep_dying_stops_after_max_retries(tmp_path):
+    from dsbuild.executors import ShardFailed, WorkerPool
+
+    b = new_build(tmp_path / "F")
+    backend, said = LosingWorkers(), []
+    opts = ExecutorOptions("local", workers=2, shards=2, max_retries=2)
+    with WorkerPool(backend, opts, echo=said.append) as ex, \
+            pytest.raises(ShardFailed, match=r"captions rank \d: its worker died 3 times") as e:
+        ex.run(b, "captions")
+    assert e.value.exit_code == 2 and "logs/captions/r0000" in str(e.value)
+    assert any(re.search(r"worker fake-\d died \(exit status -9\); running it again on "
+                         r"fake-\d \(retry 2 of 2\)", s) for s in said), said
+    assert backend.killed and not b.markers("captions")

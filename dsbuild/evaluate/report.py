@@ -1,6 +1,6 @@
 """What ``dsbuild eval`` shows: a markdown table with the models side by side (LangDesign's
-shape), the CLIP_dir-vs-CLIP_im curve over an image-guidance sweep (InstructPix2Pix's plot),
-and grids of edits (input | edit(s) | ground truth)."""
+shape) and the CLIP_dir-vs-CLIP_im curve over an image-guidance sweep (InstructPix2Pix's
+plot); its grids of edits are ``dsbuild.core.grid``'s."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _fmt(key: str, v) -> str:
 def markdown_table(result: dict) -> str:
     """Models side by side at the main image guidance, then the no-change rows and the sweep
     (local paths shown by their last part, as in dataset cards)."""
-    from dsbuild.export.dataset import public_name
+    from dsbuild.core.schema import public_name
 
     b = result["backbones"]
     ig = result["settings"]["image_guidance"]
@@ -79,29 +79,3 @@ def curve_figure(result: dict):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def edit_grid(rows, cell: int = 128):
-    """A grid image: one line per row, ``(prompt, input, edit or [edits], truth)`` as columns."""
-    lines = []
-    for prompt, inp, edits, truth in rows:
-        edits = edits if isinstance(edits, list) else [edits]
-        lines.append((prompt, [inp, *edits, truth]))
-    return image_grid(lines, cell)
-
-
-def image_grid(lines, cell: int = 128):
-    """A grid image: one line per ``(label, [images])``, the label above its images."""
-    from PIL import Image, ImageDraw
-
-    cols = max(len(c) for _, c in lines) if lines else 1
-    band = 14
-    grid = Image.new("RGB", (cols * cell, len(lines) * (cell + band)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (prompt, cells) in enumerate(lines):
-        y = r * (cell + band)
-        draw.text((2, y + 1), prompt[: cols * cell // 6], fill="black")
-        for c, im in enumerate(cells):
-            if im is not None:
-                grid.paste(im.convert("RGB").resize((cell, cell)), (c * cell, y + band))
-    return grid

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dsbuild.core import stages
+from dsbuild.core import deps
 from dsbuild.executors.base import Executor, ExecutorOptions, ShardFailed
+from dsbuild.executors.loop import WorkerPool
 
-__all__ = ["Executor", "ExecutorOptions", "ShardFailed", "make_executor"]
+__all__ = ["Executor", "ExecutorOptions", "ShardFailed", "WorkerPool", "make_executor"]
 
 
 def make_executor(options: ExecutorOptions | None = None,
@@ -20,11 +21,11 @@ def make_executor(options: ExecutorOptions | None = None,
     """The executor for ``options``: in process, local worker processes, or Ray actors."""
     options = options or ExecutorOptions()
     if options.executor == "ray":
-        ray_exec = stages.load_target("dsbuild.executors.ray:RayExecutor", "ray",
-                                      "--executor ray")
-        return ray_exec(options, echo)
+        deps.check("ray", what="--executor ray")
+        actors = deps.load_target("dsbuild.executors.ray:RayActors", what="--executor ray")
+        return WorkerPool(actors(options), options, echo)
     if options.workers > 1:
-        from dsbuild.executors.local import LocalWorkers
+        from dsbuild.executors.local import LocalProcesses
 
-        return LocalWorkers(options, echo)
+        return WorkerPool(LocalProcesses(options), options, echo)
     return Executor(options, echo)

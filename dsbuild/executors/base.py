@@ -1,5 +1,6 @@
 """What every executor shares: options, the world size, which ranks are left, one rank's run in
-a worker (its log, its outcome as data), the driver's progress bar and the stage's result.
+a worker (its task and outcome as data, its log), the driver's progress bar and the stage's
+result; and the in-process executor. Worker executors schedule in ``loop.py``.
 
 An executor owns ranks, retries and the driver's view; ``Build.run_stage`` (called inside the
 stage's run function) still owns locks, resume and completion markers. So a rank whose worker
@@ -66,6 +67,19 @@ class ExecutorOptions:
     def distributed(self) -> bool:
         """Whether ranks run outside this process (worker processes or a Ray cluster)."""
         return self.executor != "local" or self.workers > 1
+
+
+@dataclass
+class Task:
+    """One rank for a worker to run (plain data, so it crosses processes): :func:`run_rank`'s
+    arguments but the worker's id, which the worker adds."""
+
+    root: str
+    stage: str
+    rank: int
+    world_size: int
+    force: bool
+    attempt: int
 
 
 @dataclass
@@ -194,12 +208,12 @@ class DriverProgress:
         self.bar.close()
 
 
-
 class Executor:
     """Runs a stage's ranks. This base class runs them one after another in this process
-    (``--executor local``, one worker): today's behaviour, and what runs unsharded stages."""
+    (``--executor local``, one worker), and it runs the unsharded stages of every executor."""
 
     name = "local"
+    in_process = True  # ranks run here and return the stage's own results
 
     def __init__(self, options: ExecutorOptions | None = None,
                  echo: Callable[[str], None] = print):
@@ -254,8 +268,8 @@ class Executor:
             res = st.load_run()(build, 0, ws)
             return res if ws == 1 else self._result(build, stage, ws, [])
         runs = self.run_ranks(build, stage, ws, todo, force)
-        if ws == 1 and not self.options.distributed:
-            return runs[0]  # type: ignore[return-value]  (in process: the stage's own result)
+        if ws == 1 and self.in_process:
+            return runs[0]  # the stage's own result
         return self._result(build, stage, ws, runs)
 
     def run_ranks(self, build: Build, stage: str, world_size: int, ranks: list[int],

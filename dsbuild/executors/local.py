@@ -1,10 +1,9 @@
-"""``--executor local --workers N``: N worker processes on this machine, shard after shard.
+"""``--executor local --workers N``: the backend of N worker processes on this machine.
 
-Each worker is ``python -m dsbuild.executors.worker``: it reads ranks on stdin and answers one
+Each worker is ``python -m dsbuild.executors.worker``: it reads tasks on stdin and answers one
 JSON line per rank, and stays up between ranks (and stages). Worker i sees only its own GPUs
 (``CUDA_VISIBLE_DEVICES``); without GPUs each gets an equal share of the CPU threads. A worker
-that dies mid-shard (killed, out of memory) is replaced and its rank run again, where its
-partial shard resumes; an error the stage raises stops the run.
+whose process ends is reported lost; retries and errors are the loop's (``loop.py``).
 """
 
 from __future__ import annotations
@@ -16,14 +15,12 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections import deque
 from dataclasses import asdict
 
-from dsbuild.core.build import WORKER_ENV, Build
+from dsbuild.core.build import WORKER_ENV
 from dsbuild.core.errors import DsbuildError
-from dsbuild.executors.base import DriverProgress, Executor, RankRun, failure, log_path
-
-POLL_S = 0.5
+from dsbuild.executors.base import ExecutorOptions, RankRun, Task
+from dsbuild.executors.loop import Outcome
 
 
 def visible_gpus() -> list[str]:
@@ -61,15 +58,13 @@ def worker_env(index: int, workers: int, gpus: list[str], gpus_per_worker: float
 
 
 class _Worker:
-    """One worker process and the thread that reads its answers into the driver's queue."""
+    """One worker process and the thread that reads its answers into the backend's inbox."""
 
     def __init__(self, slot: int, worker_id: str, env: dict[str, str], inbox: queue.Queue):
         self.slot, self.id = slot, worker_id
         self.proc = subprocess.Popen([sys.executable, "-m", "dsbuild.executors.worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=env, text=True, bufsize=1)
-        self.rank: int | None = None
-        self.attempt = 1
         threading.Thread(target=self._read, args=(inbox,), daemon=True).start()
 
     def _read(self, inbox: queue.Queue) -> None:
@@ -78,10 +73,12 @@ class _Worker:
         self.proc.wait()
         inbox.put((self, None))  # the process ended
 
-    def send(self, task: dict) -> None:
-        self.rank, self.attempt = task["rank"], task["attempt"]
-        self.proc.stdin.write(json.dumps(task) + "\n")
-        self.proc.stdin.flush()
+    def send(self, task: Task) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(asdict(task)) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the process is gone: its reader reports it, and the task is run again
 
     def stop(self, kill: bool = False) -> None:
         if self.proc.poll() is None:
@@ -99,97 +96,57 @@ class _Worker:
                 self.proc.wait()
 
 
-class LocalWorkers(Executor):
-    """N worker processes on this machine; ranks are handed to whichever is free."""
+class LocalProcesses:
+    """Worker processes on this machine, in slots, each with its GPUs or its CPU threads."""
 
     name = "local"
 
-    def __init__(self, options, echo=print):
-        super().__init__(options, echo)
+    def __init__(self, options: ExecutorOptions):
+        self.options = options
         self.gpus = visible_gpus()
         self.inbox: queue.Queue = queue.Queue()
-        self.pool: list[_Worker] = []
+        self.pool: dict[int, _Worker] = {}
         self.started = 0
 
-    def _spawn(self, slot: int) -> _Worker:
+    def start(self, workers: int) -> None:
+        for slot in range(workers):
+            if slot not in self.pool or self.pool[slot].proc.poll() is not None:
+                self.replace(slot)
+
+    def replace(self, slot: int) -> str:
         wid = f"local-{self.started}"
         self.started += 1
-        env = worker_env(slot, self.workers, self.gpus, self.options.gpus_per_worker, wid,
-                         self.options.threads_per_worker)
-        return _Worker(slot, wid, env, self.inbox)
+        env = worker_env(slot, self.options.workers, self.gpus, self.options.gpus_per_worker,
+                         wid, self.options.threads_per_worker)
+        self.pool[slot] = _Worker(slot, wid, env, self.inbox)
+        return wid
+
+    def submit(self, slot: int, task: Task) -> None:
+        self.pool[slot].send(task)
+
+    def poll(self, timeout: float) -> list[Outcome]:
+        seen = []
+        try:
+            item = self.inbox.get(timeout=timeout)
+            while True:
+                w, line = item
+                if self.pool.get(w.slot) is w:  # not the end of a worker already replaced
+                    seen.append(Outcome(w.slot, w.id, lost=f"exit status {w.proc.returncode}")
+                                if line is None else
+                                Outcome(w.slot, w.id, RankRun(**json.loads(line))))
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return seen
+
+    def kill(self) -> None:
+        for w in self.pool.values():
+            w.stop(kill=True)
+        self.pool = {}
 
     def close(self) -> None:
-        for w in self.pool:
+        for w in self.pool.values():
             w.stop()
-        self.pool = []
-
-    def run_ranks(self, build: Build, stage: str, world_size: int, ranks: list[int],
-                  force: bool) -> list[RankRun]:
-        if not self.pool:
-            self.pool = [self._spawn(i) for i in range(self.workers)]
-        pending = deque(ranks)
-        attempts = dict.fromkeys(ranks, 0)
-        idle = [w for w in self.pool if w.proc.poll() is None]
-        busy: set[_Worker] = set()
-        runs: list[RankRun] = []
-        bar = DriverProgress(build, stage, world_size, self.workers)
-        try:
-            while pending or busy:
-                while pending and idle:
-                    w, rank = idle.pop(0), pending.popleft()
-                    attempts[rank] += 1
-                    w.send({"root": str(build.root), "stage": stage, "rank": rank,
-                            "world_size": world_size, "force": force,
-                            "attempt": attempts[rank]})
-                    busy.add(w)
-                try:
-                    w, line = self.inbox.get(timeout=POLL_S)
-                except queue.Empty:
-                    bar.poll()
-                    continue
-                if w not in self.pool:
-                    continue  # the end of a worker already replaced
-                if line is None:  # the process died
-                    self.pool.remove(w)
-                    busy.discard(w)
-                    if w in idle:
-                        idle.remove(w)
-                    new = self._spawn(w.slot)
-                    self.pool.append(new)
-                    idle.append(new)
-                    if w.rank is not None:
-                        bar.retries += 1
-                        self._lost(build, stage, w, attempts, pending)
-                    continue
-                run = RankRun(**json.loads(line))
-                w.rank = None
-                busy.discard(w)
-                idle.append(w)
-                err = failure(build, stage, run)
-                if err:
-                    raise err
-                runs.append(run)
-                bar.poll()
-        except BaseException:
-            for w in self.pool:  # stop the others: their ranks resume on the next run
-                w.stop(kill=True)
-            self.pool = []
-            raise
-        finally:
-            bar.close()
-        return runs
-
-    def _lost(self, build: Build, stage: str, w: _Worker, attempts: dict, pending: deque):
-        """A worker died holding a rank: run the rank again, up to --max-retries times."""
-        rank, code = w.rank, w.proc.returncode
-        limit = self.options.max_retries
-        if attempts[rank] > limit:
-            raise DsbuildError(f"{stage} rank {rank}: its worker died {attempts[rank]} times "
-                               f"(last: {w.id}, exit status {code}); stopped after "
-                               f"--max-retries {limit}. Log: {log_path(build.root, stage, rank)}")
-        self.echo(f"{stage} rank {rank}: worker {w.id} died (exit status {code}); running it "
-                  f"again on a new worker (retry {attempts[rank]} of {limit})")
-        pending.appendleft(rank)
+        self.pool = {}
 
 
 def encode(run: RankRun) -> str:

@@ -1,6 +1,6 @@
 """A local worker process: ranks in on stdin (one JSON task a line), answers out, one a line.
 
-Started by :class:`dsbuild.executors.local.LocalWorkers`. The answer channel is a copy of the
+Started by :class:`dsbuild.executors.local.LocalProcesses`. The answer channel is a copy of the
 original stdout taken before anything runs: the stage's own output goes to the rank's log
 (BUILD/logs/<stage>/rNNNNN.log), never into the answers.
 """
@@ -35,9 +35,7 @@ def main() -> None:
     for line in sys.stdin:
         if not line.strip():
             continue
-        t = json.loads(line)
-        run = run_rank(t["root"], t["stage"], t["rank"], t["world_size"], force=t["force"],
-                       worker=worker, attempt=t["attempt"])
+        run = run_rank(**json.loads(line), worker=worker)  # a Task's fields
         answers.write(encode(run) + "\n")
         answers.flush()
 
