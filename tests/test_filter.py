@@ -14,10 +14,10 @@ from PIL import Image
 from dsbuild.core import metrics
 from dsbuild.core.build import Build
 from dsbuild.core.errors import DsbuildError
-from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
 from dsbuild.filter.settings import FilterSettings
 from dsbuild.filter.stage import Scorer, decide, run_filter
-from dsbuild.models.tiny_clip import tiny_clip, tiny_dino
+from dsbuild.models.clip import ClipEncoder, tiny_clip
+from dsbuild.models.dino import DinoEncoder, tiny_dino
 
 TINY = ["filter.clip_model=tiny", "filter.dino=true", "filter.dino_model=tiny"]
 LOOSE = ["filter.clip_sim_0=-1", "filter.clip_sim_1=-1", "filter.clip_sim_dir=-1",
@@ -86,7 +86,7 @@ def test_clip_checkpoint_file_loads_through_the_real_loader(tmp_path):
 def test_clip_local_dir_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from dsbuild.models.tiny_clip import TINY_CLIP_CONFIG
+    from dsbuild.models.clip import TINY_CLIP_CONFIG
 
     model, _, tok = tiny_clip(seed=2)
     d = tmp_path / "clipdir"

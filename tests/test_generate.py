@@ -24,7 +24,7 @@ from dsbuild.core.errors import ConfigError, DsbuildError  # noqa: E402
 from dsbuild.generate.settings import GenerateSettings  # noqa: E402
 from dsbuild.generate.stage import run_generate  # noqa: E402
 from dsbuild.generate.generators.p2p.sweep import plan_triple  # noqa: E402
-from dsbuild.models.tiny_sd import char_tokenizer  # noqa: E402
+from dsbuild.models.sd import char_tokenizer  # noqa: E402
 
 # two edits of one input caption share their sources
 EXTRA = [("chairs", "object", "change", "a red velvet armchair", "make it green",

@@ -43,7 +43,7 @@ def clip_embeddings():
     """Raw (unnormalised) embeddings of 6 image/caption pairs from a tiny real open_clip model."""
     from PIL import Image
 
-    from dsbuild.models.tiny_clip import tiny_clip
+    from dsbuild.models.clip import tiny_clip
 
     model, preprocess, tok = tiny_clip(seed=4)
     rng = np.random.default_rng(0)

@@ -30,9 +30,9 @@ TINY_CHANGE = ["verify.clip_model=tiny", "verify.clip_pretrained=none", "verify.
 
 
 class SceneDetector:
-    """A detector for the rendered scenes, with ``OwlDetector.detect``'s interface: a phrase is
-    present where its colour covers at least 20 pixels (score 0.9, else 0.01), its box is the
-    colour's bounding box."""
+    """A detector for the rendered scenes, with ``verify.detector.Detector.detect``'s
+    interface: a phrase is present where its colour covers at least 20 pixels (score 0.9, else
+    0.01), its box is the colour's bounding box."""
 
     encoded = 0
 
@@ -167,7 +167,7 @@ def test_verdicts_on_scenes_with_known_truth_and_export_drops_rejects(scene_buil
     run_export(build)
     info = json.loads((build.output_dir("export") / "export_info.json").read_text())
     assert info["stats"]["rejected_by_verify"] == 8 and info["stats"]["verify"] == "applied"
-    from dsbuild.export.dataset import load_export
+    from dsbuild.core.exports import load_export
 
     ds = load_export(build.output_dir("export"))
     exported = {r for split in ds.values() for r in split["pair_id"]}
@@ -181,7 +181,8 @@ def test_tiny_owlv2_through_the_cli_is_the_real_model(mini_build):
     from transformers import Owlv2Processor
 
     from dsbuild.cli import cli
-    from dsbuild.verify.detector import OwlDetector, tiny_owlv2
+    from dsbuild.models.owl import tiny_owlv2
+    from dsbuild.verify.detector import Detector
 
     recs = make_build(mini_build, samples=2)
     kept = [s["pair_id"] for s in recs["scores"] if s["keep"]]
@@ -200,7 +201,7 @@ def test_tiny_owlv2_through_the_cli_is_the_real_model(mini_build):
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "skipped" in again.output.lower(), again.output
     # the detector's scores are the model's own
-    det = OwlDetector.load("tiny", "cpu", "fp32", quiet=True, workers=0)
+    det = Detector.load("tiny", "cpu", "fp32", quiet=True, workers=0)
     path = mini_build.root / recs["pairs"][0]["images"]["input"]
     found, _ = det.detect({path: ["cushion", "floor lamp"]})
     m, ip, tok = tiny_owlv2()
@@ -211,6 +212,39 @@ def test_tiny_owlv2_through_the_cli_is_the_real_model(mini_build):
         best = m.eval()(**inp).logits.sigmoid()[0].max(0).values
     assert found[path]["cushion"].score == pytest.approx(float(best[0]), abs=1e-5)
     assert found[path]["floor lamp"].score == pytest.approx(float(best[1]), abs=1e-5)
+
+
+def test_a_worker_process_loads_verifys_models_once(mini_build, monkeypatch):
+    """Executors run shard after shard in one process: verify's detector, CLIP and DINO load
+    once (``dsbuild.models.keep_loaded``), and reusing them changes no score."""
+    from dsbuild import models
+    from dsbuild.verify.stage import run_verify
+
+    make_build(mini_build, samples=2)
+    tiny = ["verify.detector=tiny", *TINY_CHANGE, "verify.change_dir_min=-1"]
+    monkeypatch.setattr(models, "_LOADED", {})
+    calls = {"detector": 0, "encoders": 0}
+    real = models.keep_loaded
+
+    def counting(kind, key, load):
+        def counted():
+            calls[kind.removeprefix("verify-")] += 1
+            return load()
+        return real(kind, key, counted)
+
+    monkeypatch.setattr(models, "keep_loaded", counting)
+    shards = [run_verify(mini_build, r, 2, overrides=tiny, quiet=True, report=False)
+              for r in (0, 1)]
+    held = models._LOADED["verify-detector"][1], models._LOADED["verify-encoders"][1]
+    assert calls == {"detector": 1, "encoders": 1}  # the second shard reused both
+    assert sum(r.stats["images_detected"] for r in shards) > 0
+    reused = {r["pair_id"]: r for r in mini_build.records("verify")}
+    # a fresh process (nothing held) gives the very same records
+    monkeypatch.setattr(models, "_LOADED", {})
+    run_verify(mini_build, force=True, quiet=True, report=False)
+    assert {r["pair_id"]: r for r in mini_build.records("verify")} == reused
+    assert calls == {"detector": 2, "encoders": 2}
+    assert models._LOADED["verify-detector"][1] is not held[0]
 
 
 def _instruction(body: dict) -> str:

@@ -8,7 +8,7 @@ from dsbuild.filter.settings import FilterSettings
 
 STAGE = register(Stage(
     name="filter", output="scores", settings=FilterSettings, upstream=("generate",),
-    run="dsbuild.filter.stage:run_filter", command="dsbuild.filter.cli:filter_cmd",
+    run="dsbuild.filter.stage:run_filter", summary="dsbuild.filter.report:summary",
     help="score pairs with CLIP/DINO and keep the best", extra="filter", key="pair_id",
     offline={
         "clip_model": "tiny", "clip_pretrained": "none", "dino": False,

@@ -13,7 +13,8 @@ from pathlib import Path
 from dsbuild.core import join
 from dsbuild.core.build import Build
 from dsbuild.core.records import write_figure, write_json, write_text
-from dsbuild.filter.settings import SCORE_KEYS, THRESHOLDS
+from dsbuild.core.schema import SCORE_KEYS
+from dsbuild.filter.settings import THRESHOLDS
 
 
 def _rate(n: int, d: int) -> float | None:
@@ -152,7 +153,7 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def write_filter_report(build: Build) -> dict:
+def write_report(build: Build) -> dict:
     """Write reports/filter.{json,md,png} and filter_agents.png; returns the report dict."""
     rows = list(join.scored_pairs(build))
     rep = filter_report(build, rows)
@@ -164,3 +165,19 @@ def write_filter_report(build: Build) -> dict:
     rep["files"] = [str(out / n) for n in ("filter.json", "filter.md", "filter.png",
                                           "filter_agents.png")]
     return rep
+
+
+def summary(build: Build, result) -> list[str]:
+    """What ``dsbuild filter`` prints after a rank: kept of scored, and the report once
+    every rank is done."""
+    st, lines = result.stats, []
+    if st:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(st.get("reasons", {}).items()))
+        lines.append(f"  kept {st.get('kept', 0)} of {st.get('pairs', 0)} pairs"
+                     + (f" (dropped: {reasons})" if reasons else ""))
+    if build.is_complete("filter"):
+        lines.append(f"  report: {build.reports_dir / 'filter.json'}, "
+                     f"{build.reports_dir / 'filter.png'}")
+    else:
+        lines.append("  report: written when every rank is done")
+    return lines

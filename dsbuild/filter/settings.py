@@ -7,9 +7,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from dsbuild.core.settings import StageSettings
+from dsbuild.models import ids
 
-# the scores a filter record carries (dino only when enabled); one list for every reader
-SCORE_KEYS: tuple[str, ...] = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "dino")
 # the scores with a minimum, in InstructPix2Pix's check order (the first one failed is the reason)
 THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")
 
@@ -19,12 +18,12 @@ class FilterSettings(StageSettings):
 
     volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "workers"})
 
-    clip_model: str = Field("ViT-L-14", description="open_clip name, 'hf-hub:…', "
+    clip_model: str = Field(ids.CLIP, description="open_clip name, 'hf-hub:…', "
                             "'local-dir:…', or 'tiny' (random built-in, placeholder scores)")
-    clip_pretrained: str = Field("openai", description="open_clip tag, a checkpoint file, or "
-                                 "'none' for random weights")
+    clip_pretrained: str = Field(ids.CLIP_PRETRAINED, description="open_clip tag, a "
+                                 "checkpoint file, or 'none' for random weights")
     dino: bool = Field(False, description="also score DINOv2 CLS cosine of the two images")
-    dino_model: str = Field("facebook/dinov2-base", description="transformers Hub id, a "
+    dino_model: str = Field(ids.DINO, description="transformers Hub id, a "
                             "local folder, or 'tiny'")
     clip_sim_0: float = Field(0.2, description="min cos(image 0, input caption)")
     clip_sim_1: float = Field(0.2, description="min cos(image 1, output caption)")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from dsbuild.core import join
 from dsbuild.core.build import Build, StageResult, select_shard
-from dsbuild.core.errors import require_installed
+from dsbuild.core.deps import check
 from dsbuild.core.progress import progress
 from dsbuild.filter.settings import THRESHOLDS, FilterSettings
 
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 DIGITS = 6
-# what scoring imports (the ``filter`` extra); checked before any work
-FILTER_MODULES = ("torch", "torchvision", "open_clip")
 
 
 def _round(x: float) -> float:
@@ -47,7 +45,7 @@ class Scorer:
     text_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
-        from dsbuild.filter.encoders import ImageEmbedder
+        from dsbuild.models import ImageEmbedder
 
         encs = {"clip": self.clip} | ({"dino": self.dino} if self.dino is not None else {})
         self.images = ImageEmbedder(encs, batch_size=self.batch_size, workers=self.workers)
@@ -55,7 +53,7 @@ class Scorer:
     @classmethod
     def from_settings(cls, s: FilterSettings, quiet: bool = False) -> Scorer:
         """Load the encoders named in the filter settings."""
-        from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
+        from dsbuild.models import ClipEncoder, DinoEncoder
 
         clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, s.device, s.dtype, quiet=quiet)
         dino = DinoEncoder.load(s.dino_model, s.device, s.dtype, quiet=quiet) if s.dino else None
@@ -186,11 +184,9 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                quiet: bool = False, report: bool = True) -> StageResult:
     """Score one rank's pairs (all pairs of its triples), write scores; report when complete."""
     if scorer is None:
-        require_installed("filter", *FILTER_MODULES, what="dsbuild filter")
+        check("filter", what="dsbuild filter")
     build.update(list(overrides))
     s = build.config.filter
-    if scorer is None and s.dino:
-        require_installed("filter", "transformers", what="filter.dino")
     build.require_complete("captions")
     build.require_complete("generate")
     mine = select_shard(join.all_pairs(build, scores=False), rank, world_size,
@@ -228,7 +224,7 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
 
     result = build.run_stage("filter", rank, world_size, work, force=force)
     if report and build.is_complete("filter"):
-        from dsbuild.filter.report import write_filter_report
+        from dsbuild.filter.report import write_report
 
-        write_filter_report(build)
+        write_report(build)
     return result

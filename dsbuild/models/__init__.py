@@ -1,14 +1,40 @@
-"""Model loaders: Stable Diffusion from 'tiny', an SD-shaped random build, a dir or a Hub id."""
+"""The models layer: every model loader and tiny random builder, one module per family, and
+what they share (device and dtype rules, the checkpoint-name check, the per-worker cache).
+
+Families: :mod:`~dsbuild.models.sd` (Stable Diffusion), :mod:`~dsbuild.models.editor`
+(InstructPix2Pix), :mod:`~dsbuild.models.clip` (open_clip), :mod:`~dsbuild.models.dino`
+(DINOv2), :mod:`~dsbuild.models.owl` (OWLv2 / OWL-ViT), :mod:`~dsbuild.models.segment`
+(CLIPSeg, detector boxes + SAM); :mod:`~dsbuild.models.ids` names each default model once.
+The public loaders are re-exported here lazily (``from dsbuild.models import ClipEncoder``)
+so importing this package stays free of torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+RANDOM_SEED = 0  # seeds models built with random weights ('tiny', pretrained 'none')
+
+# public name -> the family module that defines it (imported on first use)
+PUBLIC = {"load_sd_pipeline": "sd", "load_sd_components": "sd", "load_editor": "editor",
+          "editor_pipeline": "editor", "ClipEncoder": "clip", "DinoEncoder": "dino",
+          "ImageEmbedder": "embed", "OwlDetector": "owl", "Segmenter": "segment",
+          "SamSegmenter": "segment", "load_segmenter": "segment"}
 
 _LOADED: dict[str, tuple[tuple, object]] = {}
+
+
+def __getattr__(name: str):
+    if name in PUBLIC:
+        return getattr(importlib.import_module(f"{__name__}.{PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def keep_loaded(kind: str, key: tuple, load):
@@ -30,9 +56,27 @@ def model_key(model: str) -> tuple:
     return (model, path.stat().st_mtime_ns if path.exists() else None)
 
 
+def checkpoint(model: str, setting: str, folder: str = "folder",
+               example: str = "owner/name") -> str:
+    """``model`` when it is an existing local folder or looks like a Hub id ('owner/name'),
+    else a one-line error naming ``setting`` (callers handle 'tiny' and built names first)."""
+    if Path(model).exists():
+        return str(model)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise DsbuildError(f"{setting}: {model!r} is neither 'tiny', an existing {folder}, "
+                           f"nor a Hub id like {example!r}")
+    return model
+
+
+def warn_tiny(subject: str, output: str, remedy: str) -> None:
+    """Say on stderr that ``subject`` has random weights, so its ``output`` mean nothing."""
+    print(f"warning: {subject} has random weights built from config; its {output} are "
+          f"placeholders with no meaning ({remedy})", file=sys.stderr)
+
+
 def torch_dtype(name: str):
     """torch dtype for 'fp32' | 'fp16' | 'bf16'."""
-    torch = require("torch", "gen")
+    torch = require("torch")
     if name not in DTYPES:
         raise DsbuildError(f"dtype must be one of {sorted(DTYPES)} (got {name!r})")
     return getattr(torch, DTYPES[name])
@@ -47,7 +91,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def resolve_device(device: str = "auto") -> str:
     """'auto' → cuda when available, else mps, else cpu."""
-    torch = require("torch", "gen")
+    torch = require("torch")
     if device != "auto":
         return device
     if torch.cuda.is_available():
@@ -57,52 +101,22 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def _lora_marker(model: str) -> dict | None:
-    from dsbuild.models.lora import read_marker
+def amp_dtype(dtype: str, device: str):
+    """Autocast dtype (None for fp32) of a ``dtype`` setting: 'auto' is fp16 on CUDA, fp32
+    elsewhere (the same rule as generate.dtype)."""
+    import torch
 
-    return read_marker(model) if Path(model).is_dir() else None
+    td = torch_dtype(resolve_dtype(dtype, device))
+    return None if td is torch.float32 else td
 
 
-def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False):
-    """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:small', 'arch:sd15'
-    (random weights built from config), a dir or a Hub id; a LoRA folder written by
-    ``dsbuild train-generator`` loads its base and merges the LoRA into it."""
-    require("diffusers", "gen")
-    from diffusers import StableDiffusionPipeline
+def autocast(device: str, dtype):
+    """torch.autocast for the device type, or a no-op for fp32 (``dtype`` None)."""
+    if dtype is None:
+        return nullcontext()
+    import torch
 
-    from dsbuild.models import tiny_sd
-
-    td = torch_dtype(dtype)
-    built = {"tiny": tiny_sd.tiny_components, "arch:small": tiny_sd.small_components,
-             "arch:sd15": tiny_sd.sd15_components}
-    if model in built:
-        comps = built[model]()
-        if model == "tiny" and not quiet:
-            tiny_sd.warn_tiny()
-        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    elif (marker := _lora_marker(model)) is not None:  # `dsbuild train-generator --mode lora`
-        from dsbuild.models.lora import apply_lora_folder
-
-        pipe = load_sd_pipeline(marker["base"], "fp32", "cpu", quiet=quiet)
-        apply_lora_folder(pipe, model, marker)
-    else:
-        local = Path(model)
-        if not local.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
-            raise DsbuildError(f"generate.model: {model!r} is neither 'tiny', an existing "
-                               "diffusers folder, nor a Hub id like 'owner/name'")
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(model), **dtype_kwarg(td), safety_checker=None,
-                requires_safety_checker=False)
-        except (OSError, ValueError) as exc:
-            raise DsbuildError(f"generate.model: cannot load Stable Diffusion from {model!r}: "
-                               f"{exc}") from None
-    pipe = pipe.to(device)
-    if pipe.unet.dtype != td:
-        pipe = pipe.to(dtype=td)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def dtype_kwarg(dtype) -> dict:

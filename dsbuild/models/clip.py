@@ -1,18 +1,29 @@
-"""Tiny CLIP (open_clip) and DINOv2 (transformers) models built from config: no download.
+"""open_clip image/text encoder (filter, verify, eval) and its tiny config built with random
+weights (no download).
 
-``register_tiny_clip`` adds a registered open_clip config named ``dsbuild-tiny-clip`` (a
-32-dim ViT on 32x32 images and a 2-layer text tower using open_clip's bundled BPE tokenizer),
-so the real ``open_clip.create_model_and_transforms`` / ``get_tokenizer`` paths build it.
-``tiny_dino`` builds a ``Dinov2Model`` from a tiny ``Dinov2Config`` with a DINOv2-style
-``BitImageProcessor`` made in memory. Random weights: scores are placeholders.
+The encoder uses its model's own ``preprocess`` transform, returns L2-normalised float32
+embeddings on the CPU, and runs under autocast (fp16 on CUDA by default) inside
+``torch.inference_mode``. ``register_tiny_clip`` adds a registered open_clip config named
+``dsbuild-tiny-clip`` (a 32-dim ViT on 32x32 images and a 2-layer text tower using open_clip's
+bundled BPE tokenizer), so the real ``open_clip.create_model_and_transforms`` /
+``get_tokenizer`` paths build it. Random weights: scores are placeholders.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.metrics import normalize
+from dsbuild.models import RANDOM_SEED, amp_dtype, autocast, ids, resolve_device
+from dsbuild.models import warn_tiny as _warn
 
 TINY_CLIP_NAME = "dsbuild-tiny-clip"
 TINY_CLIP_CONFIG: dict = {
@@ -21,15 +32,14 @@ TINY_CLIP_CONFIG: dict = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
                  "layers": 2},
 }
-TINY_WARNING = ("warning: model 'tiny' has random weights built from config; its scores are "
-                "placeholders with no meaning (use a real CLIP/DINOv2 checkpoint for data)")
+RANDOM_WEIGHTS = ("", "none", "random")
 
 _registered: Path | None = None
 
 
 def warn_tiny(what: str = "tiny") -> None:
-    """Say on stderr that a tiny random model makes placeholder scores."""
-    print(TINY_WARNING.replace("'tiny'", f"'{what}'"), file=sys.stderr)
+    """Say on stderr that a tiny (or untrained) CLIP/DINOv2 model makes placeholder scores."""
+    _warn(f"model '{what}'", "scores", "use a real CLIP/DINOv2 checkpoint for data")
 
 
 def register_tiny_clip() -> str:
@@ -50,7 +60,6 @@ def register_tiny_clip() -> str:
 def tiny_clip(seed: int = 0):
     """(model, preprocess, tokenizer) of the tiny open_clip model with seeded random weights."""
     import open_clip
-    import torch
 
     name = register_tiny_clip()
     torch.manual_seed(seed)
@@ -58,24 +67,82 @@ def tiny_clip(seed: int = 0):
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
-def tiny_dino_processor():
-    """DINOv2's preprocessing (resize, centre crop, ImageNet mean/std) at 32x32, in memory."""
-    from transformers import BitImageProcessor
+class ClipEncoder:
+    """An open_clip model with its preprocess transform and tokenizer."""
 
-    return BitImageProcessor(
-        do_resize=True, size={"shortest_edge": 32}, resample=3, do_center_crop=True,
-        crop_size={"height": 32, "width": 32}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-        do_convert_rgb=True,
-    )
+    def __init__(self, model, preprocess, tokenizer, device: str = "cpu",
+                 dtype: torch.dtype | None = None, name: str = "clip"):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.name = name
 
+    @classmethod
+    def load(cls, model: str = ids.CLIP, pretrained: str | None = ids.CLIP_PRETRAINED,
+             device: str = "auto", dtype: str = "auto", quiet: bool = False,
+             setting: str = "filter.clip_model",
+             pretrained_setting: str = "filter.clip_pretrained") -> ClipEncoder:
+        """Load by open_clip name + tag/checkpoint file, 'hf-hub:'/'local-dir:' or 'tiny';
+        errors name ``setting`` / ``pretrained_setting`` (what the caller's user changes)."""
+        open_clip = require("open_clip")
+        device = resolve_device(device)
+        name, pre, placeholder = model, pretrained, False
+        if pre is not None and pre.strip().lower() in RANDOM_WEIGHTS:
+            pre, placeholder = None, True
+        if model == "tiny":
+            name = register_tiny_clip()
+            if pre is None or not Path(pre).is_file():
+                pre, placeholder = None, True
+        elif model.startswith(("hf-hub:", "local-dir:")):
+            pre = None
+        else:
+            if name not in open_clip.list_models():
+                raise DsbuildError(
+                    f"{setting}: {model!r} is not an open_clip model name (see "
+                    "open_clip.list_models()), 'hf-hub:owner/name', 'local-dir:PATH' or 'tiny'")
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if pre is not None and not Path(pre).is_file() and pre not in tags:
+                raise DsbuildError(
+                    f"{pretrained_setting}: {pre!r} is neither a checkpoint file nor a "
+                    f"pretrained tag of {name} (tags: {', '.join(tags) or 'none'}; 'none' "
+                    "gives random weights)")
+        root = logging.getLogger()
+        was_disabled, root.disabled = root.disabled, True  # open_clip's root-logger chatter
+        try:
+            with torch.random.fork_rng(devices=[]):  # random weights: the same every run
+                torch.manual_seed(RANDOM_SEED)
+                m, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pre, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+        except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
+            raise DsbuildError(f"{setting}: cannot load {model!r} with pretrained "
+                               f"{pretrained!r}: {type(exc).__name__}: {exc}") from None
+        finally:
+            root.disabled = was_disabled
+        if placeholder and not quiet:
+            warn_tiny(model if model == "tiny" else f"{model} without pretrained weights")
+        return cls(m, preprocess, tokenizer, device, amp_dtype(dtype, device), name=model)
 
-def tiny_dino(seed: int = 0):
-    """(Dinov2Model, image processor) with a tiny config and seeded random weights."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
+    def preprocess_image(self, image) -> torch.Tensor:
+        """One PIL image -> the model's input tensor (C, H, W)."""
+        return self.preprocess(image)
 
-    torch.manual_seed(seed)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, image_size=32, patch_size=8)
-    return Dinov2Model(cfg).eval(), tiny_dino_processor()
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A batch of preprocessed images -> normalised embeddings (n, d), float32 on CPU."""
+        with autocast(self.device, self.dtype):
+            emb = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return normalize(emb).cpu()
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Captions -> normalised embeddings (n, d), float32 on CPU (long ones truncated)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            with autocast(self.device, self.dtype):
+                emb = self.model.encode_text(tokens)
+            out.append(normalize(emb).cpu())
+        return torch.cat(out) if out else torch.empty(0)

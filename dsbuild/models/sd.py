@@ -1,18 +1,24 @@
-"""Stable Diffusion components built from config with random weights (no download).
+"""Stable Diffusion: the pipeline loader (``generate``), the component loader (``train``'s
+base) and SD components built from config with random weights (no download).
 
-``tiny_components`` is a few-MB UNet/VAE/text encoder for tests and offline runs: its images
-are noise-like placeholders, not pictures. ``small_components`` is a mid-size model for CPU
+``tiny_sd_components`` is a few-MB UNet/VAE/text encoder for tests and offline runs: its images
+are noise-like placeholders, not pictures. ``small_sd_components`` is a mid-size model for CPU
 benchmarks; ``sd15_components`` has the shapes of SD 1.5, so benchmarks time realistic work
 without fetching a checkpoint. ``load_sd_pipeline`` builds them as 'tiny', 'arch:small' and
-'arch:sd15'.
+'arch:sd15'. ``char_tokenizer`` is the download-free CLIP tokenizer every tiny model uses.
 """
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
-TINY_WARNING = ("warning: model 'tiny' has random weights built from config; its images are "
-                "placeholders with no meaning (use a real SD 1.x/2.x checkpoint for data)")
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
+from dsbuild.models import checkpoint, dtype_kwarg, torch_dtype
+from dsbuild.models import warn_tiny as _warn
+
+IP2P_CHANNELS = 8  # an InstructPix2Pix UNet's input: noisy latents + the input image's latents
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 SD_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -52,7 +58,7 @@ def _text_encoder(hidden: int, inter: int, heads: int, layers: int, vocab: int, 
     return CLIPTextModel(cfg)
 
 
-def tiny_components(seed: int = 0) -> dict:
+def tiny_sd_components(seed: int = 0) -> dict:
     """Tiny UNet (two attention levels), VAE (x2 downsampling), CLIP text encoder, tokenizer."""
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
@@ -97,7 +103,7 @@ def sd15_components(seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
 
 
-def small_components() -> dict:
+def small_sd_components() -> dict:
     """A mid-size SD-like model (3 attention levels, 128-d text) so CPU timings mean something."""
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
@@ -119,4 +125,100 @@ def small_components() -> dict:
 
 
 def warn_tiny() -> None:
-    print(TINY_WARNING, file=sys.stderr)
+    """Say on stderr that a tiny SD model makes placeholder images."""
+    _warn("model 'tiny'", "images", "use a real SD 1.x/2.x checkpoint for data")
+
+
+def _lora_marker(model: str) -> dict | None:
+    from dsbuild.models.lora import read_marker
+
+    return read_marker(model) if Path(model).is_dir() else None
+
+
+def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False,
+                     setting: str = "generate.model"):
+    """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:small', 'arch:sd15'
+    (random weights built from config), a dir or a Hub id; a LoRA folder written by
+    ``dsbuild train-generator`` loads its base and merges the LoRA into it. Errors name
+    ``setting``."""
+    require("diffusers")
+    from diffusers import StableDiffusionPipeline
+
+    td = torch_dtype(dtype)
+    built = {"tiny": tiny_sd_components, "arch:small": small_sd_components,
+             "arch:sd15": sd15_components}
+    if model in built:
+        comps = built[model]()
+        if model == "tiny" and not quiet:
+            warn_tiny()
+        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    elif (marker := _lora_marker(model)) is not None:  # `dsbuild train-generator --mode lora`
+        from dsbuild.models.lora import apply_lora_folder
+
+        pipe = load_sd_pipeline(marker["base"], "fp32", "cpu", quiet=quiet, setting=setting)
+        apply_lora_folder(pipe, model, marker)
+    else:
+        src = checkpoint(model, setting, "diffusers folder")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                src, **dtype_kwarg(td), safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as exc:
+            raise DsbuildError(f"{setting}: cannot load Stable Diffusion from {model!r}: "
+                               f"{exc}") from None
+    pipe = pipe.to(device)
+    if pipe.unet.dtype != td:
+        pipe = pipe.to(dtype=td)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_sd_components(model: str, setting: str = "--base") -> dict:
+    """UNet, VAE, text encoder, tokenizer and scheduler config of an SD-shaped checkpoint (4
+    or 8 UNet input channels); errors name ``setting``."""
+    require("diffusers")
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = checkpoint(model, setting, "diffusers folder")
+    loaders = {"unet": UNet2DConditionModel.from_pretrained, "vae": AutoencoderKL.from_pretrained,
+               "text_encoder": CLIPTextModel.from_pretrained,
+               "tokenizer": CLIPTokenizer.from_pretrained}
+    comps: dict = {}
+    for part, load in loaders.items():
+        try:
+            comps[part] = load(src, subfolder=part)
+        except Exception as exc:  # noqa: BLE001 - missing folder, bad config, not SD at all
+            raise DsbuildError(
+                f"{setting}: {model!r} is not a Stable Diffusion 1.x/2.x checkpoint: its "
+                f"{part}/ does not load ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); a base needs "
+                f"{', '.join(p + '/' for p in SD_PARTS)}") from None
+    try:
+        comps["scheduler_config"] = dict(DDPMScheduler.load_config(src, subfolder="scheduler"))
+    except Exception as exc:  # noqa: BLE001
+        raise DsbuildError(f"{setting}: {model!r} has no readable scheduler/ config "
+                           f"({type(exc).__name__})") from None
+    check_sd_shape(comps, model, setting)
+    return comps
+
+
+def check_sd_shape(comps: dict, model: str, setting: str) -> None:
+    """Refuse what is not SD 1.x/2.x-shaped (SDXL, other latent sizes, mismatched towers)."""
+    ucfg, vcfg = comps["unet"].config, comps["vae"].config
+    problems = []
+    if ucfg.get("addition_embed_type"):
+        problems.append(f"its UNet has addition embeddings ({ucfg['addition_embed_type']}: "
+                        "SDXL-style)")
+    if ucfg.get("in_channels") not in (4, IP2P_CHANNELS):
+        problems.append(f"its UNet takes {ucfg.get('in_channels')} channels (4 or 8 expected)")
+    if ucfg.get("out_channels") != vcfg.get("latent_channels", 4):
+        problems.append(f"UNet outputs {ucfg.get('out_channels')} channels, the VAE has "
+                        f"{vcfg.get('latent_channels')} latent channels")
+    hidden = comps["text_encoder"].config.hidden_size
+    if ucfg.get("cross_attention_dim") != hidden:
+        problems.append(f"UNet cross-attention takes {ucfg.get('cross_attention_dim')}-d text, "
+                        f"the text encoder gives {hidden}-d")
+    if problems:
+        raise DsbuildError(f"{setting}: {model!r} is not SD 1.x/2.x-shaped: "
+                           + "; ".join(problems))

@@ -1,4 +1,4 @@
-"""The edit's region: a referring segmentation of the input image, or a mask the user gives.
+"""Referring segmenters: phrases + image -> one bool mask at the image's size.
 
 The default segmenter is CLIPSeg from transformers (``CIDAS/clipseg-rd64-refined``): open
 vocabulary, installable from pip, no custom CUDA build. 'tiny' is a CLIPSeg built from config
@@ -6,8 +6,8 @@ with random weights (seeded; tests and offline runs: its masks are placeholders)
 probability map is thresholded and the phrases' masks are united; an object that is not there
 gives an empty mask (as generalised referring segmentation does), and then nothing is edited.
 
-Segmenter ``sam`` is the option of detector boxes + SAM: dsbuild's open-vocabulary detector
-(:class:`dsbuild.verify.detector.OwlDetector`, OWLv2 by default) finds each phrase's boxes
+Segmenter ``sam`` is the option of detector boxes + SAM: the open-vocabulary detector
+(:class:`dsbuild.models.owl.OwlDetector`, OWLv2 by default) finds each phrase's boxes
 scoring above ``box_threshold``, transformers' ``SamModel`` segments each box, and the boxes'
 masks are united; no box above the threshold gives an empty mask. :func:`load_segmenter` builds
 either kind from the settings, so every caller chooses the same way.
@@ -15,47 +15,14 @@ either kind from the settings, so every caller chooses the same way.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from dsbuild.core.errors import DsbuildError, require
-from dsbuild.localize.settings import (
-    DEFAULT_DETECTOR,
-    DEFAULT_SAM,
-    DEFAULT_SEGMENTER,
-    SAM_SEGMENTER,
-)
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.settings.localize import BOX_THRESHOLD, SAM_SEGMENTER, SEGMENT_THRESHOLD
+from dsbuild.models import checkpoint, ids
 
 TINY_SAM_SEED = 2  # its placeholder masks of the tiny detector's boxes are partial, not full
-
-
-def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """A user's mask PNG as an ``H x W`` bool array at ``size`` (W, H): pixels brighter than
-    half are the region; alpha, if any, counts as opacity."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            gray = im.convert("LA") if im.mode in ("RGBA", "LA", "PA") else im.convert("L")
-            gray = gray.resize(size, Image.NEAREST)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        raise DsbuildError(f"--mask {path}: unreadable image ({type(exc).__name__}: {exc})"
-                           ) from None
-    arr = np.asarray(gray, dtype=np.float32) / 255.0
-    if arr.ndim == 3:  # luminance x alpha
-        arr = arr[..., 0] * arr[..., 1]
-    return arr > 0.5
-
-
-def save_mask(path: str | Path, mask: np.ndarray) -> Path:
-    """Write a bool mask as a black/white PNG (atomically)."""
-    from PIL import Image
-
-    from dsbuild.core.records import write_image
-
-    write_image(Path(path), Image.fromarray(mask.astype(np.uint8) * 255, "L"))
-    return Path(path)
 
 
 def tiny_clipseg(seed: int = 0):
@@ -68,7 +35,7 @@ def tiny_clipseg(seed: int = 0):
         ViTImageProcessor,
     )
 
-    from dsbuild.models.tiny_sd import char_tokenizer
+    from dsbuild.models.sd import char_tokenizer
 
     tok = char_tokenizer()
     small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=2)
@@ -108,11 +75,14 @@ def tiny_sam(seed: int = TINY_SAM_SEED):
     return model, proc
 
 
-def _pretrained(model_cls, processor_cls, name: str, what: str, remedy: str):
-    """(model in eval mode, processor) from a Hub id or folder; any failure (network, missing
-    repo, another architecture) becomes one line: ``what (error); remedy``."""
+def _pretrained(model_cls, processor_cls, name: str, setting: str, example: str, what: str,
+                remedy: str):
+    """(model in eval mode, processor) from a Hub id or folder (else an error naming
+    ``setting``); any load failure (network, missing repo, another architecture) becomes one
+    line: ``what (error); remedy``."""
+    src = checkpoint(name, setting, example=example)
     try:
-        return model_cls.from_pretrained(name).eval(), processor_cls.from_pretrained(name)
+        return model_cls.from_pretrained(src).eval(), processor_cls.from_pretrained(src)
     except Exception as exc:  # noqa: BLE001 - every load failure becomes one message
         first = (str(exc).splitlines() or [""])[0][:200]
         raise DsbuildError(f"{what} ({type(exc).__name__}: {first}); {remedy}") from None
@@ -123,22 +93,23 @@ class Segmenter:
     size; ``threshold`` is the pixel probability mask() uses when it is given none."""
 
     def __init__(self, model, processor, name: str, device: str = "cpu",
-                 threshold: float = 0.4):
+                 threshold: float = SEGMENT_THRESHOLD):
         self.model, self.processor, self.name, self.device = model, processor, name, device
         self.threshold = threshold
 
     @classmethod
-    def load(cls, name: str = DEFAULT_SEGMENTER, device: str = "cpu",
-             threshold: float = 0.4) -> Segmenter:
-        """'tiny' or a CLIPSeg checkpoint (Hub id or folder)."""
-        require("transformers", "train")
+    def load(cls, name: str = ids.CLIPSEG, device: str = "cpu",
+             threshold: float = SEGMENT_THRESHOLD,
+             setting: str = "--segmenter (generate.segmenter)") -> Segmenter:
+        """'tiny' or a CLIPSeg checkpoint (Hub id or folder); errors name ``setting``."""
+        require("transformers")
         if name == "tiny":
             model, proc = tiny_clipseg()
         else:
             from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
             model, proc = _pretrained(
-                CLIPSegForImageSegmentation, CLIPSegProcessor, name,
+                CLIPSegForImageSegmentation, CLIPSegProcessor, name, setting, ids.CLIPSEG,
                 f"segmenter {name!r}: cannot load a CLIPSeg model",
                 "offline, give --mask PNG or --segmenter tiny (placeholder masks)")
         return cls(model.to(device), proc, name, device, threshold)
@@ -173,33 +144,35 @@ class SamSegmenter:
     segmented by SAM, all united; ``threshold`` is the detector score a box must exceed."""
 
     def __init__(self, detector, model, processor, name: str = SAM_SEGMENTER,
-                 device: str = "cpu", threshold: float = 0.2, nms_iou: float = 0.5):
+                 device: str = "cpu", threshold: float = BOX_THRESHOLD, nms_iou: float = 0.5):
         self.detector, self.model, self.processor = detector, model, processor
         self.name, self.device, self.threshold, self.nms_iou = name, device, threshold, nms_iou
 
     @classmethod
-    def load(cls, detector: str = DEFAULT_DETECTOR, sam_model: str = DEFAULT_SAM,
-             device: str = "cpu", threshold: float = 0.2) -> SamSegmenter:
+    def load(cls, detector: str = ids.OWL, sam_model: str = ids.SAM,
+             device: str = "cpu", threshold: float = BOX_THRESHOLD,
+             detector_setting: str = "--detector (generate.detector)",
+             sam_setting: str = "--sam-model (generate.sam_model)") -> SamSegmenter:
         """The detector ('tiny', OWLv2/OWL-ViT Hub id or folder) and SAM ('tiny', Hub id or
-        folder)."""
-        require("transformers", "train")
+        folder); errors name ``detector_setting`` / ``sam_setting``."""
+        require("transformers")
         if not 0 <= threshold <= 1:
             raise DsbuildError(f"box threshold must be in [0, 1] (got {threshold}); set "
                                "--box-threshold or generate.box_threshold")
-        from dsbuild.verify.detector import OwlDetector
+        from dsbuild.models.owl import OwlDetector
 
         det = OwlDetector.load(detector, device=device, quiet=True, workers=0,
-                               setting="--detector (generate.detector)")
+                               setting=detector_setting)
         if sam_model == "tiny":
             model, proc = tiny_sam()
         else:
             from transformers import SamModel, SamProcessor
 
             model, proc = _pretrained(
-                SamModel, SamProcessor, sam_model,
+                SamModel, SamProcessor, sam_model, sam_setting, ids.SAM,
                 f"sam model {sam_model!r}: cannot load a SAM model",
-                "give --sam-model (generate.sam_model) a SAM checkpoint or folder, 'tiny' "
-                "(placeholder masks), or --mask PNG")
+                f"give {sam_setting} a SAM checkpoint or folder, 'tiny' (placeholder masks), "
+                "or --mask PNG")
         return cls(det, model.to(device), proc, SAM_SEGMENTER, device, threshold)
 
     def segment_boxes(self, image, boxes) -> np.ndarray:
@@ -230,15 +203,10 @@ class SamSegmenter:
         return self.segment_boxes(image, boxes)
 
 
-def segmenter_for(s, device: str = "cpu") -> Segmenter | SamSegmenter:
-    """The segmenter a ``LocalizeSettings`` names (see :func:`load_segmenter`)."""
-    return load_segmenter(s.segmenter, s.threshold, s.detector, s.sam_model, s.box_threshold,
-                          device)
-
-
-def load_segmenter(segmenter: str = DEFAULT_SEGMENTER, threshold: float = 0.4,
-                   detector: str = DEFAULT_DETECTOR, sam_model: str = DEFAULT_SAM,
-                   box_threshold: float = 0.2, device: str = "cpu") -> Segmenter | SamSegmenter:
+def load_segmenter(segmenter: str = ids.CLIPSEG, threshold: float = SEGMENT_THRESHOLD,
+                   detector: str = ids.OWL, sam_model: str = ids.SAM,
+                   box_threshold: float = BOX_THRESHOLD, device: str = "cpu"
+                   ) -> Segmenter | SamSegmenter:
     """The segmenter the settings name: 'sam' -> detector boxes + SAM masking at
     ``box_threshold`` (a box score); anything else -> CLIPSeg masking at ``threshold`` (a
     pixel probability). Either's ``mask(image, phrases)`` uses that threshold by default."""

@@ -140,7 +140,7 @@ def contact_sheet(build: Build, recs: list[dict], path: Path) -> int:
     return shown
 
 
-def write_verify_report(build: Build) -> dict:
+def write_report(build: Build) -> dict:
     """Write reports/verify.{json,md} and verify_rejects.png; returns the report dict."""
     recs = list(build.records("verify"))
     rep = verify_report(build, recs)
@@ -150,3 +150,19 @@ def write_verify_report(build: Build) -> dict:
     write_text(out / "verify.md", markdown(rep))
     rep["files"] = [str(out / n) for n in ("verify.json", "verify.md", "verify_rejects.png")]
     return rep
+
+
+def summary(build: Build, result) -> list[str]:
+    """What ``dsbuild verify`` prints after a rank: passed of checked, and the report once
+    every rank is done."""
+    st, lines = result.stats, []
+    if st:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(st.get("reasons", {}).items()))
+        lines.append(f"  passed {st.get('passed', 0)} of {st.get('pairs', 0)} pairs"
+                     + (f" (rejected: {reasons})" if reasons else ""))
+    if build.is_complete("verify"):
+        lines.append(f"  report: {build.reports_dir / 'verify.md'}, "
+                     f"{build.reports_dir / 'verify_rejects.png'}")
+    else:
+        lines.append("  report: written when every rank is done")
+    return lines

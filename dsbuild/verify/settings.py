@@ -9,8 +9,9 @@ from pydantic import Field
 
 from dsbuild.core.settings import StageSettings
 from dsbuild.llm.settings import TRANSPORT, LLMSettings
+from dsbuild.models import ids
 
-DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+DEFAULT_DETECTOR = ids.OWL
 
 
 class JudgeSettings(LLMSettings):
@@ -48,9 +49,10 @@ class VerifySettings(StageSettings):
     near_copy_max: float = Field(0.995, ge=0, le=1, description="max pixel similarity "
                                  "(1 - mean absolute difference) of an edit pair; above it the "
                                  "output is a near copy of the input")
-    clip_model: str = Field("ViT-L-14", description="open_clip model of the change check")
-    clip_pretrained: str = Field("openai", description="open_clip tag, checkpoint or 'none'")
-    dino_model: str = Field("facebook/dinov2-base", description="DINOv2 of the change check")
+    clip_model: str = Field(ids.CLIP, description="open_clip model of the change check")
+    clip_pretrained: str = Field(ids.CLIP_PRETRAINED,
+                                 description="open_clip tag, checkpoint or 'none'")
+    dino_model: str = Field(ids.DINO, description="DINOv2 of the change check")
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     batch_size: int = Field(16, ge=1)
     workers: int = Field(4, ge=0, description="threads that decode and preprocess images")

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from dsbuild.core import join
 from dsbuild.core.build import Build, StageResult, select_shard
-from dsbuild.core.errors import StageFailed, require_installed
+from dsbuild.core.deps import check
+from dsbuild.core.errors import StageFailed
 from dsbuild.core.progress import progress
 from dsbuild.verify import checks
 from dsbuild.verify.checks import Found, Targets
 from dsbuild.verify.settings import VerifySettings
 
-VERIFY_MODULES = ("torch", "torchvision", "transformers", "open_clip")
 WHOLE_IMAGE = 0.9  # a region covering more than this share of the image leaves no "rest"
 GREY = (127, 127, 127)
 
@@ -71,6 +71,7 @@ class Verifier:
         self.build = build
         self.s: VerifySettings = build.config.verify
         self.detector = detector
+        self._encoded0 = getattr(detector, "encoded", 0)  # a reused detector's earlier images
         self._encoders = encoders  # (clip, dino) for the change check
         self.quiet = quiet
         self.judge = None
@@ -80,24 +81,42 @@ class Verifier:
             self.judge = Judge(self.s.judge, build.cache_dir / "verify-judge")
 
     def _detector(self):
+        """The settings' detector, loaded once per worker process (shards reuse it)."""
         if self.detector is None:
-            from dsbuild.verify.detector import OwlDetector
+            from dsbuild.models import keep_loaded, model_key
+            from dsbuild.verify.detector import Detector
 
             s = self.s
-            self.detector = OwlDetector.load(s.detector, s.device, s.dtype, quiet=self.quiet,
-                                             batch_size=s.batch_size, workers=s.workers)
+            self.detector = keep_loaded(
+                "verify-detector", (*model_key(s.detector), s.device, s.dtype, s.batch_size,
+                                    s.workers),
+                lambda: Detector.load(s.detector, s.device, s.dtype, quiet=self.quiet,
+                                      batch_size=s.batch_size, workers=s.workers,
+                                      setting="verify.detector"))
+            self._encoded0 = self.detector.encoded
         return self.detector
 
     def encoders(self):
+        """(CLIP, DINOv2) of the change check, loaded once per worker process."""
         if self._encoders is None:
-            from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
+            from dsbuild.models import ClipEncoder, DinoEncoder, keep_loaded, model_key
 
             s = self.s
-            self._encoders = (
-                ClipEncoder.load(s.clip_model, s.clip_pretrained, s.device, s.dtype,
-                                 quiet=self.quiet),
-                DinoEncoder.load(s.dino_model, s.device, s.dtype, quiet=self.quiet))
+            self._encoders = keep_loaded(
+                "verify-encoders", (*model_key(s.clip_model), s.clip_pretrained,
+                                    *model_key(s.dino_model), s.device, s.dtype),
+                lambda: (ClipEncoder.load(s.clip_model, s.clip_pretrained, s.device, s.dtype,
+                                          quiet=self.quiet, setting="verify.clip_model",
+                                          pretrained_setting="verify.clip_pretrained"),
+                         DinoEncoder.load(s.dino_model, s.device, s.dtype, quiet=self.quiet,
+                                          setting="verify.dino_model")))
         return self._encoders
+
+    def images_detected(self) -> int | None:
+        """Distinct images this run sent through the detector (None: a detector that does not
+        count them)."""
+        n = getattr(self.detector, "encoded", None)
+        return None if n is None else n - self._encoded0
 
     def verify(self, rows: list[join.Joined]) -> tuple[list[dict], int]:
         """Verify records for these pairs, and how many judge requests failed (no record)."""
@@ -231,9 +250,10 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
     """Verify one rank's kept pairs; write the report when every rank is done.
 
     ``detector`` / ``encoders`` replace the models named in the settings (an object with
-    ``detect`` as ``OwlDetector`` has; ``(ClipEncoder, DinoEncoder)``)."""
+    ``detect`` as ``verify.detector.Detector`` has; ``(ClipEncoder, DinoEncoder)``); the
+    settings' models load once per worker process (``dsbuild.models.keep_loaded``)."""
     if detector is None:
-        require_installed("filter", *VERIFY_MODULES, what="dsbuild verify")
+        check("filter", what="dsbuild verify")
     build.update(list(overrides))
     s = build.config.verify
     if s.judge.enabled:
@@ -275,12 +295,12 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
         if verifier is not None and verifier.judge is not None:
             stats["judge"] = verifier.judge.stats()
         if verifier is not None and verifier.detector is not None:
-            stats["images_detected"] = getattr(verifier.detector, "encoded", None)
+            stats["images_detected"] = verifier.images_detected()
         return stats
 
     result = build.run_stage("verify", rank, world_size, work, force=force)
     if report and build.is_complete("verify"):
-        from dsbuild.verify.report import write_verify_report
+        from dsbuild.verify.report import write_report
 
-        result.report = write_verify_report(build)
+        result.report = write_report(build)
     return result
