@@ -18,15 +18,11 @@ from PIL import Image
 from dsbuild.cli import cli, main
 from dsbuild.core.build import Build
 from dsbuild.core.config import load_recipe
+from dsbuild.diversity.gate import parse_check
+from dsbuild.diversity.measures import corpus_text, lexical_metrics, tokenize
+from dsbuild.diversity.report import markdown
 from dsbuild.diversity.settings import DiversitySettings
-from dsbuild.diversity.stage import (
-    corpus_text,
-    lexical_metrics,
-    markdown,
-    parse_check,
-    run_report,
-    tokenize,
-)
+from dsbuild.diversity.stage import run_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -382,7 +378,7 @@ def test_semantic_diversity_is_mean_pairwise_cosine_distance(tmp_path, mini_reci
     assert res.exit_code == 0, res.output  # gating on semantic turns it on
     saved = json.loads((b.reports_dir / "diversity.json").read_text())
     got = saved["builds"][0]["fields"]["edit"]["overall"]["semantic"]
-    from dsbuild.diversity.stage import SemanticScorer
+    from dsbuild.diversity.semantic import SemanticScorer
 
     edits = [t[4] for t in TRIPLES]
     emb = SemanticScorer().embed(edits).astype("float64")

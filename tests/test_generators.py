@@ -52,8 +52,8 @@ def test_a_plugin_generator_runs_to_the_export(tmp_path, mini_recipe):
         assert p["params"]["channel"] == "green" and 0.1 <= p["params"]["shift"] <= 0.5
         assert p["model"] == "colour-shift:green"
         # the target is the source with green shifted up, nothing else changed
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         a = np.asarray(Image.open(b / p["images"]["input"])).astype(int)
         c = np.asarray(Image.open(b / p["images"]["output"])).astype(int)

@@ -18,13 +18,29 @@ on CUDA; each side runs ``repeats`` times round-robin and its best time counts.
 
 from __future__ import annotations
 
-import json
-import time
-
 import click
 import numpy as np
 
-from dsbuild.bench.train import ARCHS, PROMPTS, _images, _sync, _trim
+from dsbuild.bench.harness import (
+    ARCHS,
+    PROMPTS,
+    clock_of,
+    device_option,
+    emit,
+    images,
+    json_option,
+    on_cuda,
+    per_second,
+    random_editor,
+    ratio,
+    rounded,
+    setup,
+    time_cases,
+    timer_label,
+    torch_threads,
+    trim,
+    verdict,
+)
 
 
 def _materialised_controller(settings):
@@ -61,19 +77,15 @@ def _materialised_controller(settings):
 def run_bench(arch: str = "small", rows: int = 4, steps: int = 4, resolution: int = 64,
               alpha: float = 1e4, repeats: int = 2, device: str = "auto",
               threads: int | None = 1) -> dict:
+    """Make the same edits three ways; rows/s, ratios, peak memory and pixel differences."""
     import torch
 
-    from dsbuild.bench.eval import _pipeline
-    from dsbuild.bench.p2p import PeakMemory
+    from dsbuild.core.settings.localize import RegularisationSettings
     from dsbuild.localize.edit import localized_edit
-    from dsbuild.localize.settings import RegularisationSettings
-    from dsbuild.models import resolve_device
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    pipe = _pipeline(arch, dev)
-    images = _images(rows, resolution, 0)
+    dev = setup(device, threads)
+    pipe = random_editor(arch, dev)
+    inputs = images(rows, resolution, 0)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(rows)]
     masks = []
     for i in range(rows):  # a box a quarter of the image, moving with the row
@@ -92,46 +104,35 @@ def run_bench(arch: str = "small", rows: int = 4, steps: int = 4, resolution: in
 
     def plain():
         with torch.no_grad():
-            out["plain"] = pipe(prompts, image=images, **call()).images
-        _sync(dev)
+            out["plain"] = pipe(prompts, image=inputs, **call()).images
 
     def ours():
-        out["dsbuild"] = localized_edit(pipe, prompts, images, masks, reg, **call())
-        _sync(dev)
+        out["dsbuild"] = localized_edit(pipe, prompts, inputs, masks, reg, **call())
 
     def materialised():
-        out["materialised"] = localized_edit(pipe, prompts, images, masks, reg,
+        out["materialised"] = localized_edit(pipe, prompts, inputs, masks, reg,
                                              controller=_materialised_controller(reg), **call())
-        _sync(dev)
+
+    @torch.no_grad()
+    def warmup():
+        pipe(prompts[0], image=inputs[0], num_inference_steps=1)
 
     sides = {"plain": plain, "dsbuild": ours, "materialised": materialised}
-    with torch.no_grad():  # warm-up
-        pipe(prompts[0], image=images[0], num_inference_steps=1)
-    timer = time.perf_counter if dev.startswith("cuda") else time.process_time
-    best = {k: float("inf") for k in sides}
-    peak: dict[str, float | None] = {}
-    for _ in range(max(1, repeats)):
-        for name, fn in sides.items():
-            _trim()
-            with PeakMemory(dev) as pm:
-                t0 = timer()
-                fn()
-                best[name] = min(best[name], timer() - t0)
-            peak[name] = pm.peak_mb if peak.get(name) is None else max(peak[name], pm.peak_mb)
-    rps = {k: round(rows / v, 4) for k, v in best.items()}
+    t = time_cases(sides, dev, repeats, warmup=warmup, memory=True, before=trim)
+    rps = per_second(rows, t.seconds(clock_of(dev), pick="best"), 4)
     diff = float(np.abs(np.asarray(out["dsbuild"], dtype=np.float64)
                         - np.asarray(out["materialised"], dtype=np.float64)).max())
     moved = float(np.abs(np.asarray(out["dsbuild"], dtype=np.float64)
                          - np.asarray(out["plain"], dtype=np.float64)).max())
     return {"arch": arch, "device": dev, "rows": rows, "steps": steps,
-            "resolution": resolution, "alpha": alpha, "threads": torch.get_num_threads(),
-            "timer": "wall seconds" if dev.startswith("cuda") else "cpu seconds",
-            "memory": "CUDA allocator peak" if dev.startswith("cuda")
+            "resolution": resolution, "alpha": alpha, "threads": torch_threads(),
+            "timer": timer_label(dev),
+            "memory": "CUDA allocator peak" if on_cuda(dev)
             else "process RSS high-water mark (includes the model; CPU)",
             "rows_per_s": rps,
-            "ratios": {"dsbuild/plain": round(rps["dsbuild"] / rps["plain"], 3),
-                       "dsbuild/materialised": round(rps["dsbuild"] / rps["materialised"], 3)},
-            "peak_mb": {k: None if v is None else round(v, 1) for k, v in peak.items()},
+            "ratios": {"dsbuild/plain": ratio(rps["dsbuild"], rps["plain"]),
+                       "dsbuild/materialised": ratio(rps["dsbuild"], rps["materialised"])},
+            "peak_mb": rounded(t.peak_mb, 1),
             "max_abs_diff_vs_materialised": diff, "max_abs_change_vs_plain": moved,
             "goals": {"dsbuild/plain": 0.9, "dsbuild/materialised": 1.0}}
 
@@ -143,27 +144,28 @@ def run_bench(arch: str = "small", rows: int = 4, steps: int = 4, resolution: in
 @click.option("--resolution", type=int, default=64, show_default=True)
 @click.option("--alpha", type=float, default=1e4, show_default=True)
 @click.option("--repeats", type=int, default=2, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--threads", type=int, default=1, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 def bench_localize(arch, rows, steps, resolution, alpha, repeats, device, threads, as_json):
     """Localized editing (LIME penalty on fused attention) vs plain IP2P and vs materialised
     attention maps, same run."""
-    res = run_bench(arch, rows, steps, resolution, alpha, repeats, device, threads)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
+    emit(run_bench(arch, rows, steps, resolution, alpha, repeats, device, threads), as_json,
+         _lines)
+
+
+def _lines(res: dict):
+    """The result for people."""
     r, p = res["rows_per_s"], res["peak_mb"]
-    click.echo(f"bench localize: arch {res['arch']} on {res['device']}, {res['rows']} rows "
-               f"{res['resolution']}px, {res['steps']} steps, alpha {res['alpha']:g}, "
-               f"{res['threads']} thread(s), {res['timer']}")
+    yield (f"bench localize: arch {res['arch']} on {res['device']}, {res['rows']} rows "
+           f"{res['resolution']}px, {res['steps']} steps, alpha {res['alpha']:g}, "
+           f"{res['threads']} thread(s), {res['timer']}")
     for k, label in (("plain", "plain IP2P pipeline"), ("dsbuild", "dsbuild localized (fused)"),
                      ("materialised", "penalty on materialised maps")):
         mem = "" if p.get(k) is None else f", peak {p[k]:.0f} MB"
-        click.echo(f"  {label:<30} {r[k]:>8.3f} rows/s{mem}")
+        yield f"  {label:<30} {r[k]:>8.3f} rows/s{mem}"
     for k, v in res["ratios"].items():
-        verdict = "meets" if v >= res["goals"][k] else "below"
-        click.echo(f"  {k} = {v:.3f}x ({verdict} the {res['goals'][k]}x goal)")
-    click.echo(f"  max |dsbuild - materialised| = {res['max_abs_diff_vs_materialised']:.2e} "
-               f"(same maths); max change vs plain = {res['max_abs_change_vs_plain']:.3f}")
-    click.echo(f"  memory: {res['memory']}")
+        yield f"  {k} = {v:.3f}x ({verdict(v, res['goals'][k])} the {res['goals'][k]}x goal)"
+    yield (f"  max |dsbuild - materialised| = {res['max_abs_diff_vs_materialised']:.2e} "
+           f"(same maths); max change vs plain = {res['max_abs_change_vs_plain']:.3f}")
+    yield f"  memory: {res['memory']}"

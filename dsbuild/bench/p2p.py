@@ -7,11 +7,20 @@ and K targets sharing one source against K separate pairs. Reported as ratios.
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
-
 import click
+
+from dsbuild.bench.harness import (
+    ARCHS,
+    device_option,
+    emit,
+    json_option,
+    ratio,
+    rounded,
+    setup,
+    table,
+    time_cases,
+    torch_threads,
+)
 
 SRC = "a red velvet armchair in a bright living room"
 TARGETS = {
@@ -27,67 +36,6 @@ TARGETS = {
                           mode="replace", self_replace=0.4, cross_replace=0.8,
                           blend_words=(["red"], ["blue"])),
 }
-ARCHS = ("tiny", "small", "sd15")
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, else the process RSS high-water mark."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak_mb: float | None = None
-
-    def __enter__(self):
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")  # reset VmHWM (Linux)
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            try:
-                for line in open("/proc/self/status"):
-                    if line.startswith("VmHWM:"):
-                        self.peak_mb = int(line.split()[1]) / 1024
-            except OSError:
-                self.peak_mb = None
-
-
-def _time_cases(cases: dict, device: str, repeats: int) -> tuple[dict, dict, dict]:
-    """Median wall and CPU seconds and peak MB per case; repeats go round-robin."""
-    import torch
-
-    for fn in cases.values():  # warm-up (allocator, kernels, caches)
-        fn()
-    times: dict[str, list[float]] = {n: [] for n in cases}
-    cpu: dict[str, list[float]] = {n: [] for n in cases}
-    peaks: dict[str, float | None] = dict.fromkeys(cases)
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            with PeakMemory(device) as pm:
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-            if pm.peak_mb is not None:
-                peaks[name] = max(peaks[name] or 0.0, pm.peak_mb)
-    med = statistics.median
-    return ({n: med(t) for n, t in times.items()}, {n: med(t) for n, t in cpu.items()}, peaks)
 
 
 def run_bench(model: str | None = None, arch: str = "tiny", steps: int = 8, size: int = 64,
@@ -97,12 +45,15 @@ def run_bench(model: str | None = None, arch: str = "tiny", steps: int = 8, size
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from dsbuild.generate.generators.p2p.sampler import P2PGenerator, SourceGroup, TargetSpec, make_scheduler
-    from dsbuild.models import load_sd_pipeline, resolve_device
+    from dsbuild.generate.generators.p2p.sampler import (
+        P2PGenerator,
+        SourceGroup,
+        TargetSpec,
+        make_scheduler,
+    )
+    from dsbuild.models import load_sd_pipeline
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = setup(device, threads)
     pipe = load_sd_pipeline(model or ("tiny" if arch == "tiny" else f"arch:{arch}"), dtype, dev,
                             quiet=True)
     label = model or f"arch:{arch} (random weights)"
@@ -131,10 +82,10 @@ def run_bench(model: str | None = None, arch: str = "tiny", steps: int = 8, size
                 for i in range(k)]
     cases = {"plain_pair": plain_pair, **{f"p2p_{m}": p2p([t]) for m, t in TARGETS.items()},
              f"p2p_shared_k{k}": p2p(variants)}
-    seconds, cpu_seconds, peaks = _time_cases(cases, dev, repeats)
+    t = time_cases(cases, dev, repeats, memory=True)  # median of wall and of CPU time
     out = {"model": label, "device": dev, "dtype": dtype, "steps": steps, "size": size,
-           "k": k, "threads": torch.get_num_threads(), "repeats": repeats,
-           "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": peaks}
+           "k": k, "threads": torch_threads(), "repeats": repeats,
+           "seconds": t.seconds("wall"), "cpu_seconds": t.seconds("cpu"), "peak_mb": t.peak_mb}
     out["ratios"] = _ratios(out["seconds"], k)
     if dev == "cpu":  # process CPU time: robust to other processes sharing the cores
         out["ratios_cpu_time"] = _ratios(out["cpu_seconds"], k)
@@ -146,16 +97,15 @@ def run_bench(model: str | None = None, arch: str = "tiny", steps: int = 8, size
         f"shared_k{k} <= 0.60 x {k} pairs": basis[f"shared_k{k}/{k}_separate"] <= 0.60,
     }
     for key in ("seconds", "cpu_seconds"):
-        out[key] = {k_: round(v, 4) for k_, v in out[key].items()}
-    out["peak_mb"] = {k_: (round(v, 1) if v is not None else None)
-                      for k_, v in out["peak_mb"].items()}
+        out[key] = rounded(out[key], 4)
+    out["peak_mb"] = rounded(out["peak_mb"], 1)
     return out
 
 
 def _ratios(sec: dict, k: int) -> dict:
-    plain = sec["plain_pair"]
-    r = {f"{m}/plain": round(sec[f"p2p_{m}"] / plain, 3) for m in TARGETS}
-    r[f"shared_k{k}/{k}_separate"] = round(sec[f"p2p_shared_k{k}"] / (k * sec["p2p_self"]), 3)
+    """Each mode against the plain pair; K shared targets against K separate pairs."""
+    r = {f"{m}/plain": ratio(sec[f"p2p_{m}"], sec["plain_pair"]) for m in TARGETS}
+    r[f"shared_k{k}/{k}_separate"] = ratio(sec[f"p2p_shared_k{k}"], k * sec["p2p_self"])
     return r
 
 
@@ -168,26 +118,27 @@ def _ratios(sec: dict, k: int) -> dict:
 @click.option("--k", type=int, default=8, show_default=True, help="targets sharing a source")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--repeats", type=int, default=2, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 def bench_p2p(model, arch, steps, size, k, dtype, device, repeats, threads, as_json):
     """Time per pair and peak memory: plain diffusers vs dsbuild P2P in each mode."""
-    res = run_bench(model, arch, steps, size, k, dtype, device, repeats, threads)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
-    click.echo(f"model {res['model']} on {res['device']} {res['dtype']}, {res['size']}px, "
-               f"{res['steps']} steps, threads={res['threads']}, median of {res['repeats']}")
-    click.echo(f"{'case':<22}{'wall s':>10}{'cpu s':>10}{'peak MB':>10}")
-    for name, s in res["seconds"].items():
-        pm, cs = res["peak_mb"][name], res["cpu_seconds"][name]
-        click.echo(f"{name:<22}{s:>10.3f}{cs:>10.3f}"
-                   f"{(f'{pm:.0f}' if pm is not None else '-'):>10}")
+    emit(run_bench(model, arch, steps, size, k, dtype, device, repeats, threads), as_json, _lines)
+
+
+def _lines(res: dict):
+    """The result for people."""
+    yield (f"model {res['model']} on {res['device']} {res['dtype']}, {res['size']}px, "
+           f"{res['steps']} steps, threads={res['threads']}, median of {res['repeats']}")
+    pm = res["peak_mb"]
+    yield from table([("case", 22), ("wall s", 10), ("cpu s", 10), ("peak MB", 10)],
+                     [(name, f"{s:.3f}", f"{res['cpu_seconds'][name]:.3f}",
+                       f"{pm[name]:.0f}" if pm[name] is not None else "-")
+                      for name, s in res["seconds"].items()])
     cpu = res.get("ratios_cpu_time", {})
-    click.echo(f"{'ratio':<30}{'wall':>7}{'cpu':>8}" if cpu else "ratios (wall time):")
+    yield f"{'ratio':<30}{'wall':>7}{'cpu':>8}" if cpu else "ratios (wall time):"
     for name, r in res["ratios"].items():
-        click.echo(f"  {name:<28}{r:>7.3f}" + (f"{cpu[name]:>8.3f}" if cpu else ""))
+        yield f"  {name:<28}{r:>7.3f}" + (f"{cpu[name]:>8.3f}" if cpu else "")
     for goal, ok in res["goals"].items():
-        click.echo(f"  goal {goal} ({res['goals_basis']}): {'met' if ok else 'NOT met'}")
+        yield f"  goal {goal} ({res['goals_basis']}): {'met' if ok else 'NOT met'}"

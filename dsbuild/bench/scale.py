@@ -9,7 +9,6 @@ otherwise idle for the number to mean anything: the load average before each run
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import click
 
+from dsbuild.bench.harness import emit, json_option, ratio, table
 from dsbuild.core.build import Build
 from dsbuild.core.config import default_recipe_path, load_recipe
-from dsbuild.executors import ExecutorOptions, make_executor
-from dsbuild.executors.local import LocalWorkers
+from dsbuild.executors import ExecutorOptions, WorkerPool, make_executor
+from dsbuild.executors.local import LocalProcesses
 
 
 def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
@@ -49,7 +49,7 @@ def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
             t0 = time.perf_counter()
             # one worker runs in a worker process too, so both sides pay the same start-up
             opts = ExecutorOptions("local", workers=n, shards=shards, threads_per_worker=1)
-            with LocalWorkers(opts, echo=lambda s: None) as ex:
+            with WorkerPool(LocalProcesses(opts), opts, echo=lambda s: None) as ex:
                 res = ex.run(b, "generate")
             secs = time.perf_counter() - t0
             marks = b.markers("generate")
@@ -61,11 +61,10 @@ def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     one, many = runs[workers[0]], runs[workers[-1]]
-    ratio = workers[-1] / workers[0]
-    eff = many["pairs_per_s"] / (one["pairs_per_s"] * ratio)
+    eff = many["pairs_per_s"] / (one["pairs_per_s"] * workers[-1] / workers[0])
     return {"cpus": os.cpu_count(), "shards": shards, "steps": steps, "size": size,
             "threads_per_worker": 1, "runs": {str(k): v for k, v in runs.items()},
-            "speedup": round(many["pairs_per_s"] / one["pairs_per_s"], 3),
+            "speedup": ratio(many["pairs_per_s"], one["pairs_per_s"]),
             "efficiency": round(eff, 3), "goal_efficiency": 0.9,
             "goal_met": eff >= 0.9,
             "idle": all(r["load_before"] < 0.5 for r in runs.values()),
@@ -82,23 +81,24 @@ def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
               help="shards (the same for every worker count)")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
               help="keep the builds in this folder (default: a temp folder, removed)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 def bench_scale(limit, samples, steps, size, shards, keep, as_json):
     """Generate throughput (tiny model) with 1 vs 2 local workers: pairs/s, scaling efficiency.
 
     Wall time, each worker pinned to one thread; run it on an otherwise idle machine."""
-    res = run_bench(limit, samples, steps, size, shards, keep=keep)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
-    click.echo(f"generate, tiny model, {size}px, {steps} steps, {res['shards']} shards, "
-               f"{res['cpus']} CPUs, one thread per worker ({res['basis']})")
-    click.echo(f"{'workers':<9}{'pairs':>7}{'wall s':>9}{'pairs/s':>10}{'load before':>13}")
-    for n, r in res["runs"].items():
-        click.echo(f"{n:<9}{r['pairs']:>7}{r['wall_s']:>9.2f}{r['pairs_per_s']:>10.3f}"
-                   f"{r['load_before']:>13.2f}")
-    click.echo(f"speedup {res['speedup']:.2f}x, scaling efficiency {res['efficiency']:.2f} "
-               f"(goal >= {res['goal_efficiency']}: {'met' if res['goal_met'] else 'NOT met'})")
+    emit(run_bench(limit, samples, steps, size, shards, keep=keep), as_json, _lines)
+
+
+def _lines(res: dict):
+    """The result for people."""
+    yield (f"generate, tiny model, {res['size']}px, {res['steps']} steps, {res['shards']} "
+           f"shards, {res['cpus']} CPUs, one thread per worker ({res['basis']})")
+    yield from table([("workers", 9), ("pairs", 7), ("wall s", 9), ("pairs/s", 10),
+                      ("load before", 13)],
+                     [(n, str(r["pairs"]), f"{r['wall_s']:.2f}", f"{r['pairs_per_s']:.3f}",
+                       f"{r['load_before']:.2f}") for n, r in res["runs"].items()])
+    yield (f"speedup {res['speedup']:.2f}x, scaling efficiency {res['efficiency']:.2f} "
+           f"(goal >= {res['goal_efficiency']}: {'met' if res['goal_met'] else 'NOT met'})")
     if not res["idle"]:
-        click.echo("note: the machine was not idle (load average >= 0.5 before a run); other "
-                   "work shares the cores, so the efficiency is a lower bound")
+        yield ("note: the machine was not idle (load average >= 0.5 before a run); other "
+               "work shares the cores, so the efficiency is a lower bound")

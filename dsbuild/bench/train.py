@@ -16,36 +16,39 @@ mark above the start of each side on CPU.
 
 from __future__ import annotations
 
-import gc
-import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
-ARCHS = ("tiny", "small", "sd15")
-PROMPTS = ("make the sofa blue", "add a rug", "remove the lamp", "make the walls white",
-           "replace the chair with a stool", "add a plant")
-
-
-def _images(n: int, size: int, seed: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
-        out.append(Image.fromarray(np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))))
-    return out
+from dsbuild.bench.harness import (
+    ARCHS,
+    PROMPTS,
+    PeakMemory,
+    device_option,
+    emit,
+    images,
+    json_option,
+    on_cuda,
+    ratio,
+    rounded,
+    rss_mb,
+    sd_components,
+    setup,
+    sync,
+    torch_threads,
+    trim,
+    verdict,
+)
 
 
 def write_dataset(folder: Path, n: int, size: int) -> Path:
     """``n`` rows as an export folder (``data/train-*.parquet`` with Image columns)."""
     import datasets
 
-    a, b = _images(n, size, 0), _images(n, size, 1)
+    a, b = images(n, size, 0), images(n, size, 1)
     ds = datasets.Dataset.from_dict(
         {"input_image": a, "edit_prompt": [PROMPTS[i % len(PROMPTS)] for i in range(n)],
          "edited_image": b},
@@ -61,11 +64,7 @@ def write_base(folder: Path, arch: str) -> Path:
     """An SD-shaped base (4-channel UNet, random weights) saved as a diffusers folder."""
     from diffusers import StableDiffusionPipeline
 
-    from dsbuild.models import tiny_sd
-
-    comps = {"tiny": tiny_sd.tiny_components, "small": tiny_sd.small_components,
-             "sd15": tiny_sd.sd15_components}[arch]()
-    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+    StableDiffusionPipeline(**sd_components(arch), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(str(folder))
     return folder
 
@@ -142,7 +141,7 @@ def diffusers_loop(base: Path, data: Path, resolution: int, batch_size: int, ste
     generator = torch.Generator(device=device).manual_seed(seed)
     p = 0.05
     amp = (torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-           if mixed_precision != "no" else _null())
+           if mixed_precision != "no" else nullcontext())
     done = 0
     t0 = time.process_time()
     w0 = time.perf_counter()
@@ -177,71 +176,28 @@ def diffusers_loop(base: Path, data: Path, resolution: int, batch_size: int, ste
             done += 1
             if done >= steps:
                 break
-    _sync(device)
+    sync(device)
     return {"loop_cpu_s": time.process_time() - t0, "loop_wall_s": time.perf_counter() - w0}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def rss_mb() -> float:
-    """Resident memory now (Linux), MB; 0 where /proc is missing."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _trim() -> None:
-    """Give freed memory back to the OS, so the next side's RSS peak starts clean."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, rows: int = 8,
               steps: int = 6, mixed_precision: str = "no", device: str = "auto",
               threads: int | None = 1) -> dict:
     """Train ``steps`` steps both ways on the same rows and base; returns figures and ratios."""
-    import torch
-
-    from dsbuild.bench.p2p import PeakMemory
-    from dsbuild.models import resolve_device
     from dsbuild.train.settings import TrainSettings
     from dsbuild.train.trainer import train
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = setup(device, threads)
     with tempfile.TemporaryDirectory(prefix="dsbuild-bench-train-") as tmp:
         tmp = Path(tmp)
         data = write_dataset(tmp / "data", rows, resolution)
         base = write_base(tmp / "base", arch)
-        _trim()
+        trim()
         start = {"diffusers": rss_mb()}
         with PeakMemory(dev) as pm_base:
             base_res = diffusers_loop(base, data, resolution, batch_size, steps, 5e-5, 0, dev,
                                       mixed_precision)
-        _trim()
+        trim()
         s = TrainSettings(data=str(data), base=str(base), resolution=resolution,
                           batch_size=batch_size, max_steps=steps, checkpoint_every=10**9,
                           mixed_precision=mixed_precision, device=dev, seed=0)
@@ -250,25 +206,25 @@ def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, ro
         with PeakMemory(dev) as pm_ours:
             res = train(s, tmp / "out", quiet=True)
         ours_wall = time.perf_counter() - w0
-    timer = "wall" if dev.startswith("cuda") else "cpu"
+    timer = "wall" if on_cuda(dev) else "cpu"
     base_t = base_res["loop_wall_s"] if timer == "wall" else base_res["loop_cpu_s"]
     ours_loop, ours_cache = res.loop_cpu_s, res.cache_cpu_s
     per_step = {"diffusers": base_t / steps, "dsbuild": ours_loop / steps}
     peaks = {"diffusers": pm_base.peak_mb, "dsbuild": pm_ours.peak_mb}
-    if not dev.startswith("cuda"):  # RSS high-water mark above where each side started
+    if not on_cuda(dev):  # RSS high-water mark above where each side started
         peaks = {k: (v - start[k] if v is not None else None) for k, v in peaks.items()}
     return {
         "arch": arch, "device": dev, "mixed_precision": mixed_precision,
         "resolution": resolution, "batch_size": batch_size, "rows": rows, "steps": steps,
-        "threads": torch.get_num_threads(), "timer": f"{timer} seconds"
+        "threads": torch_threads(), "timer": f"{timer} seconds"
         + (" (dsbuild side: CPU seconds)" if timer == "wall" else ""),
         "steps_per_s": {k: round(1 / v, 3) for k, v in per_step.items()},
         "dsbuild_cache_s": round(ours_cache, 3),
         "dsbuild_total_wall_s": round(ours_wall, 2),
-        "ratio_steps": round(per_step["diffusers"] / per_step["dsbuild"], 3),
-        "ratio_with_cache": round(base_t / (ours_loop + ours_cache), 3),
-        "peak_mb": {k: None if v is None else round(v, 1) for k, v in peaks.items()},
-        "memory_ratio": (round(peaks["dsbuild"] / peaks["diffusers"], 3)
+        "ratio_steps": ratio(per_step["diffusers"], per_step["dsbuild"]),
+        "ratio_with_cache": ratio(base_t, ours_loop + ours_cache),
+        "peak_mb": rounded(peaks, 1),
+        "memory_ratio": (ratio(peaks["dsbuild"], peaks["diffusers"])
                          if peaks["diffusers"] and peaks["dsbuild"] else None),
         "goal": {"ratio_steps": 1.25, "memory_ratio": 1.0},
     }
@@ -283,28 +239,30 @@ def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, ro
 @click.option("--steps", type=int, default=6, show_default=True, help="optimizer steps")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
               show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1: CPU time measures work, not parallelism)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 def bench_train(arch, resolution, batch_size, rows, steps, mixed_precision, device, threads,
                 as_json):
     """Training steps/s of dsbuild train vs diffusers' InstructPix2Pix loop, same run."""
-    res = run_bench(arch, resolution, batch_size, rows, steps, mixed_precision, device, threads)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
+    emit(run_bench(arch, resolution, batch_size, rows, steps, mixed_precision, device, threads),
+         as_json, _lines)
+
+
+def _lines(res: dict):
+    """The result for people."""
     sps = res["steps_per_s"]
-    click.echo(f"bench train: arch {res['arch']} on {res['device']} ({res['mixed_precision']}), "
-               f"{res['resolution']}px, batch {res['batch_size']}, {res['rows']} rows, "
-               f"{res['steps']} steps, {res['threads']} thread(s), {res['timer']}")
-    click.echo(f"  diffusers' loop:        {sps['diffusers']:>8.3f} steps/s")
-    click.echo(f"  dsbuild train (loop):   {sps['dsbuild']:>8.3f} steps/s  "
-               f"(+ {res['dsbuild_cache_s']:.2f} s once for the latent/prompt cache)")
-    verdict = "meets" if res["ratio_steps"] >= res["goal"]["ratio_steps"] else "below"
-    click.echo(f"  ratio = {res['ratio_steps']:.3f}x ({verdict} the 1.25x goal); with the cache "
-               f"counted over these {res['steps']} steps: {res['ratio_with_cache']:.3f}x")
+    yield (f"bench train: arch {res['arch']} on {res['device']} ({res['mixed_precision']}), "
+           f"{res['resolution']}px, batch {res['batch_size']}, {res['rows']} rows, "
+           f"{res['steps']} steps, {res['threads']} thread(s), {res['timer']}")
+    yield f"  diffusers' loop:        {sps['diffusers']:>8.3f} steps/s"
+    yield (f"  dsbuild train (loop):   {sps['dsbuild']:>8.3f} steps/s  "
+           f"(+ {res['dsbuild_cache_s']:.2f} s once for the latent/prompt cache)")
+    met = verdict(res["ratio_steps"], res["goal"]["ratio_steps"])
+    yield (f"  ratio = {res['ratio_steps']:.3f}x ({met} the 1.25x goal); with the cache "
+           f"counted over these {res['steps']} steps: {res['ratio_with_cache']:.3f}x")
     pk = res["peak_mb"]
     if res["memory_ratio"] is not None:
-        click.echo(f"  peak memory: diffusers {pk['diffusers']:.0f} MB, dsbuild "
-                   f"{pk['dsbuild']:.0f} MB, ratio {res['memory_ratio']:.3f}x (goal <= 1.0x)")
+        yield (f"  peak memory: diffusers {pk['diffusers']:.0f} MB, dsbuild "
+               f"{pk['dsbuild']:.0f} MB, ratio {res['memory_ratio']:.3f}x (goal <= 1.0x)")

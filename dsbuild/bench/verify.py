@@ -8,26 +8,34 @@ targets behind one source).
 - raw: per batch of pairs, ``processor(text=..., images=[inputs..., outputs...])``, then
   ``model(**inputs)`` and ``post_process_grounded_object_detection``: how one would detect
   with plain transformers;
-- dsbuild: ``OwlDetector.detect`` (read + hash, each distinct image through the vision tower
+- dsbuild: ``Detector.detect`` (read + hash, each distinct image through the vision tower
   once, each phrase through the text tower once, threaded decode/preprocess).
 
-Runs interleave (order reversed each repeat); the best of ``repeats`` counts. The default
+Wall seconds (the decode thread pool's overlap is part of what is measured); runs interleave
+(order reversed each repeat) and the best of ``repeats`` counts. The default
 model is 'tiny' (offline, seconds on a CPU); ``arch:owlv2-base`` has OWLv2-base's shapes
 (960 px, ViT-B/16) with random weights, for timing real-sized work on a GPU.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-from dsbuild.core.errors import require_installed
-from dsbuild.verify.stage import VERIFY_MODULES
+from dsbuild.bench.harness import (
+    device_option,
+    emit,
+    json_option,
+    per_second,
+    ratio,
+    time_cases,
+    torch_threads,
+    verdict,
+)
+from dsbuild.core.deps import check
 
 PHRASES = ("sofa", "floor lamp", "rug", "coffee table", "armchair", "cushion", "mirror",
            "plant")
@@ -51,36 +59,31 @@ def _write_pairs(folder: Path, pairs: int, per_source: int, size: int) -> list[t
 
 
 def _load(model: str, device: str, dtype: str, batch_size: int, workers: int):
-    """(OwlDetector, processor) for 'tiny', 'arch:owlv2-base' or a Hub id / folder."""
+    """(Detector, processor) for 'tiny', 'arch:owlv2-base' or a Hub id / folder."""
     from transformers import Owlv2Processor
 
-    from dsbuild.verify.detector import OwlDetector, tiny_owlv2
+    from dsbuild.verify.detector import Detector
 
     if model == "arch:owlv2-base":
         import torch
         from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
 
-        from dsbuild.models.tiny_sd import char_tokenizer
+        from dsbuild.models import amp_dtype, resolve_device
+        from dsbuild.models.sd import char_tokenizer
 
         tok = char_tokenizer(16)
         cfg = Owlv2Config(text_config={"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
                                        "eos_token_id": tok.eos_token_id,
                                        "pad_token_id": tok.pad_token_id})
         torch.manual_seed(0)
-        det = OwlDetector(Owlv2ForObjectDetection(cfg), Owlv2ImageProcessor(), tok,
-                          name=model, batch_size=batch_size, workers=workers)
-        from dsbuild.filter.encoders import amp_dtype
-        from dsbuild.models import resolve_device
-
-        det.device = resolve_device(device)
-        det.model.to(det.device)
-        det.dtype = amp_dtype(dtype, det.device)
+        dev = resolve_device(device)
+        det = Detector(Owlv2ForObjectDetection(cfg), Owlv2ImageProcessor(), tok, dev,
+                       amp_dtype(dtype, dev), name=model, batch_size=batch_size,
+                       workers=workers)
     else:
-        det = OwlDetector.load(model, device, dtype, quiet=True, batch_size=batch_size,
+        det = Detector.load(model, device, dtype, quiet=True, batch_size=batch_size,
                                workers=workers)
     if model in ("tiny", "arch:owlv2-base"):
-        if model == "tiny":
-            _, _, tok = tiny_owlv2()
         proc = Owlv2Processor(image_processor=det.image_processor, tokenizer=det.tokenizer)
     else:
         from transformers import AutoProcessor
@@ -93,19 +96,14 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
               image_size: int = 256, device: str = "auto", dtype: str = "auto", workers: int = 4,
               repeats: int = 3) -> dict:
     """Time raw transformers detection and dsbuild's detector on the same pairs."""
-    require_installed("filter", *VERIFY_MODULES, what="dsbuild bench verify")
+    check("filter", what="dsbuild bench verify")
     import torch
     from PIL import Image
 
-    from dsbuild.filter.encoders import autocast
+    from dsbuild.models import autocast
 
     det, proc = _load(model, device, dtype, batch_size, workers)
     dev = det.device
-
-    def sync():
-        if str(dev).startswith("cuda"):
-            torch.cuda.synchronize()
-
     with tempfile.TemporaryDirectory(prefix="dsbuild-bench-verify-") as tmp:
         items = _write_pairs(Path(tmp), pairs, per_source, image_size)
         half = max(1, batch_size // 2)  # a batch of pairs is 2 images each
@@ -125,7 +123,6 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
                 out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
                 proc.post_process_grounded_object_detection(out, threshold=0.2,
                                                             target_sizes=side)
-            sync()
 
         def ours() -> None:
             det.text_cache.clear()
@@ -135,30 +132,21 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
                 want.setdefault(b, set()).add(ph)
             found, errors = det.detect(want)
             assert len(found) == 2 * len(items) and not errors
-            sync()
 
-        def timed(fn) -> float:
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
+        def warmup() -> None:  # both sides (lazy imports, allocator, kernels, thread pool)
+            raw()
+            ours()
+            det.encoded = 0  # count only the timed runs' distinct images
 
-        raw()  # warm-up for both (lazy imports, allocator, kernels, thread pool)
-        ours()
-        det.encoded = 0
-        best = {"raw": float("inf"), "dsbuild": float("inf")}
-        runs = {"raw": raw, "dsbuild": ours}
-        order = list(runs)
-        for _ in range(max(1, repeats)):
-            for name in order:
-                best[name] = min(best[name], timed(runs[name]))
-            order.reverse()
-    pps = {k: round(pairs / v, 2) for k, v in best.items()}
+        t = time_cases({"raw": raw, "dsbuild": ours}, dev, repeats, warmup=warmup,
+                       alternate=True)
+    pps = per_second(pairs, t.seconds("wall", pick="best"), 2)
     return {
         "model": model, "device": dev, "batch_size": batch_size, "pairs": pairs,
         "targets_per_source": per_source, "image_size": image_size, "workers": workers,
-        "repeats": repeats, "threads": torch.get_num_threads(),
+        "repeats": repeats, "threads": torch_threads(),
         "images_raw": 2 * pairs, "images_dsbuild": det.encoded // max(1, repeats),
-        "pairs_per_s": pps, "ratio": round(pps["dsbuild"] / pps["raw"], 3), "goal": 0.9,
+        "pairs_per_s": pps, "ratio": ratio(pps["dsbuild"], pps["raw"]), "goal": 0.9,
     }
 
 
@@ -170,28 +158,29 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
               help="pairs whose input images share one content")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="images per batch")
 @click.option("--image-size", type=int, default=256, show_default=True, help="PNG side, pixels")
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               show_default=True, help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
 @click.option("--workers", type=int, default=4, show_default=True,
               help="dsbuild decode/preprocess threads")
 @click.option("--repeats", type=int, default=3, show_default=True, help="best of N runs")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 def bench_verify(model, pairs, per_source, batch_size, image_size, device, dtype, workers,
                  repeats, as_json):
     """Pairs/s of verify's detector vs raw transformers OWLv2 detection, same run."""
-    res = run_bench(model, pairs, max(1, per_source), batch_size, image_size, device, dtype,
-                    workers, repeats)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
+    emit(run_bench(model, pairs, max(1, per_source), batch_size, image_size, device, dtype,
+                   workers, repeats), as_json, _lines)
+
+
+def _lines(res: dict):
+    """The result for people."""
     pps = res["pairs_per_s"]
-    click.echo(f"bench verify: {res['model']} on {res['device']}, batch {res['batch_size']}, "
-               f"{res['pairs']} pairs ({res['targets_per_source']} per source) "
-               f"{res['image_size']}px, best of {res['repeats']}")
-    click.echo(f"  raw transformers (processor+model+post-process): {pps['raw']:>9.2f} pairs/s "
-               f"({res['images_raw']} images)")
-    click.echo(f"  dsbuild OwlDetector.detect:                      {pps['dsbuild']:>9.2f} "
-               f"pairs/s ({res['images_dsbuild']} distinct images)")
-    verdict = "meets" if res["ratio"] >= res["goal"] else "below"
-    click.echo(f"  ratio dsbuild/raw = {res['ratio']:.3f}x ({verdict} the {res['goal']}x goal)")
+    yield (f"bench verify: {res['model']} on {res['device']}, batch {res['batch_size']}, "
+           f"{res['pairs']} pairs ({res['targets_per_source']} per source) "
+           f"{res['image_size']}px, best of {res['repeats']}")
+    yield (f"  raw transformers (processor+model+post-process): {pps['raw']:>9.2f} pairs/s "
+           f"({res['images_raw']} images)")
+    yield (f"  dsbuild Detector.detect:                         {pps['dsbuild']:>9.2f} "
+           f"pairs/s ({res['images_dsbuild']} distinct images)")
+    yield (f"  ratio dsbuild/raw = {res['ratio']:.3f}x ({verdict(res['ratio'], res['goal'])} "
+           f"the {res['goal']}x goal)")

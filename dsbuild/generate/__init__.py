@@ -8,8 +8,9 @@ from dsbuild.generate.settings import GenerateSettings
 
 STAGE = register(Stage(
     name="generate", output="pairs", settings=GenerateSettings, upstream=("captions",),
-    run="dsbuild.generate.stage:run_generate", command="dsbuild.generate.cli:generate_cmd",
-    help="make image pairs with Prompt-to-Prompt", extra="gen",
+    run="dsbuild.generate.stage:run_generate", options=("model",),
+    summary="dsbuild.generate.report:summary",
+    help="make image pairs with a generator (Prompt-to-Prompt by default)", extra="gen",
     verify="dsbuild.core.records:pair_images_problem",
     offline={"model": "tiny", "steps": 4, "height": 64, "width": 64, "limit": 2},
 ))

@@ -1,4 +1,5 @@
-"""A contact sheet: a few pairs per agent, input | output, with their captions."""
+"""The generate report: ``reports/generate_contact_sheet.png`` (a few pairs per agent, input |
+output, with their captions) and what ``dsbuild generate`` prints after a rank."""
 
 from __future__ import annotations
 
@@ -50,3 +51,15 @@ def contact_sheet(root: Path, pairs: Iterable[Joined], out: Path, per_agent: int
             draw.text((24 + 2 * THUMB, y + 6 + 16 * li), line[:90], fill="black")
     write_image(out, sheet)
     return out
+
+
+def summary(build, result) -> list[str]:
+    """What ``dsbuild generate`` prints after a rank: its speed and, once complete, the sheet."""
+    st, lines = result.stats, []
+    if st.get("pairs_per_s"):
+        lines.append(f"  {st['pairs']} pairs from {st['sources']} sources, "
+                     f"{st['pairs_per_s']} pairs/s")
+    sheet = build.reports_dir / "generate_contact_sheet.png"
+    if sheet.exists() and build.is_complete("generate"):
+        lines.append(f"  contact sheet: {sheet}")
+    return lines

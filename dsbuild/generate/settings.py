@@ -15,17 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dsbuild.core import generators
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.settings import StageSettings
 from dsbuild.generate.generators.p2p.settings import P2PSettings
+from dsbuild.models import ids
 
 
-class GenerateSettings(P2PSettings):
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-    volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "contact_sheet"})
+class SharedSettings(StageSettings):
+    """What every generator reads: the model, image size, sweep size, seed."""
 
     generator: str = Field(generators.DEFAULT, description="the generator that makes the "
                            "pairs (p2p: Prompt-to-Prompt; a plugin's name)")
     # SD 1.5, as InstructPix2Pix made its data with; 'tiny' = random weights (offline demos)
-    model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5",
+    model: str = Field(ids.SD,
                        description="the generator's model: a diffusers dir or Hub id (p2p: SD "
                        "1.x/2.x), or 'tiny'")
     steps: int = Field(50, ge=1)
@@ -40,6 +41,14 @@ class GenerateSettings(P2PSettings):
     limit: int | None = Field(None, ge=1, description="cap on samples per triple (demo builds)")
     seed: int = 0
     contact_sheet: int = Field(3, ge=0, description="pairs per agent on the contact sheet")
+
+
+class GenerateSettings(P2PSettings, SharedSettings):
+    """The generate section: the shared settings first, then P2P's, then other generators'
+    sections."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "contact_sheet"})
 
     @model_validator(mode="after")
     def _generator_sections(self) -> GenerateSettings:

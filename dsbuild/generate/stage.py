@@ -131,7 +131,7 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
 
 def write_contact_sheet(build: Build):
     """reports/generate_contact_sheet.png: a few pairs per agent."""
-    from dsbuild.generate.contact import contact_sheet
+    from dsbuild.generate.report import contact_sheet
 
     note = f"model={build.config.generate.model}"
     if build.config.generate.model == "tiny":

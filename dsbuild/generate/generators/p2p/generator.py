@@ -28,7 +28,7 @@ class PromptToPrompt:
                            lambda: load_sd_pipeline(s.model, dtype, device))
         segmenter = None
         if s.blend and s.blend_mask == "segment":
-            from dsbuild.localize.mask import load_segmenter
+            from dsbuild.models import load_segmenter
 
             key = (*model_key(s.segmenter), s.segment_threshold, *model_key(s.detector),
                    *model_key(s.sam_model), s.box_threshold, device)

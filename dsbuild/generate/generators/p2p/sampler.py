@@ -89,7 +89,7 @@ class P2PGenerator:
         make_scheduler(scheduler, pipe.scheduler.config)  # fail early on a bad name
         self.controller = P2PController(blend_threshold, blend_start)
         install(pipe.unet, self.controller)
-        # blend_mask=segment: a segmenter (dsbuild.localize.mask.load_segmenter: CLIPSeg, or
+        # blend_mask=segment: a segmenter (dsbuild.models.load_segmenter: CLIPSeg, or
         # detector boxes + SAM, each with its own threshold) makes the local-blend mask
         self.segmenter = segmenter
         if segmenter is not None:

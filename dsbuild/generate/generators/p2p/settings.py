@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from dsbuild.core.settings import StageSettings
+from dsbuild.core.settings.localize import SegmenterSettings
 
 Range = tuple[float, float]
 
@@ -40,17 +41,12 @@ class P2PSettings(StageSettings):
         "attention", description="attention: the words' accumulated cross-attention maps; "
         "segment: the source's blend words segmented (CLIPSeg, or detector boxes + SAM) in its "
         "predicted image at blend_start, kept for the remaining steps")
-    segmenter: str = Field("CIDAS/clipseg-rd64-refined",
-                           description="CLIPSeg checkpoint for blend_mask=segment, 'tiny', or "
-                           "'sam' (detector boxes + SAM)")
-    segment_threshold: float = Field(0.4, gt=0, lt=1,
-                                     description="CLIPSeg probability above which a pixel is in")
-    detector: str = Field("google/owlv2-base-patch16-ensemble",
-                          description="segmenter=sam: OWLv2/OWL-ViT checkpoint, or 'tiny'")
-    sam_model: str = Field("facebook/sam-vit-base",
-                           description="segmenter=sam: SAM checkpoint, or 'tiny'")
-    box_threshold: float = Field(0.2, ge=0, le=1, description="segmenter=sam: detector score "
-                                 "above which a box is segmented (none: empty mask)")
+    # blend_mask=segment: the segmenter's fields, their defaults from SegmenterSettings
+    segmenter: str = SegmenterSettings.model_fields["segmenter"]
+    segment_threshold: float = SegmenterSettings.model_fields["threshold"]
+    detector: str = SegmenterSettings.model_fields["detector"]
+    sam_model: str = SegmenterSettings.model_fields["sam_model"]
+    box_threshold: float = SegmenterSettings.model_fields["box_threshold"]
 
     def p2p_signature(self, data: dict) -> dict:
         """Attention blend (the default) signs as it did before segmented blend existed, so
