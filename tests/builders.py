@@ -1,6 +1,6 @@
 """Write small, contract-true builds for tests of downstream stages.
 
-These write records exactly as DESIGN.md's record contract says (through the real
+These write records exactly as the record contract (dsbuild.core.schema) says (through the real
 ``Build.run_stage``), with small real PNGs, so filter/review/export tests need not run
 generation. Score records go through the filter stage's own ``decide`` (keep, reason, rank,
 failed), and test_filter.py checks their keys against a record the real filter wrote.

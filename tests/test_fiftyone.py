@@ -22,6 +22,7 @@ from builders import make_build, write_png, write_scores
 from dsbuild.core.build import Build
 from dsbuild.core.config import load_recipe
 from dsbuild.core.hashing import content_id
+from dsbuild.core.join import columns
 from dsbuild.review import fiftyone as fr
 
 if find_spec("fiftyone") is None:  # not imported here: FiftyOne reads its env at import
@@ -93,7 +94,7 @@ def test_build_dataset_copies_every_field_onto_both_slices(fo, build):
     assert len(samples) == 3 * n
     scores = {s["pair_id"]: s for s in recs["scores"]}
     triples = {t["id"]: t for t in recs["triples"]}
-    own = [f for f in fr.FIELDS]
+    own = list(fr.sample_fields(columns(recs["pairs"])))
     for p in recs["pairs"]:
         inp, out = samples[(p["id"], "input")], samples[(p["id"], "output")]
         assert {k: inp[k] for k in own} == {k: out[k] for k in own} == \
@@ -102,16 +103,17 @@ def test_build_dataset_copies_every_field_onto_both_slices(fo, build):
         assert Path(inp["filepath"]) == (build.root / p["images"]["input"]).resolve()
         assert Path(out["filepath"]) == (build.root / p["images"]["output"]).resolve()
         t, s = triples[p["triple_id"]], scores[p["id"]]
-        assert (out["edit"], out["input_caption"], out["output_caption"]) == \
+        assert (out["edit_prompt"], out["original_prompt"], out["edited_prompt"]) == \
             (t["edit"], t["input"], t["output"])
         assert (out["agent"], out["level"], out["operation"]) == \
             (t["agent"], t["level"], t["operation"])
-        assert out["seed"] == p["seed"] and out["p2p_guidance"] == p["params"]["guidance"]
-        assert out["p2p_self_replace"] == pytest.approx(p["params"]["self_replace"])
-        assert json.loads(out["p2p_params"]) == p["params"]
-        assert (out["keep"], out["reason"], out["rank"]) == (s["keep"], s["reason"], s["rank"])
+        assert out["seed"] == p["seed"] and out["guidance"] == p["params"]["guidance"]
+        assert out["self_replace"] == pytest.approx(p["params"]["self_replace"])
+        assert json.loads(out["params"]) == p["params"]
+        assert (out["filter_keep"], out["filter_reason"], out["filter_rank"]) == \
+            (s["keep"], s["reason"], s["rank"])
         assert out["clip_sim_dir"] == pytest.approx(s["clip_sim_dir"])
-        assert out["no_change"] is False and out["decision"] is None and out["decisions"] == 0
+        assert out["no_change"] is False and out["review"] is None and out["review_count"] == 0
 
     views = set(ds.list_saved_views())
     assert {"kept", "filtered-out", "lowest-clip-sim-dir", "no-change", "not-reviewed-yet",
@@ -124,6 +126,37 @@ def test_build_dataset_copies_every_field_onto_both_slices(fo, build):
     assert len(ds.load_saved_view("no-change")) == 0
     lowest = ds.load_saved_view("lowest-clip-sim-dir").first()
     assert lowest["clip_sim_dir"] == pytest.approx(min(s["clip_sim_dir"] for s in recs["scores"]))
+
+
+def test_fields_are_what_each_pairs_generator_declares(fo, build):
+    """A generator declared only here: its parameter columns are FiftyOne fields of its pairs
+    (typed as declared), empty on P2P's pairs; the sidebar's generation group shows them."""
+    from dsbuild.core.generators import Generator, Param, register, unregister
+
+    register(Generator(name="shift-test", impl="tests:none", help="test only", params=(
+        Param("shift", "float", "colour_shift"), Param("channel", "string"))))
+    try:
+        recs = make_build(build, samples=2)
+        shifted = {p["id"] for p in recs["pairs"][::2]}
+        pairs = [{**p, "generator": "shift-test", "params": {"shift": 1, "channel": "green"}}
+                 if p["id"] in shifted else p for p in recs["pairs"]]
+        build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None,
+                        force=True)
+        ds = fo.load_dataset(fr.build_dataset(build)["name"])
+        schema = ds.get_field_schema()
+        assert type(schema["colour_shift"]).__name__ == "FloatField"
+        assert type(schema["guidance"]).__name__ == "FloatField"
+        for (pid, _), s in by_slice(ds).items():
+            if pid in shifted:
+                assert (s["generator"], s["colour_shift"], s["channel"]) == \
+                    ("shift-test", 1.0, "green")
+                assert s["guidance"] is None and json.loads(s["params"])["shift"] == 1
+            else:
+                assert s["generator"] == "p2p" and s["colour_shift"] is None
+        (gen,) = [g for g in ds.app_config.sidebar_groups if g.name == "generation"]
+        assert {"generator", "colour_shift", "channel", "p2p_mode", "params"} <= set(gen.paths)
+    finally:
+        unregister("shift-test")
 
 
 def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
@@ -168,7 +201,7 @@ def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
     assert set(ds.group_slices) == {"pair", "input", "output", "mask"}
     assert (extra[1]["id"], "mask") in samples and (extra[0]["id"], "mask") not in samples
     mask = samples[(extra[1]["id"], "mask")]
-    assert mask["p2p_blend_words"] == '["armchair"]' and mask["keep"] is False
+    assert mask["blend_words"] == '["armchair"]' and mask["filter_keep"] is False
     assert samples[(first, "input")]["tags"] == ["keepme"]
     assert samples[(first, "output")]["scored"] is True
     assert len(ds.load_saved_view("kept")) == len(recs["triples"])
@@ -199,10 +232,10 @@ def test_no_change_samples_from_the_real_augment_stage(fo, build):
     for s in nc.select_group_slices(["input", "output"]).iter_samples():
         a = aug[s["pair_id"]]
         src = pairs[a["source_pair_id"]]
-        assert (s["kind"], s["edit"], s["source_pair_id"], s["target"]) == \
+        assert (s["kind"], s["edit_prompt"], s["source_pair_id"], s["target"]) == \
             ("no_change", a["edit"], src["id"], a["target"])
-        assert s["output_caption"] == s["input_caption"] == triples[src["triple_id"]]["input"]
-        assert s["agent"] == triples[src["triple_id"]]["agent"] and s["keep"] is None
+        assert s["edited_prompt"] == s["original_prompt"] == triples[src["triple_id"]]["input"]
+        assert s["agent"] == triples[src["triple_id"]]["agent"] and s["filter_keep"] is None
         assert Path(s["filepath"]) == (build.root / src["images"]["input"]).resolve()
 
 
@@ -243,9 +276,9 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     # decisions show in the dataset on both slices
     samples = by_slice(ds)
     for sl in ("input", "output"):
-        assert samples[(b, sl)]["decision"] == "reject"
-        assert samples[(b, sl)]["decision_reason"] == "artefacts"
-        assert samples[(a, sl)]["decisions"] == 1
+        assert samples[(b, sl)]["review"] == "reject"
+        assert samples[(b, sl)]["review_reason"] == "artefacts"
+        assert samples[(a, sl)]["review_count"] == 1
     assert len(ds.load_saved_view("not-reviewed-yet")) == len(recs["pairs"]) - 2
 
     # pulling twice adds nothing (through the CLI this time)
@@ -258,13 +291,13 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     ds.select_group_slices().match(F("pair_id") == a).untag_samples("accept")
     ds.select_group_slices().match(F("pair_id") == a).tag_samples("reject")
     assert fr.pull(build)["added"] == 1
-    assert by_slice(ds)[(a, "input")]["decision"] == "reject"
+    assert by_slice(ds)[(a, "input")]["review"] == "reject"
     # ... and changing it back is recorded too (it repeats an older decision, not the latest)
     ds.select_group_slices().match(F("pair_id") == a).untag_samples("reject")
     ds.select_group_slices().match(F("pair_id") == a).tag_samples("accept")
     assert fr.pull(build)["added"] == 1
     assert fr.pull(build)["added"] == 0
-    assert by_slice(ds)[(a, "output")]["decision"] == "accept"
+    assert by_slice(ds)[(a, "output")]["review"] == "accept"
     # status counts the decision in force per pair, not the history
     assert build.status()["decisions"] == {"fiftyone:accept": 1, "fiftyone:reject": 1}
 
@@ -274,7 +307,7 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
     assert (res["added"], res["withdrawn"]) == (1, 1)
     assert read_decisions(build)[-1]["verdict"] == "withdrawn"
     assert fr.pull(build)["added"] == 0
-    assert by_slice(ds)[(a, "output")]["decision"] is None
+    assert by_slice(ds)[(a, "output")]["review"] is None
     assert build.status()["decisions"] == {"fiftyone:reject": 1}
     from dsbuild.core.decisions import latest_by_pair
 
@@ -365,8 +398,8 @@ def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch
         ("reject", "artefacts", 0.0)
     assert force[a]["reviewer"] == "alice,bob" and force[b]["verdict"] == "accept"
     shown = by_slice(ds)
-    assert shown[(a, "pair")]["decision_agreement"] == 0.0
-    assert shown[(a, "input")]["decision_reviewers"] == 2
+    assert shown[(a, "pair")]["review_agreement"] == 0.0
+    assert shown[(a, "input")]["review_reviewers"] == 2
     assert shown[(c, "output")]["corrected_edit"] == "paint it red"
     assert len(ds.load_saved_view("reviewers-disagree")) == 1
     assert len(ds.load_saved_view("corrected")) == 1

@@ -39,3 +39,38 @@ def test_pairs_before_the_filter_and_disagreeing_outputs(mini_build):
                          force=True)
     with pytest.raises(DsbuildError, match="triple 'gone'.*rerun `dsbuild generate`"):
         list(join.all_pairs(mini_build))
+
+
+def test_one_joined_row_one_name_per_field(mini_build):
+    """The joined row joins verify and the decision in force; export columns, FiftyOne fields
+    and Label Studio task data are its names (images aside: slices and URLs)."""
+    from dsbuild.core.decisions import add_decisions, make_decision
+    from dsbuild.core.schema import fields
+    from dsbuild.review.fiftyone.dataset import OWN_FIELDS, sample_fields
+    from dsbuild.review.labelstudio.push import task_data
+
+    recs = make_build(mini_build, samples=2)
+    first, second = recs["pairs"][0], recs["pairs"][1]
+    mini_build.run_stage("verify", 0, 1, lambda w: w.write(
+        {"pair_id": first["id"], "verdict": "reject", "reason": "near_copy",
+         "checks": [{"name": "near_copy", "pass": False, "reason": "near_copy"}]}) and None)
+    add_decisions(mini_build, [make_decision(second["id"], "accept", tool="t", reviewer="r",
+                                             corrected_edit="make it red")])
+    rows, cols = join.rows(mini_build)
+    assert list(cols) == ["p2p_mode", "p2p_steps", "guidance", "cross_replace", "self_replace",
+                          "scheduler", "blend_words", "equalizer"]
+    names = set(fields(cols))
+    by_id = {r["pair_id"]: r for r in rows}
+    assert all(set(r) - {"_images"} == names - {"input_image", "edited_image", "edit_mask"}
+               for r in rows)
+    a, b = by_id[first["id"]], by_id[second["id"]]
+    assert (a["verify"], a["verify_reason"], a["verify_checks"]) == \
+        ("reject", "near_copy", "near_copy:fail(near_copy)")
+    assert (a["generator"], a["p2p_mode"], a["guidance"], a["blend_words"]) == \
+        ("p2p", "self", 7.5, None)
+    assert (b["review"], b["edit_prompt"], b["corrected"], b["review_count"]) == \
+        ("accept", "make it red", True, 1)
+    assert b["original_edit"] == recs["triples"][0]["edit"] != b["edit_prompt"]
+    assert set(sample_fields(cols)) - set(OWN_FIELDS) <= names
+    task = task_data(a, {"input": "i", "output": "o"})
+    assert set(task) <= names and (task["generator"], task["guidance"]) == ("p2p", 7.5)

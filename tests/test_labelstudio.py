@@ -206,15 +206,15 @@ def test_sampling_is_stratified_deterministic_and_nested(mini_build):
     kept = ls.select_pairs(mini_build)
     assert len(kept) == 9
     six = ls.select_pairs(mini_build, sample_size=6, seed=1)
-    assert [r["pair"]["id"] for r in six] == \
-        [r["pair"]["id"] for r in ls.select_pairs(mini_build, sample_size=6, seed=1)]
-    agents = sorted(r["triple"]["agent"] for r in six)
+    assert [r["pair_id"] for r in six] == \
+        [r["pair_id"] for r in ls.select_pairs(mini_build, sample_size=6, seed=1)]
+    agents = sorted(r["agent"] for r in six)
     assert agents.count("chairs") == 3 and agents.count("living-room") == 3
-    samples = [{r["pair"]["id"] for r in ls.select_pairs(mini_build, sample_size=n, seed=1)}
+    samples = [{r["pair_id"] for r in ls.select_pairs(mini_build, sample_size=n, seed=1)}
                for n in range(1, 10)]
     assert all(len(a) + 1 == len(b) and a < b for a, b in itertools.pairwise(samples))
-    other = {r["pair"]["id"] for r in ls.select_pairs(mini_build, sample_size=6, seed=2)}
-    assert other != {r["pair"]["id"] for r in six}
+    other = {r["pair_id"] for r in ls.select_pairs(mini_build, sample_size=6, seed=2)}
+    assert other != {r["pair_id"] for r in six}
     assert len(ls.select_pairs(mini_build, policy="all")) == 18
     assert len(ls.select_pairs(mini_build, sample_size=4, policy="all")) == 4
 
@@ -288,15 +288,15 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
     assert state["url"] == url and state["title"] == title and TOKEN not in json.dumps(state)
     client = ls_server.client()
     tasks = tasks_by_pair(client, state["project_id"])
-    assert set(tasks) == {r["pair"]["id"] for r in ls.select_pairs(mini_build, sample_size=6)}
+    assert set(tasks) == {r["pair_id"] for r in ls.select_pairs(mini_build, sample_size=6)}
     # images are reachable by a logged-in browser and are the build's files
     pairs = {p["id"]: p for p in mini_build.records("generate")}
     for pid, t in list(tasks.items())[:2]:
-        for side, key in (("input", "input_image"), ("output", "output_image")):
+        for side, key in (("input", "input_image"), ("output", "edited_image")):
             r = httpx.get(url + t.data[key], headers={"Authorization": f"Token {TOKEN}"})
             assert r.status_code == 200
             assert r.content == (mini_build.root / pairs[pid]["images"][side]).read_bytes()
-        assert t.data["edit"] and t.data["input_caption"] and t.data["agent"]
+        assert t.data["edit_prompt"] and t.data["original_prompt"] and t.data["agent"]
 
     # re-push: nothing new; a larger sample adds only the missing pairs, no image twice
     again = ls.push(mini_build, url, title=title, sample_size=6)
@@ -392,7 +392,7 @@ def test_local_files_mode(ls_server, mini_build_under_root, token):
     pairs = {p["id"]: p for p in build.records("generate")}
     for pid, t in list(tasks_by_pair(client, res["project_id"]).items())[:2]:
         assert t.data["input_image"].startswith("/data/local-files/?d=")
-        r = httpx.get(ls_server.url + t.data["output_image"],
+        r = httpx.get(ls_server.url + t.data["edited_image"],
                       headers={"Authorization": f"Token {TOKEN}"})
         assert r.status_code == 200
         assert r.content == (build.root / pairs[pid]["images"]["output"]).read_bytes()
@@ -602,7 +602,7 @@ def test_reviewer_submits_in_the_browser(ls_server, mini_build, token, tmp_path)
         # both images loaded from Label Studio's media folder
         browser.wait_for("[...document.images].filter(i => i.src.includes('/data/upload/')"
                          " && i.complete && i.naturalWidth > 0).length >= 2")
-        edit = json.dumps(task.data["edit"])
+        edit = json.dumps(task.data["edit_prompt"])
         assert browser.js(f"document.body.innerText.includes({edit})")
         assert not browser.js(LABEL.format("artefacts"))  # reasons show only for reject
         browser.wait_for(LABEL.format("reject"), timeout=20)

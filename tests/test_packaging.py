@@ -87,6 +87,6 @@ def test_wheel_holds_the_fiftyone_plugin(dist):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         for f in ("fiftyone.yml", "__init__.py"):
-            inside = f"dsbuild/review/fo_plugin/{f}"
+            inside = f"dsbuild/review/fiftyone/plugin/{f}"
             assert inside in names, f"{inside} is not in {wheel.name}"
             assert z.read(inside) == (ROOT / inside).read_bytes(), inside

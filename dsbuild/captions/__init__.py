@@ -8,8 +8,11 @@ from dsbuild.core.stages import Stage, register
 
 STAGE = register(Stage(
     name="captions", output="triples", settings=CaptionsSettings,
-    run="dsbuild.captions.stage:run_captions", command="dsbuild.captions.cli:captions_cmd",
-    help="write caption triples with LLM agents", extra="llm", signs=("recipe",),
+    run="dsbuild.captions.stage:run_captions", options=("backend",),
+    summary="dsbuild.captions.report:summary",
+    # no extra: the template backend needs none; the openai one checks the llm extra itself
+    help="write caption triples with LLM agents", signs=("recipe",),
     check="dsbuild.captions.validate:check_config",
+    report="dsbuild.captions.report:write_report", report_each_rank=True,
     offline={"backend": "template"},
 ))

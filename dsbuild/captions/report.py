@@ -138,3 +138,9 @@ def format_summary(report: dict) -> str:
         lines.append("short of target (gave up after max rounds): " + ", ".join(
             f"{k} -{v}" for k, v in report["short"].items()))
     return "\n".join(lines)
+
+
+def summary(build, result) -> list[str]:
+    """What ``dsbuild captions`` prints after a rank: the run summary and the report's path."""
+    return [*format_summary(result.report).splitlines(),
+            f"report: {build.reports_dir / 'captions.json'}"]

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
-from dsbuild.captions.report import write_report
 from dsbuild.captions.settings import CaptionsSettings
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import FIELDS, Checked, Validator, check_examples, clean_text
@@ -67,7 +66,7 @@ def shard_agents(recipe: Recipe, rank: int, world_size: int) -> list[Agent]:
 
 def triple_record(recipe: Recipe, agent: Agent, triple: dict, backend: str,
                   model: str | None) -> dict:
-    """A Triple record (DESIGN.md): id is the hash of recipe/agent/input/edit/output."""
+    """A Triple record (dsbuild.core.schema.Triple): id is the hash of recipe/agent/input/edit/output."""
     inp, edit, out = triple["input"], triple["edit"], triple["output"]
     return {
         "id": content_id(recipe.name, agent.name, inp, edit, out), "recipe": recipe.name,
@@ -394,5 +393,4 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
     # the shard is committed (or was already): the per-attempt stats are in its marker
     attempts_path(build.output_dir("captions") / (shard_name(rank) + ".partial")).unlink(
         missing_ok=True)
-    result.report = write_report(build)
     return result

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsbuild.core import locks, stages
+from dsbuild.core import deps, locks, stages
 from dsbuild.core.config import BuildConfig, Recipe, apply_overrides, dump_config, load_build_config
 from dsbuild.core.errors import DsbuildError, RecordError
 from dsbuild.core.hashing import signature
@@ -112,7 +112,7 @@ class Build:
         config = apply_overrides(config, overrides)
         for stage in stages.all_stages():  # e.g. few-shot examples the validator refuses
             if stage.check:
-                stages.load_target(stage.check, stage.extra, f"stage {stage.name}")(config)
+                deps.load_target(stage.check, f"stage {stage.name}")(config)
         build = cls(root, config)
         root.mkdir(parents=True, exist_ok=True)
         build.save_config()
@@ -295,8 +295,8 @@ class Build:
         return self.root / ".locks" / f"{stage}.r{rank:05d}.lock"
 
     def run_stage(self, stage: str, rank: int, world_size: int,
-                  work: Callable[[ShardWriter | None], dict | None], *, force: bool = False
-                  ) -> StageResult:
+                  work: Callable[[ShardWriter | None], dict | None], *, force: bool = False,
+                  report: bool = True) -> StageResult:
         """Run one rank of a stage: skip if done, else resume its partial shard, commit, mark.
 
         Record stages: ``work(writer)`` writes records with ``writer.write`` (skipping keys in
@@ -304,7 +304,8 @@ class Build:
         output atomically itself. Either may return stats that go into the completion marker
         (a file stage's ``stats["records"]`` is its record count). The marker is written last.
         One process at a time holds the rank (``dsbuild.core.locks``); a second one stops with who
-        is writing, or waits with ``--wait``.
+        is writing, or waits with ``--wait``. Once every rank is done, the stage's declared
+        ``report`` is written (``report=False``: not by this call).
         """
         st = stages.get(stage)
         if not st.sharded and (rank, world_size) != (0, 1):
@@ -316,7 +317,10 @@ class Build:
         what = f"rank {rank} of {stage} in {self.root}" if st.sharded else \
             f"{stage} of {self.root}"
         with locks.hold(self.lock_path(stage, rank), what):
-            return self._run_locked(st, rank, world_size, work, force)
+            result = self._run_locked(st, rank, world_size, work, force)
+        if report and st.report and (st.report_each_rank or self.is_complete(stage)):
+            result.report = deps.load_target(st.report, what=f"stage {stage}")(self)
+        return result
 
     def _run_locked(self, st: stages.Stage, rank: int, world_size: int,
                     work: Callable[[ShardWriter | None], dict | None], force: bool
@@ -420,7 +424,7 @@ class Build:
         if not st.records:
             raise DsbuildError(f"stage '{stage}' writes files, not shards: rerun it with "
                                f"`{self.command_of(stage)}` (add --force to rewrite it)")
-        verify = stages.load_target(st.verify, st.extra) if st.verify else None
+        verify = deps.load_target(st.verify) if st.verify else None
         problems = self.shard_problems(stage)
         marks = self.markers(stage)
         todo = sorted(set(marks) | set(problems)) if ranks is None else sorted(ranks)

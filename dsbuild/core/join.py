@@ -1,17 +1,23 @@
-"""The records join every reader shares: triples ⋈ pairs ⋈ scores, and no-change samples.
+"""The records join every reader shares: triples ⋈ pairs ⋈ scores ⋈ verify ⋈ decisions.
 
 Stages write their records apart (captions → triples/, generate → pairs/, filter → scores/,
-augment → augment/). The filter report, augment, FiftyOne, Label Studio, the contact sheet and
-export read them back joined; doing it here once keeps one rule for what "kept" means and one
-clear error where two stages' outputs disagree (rerun the stage that is behind).
+verify → verify/, augment → augment/, review → decisions.jsonl). The filter report, augment,
+FiftyOne, Label Studio, the contact sheet and export read them back joined; doing it here once
+keeps one rule for what "kept" means and one clear error where two stages' outputs disagree
+(rerun the stage that is behind). :func:`rows` and :func:`no_change_rows` give the joined rows
+of :mod:`dsbuild.core.schema`, which every reader shows under the same field names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Literal, NamedTuple
 
+from dsbuild.core import schema
+from dsbuild.core.decisions import in_force, read_decisions
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.generators import Param, generator_of, param_columns
 
 
 class Joined(NamedTuple):
@@ -20,15 +26,6 @@ class Joined(NamedTuple):
     pair: dict
     triple: dict
     score: dict | None
-
-
-class NoChange(NamedTuple):
-    """An augment (no-change) sample with the pair it was made from and that pair's triple
-    (None where the build no longer holds them)."""
-
-    sample: dict
-    source: dict | None
-    triple: dict | None
 
 
 def triples_by_id(build) -> dict[str, dict]:
@@ -86,16 +83,64 @@ def all_pairs(build, *, scores: bool = True) -> Iterator[Joined]:
         yield Joined(pair, _triple_of(build, pair, triples), by_pair.get(pair["id"]))
 
 
-def no_change_samples(build, pairs: dict[str, dict] | None = None,
-                      triples: dict[str, dict] | None = None, *,
-                      require: bool = True) -> Iterator[NoChange]:
-    """Augment's samples with their source pair and its triple. ``require=False`` reads the
-    ranks that are done even when augment is unfinished (or never ran: nothing)."""
+def verify_by_pair(build) -> dict[str, dict] | None:
+    """verify's records by pair id; None while verify has not finished (or never ran)."""
+    if not build.is_complete("verify"):
+        return None
+    return {r["pair_id"]: r for r in build.records("verify")}
+
+
+def columns(pairs: Iterable[dict]) -> dict[str, Param]:
+    """The parameter columns of the generators that made these pairs (one name each)."""
+    return param_columns(generator_of(p) for p in pairs)
+
+
+class Reviews(NamedTuple):
+    """The decision in force per pair and how many decisions each pair has (one read)."""
+
+    in_force: dict[str, dict]
+    counts: Counter
+
+    @classmethod
+    def read(cls, build) -> Reviews:
+        decisions = read_decisions(build)
+        return cls(in_force(decisions), Counter(d.get("pair_id") for d in decisions))
+
+
+def rows(build, *, policy: Literal["scored", "kept", "all"] = "all", scores: bool = True,
+         reviews: Reviews | None = None) -> tuple[list[dict], dict[str, Param]]:
+    """The joined rows (:func:`dsbuild.core.schema.row`) of the pairs a reader shows, and the
+    parameter columns they fill: ``scored`` (every scored pair, in score order; the filter
+    must be complete), ``kept`` (those the filter kept), ``all`` (every pair, in pair order,
+    with its score where the filter has finished; ``scores=False``: never read scores).
+    verify's verdict and the decision in force are joined where they exist."""
+    if policy == "all":
+        joined = list(all_pairs(build, scores=scores))
+    elif policy in ("scored", "kept"):
+        joined = list(scored_pairs(build, kept_only=policy == "kept"))
+    else:
+        raise DsbuildError(f"policy must be 'scored', 'kept' or 'all' (got {policy!r})")
+    cols = columns(j.pair for j in joined)
+    schema.fields(cols)  # a parameter column that shadows a row field fails here, by name
+    verified = verify_by_pair(build) or {}
+    reviews = Reviews.read(build) if reviews is None else reviews
+    out = [schema.row(j.pair, j.triple, j.score, verified.get(j.pair["id"]),
+                      reviews.in_force.get(j.pair["id"]), columns=cols,
+                      decisions=reviews.counts.get(j.pair["id"], 0)) for j in joined]
+    return out, cols
+
+
+def no_change_rows(build, sources: dict[str, dict], *, require: bool = True,
+                   reviews: Reviews | None = None) -> Iterator[dict]:
+    """The joined rows of augment's samples (:func:`dsbuild.core.schema.no_change_row`), each
+    with the row of its source pair from ``sources`` (pair id -> row; None where absent).
+    ``require=False`` reads the ranks that are done even when augment is unfinished (or never
+    ran: nothing)."""
     if require:
         build.require_complete("augment")
-    pairs = pairs_by_id(build) if pairs is None else pairs
-    triples = triples_by_id(build) if triples is None else triples
+    reviews = Reviews.read(build) if reviews is None else reviews
     for sample in build.records("augment", require=require):
-        source = pairs.get(sample.get("source_pair_id") or sample.get("pair_id"))
-        tid = sample.get("triple_id") or (source or {}).get("triple_id")
-        yield NoChange(sample, source, triples.get(tid))
+        src = sources.get(sample.get("source_pair_id") or sample.get("pair_id"))
+        sid = sample.get("id") or sample.get("pair_id")
+        yield schema.no_change_row(sample, src, reviews.in_force.get(sid),
+                                   decisions=reviews.counts.get(sid, 0))

@@ -6,8 +6,8 @@ that installs its imports and whether it shards. :class:`dsbuild.core.build.Buil
 markers, ``status``), ``dsbuild run``, the ``dsbuild`` command group and the build config
 model all derive from these declarations, and nothing else lists the stages.
 
-Adding a stage is one new package (settings model, ``run`` function, click command) plus one
-``register(Stage(...))`` call — here for built-in stages, or in the plugin's own module,
+Adding a stage is one new package (settings model, ``run`` function) plus one
+``register(Stage(...))`` call (its command is derived by the cli layer) — here for built-in stages, or in the plugin's own module,
 found through the ``dsbuild.core.stages`` entry-point group (or ``DSBUILD_PLUGINS=module,...``).
 See docs/architecture.md, "Add a stage".
 
@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsbuild.core.errors import DsbuildError, MissingDependency
+from dsbuild.core import deps
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.settings import StageSettings
 
 # Build inputs a stage may sign besides its own settings and upstream stages: the recipe,
@@ -37,8 +38,8 @@ class Stage:
     ``run`` and ``command`` are ``"module:attribute"`` strings, imported only when used, so
     that declaring a stage never imports torch. ``run(build, rank=0, world_size=1, *,
     force=False)`` returns a :class:`dsbuild.core.build.StageResult` and goes through
-    ``Build.run_stage``, which skips done ranks, resumes partial ones and writes the
-    completion marker last.
+    ``Build.run_stage``, which skips done ranks, resumes partial ones, writes the completion
+    marker last and then the stage's ``report``.
     """
 
     name: str
@@ -49,9 +50,18 @@ class Stage:
     upstream: tuple[str, ...] = ()  # must be complete first; their signatures sign this one
     uses: tuple[str, ...] = ()  # read when complete (optional input); signed when complete
     signs: tuple[str, ...] = ()  # other build inputs in the signature (see SIGNABLE)
-    command: str | None = None  # "module:attr" of the click command
+    # the `dsbuild <stage>` command: None derives it from this declaration (dsbuild.cli.stage:
+    # BUILD, the shard, --set, --force, --wait and executor options, plus ``options``); a
+    # "module:attr" names a hand-written click command instead (cli layer or a plugin)
+    command: str | None = None
+    options: tuple[str, ...] = ()  # settings fields the derived command also takes as options
+    summary: str | None = None  # "module:function"(build, result) -> lines printed after a rank
+    # "module:function"(build) -> dict | None: the stage's report (reports/), written by the
+    # runner once every rank is done (``report_each_rank``: after each rank, with those done)
+    report: str | None = None
+    report_each_rank: bool = False
     command_name: str | None = None  # default: the stage name
-    extra: str | None = None  # pip extra that installs the run function's imports
+    extra: str | None = None  # pip extra the stage needs, checked before its command runs
     sharded: bool = True  # takes --rank/--world-size; False: always rank 0 of 1
     records: bool = True  # writes JSON-lines records (False: files, e.g. export, reports)
     key: str = "id"  # record field the shard writer resumes on
@@ -71,7 +81,7 @@ class Stage:
 
     def load_run(self) -> Callable:
         """The run function; a missing optional dependency fails with the pip line."""
-        return load_target(self.run, self.extra, what=f"stage {self.name}")
+        return deps.load_target(self.run, what=f"stage {self.name}")
 
 
 _REGISTRY: dict[str, Stage] = {}
@@ -188,37 +198,6 @@ def needed_for(name: str) -> list[str]:
 
     visit(target)
     return [s.name for s in all_stages() if s.name in want]
-
-
-# Modules of optional dependencies -> the extra that installs them (for any import error).
-EXTRA_OF_MODULE = {
-    "torch": "gen", "torchvision": "gen", "diffusers": "gen", "transformers": "gen",
-    "accelerate": "gen", "safetensors": "gen", "open_clip": "filter", "openai": "llm",
-    "httpx": "llm", "lexicalrichness": "diversity", "sentence_transformers": "semantic",
-    "datasets": "export", "pyarrow": "export", "huggingface_hub": "export",
-    "fiftyone": "fiftyone", "label_studio_sdk": "review", "peft": "train", "tenacity": "llm",
-    "inflect": "all", "ray": "ray",
-}
-
-
-def missing_dependency(exc: ModuleNotFoundError, extra: str | None = None,
-                       what: str = "this command") -> MissingDependency:
-    """A MissingDependency naming the module and the pip line that installs it."""
-    top = (exc.name or "").split(".")[0]
-    extra = EXTRA_OF_MODULE.get(top, extra) or "all"
-    return MissingDependency(f"{what} needs {top}, which could not be imported.\n"
-                             f"  Install it with: pip install 'dsbuild[{extra}]'")
-
-
-def load_target(target: str, extra: str | None = None, what: str = "this command"):
-    """Import ``module:attribute``; a missing third-party module raises MissingDependency."""
-    module, attr = target.split(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "dsbuild":
-            raise
-        raise missing_dependency(exc, extra, what) from exc
 
 
 # Config sections that are not stages (see dsbuild.core.config.BuildConfig).

@@ -1,7 +1,7 @@
 """The dataset card (README.md with Hub YAML metadata), its grid image, and a privacy check.
 
 The card says what is in the export (counts per split, agent, operation), how it was made
-(captions, Prompt-to-Prompt generation, filter thresholds, augmentation, review policy,
+(captions, the generator and its parameters, filter thresholds, augmentation, review policy,
 split) and how diverse its captions are, and shows sample pairs. It never carries secrets or
 absolute local paths: :func:`check_public` scans every exported file before it counts.
 """
@@ -14,10 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 from dsbuild.core.build import Build
-from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.records import write_figure
+from dsbuild.core.schema import public_name
 from dsbuild.core.split import SPLITS, caption_key
-from dsbuild.export.dataset import ExportRows, public_name
+from dsbuild.export.dataset import ExportRows
 
 GRID_NAME = "grid.png"
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "LABEL_STUDIO_API_KEY",
@@ -37,7 +39,7 @@ def size_category(n: int) -> str:
 def card_data(build: Build, rows: ExportRows):
     """The card's YAML header as huggingface_hub's ``DatasetCardData``: license, task, size,
     and one config with a file glob per split."""
-    hub = require("huggingface_hub", "export")
+    hub = require("huggingface_hub")
     s = build.config.export
     total = sum(len(v) for v in rows.splits.values())
     return hub.DatasetCardData(
@@ -99,7 +101,7 @@ def diversity_section(build: Build) -> list[str]:
 def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
               grid: bool = True) -> str:
     """README.md: the YAML metadata (a huggingface_hub ``DatasetCard``) then the card body."""
-    hub = require("huggingface_hub", "export")
+    hub = require("huggingface_hub")
     cfg = build.config
     data = card_data(build, rows)
     title = data.pretty_name
@@ -150,29 +152,7 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     lines += [f"- backend: {', '.join(f'{k}: {v} triples' for k, v in backends.items()) or '—'}",
               f"- agents: {', '.join(f'`{a.name}` ({a.level})' for a in build.recipe.agents)}",
               f"- seed {c.seed}; limit per agent: {c.limit or 'none'}", ""]
-    g = cfg.generate
-    lines += ["### Generation (Prompt-to-Prompt)", ""]
-    lines += _table(["setting", "value"], [
-        ["model", ", ".join(models) or public_name(g.model)], ["scheduler", g.scheduler],
-        ["steps", g.steps], ["resolution", f"{g.width}×{g.height}"], ["P2P mode", g.mode],
-        ["sweep", g.sweep], ["samples per triple (object / room)",
-                             f"{g.samples_object} / {g.samples_room}" +
-                             (f" (limit {g.limit})" if g.limit else "")],
-        ["self_replace range", f"{g.self_replace[0]:g} – {g.self_replace[1]:g}"],
-        ["guidance range", f"{g.guidance[0]:g} – {g.guidance[1]:g}"],
-        ["cross_replace range", f"{g.cross_replace[0]:g} – {g.cross_replace[1]:g}"],
-        ["local blend", _blend(g) + f"; {sum(bool(r.get('_mask')) for r in allrows)} rows "
-         "carry their blend mask (`edit_mask`)"], ["seed", g.seed],
-    ])
-    edits = [r for r in allrows if not r["no_change"]]
-    lines += ["", "P2P parameters of the exported pairs:", ""]
-    lines += _table(["parameter", "range in the export"], [
-        ["guidance", _range([r["guidance"] for r in edits])],
-        ["self_replace", _range([r["self_replace"] for r in edits])],
-        ["cross_replace", _range([r["cross_replace"] for r in edits])],
-        ["steps", _range([r["p2p_steps"] for r in edits])],
-        ["mode", ", ".join(sorted({str(r["p2p_mode"]) for r in edits})) or "—"],
-    ])
+    lines += generation_section(build, rows, allrows, models)
     f = cfg.filter
     lines += ["", "### Filter", "",
               f"CLIP `{public_name(f.clip_model)}` / `{public_name(f.clip_pretrained)}`"
@@ -214,11 +194,13 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["pair_id, triple_id, source_pair_id", "content-hash ids (build provenance)"],
         ["agent, level, operation", "recipe agent, object/room, add/remove/change/replace"],
         ["no_change", "true for augmentation rows"],
-        ["seed, model, p2p_*, guidance, cross_replace, self_replace, scheduler, p2p_params",
-         "generation settings of the pair"],
-        ["edit_mask", "the Prompt-to-Prompt local-blend mask (white: where the edited image may "
-         "differ from the input; black pixels equal the input's latents), the pair's ground-truth "
-         "edit region; empty for pairs made without local blend and for no-change rows"],
+        ["seed, model, generator", "how the pair was made: its seed, model and generator"],
+        [", ".join(rows.columns) or "—", "the parameters its generator declares (see "
+         "Generation)"],
+        ["params", "every parameter of the pair as JSON"],
+        ["edit_mask", "what the generator let change (white: where the edited image may "
+         "differ from the input; Prompt-to-Prompt's local-blend mask), the pair's ground-truth "
+         "edit region; empty for pairs made without one and for no-change rows"],
         ["clip_sim_0, clip_sim_1, clip_sim_dir, clip_sim_image, dino, filter_rank",
          "filter scores (empty for no-change rows)"],
         ["review, original_edit", "latest review verdict and the instruction before correction"],
@@ -228,16 +210,59 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     return str(hub.DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-def _blend(g) -> str:
-    """How the local-blend mask was made, in words."""
-    if not g.blend:
-        return "off"
-    if g.blend_mask == "attention":
-        return f"on (the changed words' cross-attention maps > {g.blend_threshold:g})"
-    how = (f"boxes from `{public_name(g.detector)}` > {g.box_threshold:g}, segmented by "
-           f"`{public_name(g.sam_model)}`" if g.segmenter == "sam"
-           else f"`{public_name(g.segmenter)}` > {g.segment_threshold:g}")
-    return f"on (the source's blend words segmented: {how})"
+def generation_section(build: Build, rows: ExportRows, allrows: list[dict],
+                       models: list[str]) -> list[str]:
+    """How the pairs were made: the shared generate settings, each generator's own settings
+    (its settings model) and the range of every parameter it declares in the export."""
+    from dsbuild.core import generators
+
+    g = build.config.generate
+    names = sorted({str(r["generator"]) for r in allrows if r.get("generator")}) or [g.generator]
+    lines = []
+    for name in names:
+        gen = generators.get(name)
+        lines += [f"### Generation ({name}: {gen.help})", ""]
+        body = [["model", ", ".join(models) or public_name(g.model)], ["steps", g.steps],
+                ["resolution", f"{g.width}×{g.height}"],
+                ["samples per triple (object / room)", f"{g.samples_object} / {g.samples_room}"
+                 + (f" (limit {g.limit})" if g.limit else "")]]
+        own = g.section(name)
+        if gen.settings is not None and own is not None:
+            # the settings that sign the build (P2P leaves out the segmenter's when unused)
+            signed = own.signature_dict() if hasattr(own, "signature_dict") else own.model_dump()
+            body += [[key, _setting(getattr(own, key))] for key in gen.settings.model_fields
+                     if key in signed]
+        body.append(["seed", g.seed])
+        lines += _table(["setting", "value"], body) + [""]
+    lines += [f"{sum(bool(r['_images'].get('mask')) for r in allrows)} rows carry their blend "
+              "mask (`edit_mask`), what the generator let change.", ""]
+    edits = [r for r in allrows if not r["no_change"]]
+    lines += ["Parameters of the exported pairs (as their generators declare them):", ""]
+    lines += _table(["parameter", "range in the export"], [
+        [col, _values(p.type, [r.get(col) for r in edits])] for col, p in rows.columns.items()])
+    return lines + [""]
+
+
+def _setting(v) -> str:
+    """A setting's value for the card: a range as ``lo – hi``, a model name made public."""
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v):
+        return f"{v[0]:g} – {v[1]:g}"
+    if isinstance(v, list):
+        return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) or "—"
+    if isinstance(v, str):
+        return str(public_name(v))
+    return str(v)
+
+
+def _values(kind: str, values: list) -> str:
+    """A declared parameter across rows: numbers as a range, text as its distinct values, JSON
+    as how many rows set it."""
+    if kind in ("int", "float"):
+        return _range(values)
+    if kind == "json":
+        n = sum(v is not None for v in values)
+        return f"set on {n} of {len(values)} rows" if n else "—"
+    return ", ".join(sorted({str(v) for v in values if v is not None})) or "—"
 
 
 def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
@@ -269,7 +294,7 @@ def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
         return False
     fig, axes = plt.subplots(len(picks), 2, figsize=(6, 3.1 * len(picks)), squeeze=False)
     for (ax0, ax1), r in zip(axes, picks, strict=True):
-        for ax, rel in ((ax0, r["_images"][0]), (ax1, r["_images"][1])):
+        for ax, rel in ((ax0, r["_images"]["input"]), (ax1, r["_images"]["output"])):
             ax.imshow(Image.open(build.root / rel).convert("RGB"))
             ax.set_xticks([])
             ax.set_yticks([])

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsbuild.core.build import Build
-from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
 from dsbuild.export.card import check_public
 from dsbuild.export.writer import INFO_NAME, export_build
 
@@ -31,7 +32,7 @@ class PushResult:
 
 def hub_token() -> str | None:
     """huggingface_hub's token: HF_TOKEN from the environment, else the saved login."""
-    hub = require("huggingface_hub", "export")
+    hub = require("huggingface_hub")
     try:
         return hub.get_token()
     except Exception:  # a broken token file counts as no login
@@ -40,7 +41,7 @@ def hub_token() -> str | None:
 
 def check_repo_id(repo_id: str) -> None:
     """``namespace/name`` by the Hub's own rules (huggingface_hub's validate_repo_id)."""
-    require("huggingface_hub", "export")
+    require("huggingface_hub")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -98,7 +99,7 @@ def push_export(build: Build, repo_id: str, *, private: bool = False,
     check_public(folder, build)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
                    and _allowed(p.relative_to(folder)))
-    hub = require("huggingface_hub", "export")
+    hub = require("huggingface_hub")
     endpoint = constants.ENDPOINT.rstrip("/")
     api = hub.HfApi(endpoint=endpoint, token=token)
     from huggingface_hub.errors import HfHubHTTPError

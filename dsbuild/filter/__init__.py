@@ -10,6 +10,7 @@ STAGE = register(Stage(
     name="filter", output="scores", settings=FilterSettings, upstream=("generate",),
     run="dsbuild.filter.stage:run_filter", summary="dsbuild.filter.report:summary",
     help="score pairs with CLIP/DINO and keep the best", extra="filter", key="pair_id",
+    report="dsbuild.filter.report:write_report",
     offline={
         "clip_model": "tiny", "clip_pretrained": "none", "dino": False,
         # tiny CLIP scores are noise: thresholds off, top-k still applies

@@ -222,9 +222,4 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
             bar.close()
         return shard_stats(writer.records)
 
-    result = build.run_stage("filter", rank, world_size, work, force=force)
-    if report and build.is_complete("filter"):
-        from dsbuild.filter.report import write_report
-
-        write_report(build)
-    return result
+    return build.run_stage("filter", rank, world_size, work, force=force, report=report)

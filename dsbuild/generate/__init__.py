@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt image pairs on Stable Diffusion (the generate stage).
+"""The generate stage: image pairs from a generator (Prompt-to-Prompt on Stable Diffusion by
+default; see dsbuild.core.generators).
 
 The stage is declared here, once; everything else derives from it (see dsbuild.core.stages).
 """
@@ -9,7 +10,7 @@ from dsbuild.generate.settings import GenerateSettings
 STAGE = register(Stage(
     name="generate", output="pairs", settings=GenerateSettings, upstream=("captions",),
     run="dsbuild.generate.stage:run_generate", options=("model",),
-    summary="dsbuild.generate.report:summary",
+    summary="dsbuild.generate.report:summary", report="dsbuild.generate.report:write_report",
     help="make image pairs with a generator (Prompt-to-Prompt by default)", extra="gen",
     verify="dsbuild.core.records:pair_images_problem",
     offline={"model": "tiny", "steps": 4, "height": 64, "width": 64, "limit": 2},

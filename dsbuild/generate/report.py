@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dsbuild.core import join
 from dsbuild.core.generators import generator_of, param_values
 from dsbuild.core.join import Joined
 from dsbuild.core.records import write_image
@@ -51,6 +52,20 @@ def contact_sheet(root: Path, pairs: Iterable[Joined], out: Path, per_agent: int
             draw.text((24 + 2 * THUMB, y + 6 + 16 * li), line[:90], fill="black")
     write_image(out, sheet)
     return out
+
+
+def write_report(build) -> dict | None:
+    """reports/generate_contact_sheet.png: a few pairs per agent (``generate.contact_sheet``
+    per agent; 0: none)."""
+    s = build.config.generate
+    if not s.contact_sheet:
+        return None
+    note = f"generator={s.generator} model={s.model}"
+    if s.model == "tiny":
+        note += " (random tiny model: placeholder images)"
+    out = contact_sheet(build.root, join.all_pairs(build, scores=False),
+                        build.reports_dir / "generate_contact_sheet.png", s.contact_sheet, note)
+    return {"contact_sheet": str(out)} if out else None
 
 
 def summary(build, result) -> list[str]:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from dsbuild.core import generators, join
+from dsbuild.core import generators
 from dsbuild.core.build import Build, StageResult, select_shard
 from dsbuild.core.errors import DsbuildError, StageFailed
 from dsbuild.core.generators import Made
@@ -85,7 +85,8 @@ def _triples(build: Build) -> list[dict]:
 
 def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
                  force: bool = False) -> StageResult:
-    """Make this rank's pairs (skipping done ones), commit the shard, draw the contact sheet."""
+    """Make this rank's pairs (skipping done ones) and commit the shard; the runner draws the
+    contact sheet (the declared report) once every rank is done."""
     s = build.config.generate
     impl_cls = check_installed(s.generator)
 
@@ -123,19 +124,4 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
         return {"pairs": made, "sources": len(sources), "seconds": round(secs, 3),
                 "pairs_per_s": round(made / secs, 4) if secs > 0 else None, **gen.stats()}
 
-    result = build.run_stage("generate", rank, world_size, work, force=force)
-    if s.contact_sheet and build.is_complete("generate"):
-        write_contact_sheet(build)
-    return result
-
-
-def write_contact_sheet(build: Build):
-    """reports/generate_contact_sheet.png: a few pairs per agent."""
-    from dsbuild.generate.report import contact_sheet
-
-    note = f"model={build.config.generate.model}"
-    if build.config.generate.model == "tiny":
-        note += " (random tiny model: placeholder images)"
-    return contact_sheet(build.root, join.all_pairs(build, scores=False),
-                         build.reports_dir / "generate_contact_sheet.png",
-                         build.config.generate.contact_sheet, note)
+    return build.run_stage("generate", rank, world_size, work, force=force)

@@ -11,6 +11,7 @@ STAGE = register(Stage(
     run="dsbuild.verify.stage:run_verify", summary="dsbuild.verify.report:summary",
     help="check each kept edit with a detector (and a VLM judge)", extra="filter",
     key="pair_id",
+    report="dsbuild.verify.report:write_report",
     offline={
         # the tiny detector/CLIP/DINO give noise too: detector and change thresholds off; the
         # near-copy bound (pixels, no model) still applies

@@ -298,9 +298,4 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
             stats["images_detected"] = verifier.images_detected()
         return stats
 
-    result = build.run_stage("verify", rank, world_size, work, force=force)
-    if report and build.is_complete("verify"):
-        from dsbuild.verify.report import write_report
-
-        result.report = write_report(build)
-    return result
+    return build.run_stage("verify", rank, world_size, work, force=force, report=report)

@@ -125,8 +125,7 @@ class CorrectInstruction(foo.Operator):
         if len(targets) == 1:
             from dsbuild.review import fiftyone as fr
 
-            view = fr._all_slices(ctx.dataset).select(targets)
-            edits = view.values("corrected_edit") + view.values("edit")
+            edits = fr.all_slices(ctx.dataset).select(targets).values("edit_prompt")
             current = next((e for e in edits if e), None)
         inputs.str("corrected_edit", label="Corrected instruction", default=current,
                    required=True, description="what the pair actually shows")

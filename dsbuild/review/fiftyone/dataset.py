@@ -1,0 +1,156 @@
+"""The build's FiftyOne dataset: its name, slices, sample fields, sidebar, and opening it.
+
+Sample fields are the joined row's (:mod:`dsbuild.core.schema`), under the same names as
+export columns and Label Studio task data, typed from the schema and the generators' declared
+parameters; ``kind`` (pair or no_change) and ``in_build`` are FiftyOne's own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from dsbuild.core import join
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.generators import Param
+from dsbuild.core.schema import decided, fields
+
+TOOL = "fiftyone"
+SLICES = ("pair", "input", "output", "mask")
+DEFAULT_SLICE = "pair"  # the tile: a grid of pairs, one sample per pair
+PLUGIN = "@dsbuild/review"  # plugin/fiftyone.yml's name; operators are PLUGIN/<name>
+INFO_KEY = "dsbuild"
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _int(v: Any) -> int | None:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _str(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+
+
+def _bool(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+# schema field type -> (FiftyOne field class name, converter)
+FIELD_CLASS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "string": ("StringField", _str), "json": ("StringField", _str),
+    "int": ("IntField", _int), "float": ("FloatField", _float), "bool": ("BooleanField", _bool),
+}
+OWN_FIELDS = {"kind": "string", "in_build": "bool"}  # FiftyOne's own, not the joined row's
+
+
+def sample_fields(columns: dict[str, Param] | None = None
+                  ) -> dict[str, tuple[str, Callable[[Any], Any]]]:
+    """Every sample field (images are slices, not fields) -> (FiftyOne class, converter).
+
+    Every field is declared up front so a first value of 7 (int) never turns ``guidance``
+    into an IntField that then rejects 7.5.
+    """
+    types = {name: f.type for name, f in fields(columns).items() if f.type != "image"}
+    return {name: FIELD_CLASS[t] for name, t in {**types, **OWN_FIELDS}.items()}
+
+
+def sidebar(columns: dict[str, Param] | None = None) -> dict[str, tuple[str, ...]]:
+    """The App's sidebar: our fields in groups of their own, review first."""
+    return {
+        "review": ("review", "review_reason", "corrected_edit", "review_agreement",
+                   "review_reviewers", "review_count", "review_tool", "review_reviewer",
+                   "review_at"),
+        "filter": ("filter_keep", "filter_reason", "filter_rank", "clip_sim_dir",
+                   "clip_sim_image", "clip_sim_0", "clip_sim_1", "dino", "scored"),
+        "verify": ("verify", "verify_reason", "verify_checks"),
+        "pair": ("edit_prompt", "original_edit", "corrected", "original_prompt",
+                 "edited_prompt", "agent", "level", "operation", "no_change", "kind", "recipe",
+                 "pair_id", "triple_id", "source_pair_id", "target", "caption_backend",
+                 "caption_model", "in_build"),
+        "generation": ("seed", "model", "generator", *(columns or {}), "params"),
+    }
+
+
+# what a decision changes on a sample (refreshed after every pull and verdict)
+DECISION_FIELDS = tuple(decided("", None))
+
+
+def dataset_name(build, name: str | None = None) -> str:
+    return name or build.config.review.dataset_name or f"dsbuild-{build.name}"
+
+
+def open_dataset(fo, build, name: str, create: bool):
+    """The build's grouped dataset ``name`` (made when ``create``); refuses another build's."""
+    root = str(build.root.resolve())
+    if fo.dataset_exists(name):
+        ds = fo.load_dataset(name)
+        owner = (ds.info or {}).get(INFO_KEY, {}).get("build")
+        if owner and owner != root:
+            raise DsbuildError(f"FiftyOne dataset '{name}' belongs to build {owner}, not {root}; "
+                               "pass --name to use another dataset")
+        if ds.media_type != "group":
+            raise DsbuildError(f"FiftyOne dataset '{name}' is not a grouped dataset; pass --name "
+                               "or delete it")
+        return ds
+    if not create:
+        raise DsbuildError(f"no FiftyOne dataset '{name}' yet; run `dsbuild inspect "
+                           f"{build.root}` first")
+    ds = fo.Dataset(name, persistent=True)
+    ds.add_group_field("group", default=DEFAULT_SLICE)
+    ds.info = {INFO_KEY: {"build": root, "recipe": build.recipe.name}}
+    ds.save()
+    return ds
+
+
+def declare_fields(fo, ds, columns: dict[str, Param]) -> None:
+    schema = ds.get_field_schema()
+    for name, (cls, _) in sample_fields(columns).items():
+        if name not in schema:
+            ds.add_sample_field(name, getattr(fo, cls))
+
+
+def set_sidebar(fo, ds, columns: dict[str, Param]) -> None:
+    """Group our fields in the App's sidebar (review, filter, verify, pair, generation)."""
+    groups_of = sidebar(columns)
+    ours = {f for group in groups_of.values() for f in group}
+    groups = fo.DatasetAppConfig.default_sidebar_groups(ds)
+    for g in groups:
+        g.paths = [p for p in g.paths if p not in ours]
+    at = next((i + 1 for i, g in enumerate(groups) if g.name == "tags"), 0)
+    mine = [fo.SidebarGroupDocument(name=n, paths=list(f)) for n, f in groups_of.items()]
+    ds.app_config.sidebar_groups = groups[:at] + mine + groups[at:]
+    ds.save()
+
+
+def all_slices(ds):
+    """Every sample of the grouped dataset, whatever its slice."""
+    return ds.select_group_slices(_allow_mixed=True)
+
+
+def refresh_decisions(ds, build) -> int:
+    """Rewrite what decisions set on every sample (the review fields, and the instruction a
+    correction replaces) from decisions.jsonl; returns how many values changed."""
+    reviews = join.Reviews.read(build)
+    view = all_slices(ds)
+    ids, pids, kinds, edits, *vals = view.values(
+        ["id", "pair_id", "kind", "original_edit", *DECISION_FIELDS])
+    conv = {f: FIELD_CLASS[fields()[f].type][1] for f in DECISION_FIELDS}
+    changes: dict[str, dict] = defaultdict(dict)
+    for i, sid in enumerate(ids):
+        pid = pids[i]
+        want = decided(edits[i] or "", reviews.in_force.get(pid), reviews.counts.get(pid, 0),
+                       applies=kinds[i] != "no_change")
+        for j, f in enumerate(DECISION_FIELDS):
+            v = conv[f](want[f])
+            if vals[j][i] != v:
+                changes[f][sid] = v
+    for f, values in changes.items():
+        view.set_values(f, values, key_field="id")
+    return sum(len(v) for v in changes.values())
