@@ -70,7 +70,7 @@ def test_eval_scores_both_models(trained, tmp_path, one_torch_thread):
     # numpy on the filter encoders' embeddings, L1 in numpy on the PNGs
     from PIL import Image
 
-    from dsbuild.filter.encoders import ClipEncoder
+    from dsbuild.models.clip import ClipEncoder
 
     clip = ClipEncoder.load("tiny", "none", device="cpu", dtype="fp32", quiet=True)
     edits = out / "edits"
@@ -127,11 +127,11 @@ def test_edit_cli_and_bad_models(trained, tmp_path, one_torch_thread):
 
     from diffusers import StableDiffusionPipeline
 
-    from dsbuild.models.tiny_sd import tiny_components
-    from dsbuild.train.model import load_editor
+    from dsbuild.models.editor import load_editor
+    from dsbuild.models.sd import tiny_sd_components
 
     sd = tmp_path / "sd"
-    StableDiffusionPipeline(**tiny_components(), safety_checker=None, feature_extractor=None,
+    StableDiffusionPipeline(**tiny_sd_components(), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(str(sd))
     with pytest.raises(DsbuildError, match="not an InstructPix2Pix model"):
         load_editor(str(sd))

@@ -89,7 +89,7 @@ def test_ray_4_shards_2_workers_one_killed_mid_generate_equals_local(
     def run():
         try:
             run_pipeline(None, b.root, echo=said.append,
-                         executor=ExecutorOptions("ray", workers=2, shards=4))
+                         executor=ExecutorOptions(executor="ray", workers=2, shards=4))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test
             errors.append(exc)
 
@@ -149,7 +149,7 @@ def test_ray_application_error_stops_with_its_rank(ray_cluster, tmp_path):
     from dsbuild.executors import ShardFailed
 
     b = new_build(tmp_path / "C", *NO_KEY)
-    with make_executor(ExecutorOptions("ray", workers=2, shards=2)) as ex, \
+    with make_executor(ExecutorOptions(executor="ray", workers=2, shards=2)) as ex, \
             pytest.raises(ShardFailed, match=r"captions rank \d failed on worker ray-\d") as e:
         ex.run(b, "captions")
     assert e.value.exit_code == 2 and "DSBUILD_TEST_NO_SUCH_KEY" in str(e.value)
@@ -173,7 +173,7 @@ def test_local_workers_one_killed_mid_generate_lose_nothing(local_build, tmp_pat
 
     def run():
         try:
-            with make_executor(ExecutorOptions("local", workers=2, shards=4),
+            with make_executor(ExecutorOptions(executor="local", workers=2, shards=4),
                                echo=said.append) as ex:
                 ex.run(b, "generate")
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test
@@ -225,7 +225,7 @@ def test_missing_ray_gives_the_pip_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
     monkeypatch.delitem(sys.modules, "dsbuild.executors.ray", raising=False)
     with pytest.raises(MissingDependency, match=r"pip install 'dsbuild\[ray\]'"):
-        make_executor(ExecutorOptions("ray", workers=2))
+        make_executor(ExecutorOptions(executor="ray", workers=2))
 
 
 class LosingWorkers:
@@ -268,7 +268,7 @@ def test_a_rank_whose_workers_keep_dying_stops_after_max_retries(tmp_path):
 
     b = new_build(tmp_path / "F")
     backend, said = LosingWorkers(), []
-    opts = ExecutorOptions("local", workers=2, shards=2, max_retries=2)
+    opts = ExecutorOptions(executor="local", workers=2, shards=2, max_retries=2)
     with WorkerPool(backend, opts, echo=said.append) as ex, \
             pytest.raises(ShardFailed, match=r"captions rank \d: its worker died 3 times") as e:
         ex.run(b, "captions")

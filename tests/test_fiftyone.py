@@ -159,6 +159,40 @@ def test_fields_are_what_each_pairs_generator_declares(fo, build):
         unregister("shift-test")
 
 
+def test_the_test_only_generator_reaches_fiftyone(fo, tmp_path, mini_recipe, monkeypatch):
+    """tests/plugins/colour_shift.py, run by `dsbuild run --until export`: its parameters are
+    FiftyOne fields of the pairs it made (the export side: tests/test_generators.py)."""
+    from test_generators import PLUGINS, dsbuild
+
+    from dsbuild.core import generators
+
+    b = tmp_path / "cs"
+    r = dsbuild("init", b, "--recipe", mini_recipe, "--set", "generate.generator=colour-shift",
+                "--set", "review.dataset_name=t-colour-shift")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = dsbuild("run", mini_recipe, "--out", b, "--offline", "--limit", "1", "--until",
+                "export")
+    assert r.returncode == 0, r.stdout + r.stderr
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    import colour_shift  # registers the generator in this process, as DSBUILD_PLUGINS does
+
+    try:
+        build = Build.open(b)
+        ds = fo.load_dataset(fr.build_dataset(build)["name"])
+        pairs = {p["id"]: p for p in build.records("generate")}
+        assert type(ds.get_field_schema()["colour_shift"]).__name__ == "FloatField"
+        seen = set()
+        for (pid, _), s in by_slice(ds).items():
+            if pid in pairs:
+                seen.add(pid)
+                assert s["generator"] == "colour-shift" and s["channel"] == "red"
+                assert s["colour_shift"] == pytest.approx(pairs[pid]["params"]["shift"])
+                assert "p2p_mode" not in s  # only the generators present have fields
+        assert seen == set(pairs)  # every pair, on every slice
+    finally:
+        generators.unregister(colour_shift.NAME)
+
+
 def test_update_adds_only_new_pairs_and_refreshes_changed_fields(fo, build):
     recs = make_build(build, samples=2, scores=False)
     r1 = fr.build_dataset(build)

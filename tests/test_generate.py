@@ -21,9 +21,9 @@ pytest.importorskip("diffusers")
 from dsbuild.core.build import Build  # noqa: E402
 from dsbuild.core.config import load_recipe  # noqa: E402
 from dsbuild.core.errors import ConfigError, DsbuildError  # noqa: E402
+from dsbuild.generate.generators.p2p.sweep import plan_triple  # noqa: E402
 from dsbuild.generate.settings import GenerateSettings  # noqa: E402
 from dsbuild.generate.stage import run_generate  # noqa: E402
-from dsbuild.generate.generators.p2p.sweep import plan_triple  # noqa: E402
 from dsbuild.models.sd import char_tokenizer  # noqa: E402
 
 # two edits of one input caption share their sources

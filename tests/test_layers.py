@@ -38,7 +38,7 @@ MODEL_CALLS = {"from_pretrained", "UNet2DConditionModel", "AutoencoderKL", "CLIP
                "Owlv2ForObjectDetection", "OwlViTForObjectDetection",
                "CLIPSegForImageSegmentation", "SamModel", "Dinov2Model", "ViTModel",
                "create_model_and_transforms", "create_model", "CLIPVisionModelWithProjection",
-               "CLIPTextModelWithProjection"}
+               "CLIPTextModelWithProjection", "load_model", "SentenceTransformer"}
 
 
 def _modules() -> dict[str, Path]:

@@ -82,7 +82,7 @@ def test_bad_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def editor():
-    from dsbuild.train.model import load_editor
+    from dsbuild.models.editor import load_editor
 
     return load_editor("tiny", "cpu", "fp32", quiet=True)
 
@@ -155,7 +155,7 @@ def test_edit_cli_localize(tmp_path, one_torch_thread):
 
 
 def test_tiny_clipseg_masks_are_seeded_and_thresholded():
-    from dsbuild.localize.mask import Segmenter
+    from dsbuild.models.segment import Segmenter
 
     im = _image(1, 48)
     a, b = Segmenter.load("tiny"), Segmenter.load("tiny")
@@ -262,7 +262,7 @@ def test_generate_blend_mask_segment(one_torch_thread):
     blend mask; outside it the target's latents are the source's, and no attention map is
     materialised."""
     from dsbuild.generate.settings import GenerateSettings
-    from dsbuild.localize.mask import Segmenter
+    from dsbuild.models.segment import Segmenter
 
     assert GenerateSettings(blend=True, blend_mask="segment").blend_mask == "segment"
     with pytest.raises(ValueError):
@@ -314,7 +314,7 @@ def test_eval_localize_scores_the_ground_truth_regions_of_blend_masks(tmp_path,
     datasets = pytest.importorskip("datasets")
     from test_train import build_export
 
-    from dsbuild.export.dataset import load_export
+    from dsbuild.core.exports import load_export
 
     export = build_export(tmp_path, masks=True)
     split = load_export(export)["train"].cast_column("edit_mask", datasets.Image(decode=False))
@@ -395,7 +395,7 @@ def test_eval_region_truth_needs_blend_masks(tmp_path):
 
 # ---------------------------------------------------------------- detector boxes + SAM
 def _tiny_sam_segmenter(box_threshold=0.2, sam_model="tiny"):
-    from dsbuild.localize.mask import load_segmenter
+    from dsbuild.models.segment import load_segmenter
 
     return load_segmenter("sam", 0.4, "tiny", sam_model, box_threshold)
 
@@ -429,7 +429,7 @@ def test_tiny_detector_boxes_equal_the_owlv2_forward(one_torch_thread):
 def test_tiny_boxes_sam_masks_are_the_union_of_sams_box_masks(one_torch_thread):
     from transformers import SamModel, SamProcessor
 
-    from dsbuild.localize.mask import SamSegmenter, tiny_sam
+    from dsbuild.models.segment import SamSegmenter, tiny_sam
 
     im = _image(2, 40)
     a, b = _tiny_sam_segmenter(), _tiny_sam_segmenter()
@@ -466,7 +466,7 @@ def test_tiny_boxes_sam_masks_are_the_union_of_sams_box_masks(one_torch_thread):
 def test_edit_cli_localize_boxes_sam(tmp_path, one_torch_thread):
     """`dsbuild edit --localize --segmenter sam`: tiny detector and SAM, and the same tiny SAM
     saved with save_pretrained and loaded from its folder, give the same region."""
-    from dsbuild.localize.mask import tiny_sam
+    from dsbuild.models.segment import tiny_sam
 
     src = tmp_path / "in.png"
     _image().save(src)
@@ -537,7 +537,7 @@ def test_eval_localize_with_boxes_sam_segmenter(tmp_path, one_torch_thread):
     pytest.importorskip("datasets")
     from test_train import build_export
 
-    from dsbuild.localize.mask import load_segmenter
+    from dsbuild.models.segment import load_segmenter
 
     export = build_export(tmp_path)
     out = tmp_path / "ev"
@@ -571,7 +571,7 @@ def test_eval_localize_with_boxes_sam_segmenter(tmp_path, one_torch_thread):
 
 
 def test_bad_detector_names_the_setting():
-    from dsbuild.localize.mask import load_segmenter
+    from dsbuild.models.segment import load_segmenter
 
     with pytest.raises(DsbuildError, match=r"^--detector \(generate.detector\): 'nope' is "
                                            r"neither 'tiny'"):
@@ -582,8 +582,8 @@ def test_region_covering_the_whole_image_has_no_outside_score(tmp_path):
     """A mask over every pixel leaves nothing outside: L1 and DINO outside are undefined (not a
     perfect 1.0 from two all-grey images); a partial mask gets both."""
     pytest.importorskip("open_clip")
-    from dsbuild.filter.encoders import ClipEncoder, DinoEncoder, ImageEmbedder
     from dsbuild.localize.region import region_scores
+    from dsbuild.models import ClipEncoder, DinoEncoder, ImageEmbedder
     from dsbuild.train.data import EditRow
 
     emb = ImageEmbedder({"clip": ClipEncoder.load("tiny", "none"),

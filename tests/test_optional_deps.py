@@ -152,3 +152,31 @@ def test_stage_modules_import_without_heavy_packages():
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout)
     assert loaded == {m: [] for m in LIGHT_MODULES}
+
+
+def test_the_extras_table_matches_pyproject():
+    """dsbuild.core.deps declares every extra of pyproject.toml with what it installs."""
+    import re
+
+    import pytest
+
+    from dsbuild.core import deps
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert set(extras) - {"test", "all"} == set(deps.EXTRAS)
+    for extra, requirements in extras.items():
+        if extra in ("test", "all"):
+            continue
+        includes = [inc for r in requirements if r.startswith("dsbuild[")
+                    for inc in r[len("dsbuild["):r.index("]")].split(",")]
+        wanted = {re.split(r"[<>=\[ ;]", r)[0].lower().replace("_", "-")
+                  for r in requirements if not r.startswith("dsbuild[")}
+        declared = {deps.DISTRIBUTION.get(m, m).lower().replace("_", "-")
+                    for m in deps.EXTRAS[extra]}
+        assert tuple(includes) == deps.INCLUDES.get(extra, ()), extra
+        assert wanted <= declared, f"{extra}: {sorted(wanted - declared)} not in deps.EXTRAS"
+    assert deps.extra_of("open_clip.model") == "filter" and deps.extra_of("peft") == "train"

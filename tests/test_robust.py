@@ -288,8 +288,8 @@ def test_random_weight_models_are_seeded_and_leave_no_temp_folder(tmp_path, monk
 
     import torch
 
-    from dsbuild.filter.encoders import ClipEncoder
-    from dsbuild.models import tiny_clip
+    from dsbuild.models import clip as tiny_clip
+    from dsbuild.models.clip import ClipEncoder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(tiny_clip, "_registered", None)  # register again, into tmp_path

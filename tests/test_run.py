@@ -22,7 +22,7 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
     from click.testing import CliRunner
 
     from dsbuild.cli import cli
-    from dsbuild.export.dataset import load_export
+    from dsbuild.core.exports import load_export
 
     out = tmp_path / "demo"
     r = CliRunner().invoke(cli, ["run", str(mini_recipe), "--out", str(out), "--offline",

@@ -12,14 +12,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Literal
 
 import pytest
+from pydantic import Field
 
 from dsbuild.core import stages
 from dsbuild.core.build import Build
 from dsbuild.core.config import BuildConfig, apply_overrides, load_recipe
 from dsbuild.core.errors import ConfigError, DsbuildError
 from dsbuild.core.records import read_jsonl
+from dsbuild.core.settings import StageSettings
 
 PLUGIN = textwrap.dedent('''
     """A stage that lives only in the tests: words per input caption, slowly."""
@@ -170,10 +173,11 @@ def test_every_builtin_stage_is_declared_once_and_everything_derives(tmp_path):
         assert isinstance(cfg.stage_settings(st.name), st.settings)  # config section
         assert st.name in status  # status
         assert build.signature(st.name)  # signature
-        if st.command:
-            assert commands[st.cli_name][0] == st.command
-            res = CliRunner().invoke(cli, [st.cli_name, "--help"])
-            assert res.exit_code == 0, res.output
+        # its own command, or one derived from the declaration (dsbuild.cli.stage)
+        assert commands[st.cli_name][0] == (st.command or st)
+        res = CliRunner().invoke(cli, [st.cli_name, "--help"])
+        assert res.exit_code == 0, res.output
+        assert "BUILD" in res.output
     # upstream signatures feed downstream ones
     before = {n: build.signature(n) for n in names}
     build.update(["generate.steps=3"])
@@ -236,3 +240,54 @@ def test_export_to_other_folder_does_not_change_the_build(tmp_path):
     # filter has not run, so the export stops with a clear message, but nothing was saved
     assert res.exit_code != 0
     assert (build.root / "dsbuild.yaml").read_text() == before
+
+
+class DerivedSettings(StageSettings):
+    field: Literal["input", "output"] = Field("input", description="what to echo")
+    repeat: int = Field(1, ge=1, description="how many records")
+
+
+def run_derived(build, rank=0, world_size=1, *, force=False):
+    def work(writer):
+        s = build.config.derived
+        for i in range(s.repeat):
+            if str(i) not in writer.done:
+                writer.write({"id": str(i), "field": s.field})
+        return {"field": s.field}
+
+    return build.run_stage("derived", rank, world_size, work, force=force)
+
+
+def derived_summary(build, result) -> list[str]:
+    return [f"  echoed {result.stats['field']}"]
+
+
+def test_a_stage_without_a_command_gets_a_derived_one(tmp_path):
+    """`command=None`: BUILD, the shard options, --set, --force and the declared options come
+    from the declaration; the options are saved into dsbuild.yaml; the summary is printed."""
+    from click.testing import CliRunner
+
+    from dsbuild.cli import all_commands, cli
+
+    st = stages.register(stages.Stage(
+        name="derived", output="derived", settings=DerivedSettings, help="echo a setting",
+        run="test_stages:run_derived", summary="test_stages:derived_summary",
+        options=("field",)))
+    try:
+        assert all_commands()["derived"][0] is st
+        recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "interior-design.yaml")
+        build = Build.init(tmp_path / "b", recipe)
+        help_text = CliRunner().invoke(cli, ["derived", "--help"]).output
+        assert "--field [input|output]" in help_text and "--world-size" in help_text
+        assert "--repeat" not in help_text  # only the declared options
+        r = CliRunner().invoke(cli, ["derived", str(build.root), "--field", "output",
+                                     "--set", "derived.repeat=3"])
+        assert r.exit_code == 0, r.output
+        assert "derived rank 0/1: done, 3 records" in r.output
+        assert "echoed output" in r.output
+        saved = Build.open(build.root).config.derived
+        assert (saved.field, saved.repeat) == ("output", 3)
+        r = CliRunner().invoke(cli, ["derived", str(build.root), "--field", "sideways"])
+        assert r.exit_code == 2 and "sideways" in r.output
+    finally:
+        stages.unregister("derived")

@@ -55,10 +55,10 @@ def unet_weights(folder: Path) -> dict:
 
 
 def test_widen_keeps_weights_bias_and_output():
-    from dsbuild.models.tiny_sd import tiny_components
+    from dsbuild.models.sd import tiny_sd_components
     from dsbuild.train.model import widen_conv_in
 
-    unet = tiny_components()["unet"]
+    unet = tiny_sd_components()["unet"]
     old_w, old_b = unet.conv_in.weight.detach().clone(), unet.conv_in.bias.detach().clone()
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
@@ -94,9 +94,9 @@ def test_train_writes_a_pipeline_diffusers_loads(export, tmp_path, one_torch_thr
     assert (out / "train_config.json").exists()
     assert list((out / "validation").glob("step-000003.png"))
     # trained weights differ from the tiny start
-    from dsbuild.train.model import tiny_components
+    from dsbuild.models.editor import tiny_editor_components
 
-    start = tiny_components()["unet"].state_dict()
+    start = tiny_editor_components()["unet"].state_dict()
     assert any(not torch.equal(start[k], v) for k, v in unet_weights(out).items())
 
 
@@ -126,10 +126,10 @@ def test_killed_and_resumed_equals_uninterrupted(export, tmp_path, one_torch_thr
 def test_lora_on_an_sd_base_trains_conv_in_and_fuses(export, tmp_path, one_torch_thread):
     from diffusers import StableDiffusionPipeline
 
-    from dsbuild.models.tiny_sd import tiny_components
+    from dsbuild.models.sd import tiny_sd_components
 
     base = tmp_path / "sd"
-    comps = tiny_components()
+    comps = tiny_sd_components()
     StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(str(base))
     s = TrainSettings(data=str(export), **{**FAST, "base": str(base)}, method="lora",

@@ -52,7 +52,7 @@ def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
     from safetensors.torch import load_file
 
     from dsbuild.models import load_sd_pipeline
-    from dsbuild.models.tiny_sd import tiny_components
+    from dsbuild.models.sd import tiny_sd_components
 
     photos = draw_photos(tmp_path / "photos")
     g = tmp_path / "G"
@@ -72,7 +72,7 @@ def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
     assert "a photo of sks armchair" in card and "λ = 1.0" in card
     # generate's loader merges W + scale·B·A; peft's own forward on the base must agree
     merged = load_sd_pipeline(str(g), quiet=True).unet
-    ref = tiny_components()["unet"]
+    ref = tiny_sd_components()["unet"]
     ref.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     set_peft_model_state_dict(ref, load_file(str(g / "unet_lora.safetensors")))
@@ -80,7 +80,7 @@ def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
     text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = merged(x, 10, text).sample, ref(x, 10, text).sample
-        base = tiny_components()["unet"](x, 10, text).sample
+        base = tiny_sd_components()["unet"](x, 10, text).sample
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, base, atol=1e-4)  # the LoRA changed the generator
 
@@ -151,17 +151,17 @@ def test_dreambooth_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
     config = json.loads((cut / "generator_config.json").read_text())
     assert config["prompts"] == [f"a sks armchair in a {r}" for r in ("den", "hall", "loft")]
     from dsbuild.models import load_sd_pipeline
-    from dsbuild.models.tiny_sd import tiny_components
+    from dsbuild.models.sd import tiny_sd_components
 
     te = load_sd_pipeline(str(cut), quiet=True).text_encoder.state_dict()
-    start = tiny_components()["text_encoder"].state_dict()
+    start = tiny_sd_components()["text_encoder"].state_dict()
     assert any(not torch.equal(start[k], v) for k, v in te.items())  # the text encoder trained
 
 
 def test_bad_input_is_refused_with_what_to_fix(tmp_path, cache, capfd):
     from PIL import Image
 
-    from dsbuild.models.tiny_sd import char_tokenizer
+    from dsbuild.models.sd import char_tokenizer
 
     empty = tmp_path / "empty"
     empty.mkdir()

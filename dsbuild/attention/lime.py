@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from dsbuild.localize.settings import RegularisationSettings
+from dsbuild.core.settings.localize import RegularisationSettings
 
 
 def penalty_bias(mask: torch.Tensor, edit_tokens: torch.Tensor, alpha: float, head_dim: int,

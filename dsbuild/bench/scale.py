@@ -48,7 +48,7 @@ def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
             # one worker runs in a worker process too, so both sides pay the same start-up
-            opts = ExecutorOptions("local", workers=n, shards=shards, threads_per_worker=1)
+            opts = ExecutorOptions(executor="local", workers=n, shards=shards, threads_per_worker=1)
             with WorkerPool(LocalProcesses(opts), opts, echo=lambda s: None) as ex:
                 res = ex.run(b, "generate")
             secs = time.perf_counter() - t0

@@ -1,9 +1,11 @@
 """The ``dsbuild`` command: a thin click layer over the Python API.
 
 Subcommands are imported lazily, so ``dsbuild status`` never imports torch. Stage commands
-come from the stage declarations (:mod:`dsbuild.core.stages`); the others are listed in
-``COMMANDS`` below as ``module:attribute`` with the extra their imports need. A command
-whose optional dependency is missing exits 2 with the ``pip install 'dsbuild[extra]'`` line.
+come from the stage declarations (:mod:`dsbuild.core.stages`; derived by
+:mod:`dsbuild.cli.stage` unless a stage names its own); the others are listed in
+``COMMANDS`` below as ``module:attribute`` with the extra they need. A command whose extra
+is not installed exits 2 with the ``pip install 'dsbuild[extra]'`` line when it is built,
+before any work (:mod:`dsbuild.core.deps`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import click
 
 from dsbuild import __version__
-from dsbuild.core import stages
+from dsbuild.core import deps, stages
 from dsbuild.core.errors import DsbuildError
 
 # commands that are not stages: name -> (module:attribute, help, extra)
@@ -22,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "init": ("dsbuild.cli:init_cmd", "create a build directory from a recipe", None),
     "status": ("dsbuild.cli:status_cmd", "show each stage: records, done ranks, what is left",
                None),
-    "push": ("dsbuild.export.cli:push_cmd", "push an export to the Hugging Face Hub", "export"),
+    "push": ("dsbuild.cli.export:push_cmd", "push an export to the Hugging Face Hub", "export"),
     "run": ("dsbuild.cli.run:run_cmd", "run every stage end to end", None),
     "repair": ("dsbuild.cli:repair_cmd", "keep the intact records of damaged shards", None),
     "inspect": ("dsbuild.review.fiftyone_cli:inspect_cmd", "curate pairs in FiftyOne",
@@ -30,34 +32,41 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "review": ("dsbuild.review.labelstudio_cli:review_group", "human review in Label Studio",
                "review"),
     "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries", None),
-    "train": ("dsbuild.train.cli:train_cmd", "fine-tune InstructPix2Pix on an export", "train"),
-    "eval": ("dsbuild.evaluate.cli:eval_cmd", "edit a test split with models and compare them",
+    "train": ("dsbuild.cli.train:train_cmd", "fine-tune InstructPix2Pix on an export", "train"),
+    "eval": ("dsbuild.cli.evaluate:eval_cmd", "edit a test split with models and compare them",
              "train"),
-    "edit": ("dsbuild.evaluate.cli:edit_cmd", "edit one image by an instruction", "train"),
-    "train-generator": ("dsbuild.train.generator_cli:train_generator_cmd",
+    "edit": ("dsbuild.cli.evaluate:edit_cmd", "edit one image by an instruction", "train"),
+    "train-generator": ("dsbuild.cli.train:train_generator_cmd",
                         "tune the SD generator on your photos (DreamBooth / LoRA)", "train"),
-    "eval-generator": ("dsbuild.train.generator_cli:eval_generator_cmd",
+    "eval-generator": ("dsbuild.cli.evaluate:eval_generator_cmd",
                        "score a tuned generator against its base", "train"),
 }
 
 
-def all_commands() -> dict[str, tuple[str, str, str | None]]:
-    """Every top-level command: the ones above plus one per stage declaration."""
+def all_commands() -> dict[str, tuple[str | stages.Stage, str, str | None]]:
+    """Every top-level command: the ones above plus one per stage declaration (its own
+    ``module:attribute``, or the stage itself where the command is derived)."""
     out = dict(COMMANDS)
     for st in stages.all_stages():
-        if st.command:
-            out[st.cli_name] = (st.command, st.help, st.extra)
+        out[st.cli_name] = (st.command or st, st.help, st.extra)
     return out
 
 
-def load_command(target: str, extra: str | None = None) -> click.Command:
-    return stages.load_target(target, extra)
+def load_command(name: str, target: str | stages.Stage, extra: str | None = None
+                 ) -> click.Command:
+    """Build command ``name``: its extra must be installed (else the pip line)."""
+    deps.check(extra, what=f"dsbuild {name}")
+    if isinstance(target, stages.Stage):
+        from dsbuild.cli.stage import stage_command
+
+        return stage_command(target)
+    return deps.load_target(target, what=f"dsbuild {name}")
 
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when used.
 
-    ``lazy`` maps a name to ``(module:attribute, help[, extra])``, or is a callable that
+    ``lazy`` maps a name to ``(module:attribute or Stage, help[, extra])``, or is a callable that
     returns such a mapping (so stages registered later still show up)."""
 
     def __init__(self, *args, lazy=None, **kwargs):
@@ -76,7 +85,7 @@ class LazyGroup(click.Group):
         if name in lazy:
             target, _, *extra = lazy[name]
             try:
-                return load_command(target, extra[0] if extra else None)
+                return load_command(name, target, extra[0] if extra else None)
             except DsbuildError:
                 if ctx.resilient_parsing or name not in (ctx.protected_args or [name]):
                     return None
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     except ModuleNotFoundError as exc:  # an optional dependency imported deep in a command
         if (exc.name or "").split(".")[0] in ("dsbuild", ""):
             raise
-        err = stages.missing_dependency(exc)
+        err = deps.missing(exc.name)
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:

@@ -1,4 +1,10 @@
-"""``dsbuild eval`` (models side by side on a split) and ``dsbuild edit`` (one edit)."""
+"""``dsbuild eval`` (models side by side on a split), ``dsbuild edit`` (one edit) and
+``dsbuild eval-generator`` (a tuned generator against its base).
+
+Options that are settings come from the settings models (:mod:`dsbuild.evaluate.settings`,
+:mod:`dsbuild.core.settings.localize`) through :func:`dsbuild.cli.options.settings_options`;
+the rest (inputs, outputs, --window's two values, the referring LLM) are written here.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,13 @@ import json
 
 import click
 
+from dsbuild.cli.options import settings_from, settings_options
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.settings.localize import LocalizeSettings, RegularisationSettings
+from dsbuild.evaluate.settings import EvalSettings, GeneratorEvalSettings
 
-
-def _floats(value: str, flag: str) -> list[float]:
-    try:
-        out = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise DsbuildError(f"{flag}: expected numbers separated by commas (got {value!r})"
-                           ) from None
-    if not out:
-        raise DsbuildError(f"{flag}: give at least one value")
-    return out
+SEGMENTER_FIELDS = ("segmenter", "threshold", "detector", "sam_model", "box_threshold")
+TINY_BACKBONES = {"clip_model": "tiny", "clip_pretrained": "none", "dino_model": "tiny"}
 
 
 def localize_options(f):
@@ -25,26 +26,12 @@ def localize_options(f):
     opts = [
         click.option("--localize", is_flag=True,
                      help="confine the edit to the referred object (LIME attention penalty)"),
-        click.option("--segmenter", default="CIDAS/clipseg-rd64-refined", show_default=True,
-                     help="CLIPSeg checkpoint, 'tiny', or 'sam' (detector boxes + SAM)"),
-        click.option("--mask-threshold", type=float, default=0.4, show_default=True,
-                     help="CLIPSeg probability above which a pixel is the object"),
-        click.option("--detector", default="google/owlv2-base-patch16-ensemble",
-                     show_default=True,
-                     help="with --segmenter sam: OWLv2/OWL-ViT checkpoint boxing the object, "
-                          "or 'tiny'"),
-        click.option("--sam-model", default="facebook/sam-vit-base", show_default=True,
-                     help="with --segmenter sam: SAM checkpoint segmenting each box, or 'tiny'"),
-        click.option("--box-threshold", type=click.FloatRange(0, 1), default=0.2,
-                     show_default=True,
-                     help="with --segmenter sam: detector score above which a box is segmented "
-                          "(none: empty mask, nothing edited)"),
-        click.option("--alpha", type=float, default=10000.0, show_default=True,
-                     help="penalty on unrelated tokens' cross-attention logits in the mask"),
+        settings_options(LocalizeSettings, only=SEGMENTER_FIELDS,
+                         flags={"threshold": "--mask-threshold"}),
+        settings_options(RegularisationSettings, only=("alpha",)),
         click.option("--window", default="0,1", show_default=True,
                      help="start,end fractions of the steps that carry the penalty"),
-        click.option("--layers", default="down,mid,up", show_default=True,
-                     help="UNet parts whose cross-attention carries the penalty"),
+        settings_options(RegularisationSettings, only=("layers",)),
         click.option("--llm-model", default=None,
                      help="chat model naming the referred object (default: rules, offline)"),
         click.option("--llm-base-url", default=None,
@@ -55,86 +42,59 @@ def localize_options(f):
     return f
 
 
-def localize_settings(segmenter, mask_threshold, detector, sam_model, box_threshold, alpha,
-                      window, layers, llm_model, llm_base_url):
+def localize_settings(values: dict, region: str | None = None):
     """``LocalizeSettings`` and the referring agent from the ``--localize`` flags."""
-    from dsbuild.localize.referring import ReferringAgent
-    from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
-
-    w = _floats(window, "--window")
-    if len(w) != 2:
-        raise DsbuildError(f"--window: give start,end (got {window!r})")
-    reg = RegularisationSettings(alpha=alpha, start=w[0], end=w[1],
-                                 layers=tuple(x.strip() for x in layers.split(",") if x.strip()))
-    reg.check()
-    llm = None
-    if llm_model or llm_base_url:
-        from dsbuild.llm.settings import LLMSettings
-
-        llm = LLMSettings(model=llm_model or "gpt-4o-mini", base_url=llm_base_url,
-                          temperature=0.0, max_tokens=128)
     from pathlib import Path
 
+    from dsbuild.localize.referring import ReferringAgent
+
+    window = values["window"]
+    try:
+        w = [float(v) for v in window.split(",") if v.strip()]
+    except ValueError:
+        w = []
+    if len(w) != 2:
+        raise DsbuildError(f"--window: give start,end (got {window!r})")
+    reg = settings_from(RegularisationSettings, values, "--localize options", start=w[0],
+                        end=w[1])
+    reg.check()
+    llm = None
+    if values["llm_model"] or values["llm_base_url"]:
+        from dsbuild.llm.settings import LLMSettings
+
+        llm = LLMSettings(model=values["llm_model"] or "gpt-4o-mini",
+                          base_url=values["llm_base_url"], temperature=0.0, max_tokens=128)
     cache = Path.home() / ".cache" / "dsbuild" / "referring"
-    return (LocalizeSettings(segmenter=segmenter, threshold=mask_threshold, detector=detector,
-                             sam_model=sam_model, box_threshold=box_threshold,
-                             regularisation=reg),
+    region = {"region": region} if region else {}
+    return (settings_from(LocalizeSettings, values, "--localize options", regularisation=reg,
+                          **region),
             ReferringAgent(llm, cache if llm else None))
 
 
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", required=True, help="export folder or Hub dataset id")
-@click.option("--split", default="test", show_default=True)
 @click.option("--out", default="dsbuild-eval", show_default=True,
               type=click.Path(file_okay=False), help="edits, eval.json/md, curve and grids")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="text guidance")
-@click.option("--image-guidance", default="1.5", show_default=True,
-              help="image guidance; comma-separated values sweep (e.g. 1.0,1.2,1.5,1.8)")
-@click.option("--steps", type=int, default=50, show_default=True, help="denoising steps")
-@click.option("--seed", type=int, default=0, show_default=True, help="row i uses seed+i")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--resolution", type=int, default=256, show_default=True)
-@click.option("--limit", type=int, default=None, help="only the first N rows")
-@click.option("--clip-model", default="ViT-L-14", show_default=True,
-              help="open_clip name (as InstructPix2Pix), 'hf-hub:…', or 'tiny'")
-@click.option("--clip-pretrained", default="openai", show_default=True)
-@click.option("--dino-model", default="facebook/dinov2-base", show_default=True,
-              help="DINOv2 Hub id, folder, or 'tiny'")
+@settings_options(EvalSettings, skip={"localize"})
 @click.option("--offline", is_flag=True,
               help="tiny random CLIP/DINOv2 backbones: runs without downloads, scores are "
                    "placeholders")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-              show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
-@click.option("--region", type=click.Choice(["referred", "truth"]), default="referred",
-              show_default=True,
-              help="with --localize: the penalty's region, the referred object segmented or the "
-                   "data's edit_mask (P2P blend mask, ground truth)")
+@settings_options(LocalizeSettings, only=("region",))
 @localize_options
-def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, batch_size,
-             resolution, limit, clip_model, clip_pretrained, dino_model, offline, device, dtype,
-             as_json, region, localize, segmenter, mask_threshold, detector, sam_model,
-             box_threshold, alpha, window, layers, llm_model, llm_base_url):
+def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
     """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
-    from dsbuild.evaluate.run import EvalSettings, evaluate
+    from dsbuild.evaluate.run import evaluate
 
     if offline:
-        clip_model, clip_pretrained, dino_model = "tiny", "none", "tiny"
-    s = EvalSettings(split=split, guidance=guidance,
-                     image_guidance=_floats(image_guidance, "--image-guidance"), steps=steps,
-                     seed=seed, batch_size=batch_size, resolution=resolution, limit=limit,
-                     clip_model=clip_model, clip_pretrained=clip_pretrained,
-                     dino_model=dino_model, device=device, dtype=dtype)
+        values.update(TINY_BACKBONES)
+    s = settings_from(EvalSettings, values, "dsbuild eval options")
     agent = None
-    if region != "referred" and not localize:
+    if region not in (None, "referred") and not localize:
         raise DsbuildError("--region needs --localize")
     if localize:
-        s.localize, agent = localize_settings(segmenter, mask_threshold, detector, sam_model,
-                                              box_threshold, alpha, window, layers, llm_model,
-                                              llm_base_url)
-        s.localize.region = region
+        s.localize, agent = localize_settings(values, region)
     res = evaluate(list(models), data, out, s, agent=agent)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -156,20 +116,17 @@ def eval_cmd(models, data, split, out, guidance, image_guidance, steps, seed, ba
 @click.argument("instruction")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="output image")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="text guidance")
+@settings_options(EvalSettings, only=("guidance",))
 @click.option("--image-guidance", type=float, default=1.5, show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True)
+@settings_options(EvalSettings, only=("steps",))
 @click.option("--resolution", type=int, default=None,
               help="fit the image to this side first (default: as it is, rounded to 8)")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-              show_default=True)
+@settings_options(EvalSettings, only=("device", "dtype"))
 @localize_options
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
               help="with --localize: the region as a PNG (white = edit) instead of segmenting")
-def edit_cmd(model, image, instruction, out, seed, guidance, image_guidance, steps, resolution,
-             device, dtype, localize, segmenter, mask_threshold, detector, sam_model,
-             box_threshold, alpha, window, layers, llm_model, llm_base_url, mask):
+def edit_cmd(model, image, instruction, out, seed, image_guidance, resolution, localize, mask,
+             **values):
     """Edit IMAGE by INSTRUCTION with MODEL ('tiny', a folder or a Hub id); write --out."""
     from dsbuild.evaluate.edit import edit_image
 
@@ -177,10 +134,36 @@ def edit_cmd(model, image, instruction, out, seed, guidance, image_guidance, ste
         raise DsbuildError("--mask needs --localize")
     ls = agent = None
     if localize:
-        ls, agent = localize_settings(segmenter, mask_threshold, detector, sam_model,
-                                      box_threshold, alpha, window, layers, llm_model,
-                                      llm_base_url)
-    path = edit_image(model, image, instruction, out, seed=seed, guidance=guidance,
-                      image_guidance=image_guidance, steps=steps, resolution=resolution,
-                      device=device, dtype=dtype, localize=ls, mask=mask, agent=agent)
+        ls, agent = localize_settings(values)
+    s = settings_from(EvalSettings, values, "dsbuild edit options")
+    path = edit_image(model, image, instruction, out, seed=seed, guidance=s.guidance,
+                      image_guidance=image_guidance, steps=s.steps, resolution=resolution,
+                      device=s.device, dtype=s.dtype, localize=ls, mask=mask, agent=agent)
     click.echo(f"edited {image} -> {path}")
+
+
+@click.command("eval-generator")
+@click.argument("tuned", type=click.Path(exists=True, file_okay=False))
+@click.option("--base", default=None, help="the model to compare with (default: its base)")
+@click.option("--out", default="dsbuild-eval-generator", show_default=True,
+              type=click.Path(file_okay=False), help="images, eval.json/md and grid.png")
+@click.option("--prompt", "prompts", multiple=True, help="another context prompt (repeatable)")
+@settings_options(GeneratorEvalSettings, skip={"prompts"})
+@click.option("--offline", is_flag=True, help="tiny random CLIP/DINOv2 backbones (placeholder "
+              "scores, no downloads)")
+@click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
+def eval_generator_cmd(tuned, base, out, prompts, offline, as_json, **values):
+    """Score TUNED (a train-generator folder) against its base: CLIP-T, CLIP-I/DINO to the
+    photos, language drift."""
+    from dsbuild.evaluate.generator import evaluate_generator, markdown
+
+    if offline:
+        values.update(TINY_BACKBONES)
+    s = settings_from(GeneratorEvalSettings, values, "dsbuild eval-generator options",
+                      prompts=list(prompts))
+    res = evaluate_generator(tuned, out, s, base=base)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(markdown(res))
+    click.echo(f"written: {out}/eval.json, {out}/eval.md, {out}/grid.png")

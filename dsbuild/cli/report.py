@@ -1,4 +1,5 @@
-"""``dsbuild report diversity``: thin click layer over dsbuild.diversity.stage."""
+"""``dsbuild report diversity``: the diversity stage's command group (a thin layer over
+dsbuild.diversity)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def report_group():
 
 def _check_specs(ctx, param, value):
     """Reject an unknown metric or field before any work (usage error, exit 2)."""
-    from dsbuild.diversity.stage import parse_check
+    from dsbuild.diversity.gate import parse_check
 
     for spec in value:
         try:
@@ -49,7 +50,8 @@ def diversity_cmd(builds, as_json, out_dir, fail_under, fail_over, semantic):
     from pathlib import Path
 
     from dsbuild.core.build import CONFIG_NAME, Build
-    from dsbuild.diversity.stage import overall_table, public, run_diversity, run_report
+    from dsbuild.diversity.report import overall_table, public
+    from dsbuild.diversity.stage import run_diversity, run_report
 
     first = Path(builds[0])
     if len(builds) == 1 and out_dir is None and (first / CONFIG_NAME).exists():

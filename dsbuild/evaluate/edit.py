@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.deps import check
+from dsbuild.core.errors import DsbuildError
 
 
 def edit_image(model: str, image: str | Path, instruction: str, out: str | Path, seed: int = 0,
@@ -16,14 +17,13 @@ def edit_image(model: str, image: str | Path, instruction: str, out: str | Path,
     ``localize`` (a ``LocalizeSettings``) confines the edit to ``mask`` or, without one, to the
     referred object segmented (``agent``: the referring LLM; rules without it); the region is
     written next to ``out`` as ``<stem>_mask.png``."""
-    require_installed("train", "torch", "diffusers", "transformers", what="dsbuild edit")
+    check("train", what="dsbuild edit")
     import torch
     from PIL import Image
 
     from dsbuild.core.records import write_image
-    from dsbuild.models import resolve_device, resolve_dtype
+    from dsbuild.models import load_editor, resolve_device, resolve_dtype
     from dsbuild.train.data import fit
-    from dsbuild.train.model import load_editor
 
     if not instruction.strip():
         raise DsbuildError("the instruction is empty")

@@ -20,31 +20,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.deps import check
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
 from dsbuild.core.progress import progress
 from dsbuild.core.records import write_image, write_json, write_text
-
-EVAL_MODULES = ("torch", "diffusers", "transformers", "open_clip")
-
-
-@dataclass
-class GeneratorEvalSettings:
-    """How images are sampled and scored (defaults: DreamBooth-like, InstructPix2Pix's CLIP)."""
-
-    prompts: list[str] = field(default_factory=list)  # extra context prompts
-    images_per_prompt: int = 4
-    steps: int = 25
-    guidance: float = 7.5
-    seed: int = 0
-    resolution: int | None = None  # default: the training resolution
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"
-    dino_model: str = "facebook/dinov2-base"
-    device: str = "auto"
+from dsbuild.evaluate.settings import EvalSettings, GeneratorEvalSettings
 
 
 def _slug(name: str) -> str:
@@ -96,14 +79,13 @@ def evaluate_generator(tuned: str, out: str | Path, s: GeneratorEvalSettings | N
                        base: str | None = None) -> dict:
     """Sample base and tuned on the context and class prompts, score, write eval.json/md and a
     grid under ``out``; the tuned folder's card gets the table."""
-    require_installed("train", *EVAL_MODULES, what="dsbuild eval-generator")
+    check("train", what="dsbuild eval-generator")
     import torch
 
     from dsbuild.core import metrics
-    from dsbuild.evaluate.report import image_grid
-    from dsbuild.evaluate.run import EvalSettings, load_encoders
-    from dsbuild.filter.encoders import ImageEmbedder
-    from dsbuild.models import load_sd_pipeline, resolve_device
+    from dsbuild.core.grid import image_grid
+    from dsbuild.evaluate.run import load_encoders
+    from dsbuild.models import ImageEmbedder, load_sd_pipeline, resolve_device
     from dsbuild.train.generator import EXTENSIONS
 
     s = s or GeneratorEvalSettings()
@@ -130,8 +112,8 @@ def evaluate_generator(tuned: str, out: str | Path, s: GeneratorEvalSettings | N
         print("note: this generator is tuned from dsbuild's tiny placeholder model; scoring "
               "with the tiny CLIP/DINOv2 backbones too (placeholder scores). Pass "
               "--clip-model/--dino-model to choose others.", file=sys.stderr)
-        backbones = replace(backbones, clip_model="tiny", clip_pretrained="none",
-                            dino_model="tiny")
+        backbones = backbones.model_copy(update=dict(clip_model="tiny", clip_pretrained="none",
+                                                     dino_model="tiny"))
     device = resolve_device(s.device)
     sig = content_id(prompts, s.images_per_prompt, s.steps, s.guidance, s.seed, size,
                      length=10)
@@ -158,7 +140,7 @@ def evaluate_generator(tuned: str, out: str | Path, s: GeneratorEvalSettings | N
         "clip_prompts": texts, "class_prompt": class_prompt,
         "backbones": {"clip": f"{backbones.clip_model}/{backbones.clip_pretrained}",
                       "dino": backbones.dino_model},
-        "settings": {**asdict(s), "resolution": size}, "scale": "cosine", "models": {},
+        "settings": {**s.model_dump(mode="json"), "resolution": size}, "scale": "cosine", "models": {},
     }
     for label in models:
         ctx = [(i, images[label][i, j]) for i in range(n_ctx)
@@ -199,7 +181,7 @@ ROWS = [("clip_t", "CLIP-T (image vs context prompt)"),
 
 def markdown(result: dict) -> str:
     """Base and tuned side by side (cosines ×100)."""
-    from dsbuild.export.dataset import public_name
+    from dsbuild.core.schema import public_name
 
     m = result["models"]
     lines = [f"Base **{public_name(m['base']['model'])}** vs tuned "

@@ -18,42 +18,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.deps import check
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
 from dsbuild.core.progress import progress
 from dsbuild.core.records import write_figure, write_image, write_json, write_text
+from dsbuild.evaluate.settings import EvalSettings
 from dsbuild.train import data as rows_mod
-
-EVAL_MODULES = ("torch", "diffusers", "transformers", "open_clip", "datasets")
-
-
-@dataclass
-class EvalSettings:
-    """How edits are made and scored (defaults: InstructPix2Pix's guidance, its CLIP)."""
-
-    split: str = "test"
-    guidance: float = 7.5
-    image_guidance: list[float] = field(default_factory=lambda: [1.5])
-    steps: int = 50
-    seed: int = 0
-    batch_size: int = 8
-    resolution: int = 256
-    limit: int | None = None
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"
-    dino_model: str = "facebook/dinov2-base"
-    device: str = "auto"
-    dtype: str = "auto"
-    # ``LocalizeSettings``: also edit every row with the LIME penalty on its referred region
-    # and score both runs inside and outside it (dsbuild.localize.region)
-    localize: object | None = None
-
-    @property
-    def main_image_guidance(self) -> float:
-        return 1.5 if 1.5 in self.image_guidance else self.image_guidance[0]
 
 
 def slug(name: str) -> str:
@@ -164,18 +137,20 @@ def placeholder_backbones(ds, s: EvalSettings) -> EvalSettings:
     print("note: this data was made with dsbuild's tiny placeholder models (offline demo); "
           "scoring it with the tiny CLIP/DINOv2 backbones too (placeholder scores). Pass "
           "--clip-model/--dino-model to choose others.", file=sys.stderr)
-    return replace(s, clip_model="tiny", clip_pretrained="none", dino_model="tiny")
+    return s.model_copy(update=dict(clip_model="tiny", clip_pretrained="none", dino_model="tiny"))
 
 
 def load_encoders(s: EvalSettings):
-    """The filter stage's CLIP and DINOv2 encoders (with its model-loading rules)."""
-    from dsbuild.filter.encoders import ClipEncoder, DinoEncoder
+    """The CLIP and DINOv2 encoders the filter stage scores with (the same loaders)."""
+    from dsbuild.models import ClipEncoder, DinoEncoder
 
     hint = (" (offline? pass --offline for dsbuild's tiny backbones, placeholder scores, or "
             "point --clip-model/--dino-model at local copies)")
     try:
-        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, device=s.device, dtype=s.dtype)
-        dino = DinoEncoder.load(s.dino_model, device=s.device, dtype=s.dtype)
+        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, device=s.device, dtype=s.dtype,
+                                setting="--clip-model", pretrained_setting="--clip-pretrained")
+        dino = DinoEncoder.load(s.dino_model, device=s.device, dtype=s.dtype,
+                                setting="--dino-model")
     except DsbuildError as exc:
         raise DsbuildError(f"eval backbones: {exc}{hint}") from None
     return clip, dino
@@ -186,13 +161,12 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
     """Edit and score; writes eval.json, eval.md, curve.png (a sweep) and grids under ``out``.
     With ``s.localize``, ``agent`` (a ``ReferringAgent``; rules when None) names each row's
     referred object."""
-    require_installed("train", *EVAL_MODULES, what="dsbuild eval")
+    check("train", what="dsbuild eval")
     import torch
 
-    from dsbuild.evaluate.report import curve_figure, edit_grid, markdown_table
-    from dsbuild.filter.encoders import ImageEmbedder
-    from dsbuild.models import resolve_device, resolve_dtype
-    from dsbuild.train.model import load_editor
+    from dsbuild.core.grid import edit_grid
+    from dsbuild.evaluate.report import curve_figure, markdown_table
+    from dsbuild.models import ImageEmbedder, load_editor, resolve_device, resolve_dtype
 
     s = s or EvalSettings()
     if not models:
@@ -265,7 +239,7 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
                  "no_change": sum(r.no_change for r in rows)},
         "scale": "cosine (L1: mean absolute difference of pixels in [0, 1])",
         "backbones": {"clip": f"{s.clip_model}/{s.clip_pretrained}", "dino": s.dino_model},
-        "settings": {**asdict(s), "main_image_guidance": s.main_image_guidance},
+        "settings": {**s.model_dump(mode="json"), "main_image_guidance": s.main_image_guidance},
         "models": {},
     }
     for model in models:

@@ -19,6 +19,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from dsbuild.core import stages
 from dsbuild.core.build import WORKER_ENV, Build, StageResult
@@ -26,7 +29,6 @@ from dsbuild.core.errors import DsbuildError
 from dsbuild.core.progress import progress, update_postfix
 from dsbuild.core.records import count_lines, shard_name
 
-EXECUTORS = ("local", "ray")
 SHARDS_PER_WORKER = 4  # default world size = workers x this, so a straggler's share is small
 
 
@@ -39,27 +41,25 @@ class ShardFailed(DsbuildError):
         self.exit_code = exit_code
 
 
-@dataclass
-class ExecutorOptions:
-    """Where shards run: ``--executor``, ``--workers``, ``--address``, ``--gpus-per-worker``,
-    ``--shards``, ``--max-retries``."""
+class ExecutorOptions(BaseModel):
+    """Where shards run; the ``--executor``, ``--workers``, ... options of every stage command
+    and of ``dsbuild run`` are derived from these fields (dsbuild.cli.util.executor_options)."""
 
-    executor: str = "local"
-    workers: int = 1
-    address: str | None = None
-    gpus_per_worker: float | None = None  # None: one GPU each where there are GPUs, else none
-    shards: int | None = None
-    max_retries: int = 3  # per rank, for system failures (a dead worker); never for app errors
+    executor: Literal["local", "ray"] = Field(
+        "local", description="where shards run: this machine, or a Ray cluster (dsbuild[ray])")
+    workers: int = Field(1, ge=1, description="worker processes (local: one GPU each, else a "
+                         "share of the CPU threads) or Ray actors")
+    address: str | None = Field(None, description="Ray cluster to join ('auto' = the running "
+                                "one; default: start a local cluster)")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker (default: 1 "
+                                          "where there are GPUs, else 0)")
+    shards: int | None = Field(None, ge=1, description="number of shards (world size; default: "
+                               "4 per worker, or the stage's earlier sharding)")
+    max_retries: int = Field(3, ge=0, description="times a rank is run again when its worker "
+                             "dies (never for an application error)")
     threads_per_worker: int | None = None  # CPU workers: default cpu_count // workers
 
-    def __post_init__(self):
-        if self.executor not in EXECUTORS:
-            raise DsbuildError(f"--executor must be one of {', '.join(EXECUTORS)} "
-                               f"(got {self.executor!r})")
-        if self.workers < 1:
-            raise DsbuildError(f"--workers must be at least 1 (got {self.workers})")
-        if self.shards is not None and self.shards < 1:
-            raise DsbuildError(f"--shards must be at least 1 (got {self.shards})")
+    def model_post_init(self, _context) -> None:
         if self.address and self.executor != "ray":
             raise DsbuildError("--address is for --executor ray")
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from dsbuild.core import generators
 from dsbuild.core.errors import DsbuildError
@@ -45,10 +52,26 @@ class SharedSettings(StageSettings):
 
 class GenerateSettings(P2PSettings, SharedSettings):
     """The generate section: the shared settings first, then P2P's, then other generators'
-    sections."""
+    sections (``generate.<name>``, kept in ``sections`` and written back at the top)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "contact_sheet"})
+
+    sections: dict[str, Any] = Field(default_factory=dict, description="other generators' "
+                                     "own settings by generator name (generate.<name>.KEY)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_sections(cls, data: Any) -> Any:
+        """``generate.<generator>: {...}`` keys go to ``sections``; any other unknown key stays
+        and is refused as an unknown key."""
+        if isinstance(data, dict):
+            found = {k: v for k, v in data.items()
+                     if k not in cls.model_fields and k in generators.names()}
+            if found:
+                data = {k: v for k, v in data.items() if k not in found}
+                data["sections"] = {**(data.get("sections") or {}), **found}
+        return data
 
     @model_validator(mode="after")
     def _generator_sections(self) -> GenerateSettings:
@@ -56,28 +79,36 @@ class GenerateSettings(P2PSettings, SharedSettings):
             gen = generators.get(self.generator)  # an unknown name fails with the known ones
         except DsbuildError as exc:
             raise ValueError(str(exc)) from None
-        for name, value in (self.model_extra or {}).items():
-            if name not in generators.names():
-                raise ValueError(f"unknown setting {name!r} (not a generate setting nor a "
-                                 "generator's section)")
-            own = generators.get(name).settings
+        sections = dict(self.sections)
+        for name, value in sections.items():
+            own = generators.get(name).settings if name in generators.names() else None
             if own is None or name == generators.DEFAULT:
-                raise ValueError(f"generator {name!r} has no settings section")
-            if not isinstance(value, BaseModel):
+                raise ValueError(f"{name!r} is not a generator with its own settings")
+            if not isinstance(value, own):
                 try:
-                    self.__pydantic_extra__[name] = own.model_validate(value or {})
+                    sections[name] = own.model_validate(value or {})
                 except ValidationError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
+                    raise ValueError("; ".join(
+                        f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                        for e in exc.errors())) from None
         if gen.name != generators.DEFAULT and gen.settings is not None \
-                and gen.name not in (self.model_extra or {}):
-            self.__pydantic_extra__[gen.name] = gen.settings()
+                and gen.name not in sections:
+            sections[gen.name] = gen.settings()
+        if sections != self.sections:
+            self.__dict__["sections"] = sections  # no re-validation loop
         return self
+
+    @model_serializer(mode="wrap")
+    def _sections_at_the_top(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        data.update(data.pop("sections", None) or {})
+        return data
 
     def section(self, name: str) -> BaseModel | None:
         """A generator's own settings (p2p: these settings themselves)."""
         if name == generators.DEFAULT:
             return self
-        return (self.model_extra or {}).get(name)
+        return self.sections.get(name)
 
     def signature_dict(self) -> dict[str, Any]:
         """P2P builds sign as they did before generators existed (no ``generator`` key); another
@@ -88,7 +119,7 @@ class GenerateSettings(P2PSettings, SharedSettings):
             return self.p2p_signature(data)
         for key in P2PSettings.model_fields:
             data.pop(key, None)
-        for name in self.model_extra or {}:
+        for name in self.sections:
             if name != self.generator:
                 data.pop(name, None)
         return data

@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, StageFailed, require
+from dsbuild.core.deps import check, require
+from dsbuild.core.errors import DsbuildError, StageFailed
 from dsbuild.core.hashing import content_id
 from dsbuild.core.records import write_json
 from dsbuild.llm.settings import LLMSettings
@@ -54,8 +55,7 @@ def api_key(settings: LLMSettings, section: str, offline_hint: str = "") -> str:
 
 def check_endpoint(settings: LLMSettings, section: str, offline_hint: str = "") -> None:
     """Fail before any work when the SDK or the key is missing, with the line that fixes it."""
-    require("openai", "llm")
-    require("tenacity", "llm")
+    check("llm", what=section)
     api_key(settings, section, offline_hint)
 
 
@@ -195,8 +195,8 @@ class ChatClient:
 
     def __init__(self, settings: LLMSettings, cache: RequestCache | None, *, section: str,
                  offline_hint: str = "", on_retry: Callable[[RetryEvent], None] | None = None):
-        self.openai = require("openai", "llm")
-        self.tenacity = require("tenacity", "llm")
+        self.openai = require("openai")
+        self.tenacity = require("tenacity")
         self.settings = settings
         self.cache = cache
         self.section = section

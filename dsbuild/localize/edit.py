@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsbuild.localize.settings import LocalizeSettings, RegularisationSettings
+from dsbuild.core.settings.localize import LocalizeSettings, RegularisationSettings
 
 
 def region(image, instruction: str, s: LocalizeSettings, mask: str | Path | None = None,

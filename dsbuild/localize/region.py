@@ -17,7 +17,6 @@ mask is empty has no inside score; its outside is the whole image.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +162,7 @@ def localize_signature(s) -> str:
     """What the localized edits depend on. Settings added since the first localized evals
     sign only when they differ from what those evals did, so their folders keep their names;
     with the truth region the segmenter plays no part."""
-    d = asdict(s)
+    d = s.model_dump()
     if d.get("region", "referred") == "referred":
         d.pop("region", None)
         if d.get("segmenter") != "sam":
@@ -233,7 +232,7 @@ REGION_TITLES = {"referred": "referred (segmented)", "truth": "truth (edit_mask)
 def region_table(result: dict) -> str:
     """The markdown section comparing plain and localized edits inside and outside each
     region, and how well the referred regions match the ground truth."""
-    from dsbuild.export.dataset import public_name
+    from dsbuild.core.schema import public_name
 
     def fmt(k, v):
         if v is None or v != v:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsbuild.core.records import write_text
-from dsbuild.export.dataset import public_name
+from dsbuild.core.schema import public_name
 
 EVAL_START, EVAL_END = "<!-- dsbuild-eval -->", "<!-- /dsbuild-eval -->"
 NO_EVAL = "Not evaluated yet: run `dsbuild eval BASE THIS_FOLDER --data DATA`."

@@ -12,7 +12,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, require
+from dsbuild.core.deps import require
+from dsbuild.core.errors import DsbuildError
 
 REQUIRED = ("input_image", "edit_prompt", "edited_image")
 MODES = ("RGB", "RGBA", "L", "P")  # modes that convert to RGB without guessing
@@ -36,10 +37,10 @@ class EditRow:
 
 def load_split(data: str, split: str):
     """The ``datasets.Dataset`` of one split of an export folder or a Hub dataset id."""
-    datasets = require("datasets", "export")
+    datasets = require("datasets")
     path = Path(data)
     if path.exists():
-        from dsbuild.export.dataset import load_export
+        from dsbuild.core.exports import load_export
 
         if not path.is_dir():
             raise DsbuildError(f"{data}: expected an export folder (with data/*.parquet)")

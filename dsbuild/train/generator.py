@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild import __version__
-from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.deps import check
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
 from dsbuild.core.records import write_image, write_json
 from dsbuild.train.generator_settings import GeneratorTrainSettings
@@ -42,7 +43,6 @@ from dsbuild.train.loop import (
 CONFIG_FILE = "generator_config.json"  # what the finished generator was trained with
 CAPTIONS = "captions.jsonl"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-TRAIN_MODULES = ("torch", "diffusers", "accelerate", "transformers")
 LORA_TARGETS = {"unet": ["to_k", "to_q", "to_v", "to_out.0"],
                 "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 
@@ -144,16 +144,14 @@ def token_warning(tokenizer, token: str) -> str | None:
 def load_generator_base(base: str) -> dict:
     """UNet, VAE, text encoder, tokenizer and scheduler config of an SD 1.x/2.x text-to-image
     base ('tiny': dsbuild's tiny random model). An 8-channel (InstructPix2Pix) UNet is refused."""
-    from dsbuild.train import model as model_mod
+    from dsbuild.models import sd
 
     if base == "tiny":
-        from dsbuild.models import tiny_sd
-
-        comps = tiny_sd.tiny_components()
+        comps = sd.tiny_sd_components()
         comps["scheduler_config"] = dict(comps.pop("scheduler").config)
-        tiny_sd.warn_tiny()
+        sd.warn_tiny()
         return comps
-    comps = model_mod.load_components(base)
+    comps = sd.load_sd_components(base, "--base")
     if comps["unet"].config.in_channels != 4:
         raise DsbuildError(f"--base: {base!r} has a {comps['unet'].config.in_channels}-channel "
                            "UNet (an InstructPix2Pix editor?); train-generator needs a "
@@ -253,9 +251,7 @@ class PosteriorCache:
 def train_generator(s: GeneratorTrainSettings, out: str | Path, resume: str | None = None,
                     quiet: bool = False) -> GeneratorResult:
     """Fine-tune ``s.base`` on the photos in ``s.photos``; write a generator to ``out``."""
-    require_installed("train", *TRAIN_MODULES, what="dsbuild train-generator")
-    if s.mode == "lora":
-        require_installed("train", "peft", what="dsbuild train-generator --mode lora")
+    check("train", what="dsbuild train-generator")
     out = Path(out)
     start_from = prepare_out(out, s, resume, "train-generator", CONFIG_FILE)
     photos = read_photos(s.photos, s.resolution, s.prompt)
@@ -396,7 +392,7 @@ def validate(acc, s, comps, unet, text_encoder, prompts: list[str], path: Path,
     """A grid: one line per prompt, images at fixed seeds, with the weights being trained."""
     import torch
 
-    from dsbuild.evaluate.report import image_grid
+    from dsbuild.core.grid import image_grid
 
     net, te = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     modes = (net.training, te.training)

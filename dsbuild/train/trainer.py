@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild import __version__
-from dsbuild.core.errors import DsbuildError, require_installed
+from dsbuild.core.deps import check
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.records import write_json
 from dsbuild.train import data as rows_mod
 from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer's public names
@@ -46,8 +47,6 @@ from dsbuild.train.loop import (
 from dsbuild.train.settings import TrainSettings
 
 CONFIG_FILE = "train_config.json"  # what the finished model was trained with
-TRAIN_MODULES = ("torch", "diffusers", "accelerate", "transformers", "datasets")
-
 
 @dataclass
 class TrainResult:
@@ -129,9 +128,7 @@ def conditioning_dropout(u, p: float, text, null_text, image_latents):
 def train(s: TrainSettings, out: str | Path, resume: str | None = None,
           quiet: bool = False) -> TrainResult:
     """Fine-tune ``s.base`` on ``s.data``; write a pipeline folder to ``out``."""
-    require_installed("train", *TRAIN_MODULES, what="dsbuild train")
-    if s.method == "lora":
-        require_installed("train", "peft", what="dsbuild train --method lora")
+    check("train", what="dsbuild train")
     out = Path(out)
     start_from = prepare_out(out, s, resume, "train", CONFIG_FILE)
     import torch
@@ -278,9 +275,9 @@ def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path:
     """A grid of edits on fixed rows (input | edit | ground truth), with the EMA weights."""
     import torch
 
+    from dsbuild.core.grid import edit_grid
     from dsbuild.core.records import write_image
-    from dsbuild.evaluate.report import edit_grid
-    from dsbuild.train.model import editor_pipeline
+    from dsbuild.models.editor import editor_pipeline
 
     if not acc.is_main_process:
         return
@@ -307,8 +304,8 @@ def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, 
     fused), ``train_config.json`` and a model card."""
     import torch
 
+    from dsbuild.models.editor import editor_pipeline
     from dsbuild.train.card import write_card
-    from dsbuild.train.model import editor_pipeline
 
     net = acc.unwrap_model(unet)
     if ema:

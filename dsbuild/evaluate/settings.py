@@ -1,0 +1,54 @@
+"""Settings of ``dsbuild eval`` and ``dsbuild eval-generator`` (pydantic, no heavy import:
+the CLI derives its options from them and builds them before torch loads)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dsbuild.core.settings import StageSettings
+from dsbuild.core.settings.localize import LocalizeSettings
+from dsbuild.models import ids
+
+
+class EvalSettings(StageSettings):
+    """How edits are made and scored (defaults: InstructPix2Pix's guidance, its CLIP)."""
+
+    split: str = Field("test", description="split of DATA to edit")
+    guidance: float = Field(7.5, description="text guidance")
+    image_guidance: list[float] = Field([1.5], min_length=1, description="image guidance; "
+                                        "comma-separated values sweep (e.g. 1.0,1.2,1.5,1.8)")
+    steps: int = Field(50, ge=1, description="denoising steps")
+    seed: int = Field(0, description="row i uses seed+i")
+    batch_size: int = Field(8, ge=1)
+    resolution: int = Field(256, ge=8)
+    limit: int | None = Field(None, ge=1, description="only the first N rows")
+    clip_model: str = Field(ids.CLIP, description="open_clip name (as InstructPix2Pix), "
+                            "'hf-hub:…', or 'tiny'")
+    clip_pretrained: str = ids.CLIP_PRETRAINED
+    dino_model: str = Field(ids.DINO, description="DINOv2 Hub id, folder, or 'tiny'")
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # also edit every row with the LIME penalty on its referred region and score both runs
+    # inside and outside it (dsbuild.localize.region)
+    localize: LocalizeSettings | None = None
+
+    @property
+    def main_image_guidance(self) -> float:
+        return 1.5 if 1.5 in self.image_guidance else self.image_guidance[0]
+
+
+class GeneratorEvalSettings(StageSettings):
+    """How images are sampled and scored (defaults: DreamBooth-like, InstructPix2Pix's CLIP)."""
+
+    prompts: list[str] = Field([], description="extra context prompts")
+    images_per_prompt: int = Field(4, ge=1)
+    steps: int = Field(25, ge=1, description="denoising steps")
+    guidance: float = 7.5
+    seed: int = Field(0, description="image j uses seed+j")
+    resolution: int | None = Field(None, ge=8, description="default: the training resolution")
+    clip_model: str = ids.CLIP
+    clip_pretrained: str = ids.CLIP_PRETRAINED
+    dino_model: str = ids.DINO
+    device: str = "auto"
