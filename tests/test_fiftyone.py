@@ -278,7 +278,7 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
 
     from dsbuild.cli import cli
     from dsbuild.core.decisions import read_decisions
-    from dsbuild.review.fiftyone_cli import inspect_cmd
+    from dsbuild.cli.inspect import inspect_cmd
 
     recs = make_build(build, samples=1)
     r = fr.build_dataset(build)

@@ -24,6 +24,9 @@ import click
 import numpy as np
 
 from dsbuild.bench.harness import (
+    autocast_option,
+    best_of_option,
+    decode_workers_option,
     device_option,
     emit,
     json_option,
@@ -121,11 +124,9 @@ def run_bench(model: str = "ViT-B-32", pretrained: str = "none", batch_size: int
 @click.option("--images", type=int, default=128, show_default=True, help="distinct images")
 @click.option("--image-size", type=int, default=256, show_default=True, help="PNG side, pixels")
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-              show_default=True, help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
-@click.option("--workers", type=int, default=4, show_default=True,
-              help="dsbuild decode/preprocess threads")
-@click.option("--repeats", type=int, default=3, show_default=True, help="best of N runs")
+@autocast_option
+@decode_workers_option
+@best_of_option
 @json_option
 def bench_filter(model, pretrained, batch_size, images, image_size, device, dtype, workers,
                  repeats, as_json):

@@ -27,6 +27,14 @@ PROMPTS = ("make the sofa blue", "add a rug", "remove the lamp", "make the walls
 
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 device_option = click.option("--device", default="auto", show_default=True)
+# filter's and verify's scoring path: autocast dtype and decode threads, best of N runs
+autocast_option = click.option(
+    "--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+    show_default=True, help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
+decode_workers_option = click.option("--workers", type=int, default=4, show_default=True,
+                                     help="dsbuild decode/preprocess threads")
+best_of_option = click.option("--repeats", type=int, default=3, show_default=True,
+                              help="best of N runs")
 
 
 def setup(device: str = "auto", threads: int | None = None) -> str:

@@ -26,6 +26,9 @@ import click
 import numpy as np
 
 from dsbuild.bench.harness import (
+    autocast_option,
+    best_of_option,
+    decode_workers_option,
     device_option,
     emit,
     json_option,
@@ -159,11 +162,9 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
 @click.option("--batch-size", type=int, default=16, show_default=True, help="images per batch")
 @click.option("--image-size", type=int, default=256, show_default=True, help="PNG side, pixels")
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-              show_default=True, help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
-@click.option("--workers", type=int, default=4, show_default=True,
-              help="dsbuild decode/preprocess threads")
-@click.option("--repeats", type=int, default=3, show_default=True, help="best of N runs")
+@autocast_option
+@decode_workers_option
+@best_of_option
 @json_option
 def bench_verify(model, pairs, per_source, batch_size, image_size, device, dtype, workers,
                  repeats, as_json):

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.settings import StageSettings
 from dsbuild.core.settings.localize import LocalizeSettings
-from dsbuild.models import ids
 
 
 class EvalSettings(StageSettings):

@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.settings import StageSettings
-from dsbuild.models import ids
 
 # the scores with a minimum, in InstructPix2Pix's check order (the first one failed is the reason)
 THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")

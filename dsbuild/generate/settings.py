@@ -21,10 +21,10 @@ from pydantic import (
 )
 
 from dsbuild.core import generators
+from dsbuild.core import model_ids as ids
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.settings import StageSettings
 from dsbuild.generate.generators.p2p.settings import P2PSettings
-from dsbuild.models import ids
 
 
 class SharedSettings(StageSettings):

@@ -5,7 +5,7 @@ Families: :mod:`~dsbuild.models.sd` (Stable Diffusion), :mod:`~dsbuild.models.ed
 (InstructPix2Pix), :mod:`~dsbuild.models.clip` (open_clip), :mod:`~dsbuild.models.dino`
 (DINOv2), :mod:`~dsbuild.models.owl` (OWLv2 / OWL-ViT), :mod:`~dsbuild.models.segment`
 (CLIPSeg, detector boxes + SAM), :mod:`~dsbuild.models.sentence` (sentence embeddings);
-:mod:`~dsbuild.models.ids` names each default model once.
+:mod:`dsbuild.core.model_ids` names each default model once (settings read it too).
 The public loaders are re-exported here lazily (``from dsbuild.models import ClipEncoder``)
 so importing this package stays free of torch.
 """

@@ -7,9 +7,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.settings import StageSettings
 from dsbuild.llm.settings import TRANSPORT, LLMSettings
-from dsbuild.models import ids
 
 DEFAULT_DETECTOR = ids.OWL
 

@@ -13,12 +13,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.errors import DsbuildError
 
-DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
+DEFAULT_SEGMENTER = ids.CLIPSEG
 SAM_SEGMENTER = "sam"  # the segmenter value that selects detector boxes + SAM
-DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
-DEFAULT_SAM = "facebook/sam-vit-base"
+DEFAULT_DETECTOR = ids.OWL
+DEFAULT_SAM = ids.SAM
 SEGMENT_THRESHOLD = 0.4  # CLIPSeg probability above which a pixel is the referred object
 BOX_THRESHOLD = 0.2  # detector score above which a box is segmented
 LAYER_GROUPS = ("down", "mid", "up")
