@@ -69,7 +69,7 @@ def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = T
     with ``generate.blend=true`` do."""
     recipe = build.recipe.name
     tr = [triple_record(recipe, *t) for t in triples]
-    build.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None)
+    build.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None, report=False)
     pairs: list[dict] = []
     for ti, t in enumerate(tr):
         for s in range(samples):
@@ -86,7 +86,7 @@ def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = T
             if masks and len(pairs) % 2:
                 write_mask(build.root / f"{rel}_mask.png", len(pairs))
                 pairs[-1]["images"]["mask"] = f"{rel}_mask.png"
-    build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None)
+    build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None, report=False)
     sc: list[dict] = []
     if scores:
         # pair i passes (clip_sim_dir 0.3 + 0.01 i) when i % keep_every == 0, else fails
@@ -112,5 +112,6 @@ def write_scores(build: Build, pairs: list[dict], clip_sim_dir: list[float],
                  force: bool = False) -> list[dict]:
     """Write ``score_records`` as the filter stage's output (complete, with its marker)."""
     sc = score_records(build, pairs, clip_sim_dir)
-    build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in sc] and None, force=force)
+    build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in sc] and None, force=force,
+        report=False)
     return sc

@@ -31,7 +31,7 @@ def captions_build(root: Path, recipe_path: Path, triples: list[tuple]) -> Build
     """A build whose captions stage holds exactly these triples (via the real run_stage)."""
     build = Build.init(root, load_recipe(recipe_path), recipe_path=str(recipe_path))
     recs = [triple_record(build.recipe.name, *t) for t in triples]
-    build.run_stage("captions", 0, 1, lambda w: [w.write(r) for r in recs] and None)
+    build.run_stage("captions", 0, 1, lambda w: [w.write(r) for r in recs] and None, report=False)
     return build
 
 

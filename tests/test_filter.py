@@ -13,7 +13,7 @@ from PIL import Image
 
 from dsbuild.core import metrics
 from dsbuild.core.build import Build
-from dsbuild.core.errors import DsbuildError
+from dsbuild.core.errors import DsbuildError, StageFailed
 from dsbuild.filter.settings import FilterSettings
 from dsbuild.filter.stage import Scorer, decide, run_filter
 from dsbuild.models.clip import ClipEncoder, tiny_clip
@@ -211,8 +211,14 @@ def test_filter_stage_scores_every_pair_and_writes_report(mini_build, encoders):
 
 def test_thresholds_from_settings_reject_with_reason(mini_build, encoders):
     build, _ = built(mini_build, overrides=TINY + LOOSE + ["filter.clip_sim_image=1.01"])
-    run_filter(build, scorer=scorer_of(encoders), quiet=True)
-    scores = by_pair(build)
+    # nothing kept is an empty output: exit 1, no marker, the report written to say why
+    with pytest.raises(StageFailed, match=r"filter kept 0 of 18 pairs \(clip_sim_image=18\);"
+                       r" no completion marker written; see .*filter\.md; every pair missed"):
+        run_filter(build, scorer=scorer_of(encoders), quiet=True)
+    assert not build.is_complete("filter")
+    partial = build.output_dir("filter") / "r00000.jsonl.partial"
+    scores = {r["pair_id"]: r for r in map(json.loads, partial.read_text().splitlines())}
+    assert len(scores) == 18
     assert all(not r["keep"] and r["reason"] == "clip_sim_image" for r in scores.values())
     rep = json.loads((build.reports_dir / "filter.json").read_text())
     assert rep["overall"]["thresholds"]["clip_sim_image"]["rate"] == 0.0
@@ -228,7 +234,7 @@ def test_shared_images_encoded_once(mini_build, encoders):
     for p in recs["pairs"][1:3]:
         p["images"]["input"] = p0["images"]["input"]
     build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in recs["pairs"]] and None,
-                    force=True)
+                    force=True, report=False)
     sc = scorer_of(encoders)
     run_filter(build, scorer=sc, quiet=True)
     assert sc.images.encoded == 36 - 3  # 36 image slots, 2 shared inputs + 1 duplicate output
@@ -256,6 +262,27 @@ def test_missing_and_unreadable_images_get_reasons(mini_build, encoders):
     rep = json.loads((build.reports_dir / "filter.json").read_text())
     assert rep["overall"]["image_errors"] == 2
     assert rep["reasons"]["missing_image"] == 1 and rep["reasons"]["unreadable_image"] == 1
+
+
+def test_no_image_left_is_exit_1_with_the_count_and_the_report(mini_build, capsys):
+    """rm pairs/img/*/*.png; dsbuild filter B: exit 1 naming the count and the report, no
+    marker, and the same command (the images still gone) fails the same way."""
+    from dsbuild.cli import main
+
+    build, _ = built(mini_build, overrides=[])
+    for png in build.images_dir.glob("*/*.png"):
+        png.unlink()
+    for _ in range(2):
+        with pytest.raises(SystemExit) as exc:
+            main(["filter", str(build.root), "--set", "filter.clip_model=tiny"])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: filter kept 0 of 18 pairs (missing_image=18); no "
+                              "completion marker written; see ")
+        assert f"{build.reports_dir / 'filter.md'}" in err and "repair" in err
+        assert not build.marker_dir("filter").exists() and not build.is_complete("filter")
+    rep = json.loads((build.reports_dir / "filter.json").read_text())
+    assert rep["overall"]["pairs"] == 18 and rep["overall"]["image_errors"] == 18
 
 
 class CrashingScorer(Scorer):

@@ -40,7 +40,7 @@ def make(root: Path, recipe: Path, triples=TRIPLES[:4] + EXTRA, extra=()) -> Bui
     b = Build.init(root, load_recipe(recipe), recipe_path=str(recipe),
                    overrides=SETTINGS + list(extra))
     tr = [triple_record(b.recipe.name, *t) for t in triples]
-    b.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None)
+    b.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None, report=False)
     return b
 
 
@@ -144,20 +144,20 @@ def test_resume_after_sigkill(reference, tmp_path):
     ref, _, recipe = reference
     b = make(tmp_path / "b", recipe, extra=["generate.batch_size=2"])
     partial = b.root / "pairs" / "r00000.jsonl.partial"
+    paused = tmp_path / "paused.json"  # the writer stops after its 2nd of 10 pairs, until killed
     env = dict(os.environ, OMP_NUM_THREADS="1", DSBUILD_NO_PROGRESS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               DSBUILD_PAUSE_AT=f"pairs/r00000.jsonl:2:{paused}")
     proc = subprocess.Popen([sys.executable, "-m", "dsbuild", "generate", str(b.root)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    while time.time() < deadline and proc.poll() is None and not paused.exists():
+        time.sleep(0.05)
+    assert paused.exists(), proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = partial.read_text().count("\n")
-    assert 2 <= done_before < 10 and not b.is_complete("generate")
+    assert done_before == 2 and not b.is_complete("generate")
     res = run_generate(Build.open(b.root))
     assert res.records == 10
     ids = [json.loads(line)["id"] for line in

@@ -339,8 +339,8 @@ def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
     """Executors run shard after shard in one process: generate's pipeline and filter's
     encoders load once, and reusing them changes nothing."""
     from dsbuild import models
-    from dsbuild.cli.run import offline_settings
     from dsbuild.core.config import load_recipe as load
+    from dsbuild.core.stages import offline_settings
     from dsbuild.filter.stage import run_filter
     from dsbuild.generate.stage import run_generate
 

@@ -9,5 +9,5 @@ from dsbuild.core.stages import Stage, register
 STAGE = register(Stage(
     name="augment", output="augment", settings=AugmentSettings, upstream=("filter",),
     signs=("recipe", "split"), run="dsbuild.augment.stage:run_augment",
-    summary="dsbuild.augment.stage:summary", help="add no-change samples", key="pair_id",
+    summary="dsbuild.augment.report:summary", help="add no-change samples", key="pair_id",
 ))

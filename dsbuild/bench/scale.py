@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from dsbuild.bench.harness import emit, json_option, ratio, table
+from dsbuild.core import stages
 from dsbuild.core.build import Build
 from dsbuild.core.config import default_recipe_path, load_recipe
 from dsbuild.executors import ExecutorOptions, WorkerPool, make_executor
@@ -27,10 +28,9 @@ from dsbuild.executors.local import LocalProcesses
 def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
               workers: tuple[int, ...] = (1, 2), keep: str | None = None) -> dict:
     """Generate the same pairs with each worker count; pairs/s and scaling efficiency."""
-    from dsbuild.cli.run import run_settings
-
     tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="dsbuild-bench-scale-"))
-    settings = [*run_settings(offline=True, limit=limit), f"generate.limit={samples}",
+    settings = [*stages.offline_settings(), f"captions.limit={limit}",
+                f"generate.limit={samples}",
                 f"generate.steps={steps}", f"generate.height={size}", f"generate.width={size}",
                 "generate.contact_sheet=0"]
     recipe = default_recipe_path()

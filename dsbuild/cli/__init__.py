@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
                 "fiftyone"),
     "review": ("dsbuild.cli.review:review_group", "human review in Label Studio",
                "review"),
-    "bench": ("dsbuild.bench:bench_group", "benchmarks against the plain libraries", None),
+    "bench": ("dsbuild.cli.bench:bench_group", "benchmarks against the plain libraries", None),
     "train": ("dsbuild.cli.train:train_cmd", "fine-tune InstructPix2Pix on an export", "train"),
     "eval": ("dsbuild.cli.evaluate:eval_cmd", "edit a test split with models and compare them",
              "train"),
@@ -43,12 +43,18 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+# built-in stages whose command is written here, in the cli layer, rather than derived
+STAGE_COMMANDS = {"export": "dsbuild.cli.export:export_cmd",
+                  "diversity": "dsbuild.cli.report:report_group"}
+
+
 def all_commands() -> dict[str, tuple[str | stages.Stage, str, str | None]]:
-    """Every top-level command: the ones above plus one per stage declaration (its own
-    ``module:attribute``, or the stage itself where the command is derived)."""
+    """Every top-level command: the ones above plus one per stage declaration (a plugin's own
+    ``module:attribute``, a built-in's in ``STAGE_COMMANDS``, or the stage itself where the
+    command is derived)."""
     out = dict(COMMANDS)
     for st in stages.all_stages():
-        out[st.cli_name] = (st.command or st, st.help, st.extra)
+        out[st.cli_name] = (st.command or STAGE_COMMANDS.get(st.name) or st, st.help, st.extra)
     return out
 
 
@@ -112,13 +118,16 @@ def cli():
               help="stage setting to freeze into dsbuild.yaml (repeatable)")
 @click.option("--force", is_flag=True, help="overwrite an existing dsbuild.yaml")
 def init_cmd(build, recipe, overrides, force):
-    """Create BUILD with a frozen dsbuild.yaml from RECIPE; nothing is written if it is invalid."""
+    """Create BUILD with a frozen dsbuild.yaml from RECIPE; nothing is written if it is invalid
+    or a model it names cannot load."""
     from dsbuild.core.build import Build
     from dsbuild.core.config import default_recipe_path, load_recipe
+    from dsbuild.models.available import check_models
 
     recipe_path = recipe or str(default_recipe_path())
     r = load_recipe(recipe_path)
-    b = Build.init(build, r, recipe_path=str(recipe_path), overrides=overrides, exist_ok=force)
+    b = Build.init(build, r, recipe_path=str(recipe_path), overrides=overrides, exist_ok=force,
+                   check=check_models)
     n = sum(a.count for a in r.agents)
     click.echo(f"created {b.root}/dsbuild.yaml: recipe '{r.name}', {len(r.agents)} agents, "
                f"{n} target triples")
@@ -137,12 +146,17 @@ def status_cmd(build, as_json):
         return
     click.echo(f"build {st['build']} (recipe {st['recipe']})")
     for stage, s in st["stages"].items():
-        if s["world_size"] is None:
+        if s["world_size"] is None and s["committed"]:
+            state = "committed, marker pending — the next run finishes it"
+        elif s["world_size"] is None:
             state = "in progress" if s["in_progress"] else "not run"
         elif s["complete"]:
             state = "complete"
         else:
             state = f"incomplete, missing ranks {s['missing_ranks']}"
+            if s["committed"]:
+                state += (f" (ranks {s['committed']} committed, marker pending — the next run "
+                          "finishes them)")
         if s["damaged"]:
             state = f"DAMAGED ranks {sorted(int(r) for r in s['damaged'])}"
         extra = f", in progress: {', '.join(s['in_progress'])}" if s["in_progress"] else ""

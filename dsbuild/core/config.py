@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -305,6 +306,24 @@ def apply_overrides(config: BuildConfig, overrides: list[str] | tuple[str, ...])
         raise ConfigError("--set", validation_problems(exc)) from None
 
 
+def config_changes(old: BuildConfig, new: BuildConfig) -> list[tuple[str, Any, Any]]:
+    """``(section.key, old value, new value)`` of every setting ``new`` changes (the recipe
+    aside: a build is tied to its recipe), in dsbuild.yaml order; an absent value is None."""
+    def flat(data: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(data, dict) and data:
+            for key, value in data.items():
+                yield from flat(value, f"{prefix}.{key}")
+        else:
+            yield prefix, data
+
+    shared = {"recipe", "recipe_path", "dsbuild_version"}
+    before, after = ({k: v for name, section in c.model_dump(mode="json", exclude=shared).items()
+                      for k, v in flat(section, name)} for c in (old, new))
+    gone = object()
+    return [(k, before.get(k), after.get(k)) for k in dict.fromkeys([*after, *before])
+            if before.get(k, gone) != after.get(k, gone)]
+
+
 def config_sections() -> list[str]:
     """The sections of dsbuild.yaml: the shared ones and one per registered stage."""
     return [*BuildConfig.model_fields, *stages.names()]
@@ -315,13 +334,6 @@ def dump_config(config: BuildConfig) -> str:
         config.model_dump(mode="json", exclude_none=False), sort_keys=False, allow_unicode=True,
         width=100,
     )
-
-
-def repo_root() -> Path:
-    """The folder above the package: the repository root when run from a source checkout."""
-    from dsbuild.core.resources import checkout_root
-
-    return checkout_root()
 
 
 def default_recipe_path() -> Path:

@@ -47,13 +47,17 @@ class Param:
     """A parameter a generator records in ``pair["params"]``, and how readers show it.
 
     ``column`` is its one name in export columns, FiftyOne fields, Label Studio task data and
-    the card (default: ``name``); ``json`` values are shown as canonical JSON text.
+    the card (default: ``name``); ``json`` values are shown as canonical JSON text. ``role``
+    lets a reader find a meaning without knowing the generator (:func:`by_role`).
     """
 
     name: str
     type: ParamType = "string"
     column: str | None = None
     description: str = ""
+    # what the value means to readers that know no generator ("edit_words": the (source
+    # words, target words) the edit changes, which verify looks for)
+    role: str | None = None
 
     @property
     def field(self) -> str:
@@ -108,6 +112,7 @@ class Generator:
     params: tuple[Param, ...] = ()
     settings: type[BaseModel] | None = None  # the generate.<name> section (None: no section)
     extra: str | None = "gen"  # pip extra its implementation needs
+    model: str | None = None  # kind of model generate.model names (dsbuild.models.available)
 
     def load_impl(self) -> Callable:
         from dsbuild.core import deps
@@ -196,6 +201,15 @@ def param_values(pair: dict, columns: dict[str, Param] | None = None) -> dict[st
     params = pair.get("params") or {}
     mine = own.columns()
     return {c: (mine[c].value(params) if c in mine else None) for c in cols}
+
+
+def by_role(pair: dict, role: str) -> Any:
+    """The raw value of the parameter the pair's generator declares with ``role`` (None where
+    it declares none, or the pair has no value)."""
+    for p in get(generator_of(pair)).params:
+        if p.role == role:
+            return (pair.get("params") or {}).get(p.name)
+    return None
 
 
 # generate's own settings names a generator section may not shadow

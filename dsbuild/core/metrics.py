@@ -93,13 +93,3 @@ def l1_distance(image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
     the mean runs over everything but the first dimension of a batch."""
     diff = (image_a.float() - image_b.float()).abs()
     return diff.mean() if diff.dim() <= 3 else diff.flatten(1).mean(1)
-
-
-def ground_truth_metrics(edit: torch.Tensor, truth: torch.Tensor, dino_edit: torch.Tensor | None
-                         = None, dino_truth: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """MagicBrush's protocol against the ground-truth edited image: CLIP-I (cosine of CLIP
-    image embeddings) and, given DINOv2 CLS embeddings, DINO. L1 is :func:`l1_distance`."""
-    out = {"CLIP-I": clip_image(edit, truth)}
-    if dino_edit is not None and dino_truth is not None:
-        out["DINO"] = dino(dino_edit, dino_truth)
-    return out

@@ -17,6 +17,7 @@ This module imports only settings models (pydantic) so that ``dsbuild status`` s
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,6 +179,12 @@ def get(name: str) -> Stage:
 def find(name: str) -> Stage | None:
     load_plugins()
     return _REGISTRY.get(name)
+
+
+def offline_settings() -> list[str]:
+    """Every stage's own offline values (its declaration's ``offline``) as overrides."""
+    return [f"{st.name}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+            for st in all_stages() for key, value in st.offline.items()]
 
 
 def names() -> list[str]:

@@ -9,7 +9,7 @@ from dsbuild.diversity.settings import DiversitySettings
 STAGE = register(Stage(
     name="diversity", output="reports/diversity.md", settings=DiversitySettings,
     upstream=("captions",), run="dsbuild.diversity.stage:run_diversity",
-    command="dsbuild.cli.report:report_group", command_name="report",
+    command_name="report",
     help="reports (diversity of the caption text)", extra="diversity",
     sharded=False, records=False,
 ))

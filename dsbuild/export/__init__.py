@@ -10,7 +10,7 @@ from dsbuild.export.settings import ExportSettings
 STAGE = register(Stage(
     name="export", output="export", settings=ExportSettings, upstream=("filter",),
     uses=("augment", "diversity", "verify"), signs=("split", "decisions"),
-    run="dsbuild.export.writer:run_export", command="dsbuild.cli.export:export_cmd",
+    run="dsbuild.export.writer:run_export",
     help="write train/test splits with a dataset card", extra="export",
     sharded=False, records=False,
 ))

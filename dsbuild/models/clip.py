@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.metrics import normalize
-from dsbuild.models import RANDOM_SEED, amp_dtype, autocast, ids, resolve_device
+from dsbuild.models import RANDOM_SEED, amp_dtype, autocast, resolve_device
 from dsbuild.models import warn_tiny as _warn
 
 TINY_CLIP_NAME = "dsbuild-tiny-clip"

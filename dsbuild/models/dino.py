@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.metrics import normalize
-from dsbuild.models import amp_dtype, autocast, checkpoint, ids, resolve_device
+from dsbuild.models import amp_dtype, autocast, checkpoint, resolve_device
 
 
 def tiny_dino_processor():

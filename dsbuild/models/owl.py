@@ -14,9 +14,10 @@ import io
 
 import torch
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
-from dsbuild.models import amp_dtype, autocast, checkpoint, ids, resolve_device
+from dsbuild.models import amp_dtype, autocast, checkpoint, resolve_device
 from dsbuild.models import warn_tiny as _warn
 
 TINY_SEED = 0

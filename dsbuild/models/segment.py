@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsbuild.core import model_ids as ids
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.settings.localize import BOX_THRESHOLD, SAM_SEGMENTER, SEGMENT_THRESHOLD
-from dsbuild.models import checkpoint, ids
+from dsbuild.models import checkpoint
 
 TINY_SAM_SEED = 2  # its placeholder masks of the tiny detector's boxes are partial, not full
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from dsbuild.core import generators
 from dsbuild.core.text import words
 from dsbuild.verify.settings import VerifySettings
 
@@ -131,7 +132,7 @@ def targets(pair: dict, triple: dict) -> Targets:
     if (op in ("add", "replace") and new) or (op == "remove" and old) or \
             (op == "replace" and old and new):
         return Targets(old, new, None, "captions")
-    blend = (pair.get("params") or {}).get("blend_words")
+    blend = generators.by_role(pair, "edit_words")  # P2P: its local-blend words
     if blend and len(blend) == 2:
         bo, bn = (" ".join(w for w in side if w not in FUNCTION) for side in blend)
         t = Targets([bo] if bo and op != "add" else [], [bn] if bn and op != "remove" else [],

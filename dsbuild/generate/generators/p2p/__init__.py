@@ -12,7 +12,7 @@ from dsbuild.generate.generators.p2p.settings import P2PSettings
 GENERATOR = register(Generator(
     name="p2p", impl="dsbuild.generate.generators.p2p.generator:PromptToPrompt",
     help="Prompt-to-Prompt on Stable Diffusion 1.x/2.x (source and edit in one batch)",
-    settings=P2PSettings, extra="gen",
+    settings=P2PSettings, extra="gen", model="sd",
     params=(
         Param("mode", "string", "p2p_mode", "P2P edit: self | replace | refine | reweight"),
         Param("steps", "int", "p2p_steps", "denoising steps"),
@@ -22,7 +22,8 @@ GENERATOR = register(Generator(
         Param("self_replace", "float",
               description="fraction of steps with the source's self-attention"),
         Param("scheduler", "string", description="diffusers scheduler"),
-        Param("blend_words", "json", description="local blend words (source, target)"),
+        Param("blend_words", "json", description="local blend words (source, target)",
+              role="edit_words"),
         Param("equalizer", "json", description="reweighted target words and their scale"),
     ),
 ))
