@@ -391,6 +391,24 @@ def test_pair_slice_shows_input_and_output_side_by_side_and_is_cached(fo, build)
     assert new.filepath != old_tile and not os.path.exists(old_tile)
 
 
+def test_pull_with_an_unreachable_database_uri_is_one_line(mini_build, monkeypatch, capsys):
+    """FIFTYONE_DATABASE_URI naming a MongoDB that does not answer: exit 1 in seconds with one
+    line naming the variable (its password hidden), not a ConnectionError traceback."""
+    from dsbuild.cli import main
+    from dsbuild.review.fiftyone.db import free_port
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("FIFTYONE_DATABASE_URI", f"mongodb://me:s3cret@127.0.0.1:{port}")
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", str(mini_build.root), "--pull"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: cannot reach the FiftyOne database at FIFTYONE_DATABASE_URI=mongodb://me:***@"
+        f"127.0.0.1:{port} within 5 s (")
+    assert "s3cret" not in err[0] and "unset it" in err[0]
+
+
 def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch):
     """accept / reject / correct through FiftyOne's operator execution API."""
     import fiftyone.operators as foo
@@ -464,6 +482,26 @@ def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch
             for row in split}
     assert a not in rows and b in rows
     assert (rows[c]["edit_prompt"], rows[c]["corrected"]) == ("paint it red", True)
+
+
+def test_an_operator_error_reaches_the_app_as_its_own_message(fo, build):
+    """The App shows a failed operator as "Error occurred during operator execution"; the
+    clear message goes with the reply as an error notification it shows."""
+    import asyncio
+
+    from fiftyone.operators.executor import _parse_ctx, execute_or_delegate_operator
+
+    make_build(build, samples=1, keep_every=1)
+    ds = fo.load_dataset(fr.build_dataset(build)["name"])
+    params = _parse_ctx({"dataset": ds, "selected": [], "current_sample": None,
+                         "params": {"reviewer": "alice"}})
+    res = asyncio.run(execute_or_delegate_operator(f"{fr.PLUGIN}/accept_pair", params,
+                                                   exhaust=True))
+    want = "no pair chosen: select pairs in the grid or open one"
+    assert res.error_message == want
+    notes = [r["params"] for r in res.to_json()["executor"]["requests"]
+             if r["operator_uri"] == "notify"]
+    assert notes == [{"message": f"dsbuild: {want}", "variant": "error"}]
 
 
 def test_pull_without_dataset_is_a_clear_error(fo, build):

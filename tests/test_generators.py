@@ -40,11 +40,9 @@ def test_a_plugin_generator_runs_to_the_export(tmp_path, mini_recipe):
     import pyarrow.parquet as pq
 
     b = tmp_path / "b"
-    r = dsbuild("init", b, "--recipe", mini_recipe, "--set", "generate.generator=colour-shift",
-                "--set", "generate.colour-shift.channel=green")
-    assert r.returncode == 0, r.stdout + r.stderr
     r = dsbuild("run", mini_recipe, "--out", b, "--offline", "--limit", "1", "--until",
-                "export")
+                "export", "--set", "generate.generator=colour-shift",
+                "--set", "generate.colour-shift.channel=green")
     assert r.returncode == 0, r.stdout + r.stderr
     pairs = records(b / "pairs")
     assert pairs and {p["generator"] for p in pairs} == {"colour-shift"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dsbuild.cli.util import build_argument, wait_option
+from dsbuild.cli.util import build_argument, save_settings, wait_option
 from dsbuild.core.config import apply_overrides
 
 
@@ -33,7 +33,7 @@ def export_cmd(build, to, force, overrides):
     if to and Path(to).resolve() != default_export_dir(b).resolve():
         b.config = apply_overrides(b.config, overrides)  # this export only, not saved
     else:
-        b.update(overrides)
+        save_settings(b, overrides)
     res = export_build(b, to, force=force)
     echo_export(res)
 

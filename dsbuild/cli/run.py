@@ -8,7 +8,10 @@ a killed run continues where it stopped. A stage whose optional dependency is mi
 the run with its pip line. ``--offline`` freezes a demo-sized build into dsbuild.yaml: template
 captions, the built-in tiny models, a few triples per agent and a few small samples each, so
 the whole run needs no network and finishes in minutes on a laptop. Tiny models make
-placeholder images; the run says so.
+placeholder images; the run says so. ``--set`` gives settings as ``dsbuild init`` does, and
+``--offline`` fills in only the ones it does not give. An existing build keeps its frozen
+settings: a run that would change any (``--offline`` included) is refused with the
+differences listed, unless ``--reconfigure``.
 """
 
 from __future__ import annotations
@@ -24,17 +27,11 @@ import click
 from dsbuild.cli.util import executor_options, wait_option
 from dsbuild.core import stages
 from dsbuild.core.build import Build
-from dsbuild.core.config import default_recipe_path, load_recipe
+from dsbuild.core.config import apply_overrides, config_changes, default_recipe_path, load_recipe
 from dsbuild.core.errors import DsbuildError
 from dsbuild.executors import ExecutorOptions, make_executor
 
 DEMO_TRIPLES_PER_AGENT = 2
-
-
-def offline_settings() -> list[str]:
-    """Every stage's own offline values (its declaration's ``offline``) as overrides."""
-    return [f"{st.name}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
-            for st in stages.all_stages() for key, value in st.offline.items()]
 
 
 OFFLINE_NOTE = ("offline: template captions and dsbuild's built-in tiny models with random "
@@ -62,46 +59,69 @@ class RunResult:
         return all(o.state != "done" for o in self.outcomes)
 
 
-def run_settings(offline: bool, limit: int | None) -> list[str]:
-    """The overrides a run freezes into dsbuild.yaml."""
-    out = offline_settings() if offline else []
-    if limit is not None:
-        out.append(f"captions.limit={limit}")
-    elif offline:
-        out.append(f"captions.limit={DEMO_TRIPLES_PER_AGENT}")
-    return out
+def run_settings(offline: bool, limit: int | None, sets: list[str] | tuple[str, ...] = ()
+                 ) -> list[str]:
+    """The overrides a run freezes into dsbuild.yaml: the user's ``--set`` and ``--limit``,
+    and with ``offline`` each stage's demo value for every setting the user did not give."""
+    user = [*sets, *([f"captions.limit={limit}"] if limit is not None else [])]
+    given = {item.split("=", 1)[0].strip() for item in user}
+    if not offline:
+        return user
+    demo = [*stages.offline_settings(), f"captions.limit={DEMO_TRIPLES_PER_AGENT}"]
+    return [*(o for o in demo if o.split("=", 1)[0] not in given), *user]
 
 
-def open_or_init(recipe: str | Path | None, out: str | Path, overrides: list[str]) -> Build:
-    """Reuse BUILD when it exists (same recipe), else create it from RECIPE."""
+def open_or_init(recipe: str | Path | None, out: str | Path, overrides: list[str],
+                 reconfigure: bool = False) -> Build:
+    """Reuse BUILD when it exists (same recipe), else create it from RECIPE. A reused
+    build's frozen settings change only with ``reconfigure``: otherwise settings that differ
+    are refused, listed. Nothing is saved unless the settings validate and their models
+    load."""
+    from dsbuild.cli.util import save_settings
+    from dsbuild.models.available import check_models
+
     recipe_path = Path(recipe) if recipe else default_recipe_path()
     r = load_recipe(recipe_path)
     root = Path(out)
-    if (root / "dsbuild.yaml").exists():
-        build = Build.open(root)
-        if build.recipe != r:
-            raise DsbuildError(
-                f"{root} was made from another recipe ({build.recipe.name!r}, or {recipe_path} "
-                "changed since); use a new --out, or `dsbuild init --force` to re-freeze it")
-        build.update(overrides)
-        return build
-    return Build.init(root, r, recipe_path=str(recipe_path), overrides=overrides)
+    if not (root / "dsbuild.yaml").exists():
+        return Build.init(root, r, recipe_path=str(recipe_path), overrides=overrides,
+                          check=check_models)
+    build = Build.open(root)
+    if build.recipe != r:
+        raise DsbuildError(
+            f"{root} was made from another recipe ({build.recipe.name!r}, or {recipe_path} "
+            "changed since); use a new --out, or `dsbuild init --force` to re-freeze it")
+    changes = config_changes(build.config, apply_overrides(build.config, overrides))
+    if changes and not reconfigure:
+        listed = "\n".join(f"  {key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changes)
+        raise DsbuildError(
+            f"{root / 'dsbuild.yaml'}: this run would change {len(changes)} frozen "
+            f"setting{'s' * (len(changes) > 1)}; pass --reconfigure to save the change (the "
+            "stages it touches are recomputed), or drop the options that make it:\n" + listed)
+    save_settings(build, overrides)
+    return build
+
+
+def _shown(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def run_pipeline(recipe: str | Path | None, out: str | Path, *, offline: bool = False,
                  limit: int | None = None, until: str | None = None,
                  echo: Callable[[str], None] = print,
-                 executor: ExecutorOptions | None = None) -> RunResult:
-    """Run every stage (or those ``until`` needs) on BUILD, created from RECIPE if new.
-    Sharded stages run on ``executor`` (default: in this process, one shard); the others
-    run here."""
-    overrides = run_settings(offline, limit)
+                 executor: ExecutorOptions | None = None,
+                 sets: list[str] | tuple[str, ...] = (), reconfigure: bool = False) -> RunResult:
+    """Run every stage (or those ``until`` needs) on BUILD, created from RECIPE if new, with
+    the ``sets`` (``STAGE.KEY=VALUE``) settings; an existing build's settings change only with
+    ``reconfigure``. Sharded stages run on ``executor`` (default: in this process, one
+    shard); the others run here."""
+    overrides = run_settings(offline, limit, sets)
     order = stages.needed_for(until) if until else [s.name for s in stages.all_stages()]
     for name in order:  # missing extras fail first
         stages.get(name).load_run()
+    build = open_or_init(recipe, out, overrides, reconfigure)
     if offline:
         echo(OFFLINE_NOTE)
-    build = open_or_init(recipe, out, overrides)
     result = RunResult(build)
     with make_executor(executor, echo=echo) as ex:
         for name in order:
@@ -140,23 +160,31 @@ def _label(o: StageOutcome) -> str:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="build directory (created, or reused and resumed)")
 @click.option("--offline", is_flag=True,
-              help="template captions + built-in tiny models, demo size; no network")
+              help="template captions + built-in tiny models, demo size, for every setting "
+                   "--set does not give; no network")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="caption triples per agent (offline default: "
                    f"{DEMO_TRIPLES_PER_AGENT})")
+@click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="stage setting to freeze into dsbuild.yaml (repeatable), as `dsbuild init`")
+@click.option("--reconfigure", is_flag=True,
+              help="on an existing --out, save settings that differ from its frozen ones "
+                   "(else they are refused, listed)")
 @click.option("--until", default=None, metavar="STAGE",
               help="run only this stage and the stages it needs")
 @wait_option
 @executor_options
-def run_cmd(recipe, out, offline, limit, until, executor):
+def run_cmd(recipe, out, offline, limit, sets, reconfigure, until, executor):
     """Run every stage (captions → generate → filter → verify → augment → diversity → export) on
     RECIPE into BUILD.
 
     RECIPE defaults to the built-in interior-design recipe. Each stage resumes where it
-    stopped; a second run with the same settings does nothing.
+    stopped; a second run with the same settings does nothing. On an existing BUILD, settings
+    (--set, --limit, --offline) that differ from its frozen dsbuild.yaml are refused, listed,
+    unless --reconfigure.
     """
     if until is not None and stages.find(until) is None:
         raise click.BadParameter(f"no stage {until!r} (stages: {', '.join(stages.names())})",
                                  param_hint="--until")
     run_pipeline(recipe, out, offline=offline, limit=limit, until=until, echo=click.echo,
-                 executor=executor)
+                 executor=executor, sets=sets, reconfigure=reconfigure)

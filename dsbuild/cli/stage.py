@@ -3,8 +3,10 @@
 A stage declared with ``command=None`` gets BUILD, the shard options (``--rank``,
 ``--world-size``, the executor options) when it shards, ``--force``, ``--set`` and ``--wait``,
 plus one option per settings field named in ``Stage.options`` (saved into dsbuild.yaml as
-``--set`` would). The command saves the settings, runs the declared run function (or every
-rank on an executor) and prints one line per rank and the stage's ``summary`` lines.
+``--set`` would). The command saves the settings (only once they validate and the models
+they name can load: a refused value never reaches dsbuild.yaml), runs the declared run
+function (or every rank on an executor) and prints one line per rank and the stage's
+``summary`` lines.
 """
 
 from __future__ import annotations
@@ -14,25 +16,16 @@ import json
 import click
 
 from dsbuild.cli.options import settings_options
-from dsbuild.cli.util import build_argument, echo_result, run_all_ranks, shard_options, wait_option
+from dsbuild.cli.util import (
+    build_argument,
+    echo_result,
+    run_all_ranks,
+    save_settings,
+    shard_options,
+    wait_option,
+)
 from dsbuild.core import deps
 from dsbuild.core.stages import Stage
-
-
-def update_checked(build, overrides: list[str]) -> None:
-    """Apply and save ``overrides``, after every stage's ``check`` accepts the new config (as
-    ``dsbuild init`` does), so a refused value is never written into dsbuild.yaml."""
-    if not overrides:
-        return
-    from dsbuild.core import stages
-    from dsbuild.core.config import apply_overrides
-
-    config = apply_overrides(build.config, overrides)
-    for st in stages.all_stages():
-        if st.check:
-            deps.load_target(st.check, f"stage {st.name}")(config)
-    build.config = config
-    build.save_config()
 
 
 def _setting(stage: str, key: str, value) -> str:
@@ -46,7 +39,7 @@ def stage_command(st: Stage) -> click.Command:
         from dsbuild.core.build import Build
 
         b = Build.open(build)
-        update_checked(b, [*overrides, *(_setting(st.name, k, v) for k, v in options.items()
+        save_settings(b, [*overrides, *(_setting(st.name, k, v) for k, v in options.items()
                                          if v is not None)])
         if executor is not None and (executor.distributed or executor.shards):
             run_all_ranks(b, st.name, executor, force)

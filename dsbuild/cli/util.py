@@ -74,8 +74,17 @@ def _run_command_on(executor, build, force, overrides, rank=0, world_size=1, **o
     name = click.get_current_context().command.name
     stage = next((st.name for st in stages.all_stages() if st.cli_name == name), name)
     b = Build.open(build)
-    b.update(overrides)
+    save_settings(b, overrides)
     run_all_ranks(b, stage, executor, force)
+
+
+def save_settings(build, overrides) -> list:
+    """Save a command line's ``STAGE.KEY=VALUE`` settings into BUILD/dsbuild.yaml, only once
+    they validate, the stages' checks accept them and the models they name can load; on any
+    error dsbuild.yaml is left as it was. Returns the settings changed."""
+    from dsbuild.models.available import check_models
+
+    return build.update(list(overrides), check=check_models)
 
 
 def run_all_ranks(build, stage: str, executor, force: bool) -> None:
@@ -90,8 +99,9 @@ def run_all_ranks(build, stage: str, executor, force: bool) -> None:
                f"`dsbuild status {build.root}`")
 
 
-def wait_option(fn):
-    """--wait: when another process is writing the same rank, wait for it instead of exiting."""
+def wait_option(fn, what: str = "this rank"):
+    """--wait: when another process is writing the same rank (or ``what``: an output folder),
+    wait for it instead of exiting."""
 
     def set_wait(ctx, param, value):
         from dsbuild.core import locks
@@ -100,7 +110,7 @@ def wait_option(fn):
         return value
 
     return click.option("--wait", is_flag=True, expose_value=False, callback=set_wait,
-                        help="if another process is writing this rank, wait for it instead "
+                        help=f"if another process is writing {what}, wait for it instead "
                              "of stopping")(fn)
 
 

@@ -14,11 +14,14 @@ Layout (see docs/concepts.md)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from dsbuild.core import deps, locks, stages
-from dsbuild.core.config import BuildConfig, Recipe, apply_overrides, dump_config, load_build_config
+from dsbuild.core.config import (
+    BuildConfig,
+    Recipe,
+    apply_overrides,
+    config_changes,
+    dump_config,
+    load_build_config,
+)
 from dsbuild.core.errors import DsbuildError, RecordError
 from dsbuild.core.hashing import signature
 from dsbuild.core.records import (
     ShardWriter,
+    count_lines,
     read_jsonl,
     shard_name,
     shard_problem,
@@ -80,14 +91,52 @@ class StageResult:
     report: dict | None = None  # the stage's report over every rank, where it writes one
 
 
+ConfigCheck = Callable[[BuildConfig | None, BuildConfig], None]
+
+
+def _check_config(old: BuildConfig | None, new: BuildConfig, check: ConfigCheck | None) -> None:
+    """Every stage's ``check`` of ``new`` (e.g. few-shot examples the validator refuses), then
+    the caller's ``check(old, new)``; either raises to keep ``new`` unsaved."""
+    for stage in stages.all_stages():
+        if stage.check:
+            deps.load_target(stage.check, f"stage {stage.name}")(new)
+    if check is not None:
+        check(old, new)
+
+
 def _sig_file(shard: Path) -> Path:
     """The signature a rank's partial shard was started under."""
     return shard.with_name(shard.name + ".partial.sig")
 
 
 def _pending(shard: Path) -> Path:
-    """What a commit produced (signature, records, stats), until the marker is written."""
+    """What a commit produced (signature, sharding, records, stats), until the marker is
+    written."""
     return shard.with_name(shard.name + ".commit.json")
+
+
+_RANK_FILE = re.compile(r"^\.?r(\d{5})\.jsonl")  # a rank's shard, partial, side or temp file
+
+
+def _recorded(f: Path) -> dict:
+    """The signature and sharding (world_size, key) a partial shard or a commit was made
+    under; {} when unknown. Older builds' ``.partial.sig`` holds only the signature."""
+    try:
+        raw = f.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return {}
+    try:
+        got = json.loads(raw)
+    except json.JSONDecodeError:
+        got = None
+    return got if isinstance(got, dict) else {"signature": raw}
+
+
+def _fits(recorded: dict, rank: int, world_size: int, key: str) -> bool:
+    """Whether records written for ``rank`` under the ``recorded`` sharding all belong to
+    ``rank`` of this one: the same sharding, or one rank now (it owns every record)."""
+    return (rank < world_size and recorded.get("key", key) == key
+            and (recorded.get("world_size") == world_size or world_size == 1))
 
 
 class Build:
@@ -100,7 +149,10 @@ class Build:
     # ------------------------------------------------------------------ open / create
     @classmethod
     def init(cls, root: str | Path, recipe: Recipe, recipe_path: str | None = None,
-             overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False) -> Build:
+             overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False,
+             check: ConfigCheck | None = None) -> Build:
+        """Create ROOT with its frozen config; ``check(defaults, config)`` (e.g. that the
+        models the overrides name load) runs before anything is written."""
         root = Path(root)
         cfg_path = root / CONFIG_NAME
         if cfg_path.exists() and not exist_ok:
@@ -108,11 +160,9 @@ class Build:
                 f"{cfg_path} already exists; use that build, or pass --force to overwrite its "
                 "config (outputs whose settings changed are recomputed)"
             )
-        config = BuildConfig(recipe=recipe, recipe_path=recipe_path)
-        config = apply_overrides(config, overrides)
-        for stage in stages.all_stages():  # e.g. few-shot examples the validator refuses
-            if stage.check:
-                deps.load_target(stage.check, f"stage {stage.name}")(config)
+        defaults = BuildConfig(recipe=recipe, recipe_path=recipe_path)
+        config = apply_overrides(defaults, overrides)
+        _check_config(defaults, config, check)
         build = cls(root, config)
         root.mkdir(parents=True, exist_ok=True)
         build.save_config()
@@ -133,11 +183,19 @@ class Build:
         header = "# dsbuild build config (frozen). Secrets come from the environment, never here.\n"
         write_text(self.root / CONFIG_NAME, header + dump_config(self.config))
 
-    def update(self, overrides: list[str] | tuple[str, ...]) -> None:
-        """Apply ``stage.key=value`` overrides and save them into dsbuild.yaml."""
-        if overrides:
-            self.config = apply_overrides(self.config, overrides)
+    def update(self, overrides: list[str] | tuple[str, ...],
+               check: ConfigCheck | None = None) -> list[tuple[str, Any, Any]]:
+        """Apply ``stage.key=value`` overrides and save them into dsbuild.yaml, only once
+        they validate, every stage's ``check`` accepts them and ``check(old, new)`` does (e.g.
+        that the models they name load); on any error the file is left as it was. Returns
+        the settings changed (:func:`dsbuild.core.config.config_changes`)."""
+        config = apply_overrides(self.config, overrides)
+        changes = config_changes(self.config, config)
+        if changes:
+            _check_config(self.config, config, check)
+            self.config = config
             self.save_config()
+        return changes
 
     # ------------------------------------------------------------------ paths
     @property
@@ -316,11 +374,140 @@ class Build:
             self.require_complete(up)
         what = f"rank {rank} of {stage} in {self.root}" if st.sharded else \
             f"{stage} of {self.root}"
-        with locks.hold(self.lock_path(stage, rank), what):
+        with self._sharding(st, rank, world_size, what, force):
             result = self._run_locked(st, rank, world_size, work, force)
         if report and st.report and (st.report_each_rank or self.is_complete(stage)):
             result.report = deps.load_target(st.report, what=f"stage {stage}")(self)
         return result
+
+    def _rank_mutex(self, stage: str) -> Path:
+        """Held briefly by whoever takes one of the stage's rank locks (see ``_sharding``)."""
+        return self.root / ".locks" / f"{stage}.sharding.lock"
+
+    def sharding_lock(self, stage: str, world_size: int) -> Path:
+        """Held shared by every running rank of ``stage`` sharded ``world_size`` ways."""
+        return self.root / ".locks" / f"{stage}.ws{world_size}.lock"
+
+    @contextlib.contextmanager
+    def _sharding(self, st: stages.Stage, rank: int, world_size: int, what: str,
+                  force: bool) -> Iterator[None]:
+        """Hold the rank's lock and, shared with its other ranks, the sharding's. While
+        another sharding of the stage runs this one is refused, naming it (or waits, with
+        --wait): rank locks of two shardings cannot see each other. Both locks are taken under
+        the stage's brief mutex, so a rank lock found free there stays free while ``_claim``
+        tidies that rank's files."""
+        stage = st.name
+        said = False
+        with contextlib.ExitStack() as held:
+            while True:
+                with locks.exclusive(self._rank_mutex(stage)):
+                    other = self._other_sharding(stage, world_size)
+                    if other is None:
+                        held.enter_context(locks.shared(self.sharding_lock(stage, world_size)))
+                        held.enter_context(locks.hold(self.lock_path(stage, rank), what))
+                        self._claim(st, rank, world_size, force)
+                        break
+                ws, who = other
+                msg = (f"{stage} of {self.root} is running sharded {ws} way{'s' * (ws != 1)} "
+                       f"(--world-size {ws}) by {who}; two shardings of one stage cannot run at "
+                       f"once: wait for it to finish (or rerun with --wait), or run "
+                       f"--world-size {ws}")
+                if not locks.waits():
+                    raise locks.Busy(msg)
+                if not said:
+                    print(f"waiting: {msg}", file=sys.stderr)
+                    said = True
+                locks.wait_free(self.sharding_lock(stage, ws))
+            yield
+
+    def _other_sharding(self, stage: str, world_size: int) -> tuple[int, str] | None:
+        """(world size, who) of another sharding of ``stage`` running now, or None."""
+        for lock in sorted((self.root / ".locks").glob(f"{stage}.ws*.lock")):
+            ws = lock.name[len(stage) + 3:-len(".lock")]
+            if ws.isdigit() and int(ws) != world_size and locks.busy(lock):
+                who = next((f"rank {r}: {locks.describe(h)}" for r in range(int(ws))
+                            if (h := locks.holder(self.lock_path(stage, r)))), "another process")
+                return int(ws), who
+        return None
+
+    def _claim(self, st: stages.Stage, rank: int, world_size: int, force: bool) -> None:
+        """Make the stage's files this sharding's, while no other sharding runs: markers of
+        another world size refuse (or, with --force, are dropped), and what earlier runs left
+        in the shard folder is tidied (``_tidy_rank``)."""
+        prev_ws = self.stage_world_size(st.name)
+        if prev_ws is not None and prev_ws != world_size:
+            if not force:
+                raise DsbuildError(
+                    f"stage '{st.name}' already ran with --world-size {prev_ws} for these "
+                    f"settings; use --world-size {prev_ws}, or --force to start the stage over")
+            shutil.rmtree(self.marker_dir(st.name), ignore_errors=True)  # start it over
+        out_dir = self.output_dir(st.name)
+        if not st.records or not out_dir.is_dir():
+            return
+        ranks = sorted({int(m.group(1)) for p in out_dir.iterdir()
+                        if (m := _RANK_FILE.match(p.name))})
+        marks, sig = self.markers(st.name), self.signature(st.name)
+        for k in ranks:  # a rank another process holds is left to it
+            if k == rank or not locks.busy(self.lock_path(st.name, k)):
+                self._tidy_rank(st, sig, k, world_size, k in marks, ranks)
+
+    def _tidy_rank(self, st: stages.Stage, sig: str, k: int, world_size: int, done: bool,
+                   ranks: list[int]) -> None:
+        """Clean rank ``k``'s commit-point litter (temp files, a finished rank's commit note and
+        signature file, a note or a partial of older settings no rank resumes) and hand on
+        what another sharding left: a partial, or a commit without its marker, is kept where
+        its records all belong to rank ``k`` now (``_fits``), else set aside, never resumed
+        whole."""
+        shard = self.output_dir(st.name) / shard_name(k)
+        partial = shard.with_name(shard.name + ".partial")
+        sig_file, pending = _sig_file(shard), _pending(shard)
+        for tmp in (*shard.parent.glob(f".{shard.name}*.tmp"),
+                    *self.marker_dir(st.name).glob(f".r{k:05d}.*.tmp")):
+            tmp.unlink(missing_ok=True)  # an atomic write a kill cut short
+        if done:  # killed after the marker, before its side files went
+            for f in (pending, sig_file):
+                f.unlink(missing_ok=True)
+            return
+        note = _recorded(pending) if shard.exists() else {}
+        if pending.exists() and note.get("signature") != sig:
+            pending.unlink()  # older settings' commit (its shard stays for their markers)
+        elif note:
+            legacy = "world_size" not in note and world_size == 1 and ranks == [0]
+            if not (note.get("world_size") == world_size or legacy) \
+                    or note.get("key", st.key) != st.key:
+                if _fits(note, k, world_size, st.key) and not partial.exists():
+                    os.replace(shard, partial)  # rank k resumes from its records
+                    write_json(sig_file, {"signature": sig, "world_size": world_size,
+                                          "key": st.key})
+                else:
+                    self._set_aside(st, shard, note)
+                pending.unlink()
+        if not partial.exists():
+            sig_file.unlink(missing_ok=True)
+            return
+        started = _recorded(sig_file)
+        if started.get("signature") != sig:
+            if k >= world_size:  # no rank of this sharding would start it afresh
+                partial.unlink()
+                sig_file.unlink(missing_ok=True)
+        elif not _fits(started, k, world_size, st.key):
+            self._set_aside(st, partial, started)
+            sig_file.unlink()
+
+    def _set_aside(self, st: stages.Stage, path: Path, recorded: dict) -> None:
+        """Move a shard written under another sharding into ``<output>/set-aside/`` and say so:
+        its records are redone by the ranks that own them now."""
+        folder = path.parent / "set-aside"
+        folder.mkdir(exist_ok=True)
+        stem = f"{path.name.split('.')[0]}-ws{recorded.get('world_size', 'unknown')}-" \
+               f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        dest, n = folder / f"{stem}.jsonl", 1
+        while dest.exists():
+            dest, n = folder / f"{stem}-{n}.jsonl", n + 1
+        os.replace(path, dest)
+        print(f"note: {path} was written under another sharding of {st.name} (world size "
+              f"{recorded.get('world_size', 'unknown')}); its {count_lines(dest)} records are "
+              f"set aside in {dest} and redone by the ranks that own them now", file=sys.stderr)
 
     def _run_locked(self, st: stages.Stage, rank: int, world_size: int,
                     work: Callable[[ShardWriter | None], dict | None], force: bool
@@ -328,27 +515,21 @@ class Build:
         stage = st.name
         mdir = self.marker_dir(stage)
         marks = self.markers(stage)
-        prev_ws = self.stage_world_size(stage)
-        if prev_ws is not None and prev_ws != world_size:
-            if not force:
-                raise DsbuildError(
-                    f"stage '{stage}' already ran with --world-size {prev_ws} for these "
-                    f"settings; use --world-size {prev_ws}, or --force to start the stage over")
-            shutil.rmtree(mdir, ignore_errors=True)  # another sharding: start the stage over
-            marks = {}
         marker = mdir / f"r{rank:05d}"
-        if force:
-            marker.unlink(missing_ok=True)
+        if force:  # a file stage replaces its output atomically: its marker stays till then
+            if st.records:
+                marker.unlink(missing_ok=True)
             marks.pop(rank, None)
         if rank in marks:
             m = marks[rank]
             return StageResult(stage, rank, world_size, True, m.get("records", 0),
                                m.get("stats", {}))
-        committed = None if force or not st.records else self._committed_unmarked(st, rank)
+        committed = None if force or not st.records else \
+            self._committed_unmarked(st, rank, world_size)
         if committed is not None:  # killed between the shard's commit and its marker
             stats, n = committed
         elif st.records:
-            stats, n = self._write_shard(st, rank, force, work)
+            stats, n = self._write_shard(st, rank, world_size, force, work)
         else:
             stats = work(None) or {}
             n = int(stats.get("records", 0))
@@ -363,39 +544,38 @@ class Build:
                 f.unlink(missing_ok=True)
         return StageResult(stage, rank, world_size, False, n, stats)
 
-    def _committed_unmarked(self, st: stages.Stage, rank: int) -> tuple[dict, int] | None:
-        """(stats, records) of a shard committed under the current signature whose marker was
-        never written, once the shard checks out against what the commit recorded."""
+    def _committed_unmarked(self, st: stages.Stage, rank: int, world_size: int
+                            ) -> tuple[dict, int] | None:
+        """(stats, records) of a shard committed under the current signature and sharding
+        whose marker was never written, once the shard checks out against what the commit
+        recorded (a commit of another sharding was handed on by ``_claim``)."""
         out = self.output_dir(st.name) / shard_name(rank)
-        pending = _pending(out)
-        if not (out.exists() and pending.exists()):
+        info = _recorded(_pending(out)) if out.exists() else {}
+        if info.get("signature") != self.signature(st.name) or "records" not in info:
             return None
-        try:
-            info = json.loads(pending.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        if info.get("signature") != self.signature(st.name):
+        if info.get("world_size", world_size) != world_size:
             return None
         if shard_problem(out, info.get("records")) is not None:
             return None
         return info.get("stats", {}), int(info["records"])
 
-    def _write_shard(self, st: stages.Stage, rank: int, force: bool,
+    def _write_shard(self, st: stages.Stage, rank: int, world_size: int, force: bool,
                      work: Callable[[ShardWriter | None], dict | None]) -> tuple[dict, int]:
-        """Resume (or start) the rank's partial shard, run ``work`` on it, commit it. What the
-        commit produced is noted beside the shard first, so a kill before the marker costs a
-        check, not a rerun."""
+        """Resume (or start) the rank's partial shard, run ``work`` on it, commit it. The
+        partial is signed with the signature and the sharding (world size, key) it is written
+        under; what the commit produced is noted beside the shard first, so a kill before the
+        marker costs a check, not a rerun."""
         out = self.output_dir(st.name) / shard_name(rank)
         sig = self.signature(st.name)
         sig_file = _sig_file(out)
-        fresh = force or not sig_file.exists() or sig_file.read_text().strip() != sig
+        fresh = force or _recorded(sig_file).get("signature") != sig  # else _claim kept it
+        sharding = {"signature": sig, "world_size": world_size, "key": st.key}
         out.parent.mkdir(parents=True, exist_ok=True)
         with ShardWriter(out, key=st.key, fresh=fresh) as writer:
-            if fresh:
-                write_text(sig_file, sig)
+            write_json(sig_file, sharding)
             stats = work(writer) or {}
             n = len(writer.records)
-            write_json(_pending(out), {"signature": sig, "records": n, "stats": stats})
+            write_json(_pending(out), {**sharding, "records": n, "stats": stats})
             writer.commit()
         return stats, n
 
@@ -432,7 +612,10 @@ class Build:
         sig = self.signature(stage)
         done: dict[int, dict] = {}
         for rank in todo:
-            with locks.hold(self.lock_path(stage, rank), f"rank {rank} of {stage}"):
+            with contextlib.ExitStack() as held:
+                with locks.exclusive(self._rank_mutex(stage)):  # as ``_sharding`` takes it
+                    held.enter_context(locks.hold(self.lock_path(stage, rank),
+                                                  f"rank {rank} of {stage}"))
                 shard = out_dir / shard_name(rank)
                 kept, dropped, reasons = [], 0, []
                 if shard.exists():
@@ -454,7 +637,8 @@ class Build:
                     continue  # intact
                 partial = shard.with_name(shard.name + ".partial")
                 write_jsonl(partial, kept)
-                write_text(_sig_file(shard), sig)
+                ws = marks.get(rank, {}).get("world_size") or self.stage_world_size(stage) or 1
+                write_json(_sig_file(shard), {"signature": sig, "world_size": ws, "key": st.key})
                 (self.marker_dir(stage) / f"r{rank:05d}").unlink(missing_ok=True)
                 _pending(shard).unlink(missing_ok=True)
                 shard.unlink(missing_ok=True)
@@ -463,6 +647,17 @@ class Build:
         return done
 
     # ------------------------------------------------------------------ status
+    def _committed_ranks(self, st: stages.Stage, sig: str, marks: dict) -> list[int]:
+        """Ranks killed between commit and marker: their shard and commit note under the
+        current signature are there, so the next run only checks and marks them."""
+        out_dir = self.output_dir(st.name)
+        if not st.records or not out_dir.is_dir():
+            return []
+        return sorted(int(p.name[1:6]) for p in out_dir.glob("r[0-9]*.jsonl.commit.json")
+                      if int(p.name[1:6]) not in marks
+                      and (out_dir / p.name[:-len(".commit.json")]).exists()
+                      and _recorded(p).get("signature") == sig)
+
     def status(self) -> dict:
         """Per stage: signature, world size, done ranks, records; plus decisions and reports."""
         out: dict[str, Any] = {"build": str(self.root), "recipe": self.recipe.name, "stages": {}}
@@ -475,6 +670,7 @@ class Build:
                      if p.is_dir() and p.name != sig]
             partial = sorted(p.name for p in self.output_dir(stage).glob("r*.jsonl.partial")) \
                 if st.records and self.output_dir(stage).is_dir() else []
+            committed = self._committed_ranks(st, sig, marks)
             damaged = self.shard_problems(stage, parse=False)
             out["stages"][stage] = {
                 "damaged": {str(r): why for r, why in damaged.items()},
@@ -488,6 +684,7 @@ class Build:
                 "records": sum(m.get("records", 0) for m in marks.values()),
                 "workers": _shards_per_worker(marks),
                 "in_progress": partial,
+                "committed": committed,
                 "stale_signatures": stale,
             }
         from dsbuild.core.decisions import summary

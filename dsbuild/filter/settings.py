@@ -19,12 +19,14 @@ class FilterSettings(StageSettings):
     volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "workers"})
 
     clip_model: str = Field(ids.CLIP, description="open_clip name, 'hf-hub:…', "
-                            "'local-dir:…', or 'tiny' (random built-in, placeholder scores)")
+                            "'local-dir:…', or 'tiny' (random built-in, placeholder scores)",
+                            json_schema_extra={"loads": "clip"})
     clip_pretrained: str = Field(ids.CLIP_PRETRAINED, description="open_clip tag, a "
-                                 "checkpoint file, or 'none' for random weights")
+                                 "checkpoint file, or 'none' for random weights",
+                                 json_schema_extra={"loads": "clip_pretrained"})
     dino: bool = Field(False, description="also score DINOv2 CLS cosine of the two images")
     dino_model: str = Field(ids.DINO, description="transformers Hub id, a "
-                            "local folder, or 'tiny'")
+                            "local folder, or 'tiny'", json_schema_extra={"loads": "dino"})
     clip_sim_0: float = Field(0.2, description="min cos(image 0, input caption)")
     clip_sim_1: float = Field(0.2, description="min cos(image 1, output caption)")
     clip_sim_dir: float = Field(0.2, description="min cos(image change, caption change)")

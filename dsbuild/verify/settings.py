@@ -26,6 +26,9 @@ class JudgeSettings(LLMSettings):
     instruction_min: int = Field(6, ge=0, le=10, description="min 'instruction followed' score")
     preserve_min: int = Field(6, ge=0, le=10, description="min 'nothing else changed' score")
     quality_min: int = Field(5, ge=0, le=10, description="min 'image quality' score")
+    optional: bool = Field(False, description="accept a judge that scores no pair (every "
+                           "reply unusable): its pairs pass unchecked instead of the stage "
+                           "failing")
 
 
 class VerifySettings(StageSettings):
@@ -34,7 +37,8 @@ class VerifySettings(StageSettings):
     volatile: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "workers"})
 
     detector: str = Field(DEFAULT_DETECTOR, description="OWLv2/OWL-ViT Hub id or folder, or "
-                          "'tiny' (random, built from config: placeholder scores)")
+                          "'tiny' (random, built from config: placeholder scores)",
+                          json_schema_extra={"loads": "owl"})
     present_min: float = Field(0.2, ge=0, le=1, description="detector score at which a "
                                "target phrase counts as present")
     absent_max: float = Field(0.1, ge=0, le=1, description="... and at or below which it counts "
@@ -49,10 +53,13 @@ class VerifySettings(StageSettings):
     near_copy_max: float = Field(0.995, ge=0, le=1, description="max pixel similarity "
                                  "(1 - mean absolute difference) of an edit pair; above it the "
                                  "output is a near copy of the input")
-    clip_model: str = Field(ids.CLIP, description="open_clip model of the change check")
+    clip_model: str = Field(ids.CLIP, description="open_clip model of the change check",
+                            json_schema_extra={"loads": "clip"})
     clip_pretrained: str = Field(ids.CLIP_PRETRAINED,
-                                 description="open_clip tag, checkpoint or 'none'")
-    dino_model: str = Field(ids.DINO, description="DINOv2 of the change check")
+                                 description="open_clip tag, checkpoint or 'none'",
+                                 json_schema_extra={"loads": "clip_pretrained"})
+    dino_model: str = Field(ids.DINO, description="DINOv2 of the change check",
+                            json_schema_extra={"loads": "dino"})
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     batch_size: int = Field(16, ge=1)
     workers: int = Field(4, ge=0, description="threads that decode and preprocess images")
@@ -60,9 +67,10 @@ class VerifySettings(StageSettings):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     def signature_dict(self) -> dict[str, Any]:
-        """The judge's transport settings never count; a disabled judge counts not at all."""
+        """The judge's transport settings never count, nor whether it may score nothing (the
+        records are the same); a disabled judge counts not at all."""
         data = super().signature_dict()
         judge = self.judge.model_dump(mode="json")
-        data["judge"] = ({k: v for k, v in judge.items() if k not in TRANSPORT}
+        data["judge"] = ({k: v for k, v in judge.items() if k not in TRANSPORT | {"optional"}}
                          if self.judge.enabled else None)
         return data

@@ -56,13 +56,14 @@ class SegmenterSettings(_Settings):
     """Which model segments the referred object, and where its mask is cut."""
 
     segmenter: str = Field(DEFAULT_SEGMENTER, description="CLIPSeg checkpoint, 'tiny', or "
-                           "'sam' (detector boxes + SAM)")
+                           "'sam' (detector boxes + SAM)", json_schema_extra={"loads": "clipseg"})
     threshold: float = Field(SEGMENT_THRESHOLD, gt=0, lt=1, description="CLIPSeg probability "
                              "above which a pixel is the object")
     detector: str = Field(DEFAULT_DETECTOR, description="with segmenter sam: OWLv2/OWL-ViT "
-                          "checkpoint boxing the object, or 'tiny'")
+                          "checkpoint boxing the object, or 'tiny'",
+                          json_schema_extra={"loads": "owl"})
     sam_model: str = Field(DEFAULT_SAM, description="with segmenter sam: SAM checkpoint "
-                           "segmenting each box, or 'tiny'")
+                           "segmenting each box, or 'tiny'", json_schema_extra={"loads": "sam"})
     box_threshold: float = Field(BOX_THRESHOLD, ge=0, le=1, description="with segmenter sam: "
                                  "detector score above which a box is segmented (none: empty "
                                  "mask, nothing edited)")
