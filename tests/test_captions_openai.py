@@ -181,6 +181,34 @@ def test_openai_retries_replies_that_are_not_chat_completions(tmp_path, mini_rec
         assert report["kept"] == 10
 
 
+def test_an_html_reply_is_named_as_an_html_page_with_the_setting_to_fix(tmp_path):
+    """A proxy's or login page's HTML (served as text/html) is said to be one, with its title
+    and the base_url to fix, not "a JSON reply that is not a chat completion"."""
+    import asyncio
+
+    from dsbuild.llm.client import ChatClient, RequestCache
+    from dsbuild.llm.settings import LLMSettings
+
+    page = ("<!DOCTYPE html>\n<html><head><title>Sign in - Corp Proxy</title></head>"
+            "<body>log in</body></html>")
+
+    async def ask(client):
+        async with client:
+            return await client.complete([{"role": "user", "content": "hi"}], 0)
+
+    html = Reply(200, page, headers={"Content-Type": "text/html; charset=utf-8"})
+    with OpenAIServer(handler=lambda body, n: html) as srv:
+        settings = LLMSettings(base_url=srv.base_url, model="test-model", max_retries=1,
+                               retry_backoff=0, fail_after_errors=0)
+        client = ChatClient(settings, RequestCache(tmp_path / "c"), section="captions")
+        assert asyncio.run(ask(client)) is None and len(srv.chat_requests) == 2
+        url = srv.base_url
+    err = client.stats.as_dict()["errors"][-1]
+    assert "an HTML page ('Sign in - Corp Proxy') instead of a chat completion from " \
+           f"{url}; set captions.base_url" in err
+    assert not list((tmp_path / "c").rglob("*.json"))  # never cached
+
+
 def test_openai_auth_error_is_clear(tmp_path, mini_recipe):
     with OpenAIServer(handler=lambda body, n: error(401, "bad key")) as srv:
         b = openai_build(tmp_path / "b", mini_recipe, srv.base_url)
@@ -252,18 +280,18 @@ def test_sigkill_half_way_then_resume_equals_a_clean_run(tmp_path, mini_recipe):
         partial = b.root / "triples" / "r00000.jsonl.partial"
         attempts = partial.with_name(partial.name + ".stats.json")
         repo = Path(__file__).resolve().parents[1]
-        proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE,
+        paused = tmp_path / "paused.json"  # the writer stops after its 9th of 24, until killed
+        proc = subprocess.Popen(cmd, env=dict(env, DSBUILD_PAUSE_AT=f"triples/r00000.jsonl:9:"
+                                              f"{paused}"), cwd=repo, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            if partial.exists() and partial.read_text().count("\n") >= 9:
-                break
+        while time.time() < deadline and proc.poll() is None and not paused.exists():
             time.sleep(0.02)
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert paused.exists(), proc.stdout.read().decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed_at = partial.read_text().count("\n")
-        assert 9 <= killed_at < 24
+        assert killed_at == 9
         assert not b.is_complete("captions")
         first = json.loads(attempts.read_text())["attempts"]
         assert len(first) == 1 and first[0]["requests"]["sent"] >= 2

@@ -263,3 +263,102 @@ def test_edit_mask_column_carries_the_blend_masks(mini_build, tmp_path):
     ids = {i for k in ("train", "test") for f in (again.path / "data").glob(f"{k}-*")
            for i in pq.read_table(f).column("pair_id").to_pylist()}
     assert broken not in ids and again.stats["unreadable_images"] == 1
+
+
+# ---------------------------------------------------------------- kills and a full disk
+KILL_AT = """
+import os, signal, sys
+from pathlib import Path
+import dsbuild.export.writer as w
+from dsbuild.core.build import Build
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+point, exchange, replace = sys.argv[2], w._exchange, os.replace
+if point == "before-swap":
+    w._exchange = die
+elif point == "after-swap":
+    w._exchange = lambda a, b: exchange(a, b) and die()
+elif point == "between-renames":  # a file system without an atomic exchange
+    w._exchange = lambda a, b: False
+    os.replace = lambda a, b: replace(a, b) or (Path(a).name == "export" and die())
+elif point == "writing":
+    w.write_shards = die
+w.export_build(Build.open(sys.argv[1]), force=True)
+"""
+
+
+def killed_export(build, point: str) -> None:
+    """Run `dsbuild export --force` in a process SIGKILLed at ``point`` of the swap."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", KILL_AT, str(build.root), point],
+                       capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+
+
+def files_of(path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file()}
+
+
+def side_folders(build) -> list[str]:
+    return sorted(p.name for p in build.root.glob(".export.*"))
+
+
+@pytest.mark.parametrize("point", ["before-swap", "after-swap", "between-renames"])
+def test_a_kill_inside_the_export_swap_leaves_the_old_or_the_new_export_whole(built, point):
+    from dsbuild.export.writer import read_info
+
+    out = export_build(built).path
+    old = files_of(out)
+    built.update(["export.seed=5"])  # the next export differs
+    sig = built.signature("export")
+    killed_export(built, point)
+    if point == "before-swap":
+        assert files_of(out) == old
+    elif point == "after-swap":  # the new one is whole; the next run only writes the marker
+        new = files_of(out)
+        assert read_info(out)["signature"] == sig and new != old
+        res = export_build(built)
+        assert files_of(out) == new and built.is_complete("export") and not res.skipped
+    else:  # the old copy is whole beside it; the next run, killed too, puts it back
+        aside = [p for p in built.root.glob(".export.old-*")]
+        assert not out.exists() and len(aside) == 1 and files_of(aside[0]) == old
+        killed_export(built, "writing")
+        assert files_of(out) == old
+    res = export_build(built)
+    assert read_info(out)["signature"] == sig and built.is_complete("export")
+    assert load(out, built.root / "hf") and side_folders(built) == []
+    assert res.counts == read_info(out)["counts"]
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    OSError("[errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"),
+])
+def test_a_full_disk_during_export_force_is_one_line_and_keeps_the_old_export(
+        built, monkeypatch, capsys, error):
+    import dsbuild.export.writer as writer
+    from dsbuild.cli import main
+
+    out = export_build(built).path
+    old = files_of(out)
+
+    def full(build, rows, tmp, shard_mb):
+        (tmp / "data").mkdir()
+        (tmp / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 half")
+        raise error  # as pyarrow raises it when the disk fills
+
+    monkeypatch.setattr(writer, "write_shards", full)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(built.root), "--force"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on the device while "
+                                               f"writing the export of {built.root}")
+    assert f"the old export {out} is kept as it was" in err[0]
+    assert files_of(out) == old and side_folders(built) == []
+    assert built.is_complete("export")  # status still says the export is there

@@ -213,7 +213,8 @@ def test_thresholds_from_settings_reject_with_reason(mini_build, encoders):
     build, _ = built(mini_build, overrides=TINY + LOOSE + ["filter.clip_sim_image=1.01"])
     # nothing kept is an empty output: exit 1, no marker, the report written to say why
     with pytest.raises(StageFailed, match=r"filter kept 0 of 18 pairs \(clip_sim_image=18\);"
-                       r" no completion marker written; see .*filter\.md; every pair missed"):
+                       r" no completion marker written; see .*filter\.md; every pair missed a "
+                       r"threshold.*--set filter\.clip_sim_image=VALUE"):
         run_filter(build, scorer=scorer_of(encoders), quiet=True)
     assert not build.is_complete("filter")
     partial = build.output_dir("filter") / "r00000.jsonl.partial"
@@ -264,10 +265,14 @@ def test_missing_and_unreadable_images_get_reasons(mini_build, encoders):
     assert rep["reasons"]["missing_image"] == 1 and rep["reasons"]["unreadable_image"] == 1
 
 
-def test_no_image_left_is_exit_1_with_the_count_and_the_report(mini_build, capsys):
+def test_no_image_left_is_exit_1_with_the_count_and_the_report(mini_build, capsys,
+                                                               monkeypatch):
     """rm pairs/img/*/*.png; dsbuild filter B: exit 1 naming the count and the report, no
     marker, and the same command (the images still gone) fails the same way."""
+    from dsbuild import models
     from dsbuild.cli import main
+
+    monkeypatch.setattr(models, "_LOADED", {})  # the encoders it loads are not kept after
 
     build, _ = built(mini_build, overrides=[])
     for png in build.images_dir.glob("*/*.png"):
@@ -306,13 +311,18 @@ def test_resume_after_crash_and_mid_triple(tmp_path, mini_recipe, encoders):
     def fresh(name):
         b = Build.init(tmp_path / name, load_recipe(mini_recipe))
         make_build(b, samples=3, scores=False)
+        # clip_sim_dir=0: tiny CLIP's directions fall on both sides, so the re-ranking of a
+        # resumed triple sees threshold misses, top-k drops and kept pairs (none kept would
+        # be an empty output, a StageFailed)
         b.update(TINY + ["filter.clip_sim_image=-1", "filter.clip_sim_0=-1",
-                         "filter.clip_sim_1=-1", "filter.top_k=2", "filter.batch_size=1"])
+                         "filter.clip_sim_1=-1", "filter.clip_sim_dir=0", "filter.top_k=2",
+                         "filter.batch_size=1"])
         return b
 
     ref = fresh("ref")
     run_filter(ref, scorer=scorer_of(encoders, 1), quiet=True, report=False)
     want = by_pair(ref)
+    assert {r["reason"] for r in want.values()} >= {None, "clip_sim_dir"}
 
     b = fresh("crash")
     crash = CrashingScorer(encoders[0], encoders[1], batch_size=1, workers=1)
@@ -348,8 +358,10 @@ def test_filter_cli_with_tiny_models(mini_build, capsys):
     from dsbuild.cli import main
 
     build, _ = built(mini_build, overrides=[])
+    # tiny CLIP's scores are noise: caption thresholds off, or nothing is kept (exit 1)
     main(["filter", str(build.root), "--set", "filter.clip_model=tiny",
-          "--set", "filter.clip_sim_image=0.5"])
+          "--set", "filter.clip_sim_image=0.5", *(f"--set=filter.{k}=-1" for k in
+                                                  ("clip_sim_0", "clip_sim_1", "clip_sim_dir"))])
     out = capsys.readouterr()
     assert "filter rank 0/1: done, 18 records" in out.out
     assert "placeholder" in out.err

@@ -235,3 +235,30 @@ def test_decisions_each_tools_current_one_and_withdrawals(mini_build):
     assert latest_by_pair(mini_build)["p1"]["tool"] == "labelstudio"
     assert add_decisions(mini_build, [], withdraw=("fiftyone", {"p1"})) == []
     assert mini_build.status()["decisions"] == {"labelstudio:reject": 3, "fiftyone:accept": 1}
+
+
+def test_concurrent_decision_writes_say_waiting_once(mini_build, monkeypatch, capfd):
+    """Every decision write that finds decisions.jsonl's lock taken waits for it; the first
+    says so (who holds it), the next ones wait silently instead of one line each (hundreds
+    under many writers). The lock is made busy for every try, so each write waits."""
+    import fcntl
+
+    from dsbuild.core import locks
+    from dsbuild.core.decisions import add_decisions, make_decision, read_decisions
+
+    real = fcntl.flock
+
+    def contended(fd, op):
+        if op & fcntl.LOCK_NB:
+            raise BlockingIOError  # another writer holds it
+        return real(fd, op)
+
+    monkeypatch.setattr(locks, "_told", set())
+    monkeypatch.setattr(locks.fcntl, "flock", contended)
+    for i in range(50):
+        add_decisions(mini_build, [make_decision(f"p{i}", "accept", tool="fiftyone")])
+    monkeypatch.setattr(locks.fcntl, "flock", real)
+    assert len(read_decisions(mini_build)) == 50
+    err = capfd.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("waiting:")] == [
+        f"waiting: {mini_build.decisions_path} is being written by another process"]

@@ -327,6 +327,35 @@ def test_judge_good_malformed_refused_slow_cached(scene_build):
 
 
 @pytest.mark.server
+def test_a_judge_that_scores_nothing_fails_the_stage_unless_optional(scene_build):
+    """A judge that answers only nonsense: exit 1 with the count and the report, no marker
+    (it used to pass with every pair unchecked); verify.judge.optional=true accepts the same
+    records without asking again."""
+    from dsbuild.verify.stage import run_verify
+
+    build, _ = scene_build
+    port = free_port()
+    with OpenAIServer(handler=lambda b, n: chat("what a lovely room"), port=port) as srv:
+        with pytest.raises(StageFailed) as exc:
+            run_verify(build, detector=SceneDetector(), quiet=True, overrides=[
+                *TINY_CHANGE, *judge_settings(srv.base_url)])
+        assert len(srv.chat_requests) == 12
+    msg = str(exc.value)
+    assert "\n" not in msg and "scored none of the 12 pairs it was asked about" in msg
+    assert "bad_reply:not_json=12" in msg and str(build.reports_dir / "verify.md") in msg
+    assert "verify.judge.optional=true" in msg
+    assert not build.is_complete("verify") and not build.marker_dir("verify").exists()
+    assert "judge: unchecked 12" in (build.reports_dir / "verify.md").read_text()
+    sig = build.signature("verify")
+    with OpenAIServer(handler=lambda b, n: error(500), port=port) as srv:
+        res = run_verify(build, detector=SceneDetector(), quiet=True,
+                         overrides=["verify.judge.optional=true"])
+        assert srv.chat_requests == []  # the written records resume: nothing asked again
+    assert build.signature("verify") == sig and build.is_complete("verify")
+    assert res.records == 12 and res.stats["judge_scored"] == 0
+
+
+@pytest.mark.server
 def test_judge_failures_stop_without_marker_and_resume(scene_build):
     from dsbuild.verify.stage import run_verify
 

@@ -9,6 +9,7 @@ report) does nothing. ``export_build(build, to=OTHER)`` writes a one-off copy el
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from dsbuild.core import locks
 from dsbuild.core.build import Build, StageResult
-from dsbuild.core.errors import DsbuildError
-from dsbuild.core.records import write_json, write_text
+from dsbuild.core.errors import DsbuildError, WriteFailed
+from dsbuild.core.records import DiskFull, write_json, write_text
 from dsbuild.core.split import SPLITS
 from dsbuild.export.card import GRID_NAME, card_text, check_public, grid_image
 from dsbuild.export.dataset import check_installed, collect_rows, write_shards
@@ -67,11 +68,26 @@ def run_export(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
     check_installed()  # the pip line before "run filter first"
 
     def work(_) -> dict:
-        res = write_export(build, default_export_dir(build))
+        out = default_export_dir(build)
+        res = None if force else whole_export(build, out)
+        res = res or write_export(build, out)
         return {"records": sum(v["rows"] for v in res.counts.values()), "counts": res.counts,
                 "path": str(res.path), "summary": _summary(res.path, res.counts), **res.stats}
 
     return build.run_stage("export", rank, world_size, work, force=force)
+
+
+def whole_export(build: Build, out: Path) -> ExportResult | None:
+    """``out`` as it is when it is already the export of these inputs, every file it lists in
+    place (a kill after the swap, before the marker), else None."""
+    recover(out)
+    info = read_info(out)
+    if not info or info.get("signature") != export_signature(build):
+        return None
+    listed = [f for split in (info.get("files") or {}).values() for f in split]
+    if not all((out / f).is_file() for f in [*listed, "README.md"]):
+        return None
+    return ExportResult(out, False, info.get("counts", {}), info.get("stats", {}))
 
 
 def export_build(build: Build, to: str | Path | None = None, *, force: bool = False
@@ -90,17 +106,18 @@ def export_build(build: Build, to: str | Path | None = None, *, force: bool = Fa
 
 
 def write_export(build: Build, out: Path) -> ExportResult:
-    """Write the export of ``build`` into ``out``, atomically (temp folder, then rename)."""
+    """Write the export of ``build`` into ``out``, atomically: a temp folder beside it, then
+    swapped into place, the old copy deleted only once the new one is there. A kill at any
+    point leaves the old or the new export whole; a full disk leaves the old one as it was."""
     build.require_complete("filter")
     sig = export_signature(build)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
     info = read_info(out)
     if out.exists() and info is None and any(out.iterdir()):
         raise DsbuildError(f"{out} exists and is not a dsbuild export (no {INFO_NAME}); "
                            "choose an empty or new folder")
     rows = collect_rows(build)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed export
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -118,15 +135,79 @@ def write_export(build: Build, out: Path) -> ExportResult:
         for f in tmp.rglob("*"):
             if f.is_dir():
                 f.chmod(0o755)  # mkdtemp-style folders are private; an export is not
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            kept = f"the old export {out} is kept as it was" if out.exists() else \
+                "nothing was exported"
+            raise WriteFailed(f"no space left on the device while writing the export of "
+                              f"{build.root} (into {tmp}); {kept}: free some space and run the "
+                              "same command again") from None
+        raise
+    swap(tmp, out)
+    return ExportResult(out, False, counts, rows.stats)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error is the disk (or quota) filling: an OSError with ENOSPC/EDQUOT, or
+    pyarrow's IO error, which names errno 28 only in its text."""
+    if isinstance(exc, DiskFull):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(exc).lower()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` where ``out`` is; the old ``out`` is deleted only after. One
+    atomic exchange where the system has it; else two renames, whose window (no ``out``, the
+    old copy at ``.out.old-PID``) ``recover`` closes on the next run, or the handler here."""
+    if not out.exists():
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # the old export, now at tmp's name
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
     except BaseException:
+        if not out.exists():
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, False, counts, rows.stats)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(out: Path) -> None:
+    """Clean up after a killed export of ``out``: an old copy moved aside with nothing in its
+    place goes back (the kill fell between the two renames of ``swap``); temp folders and
+    old copies beside a whole export are deleted."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.replace(olds.pop(), out)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *olds]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def split_captions(path: Path) -> dict[str, set[str]]:

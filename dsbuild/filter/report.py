@@ -153,9 +153,12 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(build: Build) -> dict:
-    """Write reports/filter.{json,md,png} and filter_agents.png; returns the report dict."""
-    rows = list(join.scored_pairs(build))
+def write_report(build: Build, rows: list[join.Joined] | None = None) -> dict:
+    """Write reports/filter.{json,md,png} and filter_agents.png; returns the report dict.
+
+    ``rows``: the scored pairs to report on (default: every rank's, once the stage is done; a
+    failed rank reports its own)."""
+    rows = list(join.scored_pairs(build)) if rows is None else rows
     rep = filter_report(build, rows)
     out = build.reports_dir
     write_json(out / "filter.json", rep)

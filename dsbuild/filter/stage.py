@@ -5,7 +5,9 @@ clip_sim_image ≥ 0.7, clip_sim_dir ≥ 0.2, clip_sim_0 ≥ 0.2 and clip_sim_1 
 of one caption triple that pass, the k (default 4) with the highest clip_sim_dir are kept.
 Top-k needs all of a triple's pairs, so ranks shard by ``triple_id``. Work is resumable per
 pair: a triple interrupted half-way is finished by re-ranking its written scores together with
-the ones still missing (rounded scores make the re-ranking identical).
+the ones still missing (rounded scores make the re-ranking identical). A rank that keeps no
+pair fails (exit 1, no marker, its report written) when that leaves the stage nothing to pass
+on (``refuse_empty``).
 
 The keep/rank rules import without torch; the encoders (torch, open_clip, transformers) are
 imported when there are pairs to score, and ``run_filter`` checks first that they are installed.
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 from dsbuild.core import join
 from dsbuild.core.build import Build, StageResult, select_shard
 from dsbuild.core.deps import check
+from dsbuild.core.errors import StageFailed
 from dsbuild.core.progress import progress
 from dsbuild.filter.settings import THRESHOLDS, FilterSettings
 
@@ -220,6 +223,45 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                             writer.write(r)
                 bar.update(len(new))
             bar.close()
-        return shard_stats(writer.records)
+        stats = shard_stats(writer.records)
+        if stats["pairs"] and not stats["kept"]:
+            refuse_empty(build, rank, world_size, mine, writer.records, stats)
+        return stats
 
     return build.run_stage("filter", rank, world_size, work, force=force, report=report)
+
+
+def refuse_empty(build: Build, rank: int, world_size: int, mine: list[join.Joined],
+                 records: list[dict], stats: dict) -> None:
+    """StageFailed (no marker) when this rank kept no pair and that leaves nothing to pass on:
+    no pair of the rank could be scored (every image missing or unreadable), or every other
+    rank is done and kept none either. A rank that kept none beside ranks that kept some is a
+    small shard, not an empty output. The rank's report is written first, to be opened."""
+    unscored = [r for r in records if r.get("clip_sim_dir") is None]
+    if len(unscored) < len(records):
+        others = {r: m for r, m in build.markers("filter").items() if r != rank}
+        if len(others) < world_size - 1 or any(m.get("stats", {}).get("kept")
+                                               for m in others.values()):
+            return
+    from dsbuild.filter.report import write_report
+
+    by_pair = {r["pair_id"]: r for r in records}
+    rep = write_report(build, [join.Joined(j.pair, j.triple, by_pair[j.pair["id"]])
+                               for j in mine if j.pair["id"] in by_pair])
+    md = next(f for f in rep["files"] if f.endswith(".md"))
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats["reasons"].items()))
+    where = f" in rank {rank} of {world_size}" if world_size > 1 else ""
+    root = build.root
+    if len(unscored) == len(records):
+        fix = (f"no pair's images could be read (e.g. {unscored[0].get('reason')}): `dsbuild "
+               f"repair {root} generate` drops the pairs whose images are gone, `dsbuild "
+               f"generate {root}` makes them again, then `dsbuild filter {root} --force` scores "
+               "them")
+    else:
+        missed = [k for k in sorted(stats["reasons"], key=lambda k: -stats["reasons"][k])
+                  if k in (*THRESHOLDS, "dino")]
+        name = {"dino": "dino_min"}.get(missed[0], missed[0]) if missed else "clip_sim_dir"
+        fix = (f"every pair missed a threshold or top_k: lower the thresholds (e.g. --set "
+               f"filter.{name}=VALUE) and run the same command again")
+    raise StageFailed(f"filter kept 0 of {stats['pairs']} pairs{where} ({reasons}); no "
+                      f"completion marker written; see {md}; {fix}")

@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -312,6 +313,19 @@ class ChatClient:
         self.fail_fast.success()
         return reply
 
+    def _not_json(self, text: str) -> str:
+        """What a reply that is not JSON was: an HTML page (a proxy's, a login page: the
+        base URL is not an OpenAI-compatible API), else its first characters."""
+        url = self.settings.base_url or "api.openai.com"
+        head = " ".join(text.split())
+        if head[:1] == "<" and "html" in head[:200].lower():
+            title = re.search(r"<title[^>]*>(.*?)</title>", head, re.IGNORECASE)
+            what = f"an HTML page{f' ({title.group(1).strip()[:80]!r})' if title else ''}"
+        else:
+            what = f"a reply that is not JSON ({head[:80]!r})"
+        return (f"{what} instead of a chat completion from {url}; set {self.section}.base_url "
+                "to the OpenAI-compatible API (it usually ends in /v1)")
+
     def _endpoint_down(self) -> StageFailed:
         f, sec = self.fail_fast, self.section
         return StageFailed(
@@ -353,6 +367,8 @@ class ChatClient:
                             f"HTTP {code}: {str(exc.message)[:200]}") from None
         except (o.APIError, ValueError):  # a body that is not JSON (a proxy's HTML page)
             raise Retryable("bad_response", error="a reply that is not JSON") from None
+        if isinstance(resp, str):  # the SDK hands back the text of a reply that is not JSON
+            raise Retryable("bad_response", error=self._not_json(resp))
         if not getattr(resp, "choices", None):  # JSON, but not a chat completion: never cached
             raise Retryable("bad_response", error="a JSON reply that is not a chat completion")
         return _reply(resp)

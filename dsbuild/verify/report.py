@@ -140,9 +140,12 @@ def contact_sheet(build: Build, recs: list[dict], path: Path) -> int:
     return shown
 
 
-def write_report(build: Build) -> dict:
-    """Write reports/verify.{json,md} and verify_rejects.png; returns the report dict."""
-    recs = list(build.records("verify"))
+def write_report(build: Build, records: list[dict] | None = None) -> dict:
+    """Write reports/verify.{json,md} and verify_rejects.png; returns the report dict.
+
+    ``records``: what to report on (default: every rank's, once the stage is done; a failed
+    rank reports its own)."""
+    recs = list(build.records("verify")) if records is None else records
     rep = verify_report(build, recs)
     out = build.reports_dir
     rep["contact_sheet_pairs"] = contact_sheet(build, recs, out / "verify_rejects.png")

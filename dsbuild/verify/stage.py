@@ -292,6 +292,12 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                 "written; run the same command again to resume (replies already received come "
                 "from the cache)")
         stats = shard_stats(writer.records)
+        if s.judge.enabled:
+            judged = [c for r in writer.records for c in r.get("checks", [])
+                      if c["name"] == "judge"]
+            stats["judge_scored"] = sum(c.get("pass") is not None for c in judged)
+            if judged and not stats["judge_scored"] and not s.judge.optional:
+                refuse_unjudged(build, rank, world_size, writer.records, len(judged))
         if verifier is not None and verifier.judge is not None:
             stats["judge"] = verifier.judge.stats()
         if verifier is not None and verifier.detector is not None:
@@ -299,3 +305,29 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
         return stats
 
     return build.run_stage("verify", rank, world_size, work, force=force, report=report)
+
+
+def refuse_unjudged(build: Build, rank: int, world_size: int, records: list[dict],
+                    judged: int) -> None:
+    """StageFailed (no marker) when the judge scored none of this rank's pairs and no other
+    finished rank's either: an endpoint that answers only nonsense is a failure, not a pass
+    with every pair unchecked (``verify.judge.optional=true`` accepts it). The rank's report
+    is written first, to be opened."""
+    others = {r: m for r, m in build.markers("verify").items() if r != rank}
+    if any(m.get("stats", {}).get("judge_scored") for m in others.values()):
+        return
+    from dsbuild.verify.report import write_report
+
+    rep = write_report(build, records)
+    md = next(f for f in rep["files"] if f.endswith(".md"))
+    why = Counter(c["reason"] for r in records for c in r.get("checks", [])
+                  if c["name"] == "judge")
+    reasons = ", ".join(f"{k.removeprefix('judge_')}={v}" for k, v in sorted(why.items()))
+    j = build.config.verify.judge
+    where = f" in rank {rank} of {world_size}" if world_size > 1 else ""
+    raise StageFailed(
+        f"verify: the judge ({j.model} at {j.base_url or 'the OpenAI API'}) scored none of the "
+        f"{judged} pairs it was asked about{where} ({reasons}); no completion marker written; "
+        f"see {md}; fix verify.judge.model or verify.judge.base_url (its replies are cached "
+        f"in {build.cache_dir / 'verify-judge'}: delete that folder to ask again), or set "
+        "verify.judge.optional=true to accept pairs the judge could not score")

@@ -16,6 +16,7 @@ from dsbuild.core import join
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.generators import Param
 from dsbuild.core.schema import decided, fields
+from dsbuild.review.fiftyone.db import require_database
 
 TOOL = "fiftyone"
 SLICES = ("pair", "input", "output", "mask")
@@ -88,6 +89,7 @@ def dataset_name(build, name: str | None = None) -> str:
 
 def open_dataset(fo, build, name: str, create: bool):
     """The build's grouped dataset ``name`` (made when ``create``); refuses another build's."""
+    require_database()  # an unreachable FIFTYONE_DATABASE_URI: one line, not a minute's wait
     root = str(build.root.resolve())
     if fo.dataset_exists(name):
         ds = fo.load_dataset(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -51,6 +52,46 @@ def import_fiftyone():
     if os.environ.get("FIFTYONE_DO_NOT_TRACK", "").lower() in ("true", "1"):
         fo.config.do_not_track = True
     return fo
+
+
+class DatabaseUnreachable(DsbuildError):
+    """The MongoDB FiftyOne is told to use does not answer: the environment, exit status 1."""
+
+    exit_code = 1
+
+
+def shown_uri(uri: str) -> str:
+    """A MongoDB URI fit for a message: its password replaced by ``***``."""
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", uri)
+
+
+def require_database(timeout_s: float = 5.0) -> None:
+    """The MongoDB that ``FIFTYONE_DATABASE_URI`` names answers a ping within ``timeout_s``;
+    else one line naming the variable, in seconds, instead of FiftyOne's ``ConnectionError``
+    traceback after a minute. Without the variable FiftyOne runs its own mongod."""
+    fo = sys.modules.get("fiftyone")
+    uri = os.environ.get("FIFTYONE_DATABASE_URI") or \
+        getattr(getattr(fo, "config", None), "database_uri", None)
+    if not uri:
+        return
+    pymongo = require("pymongo")
+    try:
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000),
+                                     connectTimeoutMS=int(timeout_s * 1000))
+    except pymongo.errors.ConfigurationError as exc:
+        raise DsbuildError(f"FIFTYONE_DATABASE_URI={shown_uri(uri)} is not a MongoDB URI "
+                           f"({exc}); fix it (mongodb://HOST:PORT), or unset it to let FiftyOne "
+                           "run its own database") from None
+    try:
+        client.admin.command("ping")
+    except pymongo.errors.PyMongoError as exc:
+        why = str(exc).split(" (configured timeouts")[0].split(", Timeout:")[0]
+        raise DatabaseUnreachable(
+            f"cannot reach the FiftyOne database at FIFTYONE_DATABASE_URI={shown_uri(uri)} "
+            f"within {timeout_s:g} s ({shown_uri(why)[:200]}); start that MongoDB, point the "
+            "variable at a running one, or unset it to let FiftyOne run its own") from None
+    finally:
+        client.close()
 
 
 def find_mongod() -> Path:

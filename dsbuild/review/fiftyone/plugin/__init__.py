@@ -47,8 +47,12 @@ def _target_note(ctx, inputs) -> None:
 def _run(ctx, verdict: str, **kw) -> dict:
     from dsbuild.review import fiftyone as fr
 
-    result = fr.give_verdict(ctx.dataset, _targets(ctx), verdict,
-                             reviewer=ctx.params.get("reviewer"), **kw)
+    try:
+        result = fr.give_verdict(ctx.dataset, _targets(ctx), verdict,
+                                 reviewer=ctx.params.get("reviewer"), **kw)
+    except DsbuildError as exc:  # the App itself shows only "Error occurred during ..."
+        ctx.ops.notify(f"dsbuild: {exc}", variant="error")
+        raise
     ctx.ops.reload_samples()
     ctx.ops.notify(f"{verdict}: {result['pairs']} pair(s) by {result['reviewer']}",
                    variant="success")
