@@ -15,7 +15,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("datasets")
 
 from ip2p_reference import ip2p_scores  # noqa: E402
-from test_train import build_export  # noqa: E402
+from test_train import build_export, dsbuild, error_lines  # noqa: E402
 
 from dsbuild.cli import cli  # noqa: E402
 from dsbuild.core.errors import DsbuildError  # noqa: E402
@@ -137,3 +137,43 @@ def test_edit_cli_and_bad_models(trained, tmp_path, one_torch_thread):
         load_editor(str(sd))
     with pytest.raises(DsbuildError, match="neither 'tiny', an existing diffusers folder"):
         load_editor("no/such/thing")
+
+
+def test_eval_refuses_before_writing_and_takes_back_its_rows(trained, tmp_path, capsys,
+                                                              monkeypatch, one_torch_thread):
+    """--limit 0, a missing model and a locked OUT are refused before anything is written; a
+    run that fails after its edits removes the fitted rows it wrote and keeps the edits."""
+    import os
+
+    from dsbuild.train.loop import lock_out
+
+    export, model = trained
+    out = tmp_path / "ev"
+    run = ["--data", str(export), "--out", str(out), *EVAL]
+    code, res = dsbuild(["eval", "tiny", *run, "--limit", "0"], capsys)
+    assert code == 2 and "Invalid value for '--limit'" in res.err
+    assert not out.exists()
+    code, res = dsbuild(["eval", "tiny", str(tmp_path / "gone"), *run], capsys)
+    assert code == 2
+    [line] = error_lines(res.err)
+    assert f"{tmp_path / 'gone'}' is neither 'tiny', an existing diffusers folder" in line
+    assert not out.exists()
+    with lock_out(out, "eval"):
+        code, res = dsbuild(["eval", "tiny", *run], capsys)
+        assert code == 2
+        assert f"the eval run into {out} is being written by PID {os.getpid()}" in \
+            error_lines(res.err)[0]
+        gen = tmp_path / "evg"
+        with lock_out(gen, "eval-generator"):
+            code, res = dsbuild(["eval-generator", str(model), "--out", str(gen)], capsys)
+            assert code == 2 and f"PID {os.getpid()}" in error_lines(res.err)[0]
+    assert not out.exists()
+
+    def no_backbones(s):
+        raise DsbuildError("eval backbones: cannot load (offline)")
+
+    monkeypatch.setattr("dsbuild.evaluate.run.load_encoders", no_backbones)
+    code, res = dsbuild(["eval", "tiny", *run], capsys)
+    assert code == 2 and error_lines(res.err) == ["error: eval backbones: cannot load (offline)"]
+    assert not (out / "rows").exists() and not (out / "eval.json").exists()
+    assert list((out / "edits").rglob("*.png"))  # finished edits: a rerun resumes from them

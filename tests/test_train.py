@@ -4,6 +4,7 @@ after a SIGKILL, LoRA, and bad input refused before anything is written."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,177 @@ def test_train_without_its_extra_says_how_to_install(tmp_path):
                        timeout=120)
     assert p.returncode == 2, p.stderr
     assert "pip install 'dsbuild[train]'" in p.stderr
+
+
+def dsbuild(args: list[str], capsys):
+    """Run the dsbuild command in process: (exit status, captured stdout and stderr)."""
+    from dsbuild.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code, capsys.readouterr()
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+TRAIN = ["--base", "tiny", "--resolution", "32", "--batch-size", "2", "--validation-steps", "2"]
+
+
+def test_a_second_run_into_a_locked_out_is_refused_or_waits(export, tmp_path, capsys):
+    """While a run holds OUT (here the test holds its lock), train and train-generator exit 2
+    naming the holder and write nothing; `train --wait` waits, then trains."""
+    from dsbuild.train.loop import lock_out
+
+    out = tmp_path / "m"
+    with lock_out(out, "train"):
+        code, res = dsbuild(["train", str(export), "--out", str(out), "--max-steps", "1",
+                             *TRAIN], capsys)
+        assert code == 2
+        [line] = error_lines(res.err)
+        assert f"the train run into {out} is being written by PID {os.getpid()}" in line
+        assert "rerun with --wait" in line
+        assert not out.exists()
+        code, res = dsbuild(["train-generator", str(tmp_path / "photos"), "--out", str(out)],
+                            capsys)
+        assert code == 2 and f"PID {os.getpid()}" in error_lines(res.err)[0]
+        p = subprocess.Popen([sys.executable, "-m", "dsbuild", "train", str(export), "--out",
+                              str(out), "--max-steps", "1", *TRAIN, "--wait"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for line in p.stderr:  # it says it waits before it takes the folder
+            if line.startswith("waiting:"):
+                break
+        assert f"is being written by PID {os.getpid()}" in line
+        assert not out.exists()
+    stdout, rest = p.communicate(timeout=300)
+    assert p.returncode == 0, rest[-2000:]
+    assert "trained 1 steps" in stdout and (out / "train_config.json").exists()
+
+
+def failing_save_state(fail_at: int):
+    """accelerate's save_state that writes part of a checkpoint, then fails as torch's writer
+    does on a full disk, at its ``fail_at``-th call."""
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) < fail_at:
+            return real(self, output_dir, **kw)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    return save_state
+
+
+def test_disk_full_is_one_line_and_leaves_no_half_file(export, tmp_path, capsys, monkeypatch,
+                                                       one_torch_thread):
+    """A full disk at the first checkpoint, at a later one, and while the model is saved: exit 1,
+    one line naming the file and the fix; no temp checkpoint or half model is left, and a
+    folder with no checkpoint is taken back. After the failed model save, --resume latest
+    redoes no step (the last one is checkpointed)."""
+    import errno
+
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    args = ["--max-steps", "2", "--checkpoint-every", "1", *TRAIN]
+    first = tmp_path / "first"
+    with monkeypatch.context() as m:
+        m.setattr(Accelerator, "save_state", failing_save_state(1))
+        code, res = dsbuild(["train", str(export), "--out", str(first), *args], capsys)
+    assert code == 1
+    [line] = error_lines(res.err)
+    assert line.startswith(f"error: cannot write {first}/checkpoint-1 (")
+    assert line.endswith("free space, then rerun")
+    assert not first.exists()  # nothing to resume from: the folder is not claimed
+
+    later = tmp_path / "later"
+    with monkeypatch.context() as m:
+        m.setattr(Accelerator, "save_state", failing_save_state(2))
+        code, res = dsbuild(["train", str(export), "--out", str(later), *args], capsys)
+    assert code == 1
+    [line] = error_lines(res.err)
+    assert f"cannot write {later}/checkpoint-2" in line
+    assert line.endswith("free space, then rerun with --resume latest")
+    assert sorted(p.name for p in later.iterdir()) == ["checkpoint-1", "dsbuild-train.json"]
+
+    final = tmp_path / "final"
+
+    def full(self, save_directory, **kw):
+        Path(save_directory, "unet").mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(StableDiffusionInstructPix2PixPipeline, "save_pretrained", full)
+        code, res = dsbuild(["train", str(export), "--out", str(final), *args], capsys)
+    assert code == 1
+    [line] = error_lines(res.err)
+    assert f"cannot write {final} (No space left on device;" in line
+    assert "--resume latest" in line
+    assert sorted(p.name for p in final.iterdir()) == ["checkpoint-1", "checkpoint-2",
+                                                       "dsbuild-train.json"]
+    from dsbuild.cli import main
+
+    main(["train", str(export), "--out", str(final), *args, "--resume", "latest"])
+    assert re.search(r"trained 2 steps on \d+ rows \(resumed at step 2\);",
+                     capsys.readouterr().out)
+    assert (final / "train_config.json").exists() and (final / "unet").is_dir()
+
+
+def test_resume_latest_on_a_finished_folder_redoes_nothing(export, tmp_path, one_torch_thread):
+    s = TrainSettings(data=str(export), max_steps=3, **FAST)
+    out = tmp_path / "m"
+    train(s, out)
+    assert (out / "checkpoint-3").is_dir()  # the last step is checkpointed
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = train(s, out, resume="latest")
+    assert again.finished and again.losses == [] and again.steps == 3
+    assert weights.stat().st_mtime_ns == before
+    r = CliRunner().invoke(cli, ["train", str(export), "--out", str(out), "--max-steps", "3",
+                                 "--checkpoint-every", "2", *TRAIN, "--resume", "latest"])
+    assert r.exit_code == 0 and r.output.startswith(f"nothing to do: {out} is already trained")
+    longer = train(s.model_copy(update={"max_steps": 4}), out, resume="latest")
+    assert longer.resumed_from == 3 and len(longer.losses) == 1
+
+
+def test_a_damaged_export_is_one_line(export, tmp_path, capsys):
+    """A truncated shard and a split whose shards differ in columns are refused naming the
+    file (exit 2, nothing written); splits with different columns are each readable."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from dsbuild.train.data import load_split
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(export, trunc)
+    shard = next((trunc / "data").glob("train-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = tmp_path / "o"
+    code, res = dsbuild(["train", str(trunc), "--out", str(out), "--max-steps", "1", *TRAIN],
+                        capsys)
+    assert code == 2
+    [line] = error_lines(res.err)
+    assert line.startswith(f"error: {shard}: not a whole parquet file")
+    assert "dsbuild export BUILD --force" in line
+    assert not out.exists()
+
+    cols = tmp_path / "cols"
+    shutil.copytree(export, cols)
+    train_shard = next((cols / "data").glob("train-*.parquet"))
+    pq.write_table(pq.read_table(train_shard).drop_columns(["original_prompt"]), train_shard)
+    assert len(load_split(str(cols), "train")) == len(load_split(str(export), "train"))
+    assert "original_prompt" in load_split(str(cols), "test").column_names
+    extra = cols / "data" / "train-00001-of-00001.parquet"
+    shutil.copy(next((export / "data").glob("train-*.parquet")), extra)
+    with pytest.raises(DsbuildError, match=f"{extra}: its columns differ from "
+                                           f"{train_shard.name}'s .missing: -; extra: "
+                                           "original_prompt"):
+        load_split(str(cols), "train")

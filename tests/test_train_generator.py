@@ -150,6 +150,9 @@ def test_dreambooth_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     config = json.loads((cut / "generator_config.json").read_text())
     assert config["prompts"] == [f"a sks armchair in a {r}" for r in ("den", "hall", "loft")]
+    again = train_generator(s, cut, resume="latest")  # finished: nothing is redone
+    assert again.finished and again.steps == 4 and again.losses == []
+    assert (cut / "checkpoint-4").is_dir()  # the last step is checkpointed
     from dsbuild.models import load_sd_pipeline
     from dsbuild.models.sd import tiny_sd_components
 

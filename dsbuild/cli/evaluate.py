@@ -13,6 +13,7 @@ import json
 import click
 
 from dsbuild.cli.options import settings_from, settings_options
+from dsbuild.cli.train import wait_folder
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.settings.localize import LocalizeSettings, RegularisationSettings
 from dsbuild.evaluate.settings import EvalSettings, GeneratorEvalSettings
@@ -83,6 +84,7 @@ def localize_settings(values: dict, region: str | None = None):
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
 @settings_options(LocalizeSettings, only=("region",))
 @localize_options
+@wait_folder
 def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
     """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
     from dsbuild.evaluate.run import evaluate
@@ -152,6 +154,7 @@ def edit_cmd(model, image, instruction, out, seed, image_guidance, resolution, l
 @click.option("--offline", is_flag=True, help="tiny random CLIP/DINOv2 backbones (placeholder "
               "scores, no downloads)")
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
+@wait_folder
 def eval_generator_cmd(tuned, base, out, prompts, offline, as_json, **values):
     """Score TUNED (a train-generator folder) against its base: CLIP-T, CLIP-I/DINO to the
     photos, language drift."""

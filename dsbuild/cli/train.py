@@ -3,11 +3,21 @@ models (:class:`dsbuild.train.settings.TrainSettings`, :class:`GeneratorTrainSet
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from dsbuild.cli.options import settings_from, settings_options
+from dsbuild.cli.util import wait_option
 from dsbuild.train.generator_settings import GeneratorTrainSettings
 from dsbuild.train.settings import TrainSettings
+
+wait_folder = functools.partial(wait_option, what="this --out folder")
+
+
+def nothing_to_do(res, data: str) -> str:
+    return (f"nothing to do: {res.out} is already trained with these settings ({res.steps} "
+            f"steps on {data}); raise --max-steps or --epochs to train on")
 
 
 @click.command("train")
@@ -17,12 +27,16 @@ from dsbuild.train.settings import TrainSettings
 @click.option("--resume", default=None, metavar="latest|checkpoint-N",
               help="continue from a checkpoint in --out (settings must match)")
 @settings_options(TrainSettings, skip={"data"})
+@wait_folder
 def train_cmd(data, out, resume, **given):
     """Fine-tune InstructPix2Pix on DATA (an export folder or a Hub dataset id)."""
     from dsbuild.train.trainer import train
 
     s = settings_from(TrainSettings, given, "dsbuild train options", data=data)
     res = train(s, out, resume=resume)
+    if res.finished:
+        click.echo(nothing_to_do(res, f"{res.rows} rows"))
+        return
     start = f" (resumed at step {res.resumed_from})" if res.resumed_from is not None else ""
     last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
     click.echo(f"trained {res.steps} steps on {res.rows} rows{start}{last}; base "
@@ -36,6 +50,7 @@ def train_cmd(data, out, resume, **given):
 @click.option("--resume", default=None, metavar="latest|checkpoint-N",
               help="continue from a checkpoint in --out (settings must match)")
 @settings_options(GeneratorTrainSettings, skip={"photos"}, flags={"class_noun": "--class"})
+@wait_folder
 def train_generator_cmd(photos, out, resume, **given):
     """Tune a Stable Diffusion generator on PHOTOS (DreamBooth or LoRA); use it as
     generate.model."""
@@ -44,6 +59,9 @@ def train_generator_cmd(photos, out, resume, **given):
     s = settings_from(GeneratorTrainSettings, given, "dsbuild train-generator options",
                       photos=photos)
     res = train_generator(s, out, resume=resume)
+    if res.finished:
+        click.echo(nothing_to_do(res, f"{res.photos} photos"))
+        return
     start = f" (resumed at step {res.resumed_from})" if res.resumed_from is not None else ""
     last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
     prior = f" + {res.class_images} class images" if res.class_images else ""

@@ -39,3 +39,9 @@ class StageFailed(DsbuildError):
 class MissingDependency(DsbuildError):
     """An optional dependency is missing; the message carries the pip line that fixes it."""
 
+
+class WriteFailed(DsbuildError):
+    """A file could not be written (disk full, quota, read-only): the machine, not the input,
+    stopped the work; exit status 1. The message names the file and what to free."""
+
+    exit_code = 1

@@ -78,8 +78,17 @@ def sample(pipe, prompts: list[str], folder: Path, s: GeneratorEvalSettings, siz
 def evaluate_generator(tuned: str, out: str | Path, s: GeneratorEvalSettings | None = None,
                        base: str | None = None) -> dict:
     """Sample base and tuned on the context and class prompts, score, write eval.json/md and a
-    grid under ``out``; the tuned folder's card gets the table."""
+    grid under ``out``; the tuned folder's card gets the table. OUT is locked for the run."""
     check("train", what="dsbuild eval-generator")
+    from dsbuild.train.loop import lock_out
+
+    out = Path(out)
+    with lock_out(out, "eval-generator"):
+        return _evaluate_generator(tuned, out, s or GeneratorEvalSettings(), base)
+
+
+def _evaluate_generator(tuned: str, out: Path, s: GeneratorEvalSettings,
+                        base: str | None) -> dict:
     import torch
 
     from dsbuild.core import metrics
@@ -88,11 +97,9 @@ def evaluate_generator(tuned: str, out: str | Path, s: GeneratorEvalSettings | N
     from dsbuild.models import ImageEmbedder, load_sd_pipeline, resolve_device
     from dsbuild.train.generator import EXTENSIONS
 
-    s = s or GeneratorEvalSettings()
     config = read_config(tuned)
     ts = config["settings"]
     base = base or config["base"]
-    out = Path(out)
     size = s.resolution or ts["resolution"]
     photos = sorted(p for p in Path(ts["photos"]).iterdir() if p.suffix.lower() in EXTENSIONS) \
         if Path(ts["photos"]).is_dir() else []

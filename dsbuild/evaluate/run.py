@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from dsbuild.core.progress import progress
 from dsbuild.core.records import write_figure, write_image, write_json, write_text
 from dsbuild.evaluate.settings import EvalSettings
 from dsbuild.train import data as rows_mod
+from dsbuild.train.loop import lock_out
 
 
 def slug(name: str) -> str:
@@ -160,23 +162,44 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
              update_cards: bool = True, agent=None) -> dict:
     """Edit and score; writes eval.json, eval.md, curve.png (a sweep) and grids under ``out``.
     With ``s.localize``, ``agent`` (a ``ReferringAgent``; rules when None) names each row's
-    referred object."""
+    referred object. OUT is locked for the run; the inputs are checked before anything is
+    written, and a failed run takes back the fitted rows it wrote (its finished edits stay,
+    so a rerun resumes)."""
     check("train", what="dsbuild eval")
-    import torch
-
-    from dsbuild.core.grid import edit_grid
-    from dsbuild.evaluate.report import curve_figure, markdown_table
-    from dsbuild.models import ImageEmbedder, load_editor, resolve_device, resolve_dtype
+    from dsbuild.models import checkpoint
 
     s = s or EvalSettings()
     if not models:
         raise DsbuildError("name at least one MODEL to evaluate")
     if len(set(models)) != len(models):
         raise DsbuildError(f"a model is named twice: {' '.join(models)}")
+    for model in models:
+        if model != "tiny":
+            checkpoint(model, "MODEL", "diffusers folder")
     out = Path(out)
     ds = rows_mod.load_split(data, s.split)
     s = placeholder_backbones(ds, s)
     rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.limit)
+    with lock_out(out, "eval"):
+        fresh = {p: not p.exists() for p in (out, out / "rows")}
+        try:
+            return _evaluate(models, data, out, s, rows, update_cards, agent)
+        except BaseException:
+            if fresh[out / "rows"]:
+                shutil.rmtree(out / "rows", ignore_errors=True)
+            if fresh[out] and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            raise
+
+
+def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, update_cards,
+              agent) -> dict:
+    import torch
+
+    from dsbuild.core.grid import edit_grid
+    from dsbuild.evaluate.report import curve_figure, markdown_table
+    from dsbuild.models import ImageEmbedder, load_editor, resolve_device, resolve_dtype
+
     inputs = {r.index: out / "rows" / f"{r.index:05d}_input.png" for r in rows}
     truths = {r.index: out / "rows" / f"{r.index:05d}_truth.png" for r in rows}
     # the fitted rows are reused by a re-run, but not across data, split or resolution

@@ -40,11 +40,14 @@ def load_split(data: str, split: str):
     datasets = require("datasets")
     path = Path(data)
     if path.exists():
-        from dsbuild.core.exports import load_export
+        from dsbuild.core.exports import export_files, load_export
 
         if not path.is_dir():
             raise DsbuildError(f"{data}: expected an export folder (with data/*.parquet)")
-        dd = load_export(path)
+        have = export_files(path)
+        if have and split not in have:
+            raise DsbuildError(f"{data} has no split {split!r} (splits: {', '.join(have)})")
+        dd = load_export(path, splits=[split])  # only this split's shards are read
     else:
         if data.startswith((".", "/", "~")) or data.count("/") != 1:
             raise DsbuildError(f"{data!r} is neither an export folder nor a Hub dataset id "

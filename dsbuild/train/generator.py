@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,13 +29,19 @@ from dsbuild.core.hashing import content_id
 from dsbuild.core.records import write_image, write_json
 from dsbuild.train.generator_settings import GeneratorTrainSettings
 from dsbuild.train.loop import (
+    MODEL_TMP,
     TrainState,
     begin_run,
+    checkpoint_last,
     encode_text,
+    finished,
     make_optimizer,
     noised,
+    output_folder,
     prepare_out,
+    publish_model,
     run_loop,
+    writing,
 )
 from dsbuild.train.loop import (
     weight_dtype as frozen_dtype,
@@ -65,6 +72,7 @@ class GeneratorResult:
     class_images: int
     losses: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    finished: bool = False  # --resume latest found the generator already trained: nothing done
 
 
 def read_captions(folder: Path) -> dict[str, str]:
@@ -250,10 +258,20 @@ class PosteriorCache:
 
 def train_generator(s: GeneratorTrainSettings, out: str | Path, resume: str | None = None,
                     quiet: bool = False) -> GeneratorResult:
-    """Fine-tune ``s.base`` on the photos in ``s.photos``; write a generator to ``out``."""
+    """Fine-tune ``s.base`` on the photos in ``s.photos``; write a generator to ``out`` (locked
+    for the run: :func:`dsbuild.train.loop.output_folder`)."""
     check("train", what="dsbuild train-generator")
     out = Path(out)
+    with output_folder(out, "train-generator"):
+        return _train_generator(s, out, resume, quiet)
+
+
+def _train_generator(s: GeneratorTrainSettings, out: Path, resume: str | None,
+                     quiet: bool) -> GeneratorResult:
     start_from = prepare_out(out, s, resume, "train-generator", CONFIG_FILE)
+    if resume == "latest" and (done := finished(out, s, CONFIG_FILE)):
+        return GeneratorResult(out, done["steps"], done["steps"], done["photos"],
+                               done["class_images"], finished=True)
     photos = read_photos(s.photos, s.resolution, s.prompt)
     import torch
     import torch.nn.functional as F
@@ -373,10 +391,12 @@ def train_generator(s: GeneratorTrainSettings, out: str | Path, resume: str | No
     losses = run_loop(acc, state, s, out, max_steps=max_steps, loss_fn=loss_fn, models=trained,
                       params=params, opt=opt, lr_sched=lr_sched, validate=validate_at,
                       desc="train-generator")
+    loop_cpu_s = time.process_time() - t0
+    checkpoint_last(acc, out, state, s, losses)
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_generator(acc, s, out, comps, unet, text_encoder, state.step, photos, len(priors),
-                       time.process_time() - t0)
+                       loop_cpu_s)
     acc.end_training()
     return GeneratorResult(out, state.step, resumed, n, len(priors), losses, warnings)
 
@@ -422,7 +442,8 @@ def lora_state(module) -> dict:
 def save_generator(acc, s: GeneratorTrainSettings, out: Path, comps: dict, unet, text_encoder,
                    steps: int, photos: list[Photo], n_class: int, loop_cpu_s: float) -> None:
     """The finished generator: a full StableDiffusionPipeline folder (dreambooth) or LoRA
-    weights with a marker naming the base (lora); ``generator_config.json`` and a model card."""
+    weights with a marker naming the base (lora) and a model card, saved whole in a temp
+    folder and moved in, then ``generator_config.json`` (last: the generator is complete)."""
     import torch
     from safetensors.torch import save_file
 
@@ -431,21 +452,30 @@ def save_generator(acc, s: GeneratorTrainSettings, out: Path, comps: dict, unet,
 
     net, te = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     base = str(Path(s.base).resolve()) if Path(s.base).exists() else s.base
+    stage = out / MODEL_TMP
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    fix = "free space, then rerun with --resume latest (the last step is checkpointed)"
     if s.mode == "lora":
-        save_file(lora_state(net), str(out / "unet_lora.safetensors"))
-        if s.train_text_encoder:
-            save_file(lora_state(te), str(out / "text_encoder_lora.safetensors"))
-        write_json(out / MARKER, {"kind": "lora", "base": base,
-                                  "scale": s.lora_alpha / s.lora_rank, "rank": s.lora_rank,
-                                  "text_encoder": s.train_text_encoder})
+        with writing(out, fix, remove=stage):
+            save_file(lora_state(net), str(stage / "unet_lora.safetensors"))
+            if s.train_text_encoder:
+                save_file(lora_state(te), str(stage / "text_encoder_lora.safetensors"))
+            write_json(stage / MARKER, {"kind": "lora", "base": base,
+                                        "scale": s.lora_alpha / s.lora_rank,
+                                        "rank": s.lora_rank, "text_encoder": s.train_text_encoder})
     else:
         for module in (net, te, comps["vae"]):  # saved in fp32 whatever the training precision
             if module.dtype != torch.float32:
                 module.to(dtype=torch.float32)
-        sd_pipeline(comps, unet=net, text_encoder=te).save_pretrained(str(out))
+        pipe = sd_pipeline(comps, unet=net, text_encoder=te)
+        with writing(out, fix, remove=stage):
+            pipe.save_pretrained(str(stage))
     config = {"settings": s.model_dump(mode="json"), "base": base, "steps": steps,
               "photos": len(photos), "class_images": n_class,
               "prompts": sorted({p.prompt for p in photos}), "prior_prompt": s.prior_prompt,
               "loop_cpu_s": round(loop_cpu_s, 3), "dsbuild_version": __version__}
+    with writing(out, fix, remove=stage):
+        write_generator_card(stage, config)
+    publish_model(stage, out)
     write_json(out / CONFIG_FILE, config)
-    write_generator_card(out, config)

@@ -6,22 +6,121 @@ else: the output folder's guard, accelerate's gradient accumulation, clipping, t
 and LR steps, EMA, checkpoints written atomically and pruned, ``--resume`` state (optimizer
 step, data position and the seeded generator, through ``register_for_checkpointing``),
 validation hooks, progress and the test kill switch. So both commands resume exactly.
+
+The output folder is locked for the whole run (a second run into it is refused, naming the
+holder, or waits with ``--wait``); the final step is checkpointed too, so ``--resume latest``
+on a finished folder has nothing to redo; a write that fails (disk full) is one line naming
+the file, and a failed run takes back what nothing can resume from (temp checkpoints, a half
+saved model, a folder it claimed but never checkpointed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dsbuild.core.errors import DsbuildError, MissingDependency
+from dsbuild.core.errors import DsbuildError, MissingDependency, WriteFailed
 from dsbuild.core.progress import progress
 
 RUN_FILE = "dsbuild-train.json"  # settings of the run that owns the folder (written first)
 KILL_ENV = "DSBUILD_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL self after this step (no cleanup)
+MODEL_TMP = ".model.tmp"  # the finished model is saved here, then moved into the folder
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def lock_out(out: Path, command: str):
+    """The lock of an output folder, held for a whole run: a file beside the folder (so a
+    refused run writes nothing into it), with the message and ``--wait`` of stage locks."""
+    from dsbuild.core import locks
+
+    real = out.resolve()
+    return locks.hold(real.parent / f".{real.name}.lock", f"the {command} run into {out}")
+
+
+def write_failed(path: Path, exc: BaseException, fix: str) -> WriteFailed:
+    """One line for a failed write: the file, the system's reason, the space left, the fix."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return WriteFailed(f"cannot write {path} ({' '.join(reason.split())[:200]}; {free}); {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, fix: str, remove: Path | None = None) -> Iterator[None]:
+    """Around a save: a failed write (torch's writer raises RuntimeError on a full disk,
+    safetensors its own error) becomes one WriteFailed line naming ``path``; ``remove`` (the
+    save's temp folder) is deleted first."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, OSError | RuntimeError) and \
+                type(exc).__name__ != "SafetensorError":
+            raise
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
+        raise write_failed(path, exc, fix) from None
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, command: str) -> Iterator[None]:
+    """Hold OUT's lock for the run; when the run fails, take back what nothing can resume from
+    (the folder's claim, validation grids and the folder itself, if the run claimed it and
+    wrote no checkpoint); a disk error anywhere becomes one WriteFailed line. Under
+    ``accelerate launch`` only the main process (``RANK`` 0) locks and tidies."""
+    main = int(os.environ.get("RANK", "0") or 0) == 0
+    with lock_out(out, command) if main else contextlib.nullcontext():
+        fresh, claimed = not out.exists(), (out / RUN_FILE).exists()
+        try:
+            yield
+        except BaseException as exc:
+            if main and not claimed and (out / RUN_FILE).exists() and not checkpoints(out):
+                (out / RUN_FILE).unlink()
+                shutil.rmtree(out / "validation", ignore_errors=True)
+                shutil.rmtree(out / MODEL_TMP, ignore_errors=True)
+                if fresh and not any(out.iterdir()):
+                    out.rmdir()
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise write_failed(Path(exc.filename or out), exc, resume_fix(out)) from None
+            raise
+
+
+def resume_fix(out: Path) -> str:
+    """What to do after a failed write: free space, and resume if there is a checkpoint."""
+    return "free space, then rerun" + (" with --resume latest" if checkpoints(out) else "")
+
+
+def finished(out: Path, s, config_file: str) -> dict | None:
+    """The config of the model OUT already holds when it is the one ``s`` asks for (the same
+    length: ``max_steps`` and ``epochs``), so ``--resume latest`` has nothing left to do."""
+    path = out / config_file
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    old, mine = config.get("settings", {}), s.model_dump(mode="json")
+    return config if all(old.get(k) == mine.get(k) for k in ("max_steps", "epochs")) else None
+
+
+def publish_model(stage: Path, out: Path) -> None:
+    """Move a model saved whole into ``stage`` into OUT, replacing the entries it has."""
+    for entry in stage.iterdir():
+        dest = out / entry.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        os.replace(entry, dest)
+    stage.rmdir()
 
 
 class TrainState:
@@ -59,6 +158,8 @@ def begin_run(acc, s, out: Path, start_from: Path | None, state) -> int | None:
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for litter in [*out.glob(".checkpoint-*.tmp"), out / MODEL_TMP]:  # a killed run's
+            shutil.rmtree(litter, ignore_errors=True)
         if not (out / RUN_FILE).exists():
             write_json(out / RUN_FILE, {"settings": s.model_dump(mode="json"),
                                         "dsbuild_version": __version__})
@@ -155,7 +256,8 @@ def save_checkpoint(acc, out: Path, step: int, s) -> Path:
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    with writing(final, resume_fix(out), remove=tmp):
+        acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
         if final.exists():
@@ -165,6 +267,14 @@ def save_checkpoint(acc, out: Path, step: int, s) -> Path:
             for old in checkpoints(out)[:-s.checkpoint_limit]:
                 shutil.rmtree(old)
     return final
+
+
+def checkpoint_last(acc, out: Path, state: TrainState, s, losses: list[float]) -> None:
+    """Checkpoint the final step when this run took steps (after the loop, so the loop's
+    timings leave it out): ``--resume latest`` after a failed model save, or with more steps,
+    redoes none."""
+    if losses:
+        save_checkpoint(acc, out, state.step, s)
 
 
 def ema_weights(ema, params):

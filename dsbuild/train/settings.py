@@ -57,7 +57,7 @@ class TrainSettings(StageSettings):
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (wins over epochs)")
     epochs: int = Field(1, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="save a resumable checkpoint every N "
-                                  "steps")
+                                  "steps (and at the last)")
     checkpoint_limit: int | None = Field(2, ge=1, description="checkpoints kept (oldest go)")
     validate_every: int = Field(0, ge=0, description="every N steps a grid of edits on fixed "
                                 "rows (0: off)")

@@ -19,6 +19,7 @@ The loop itself (accumulation, checkpoints, resume, validation, progress) is
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +31,22 @@ from dsbuild.core.records import write_json
 from dsbuild.train import data as rows_mod
 from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer's public names
     KILL_ENV,
+    MODEL_TMP,
     RUN_FILE,
     TrainState,
     begin_run,
+    checkpoint_last,
     checkpoints,
     ema_weights,
     encode_text,
+    finished,
     make_optimizer,
     noised,
+    output_folder,
     prepare_out,
+    publish_model,
     run_loop,
+    writing,
 )
 from dsbuild.train.loop import (
     weight_dtype as frozen_dtype,
@@ -58,6 +65,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     cache_cpu_s: float = 0.0  # CPU seconds encoding latents and prompts once (0 if not cached)
     loop_cpu_s: float = 0.0  # CPU seconds of the training steps
+    finished: bool = False  # --resume latest found the model already trained: nothing done
 
 
 class LatentCache:
@@ -127,10 +135,19 @@ def conditioning_dropout(u, p: float, text, null_text, image_latents):
 
 def train(s: TrainSettings, out: str | Path, resume: str | None = None,
           quiet: bool = False) -> TrainResult:
-    """Fine-tune ``s.base`` on ``s.data``; write a pipeline folder to ``out``."""
+    """Fine-tune ``s.base`` on ``s.data``; write a pipeline folder to ``out`` (locked for the
+    run: :func:`dsbuild.train.loop.output_folder`)."""
     check("train", what="dsbuild train")
     out = Path(out)
+    with output_folder(out, "train"):
+        return _train(s, out, resume)
+
+
+def _train(s: TrainSettings, out: Path, resume: str | None) -> TrainResult:
     start_from = prepare_out(out, s, resume, "train", CONFIG_FILE)
+    if resume == "latest" and (done := finished(out, s, CONFIG_FILE)):
+        return TrainResult(out, done["steps"], done["steps"], done["rows"], done["base_kind"],
+                           finished=True)
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -251,6 +268,7 @@ def train(s: TrainSettings, out: str | Path, resume: str | None = None,
     losses = run_loop(acc, state, s, out, max_steps=max_steps, loss_fn=loss_fn, models=[unet],
                       params=params, opt=opt, lr_sched=lr_sched, ema=ema, validate=validate_at)
     t_end = time.process_time()
+    checkpoint_last(acc, out, state, s, losses)
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_model(acc, s, out, unet, vae, text_encoder, tok, comps["scheduler_config"], ema,
@@ -301,7 +319,8 @@ def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path:
 def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, params,
                base_kind: str, steps: int, n_rows: int) -> None:
     """The finished model: a StableDiffusionInstructPix2PixPipeline folder (EMA weights, LoRA
-    fused), ``train_config.json`` and a model card."""
+    fused) and a model card, saved whole in a temp folder and moved in, then
+    ``train_config.json`` (last: the model is complete)."""
     import torch
 
     from dsbuild.models.editor import editor_pipeline
@@ -310,16 +329,22 @@ def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, 
     net = acc.unwrap_model(unet)
     if ema:
         ema.copy_to(params)
+    stage = out / MODEL_TMP
+    shutil.rmtree(stage, ignore_errors=True)
+    fix = "free space, then rerun with --resume latest (the last step is checkpointed)"
     if s.method == "lora":
-        net.save_lora_adapter(str(out / "unet_lora"))
+        with writing(out / "unet_lora", fix, remove=stage):
+            net.save_lora_adapter(str(stage / "unet_lora"))
         net.fuse_lora()
         net.unload_lora()
     for module in (net, vae, text_encoder):  # saved in fp32 whatever the training precision
         if module.dtype != torch.float32:
             module.to(dtype=torch.float32)
     pipe = editor_pipeline(net, vae, text_encoder, tok, sched_cfg)
-    pipe.save_pretrained(str(out))
     config = {"settings": s.model_dump(mode="json"), "base_kind": base_kind, "steps": steps,
               "rows": n_rows, "dsbuild_version": __version__}
+    with writing(out, fix, remove=stage):
+        pipe.save_pretrained(str(stage))
+        write_card(stage, config)
+    publish_model(stage, out)
     write_json(out / CONFIG_FILE, config)
-    write_card(out, config)
