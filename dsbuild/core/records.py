@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dsbuild.core.errors import DsbuildError, RecordError
+from dsbuild.core.pause import pause_point
 
 
 def shard_name(rank: int) -> str:
@@ -215,20 +216,6 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = True,
             yield rec
 
 
-def read_shards(directory: str | os.PathLike, ranks: Iterable[int] | None = None) -> Iterator[dict]:
-    """Yield the records of every committed shard ``rNNNNN.jsonl`` in a folder, in rank order."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return
-    if ranks is None:
-        files = sorted(directory.glob("r[0-9][0-9][0-9][0-9][0-9].jsonl"))
-    else:
-        files = [directory / shard_name(r) for r in sorted(ranks)]
-    for f in files:
-        if f.exists():
-            yield from read_jsonl(f)
-
-
 class ShardWriter:
     """Append-only writer for one rank's shard that resumes after a crash.
 
@@ -288,6 +275,7 @@ class ShardWriter:
             raise disk_error(exc, self.partial) from None
         self.records.append(record)
         self.done.add(k)
+        pause_point(self.path, len(self.records))  # a test hook (DSBUILD_PAUSE_AT)
 
     def commit(self) -> int:
         """fsync and move the partial file to the final shard name; returns the record count."""
