@@ -17,10 +17,13 @@ function you can import (see each stage's page). Settings not shown as options a
 stage's page lists its settings.
 
 Exit codes: 0 success; 1 a missed `--fail-under`/`--fail-over` gate, or a stage that ran but
-whose output does not count as done (empty or short output, an endpoint that stopped
-answering: nothing is lost, no completion marker, run the same command again); 2 an error
+whose output does not count as done (empty or short output, no pair kept by the filter, a
+judge that scored nothing, an endpoint that stopped answering: nothing is lost, no completion
+marker, run the same command again), or the environment failed (a full disk, an unreachable
+database or Hub); 2 an error
 dsbuild explains on stderr (bad input, a file, line or field to fix; a missing optional
-dependency, with its `pip install 'dsbuild[extra]'` line; a rank another process is writing)
+dependency, with its `pip install 'dsbuild[extra]'` line; a rank, sharding or output folder
+another process is writing; settings that differ from the frozen ones without `--reconfigure`)
 or a usage error (unknown option, bad value); 130 interrupted.
 """
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dsbuild.core.errors import DsbuildError, RecordError
+from dsbuild.core.errors import RecordError, WriteFailed
 from dsbuild.core.pause import pause_point
 
 
@@ -25,8 +25,9 @@ def shard_name(rank: int) -> str:
     return f"r{rank:05d}.jsonl"
 
 
-class DiskFull(DsbuildError):
-    """The disk (or quota) filled while writing; what was written so far is kept."""
+class DiskFull(WriteFailed):
+    """The disk (or quota) filled while writing; what was written so far is kept (exit 1:
+    the environment failed, not the input)."""
 
 
 def disk_error(exc: OSError, path: str | os.PathLike) -> Exception:
