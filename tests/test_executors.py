@@ -22,6 +22,8 @@ from PIL import Image
 from dsbuild.cli.run import run_pipeline, run_settings
 from dsbuild.core.build import Build
 from dsbuild.core.config import default_recipe_path, load_recipe
+from dsbuild.core.pause import PAUSE_ENV
+from dsbuild.core.records import count_lines
 from dsbuild.executors import ExecutorOptions, make_executor
 
 # the offline demo with --limit 1, trimmed to one sample per triple and two steps: every stage
@@ -48,10 +50,21 @@ def local_build(tmp_path_factory, one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def pause_file(tmp_path_factory) -> Path:
+    """Where a writer paused by DSBUILD_PAUSE_AT says who it is (dsbuild/core/pause.py)."""
+    return tmp_path_factory.mktemp("pause") / "paused.json"
+
+
+# the Ray test's generate rank 0 stops after its 3rd of 7 records, until killed
+RAY_PAUSE = "pairs/r00000.jsonl:3"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(pause_file):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {PAUSE_ENV: f"{RAY_PAUSE}:{pause_file}"}})
     yield ray
     ray.shutdown()
 
@@ -66,21 +79,20 @@ def actor_pids(ray) -> dict[int, str]:
     return out
 
 
-def writer_of_a_running_rank(root: Path) -> int | None:
-    """PID holding the lock of a generate rank that has written a record but is not done."""
-    for part in sorted((root / "pairs").glob("r*.jsonl.partial")):
-        if part.stat().st_size and not part.with_suffix("").exists():
-            lock = root / ".locks" / f"generate.{part.name.split('.')[0]}.lock"
-            try:
-                return json.loads(lock.read_text())["pid"]
-            except (OSError, ValueError, KeyError):
-                return None
-    return None
+def paused_writer(pause_file: Path, run: threading.Thread) -> dict:
+    """The writer paused at its known record (pid, shard, records): waits for the file it
+    creates there (the deadline only bounds a run that never gets there)."""
+    deadline = time.monotonic() + 240
+    while not pause_file.exists():
+        assert run.is_alive(), "the run ended before a writer paused"
+        assert time.monotonic() < deadline, "no writer reached the pause point"
+        time.sleep(0.05)
+    return json.loads(pause_file.read_text())
 
 
 @pytest.mark.server
 def test_ray_4_shards_2_workers_one_killed_mid_generate_equals_local(
-        local_build, ray_cluster, tmp_path):
+        local_build, ray_cluster, pause_file, tmp_path):
     ray = ray_cluster
     b = new_build(tmp_path / "B")
     said: list[str] = []
@@ -95,19 +107,14 @@ def test_ray_4_shards_2_workers_one_killed_mid_generate_equals_local(
 
     t = threading.Thread(target=run)
     t.start()
-    killed = None
-    deadline = time.monotonic() + 150
-    while killed is None and t.is_alive() and time.monotonic() < deadline:
-        pid = writer_of_a_running_rank(b.root)
-        if pid is not None:
-            workers = actor_pids(ray)
-            assert pid in workers, (pid, workers)  # the rank is written inside a Ray actor
-            os.kill(pid, signal.SIGKILL)
-            killed = workers[pid]
-        time.sleep(0.05)
+    paused = paused_writer(pause_file, t)
+    assert paused["records"] == 3 and paused["shard"].endswith("r00000.jsonl"), paused
+    workers = actor_pids(ray)
+    assert paused["pid"] in workers, (paused, workers)  # the rank is written in a Ray actor
+    os.kill(paused["pid"], signal.SIGKILL)
+    killed = workers[paused["pid"]]
     t.join(timeout=240)
     assert not t.is_alive() and not errors, (errors, said)
-    assert killed, "no generate rank was caught mid-shard"
     assert any(f"worker {killed} died" in s and "retry 1 of 3" in s for s in said), said
 
     b = Build.open(b.root)
@@ -127,7 +134,8 @@ def test_ray_4_shards_2_workers_one_killed_mid_generate_equals_local(
     assert sum(st["workers"].values()) == 4 and all(w.startswith("ray-") for w in st["workers"])
     logs = sorted((b.root / "logs" / "generate").glob("r*.log"))
     assert len(logs) == 4
-    assert any("attempt 2" in f.read_text() for f in logs)  # the killed rank ran again
+    assert "attempt 2" in logs[0].read_text()  # the killed rank ran again, and resumed
+    assert count_lines(b.root / "pairs" / "r00000.jsonl") == 7
 
 
 def export_rows(root: Path) -> dict[str, int]:
@@ -166,8 +174,11 @@ def copy_captions(src: Build, dst: Path, *sets: str) -> Build:
     return b
 
 
-def test_local_workers_one_killed_mid_generate_lose_nothing(local_build, tmp_path):
+def test_local_workers_one_killed_mid_generate_lose_nothing(local_build, tmp_path,
+                                                            monkeypatch):
     b = copy_captions(local_build, tmp_path / "L")
+    pause_file = tmp_path / "paused.json"  # rank 3 stops after its 2nd of 5, until killed
+    monkeypatch.setenv(PAUSE_ENV, f"pairs/r00003.jsonl:2:{pause_file}")
     said: list[str] = []
     errors: list[BaseException] = []
 
@@ -181,18 +192,15 @@ def test_local_workers_one_killed_mid_generate_lose_nothing(local_build, tmp_pat
 
     t = threading.Thread(target=run)
     t.start()
-    pid = None
-    deadline = time.monotonic() + 120
-    while pid is None and t.is_alive() and time.monotonic() < deadline:
-        pid = writer_of_a_running_rank(b.root)
-        time.sleep(0.05)
-    assert pid is not None and pid != os.getpid(), "no generate rank was caught mid-shard"
-    os.kill(pid, signal.SIGKILL)
+    paused = paused_writer(pause_file, t)
+    assert paused["pid"] != os.getpid() and paused["records"] == 2, paused
+    os.kill(paused["pid"], signal.SIGKILL)
     t.join(timeout=180)
     assert not t.is_alive() and not errors, (errors, said)
     assert any("died (exit status -9)" in s and "retry 1 of 3" in s for s in said), said
     got, want = ids(b, "generate"), ids(local_build, "generate")
     assert len(got) == len(set(got)) and sorted(got) == sorted(want)
+    assert count_lines(b.root / "pairs" / "r00003.jsonl") == 5  # 2 resumed, 3 written after
     workers = b.status()["stages"]["generate"]["workers"]
     assert sum(workers.values()) == 4 and all(w.startswith("local-") for w in workers)
 
@@ -205,6 +213,54 @@ def test_local_workers_cli_error_names_the_rank_and_exit_status(tmp_path):
     assert re.search(r"captions rank \d failed on worker local-\d", r.stderr), r.stderr
     assert "DSBUILD_TEST_NO_SUCH_KEY" in r.stderr and "logs/captions/r0000" in r.stderr
     assert not b.markers("captions")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_an_unreachable_ray_address_is_one_line_and_exit_2_soon(tmp_path, address):
+    pytest.importorskip("ray")
+    b = new_build(tmp_path / "R")
+    r = subprocess.run([sys.executable, "-m", "dsbuild", "captions", str(b.root), "--executor",
+                        "ray", "--address", address], env=ENV, capture_output=True, text=True,
+                       timeout=60)  # Ray alone retried 127.0.0.1:1 for minutes
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot reach the Ray cluster at --address {address} (Connection refused); "
+        "start it (`ray start --head`) or pass the address `ray status` shows on it"]
+    assert not b.markers("captions")
+
+
+@pytest.mark.server
+def test_a_killed_drivers_ray_processes_end_with_it(tmp_path):
+    """SIGKILL a driver that started its own Ray instance, mid-rank: its raylet's processes
+    (workers, DashboardAgent, RuntimeEnvAgent) end with it (they lived 60-120 s before)."""
+    pytest.importorskip("ray")
+    from dsbuild.executors.reaper import children, start_time
+
+    b = new_build(tmp_path / "K")
+    pause_file = tmp_path / "paused.json"
+    env = dict(ENV, **{PAUSE_ENV: f"triples/r00000.jsonl:1:{pause_file}"})
+    driver = subprocess.Popen([sys.executable, "-m", "dsbuild", "captions", str(b.root),
+                               "--executor", "ray", "--workers", "2", "--shards", "2"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not pause_file.exists():
+            assert driver.poll() is None, driver.communicate()
+            assert time.monotonic() < deadline, "no writer reached the pause point"
+            time.sleep(0.05)
+        actor = json.loads(pause_file.read_text())["pid"]
+        ray_procs = {pid: start_time(pid) for pid in children(driver.pid)}
+        raylet = next(p for p in ray_procs if actor in children(p))
+        ray_procs |= {pid: start_time(pid) for pid in children(raylet)}
+        assert len(children(raylet)) >= 3  # the actors, the two agents
+    finally:
+        driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 30
+    while left := [p for p, t in ray_procs.items() if t is not None and start_time(p) == t]:
+        assert time.monotonic() < deadline, f"still running 30 s after the driver: {left}"
+        time.sleep(0.1)
 
 
 def test_executor_options_are_checked(tmp_path):
