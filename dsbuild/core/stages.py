@@ -148,7 +148,8 @@ def load_plugins() -> None:
 
 
 def all_stages() -> list[Stage]:
-    """Every stage, upstream before downstream (registration order otherwise)."""
+    """Every stage, upstream before downstream (built-ins in BUILTIN order, then plugins in
+    registration order)."""
     load_plugins()
     order: list[Stage] = []
     seen: set[str] = set()
@@ -163,7 +164,9 @@ def all_stages() -> list[Stage]:
         seen.add(s.name)
         order.append(s)
 
-    for s in list(_REGISTRY.values()):
+    # built-ins in BUILTIN order (whichever package was imported first), then plugins
+    rank = {name.rsplit(".", 1)[1]: i for i, name in enumerate(BUILTIN)}
+    for s in sorted(_REGISTRY.values(), key=lambda s: rank.get(s.name, len(rank))):
         visit(s, ())
     return order
 
