@@ -11,13 +11,22 @@ decides every reply::
 ``handler(request_json, n)`` gets the parsed request body and the 0-based number of the
 chat request; queued replies are used first. ``srv.requests`` records every request
 (method, path, lower-cased headers, body) and ``srv.max_in_flight`` the most chat requests
-open at once, for assertions. Reusable by any stage that talks to an LLM. ``port`` picks the
+open at once, for assertions. Reusable by any stage that talks to an LLM.
+
+``POST /v1/images/edits`` (multipart, as the SDK's ``images.edit`` sends it) is answered by
+``image_handler(request, n)`` (default: the uploaded image, inverted) after the replies
+queued with ``queue_images``; its request holds the form fields, ``image`` (the uploaded
+bytes) and ``image_sha256``. ``edited(png)``, ``b64_image(...)`` and ``garbage()`` build its
+replies; ``srv.edit_requests`` are the requests it got. ``port`` picks the
 port (default: a free one), so a test can bring a healthy server up where a dead or hanging
 one was; ``free_port()`` and ``HangingServer`` (accepts connections, never answers) are those.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import socket
 import threading
@@ -62,6 +71,50 @@ def delay(seconds: float, reply: Reply) -> Reply:
     return Reply(reply.status, reply.body, seconds, reply.headers)
 
 
+def b64_image(data: list[str | None], usage: dict | None = None) -> Reply:
+    """An images response whose images are these base64 strings (None: an item with no
+    image); ``usage`` as gpt-image-1 reports it (input/output/total tokens)."""
+    body: dict = {"created": int(time.time()),
+                  "data": [{"b64_json": d} if d is not None else {} for d in data]}
+    if usage is not None:
+        body["usage"] = usage
+    return Reply(200, body)
+
+
+def edited(png: bytes, size: tuple[int, int] | None = None, mode: str = "RGB",
+           usage: dict | None = None) -> Reply:
+    """The uploaded PNG inverted (resized to ``size``, converted to ``mode``), as b64_json."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(png)) as im:
+        out = ImageOps.invert(im.convert("RGB"))
+    if size is not None:
+        out = out.resize(size)
+    buf = io.BytesIO()
+    out.convert(mode).save(buf, format="PNG")
+    return b64_image([base64.b64encode(buf.getvalue()).decode()], usage)
+
+
+def garbage() -> Reply:
+    """A well-formed images response whose image is not an image."""
+    return b64_image([base64.b64encode(b"this is not a picture").decode()])
+
+
+def parse_multipart(content_type: str, raw: bytes) -> dict:
+    """The fields of a multipart/form-data body; a file field's bytes under its name."""
+    from email.parser import BytesParser
+    from email.policy import default
+
+    msg = BytesParser(policy=default).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    out: dict = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        out[name] = data if part.get_filename() else data.decode()
+    return out
+
+
 Handler = Callable[[dict, int], Reply]
 
 
@@ -69,8 +122,11 @@ class OpenAIServer:
     """A threaded HTTP server on 127.0.0.1 (free port) serving scripted OpenAI replies."""
 
     def __init__(self, handler: Handler | None = None, models: tuple[str, ...] = ("test-model",),
-                 port: int = 0):
+                 port: int = 0, image_handler: Handler | None = None):
         self.handler = handler or (lambda req, n: chat(""))
+        self.image_handler = image_handler or (lambda req, n: edited(req["image"]))
+        self._image_queue: list[Reply] = []
+        self._image_count = 0
         self.port = port
         self.models = models
         self.requests: list[dict] = []
@@ -87,6 +143,15 @@ class OpenAIServer:
         """Replies served (in order) to the next chat requests, before the handler."""
         with self._lock:
             self._queue.extend(replies)
+
+    def queue_images(self, *replies: Reply) -> None:
+        """Replies served (in order) to the next image edit requests, before image_handler."""
+        with self._lock:
+            self._image_queue.extend(replies)
+
+    @property
+    def edit_requests(self) -> list[dict]:
+        return [r for r in self.requests if r["path"].endswith("/images/edits")]
 
     @property
     def base_url(self) -> str:
@@ -132,11 +197,27 @@ class OpenAIServer:
                 else:
                     self._send(error(404, f"no route {self.path}"))
 
+            def _edit(self, raw: bytes) -> None:
+                try:
+                    form = parse_multipart(self.headers.get("Content-Type", ""), raw)
+                except (ValueError, UnicodeDecodeError):
+                    form = {}
+                if not isinstance(form.get("image"), bytes) or "prompt" not in form:
+                    server._record(self, form)
+                    self._send(error(400, "expected multipart with image and prompt"))
+                    return
+                form["image_sha256"] = hashlib.sha256(form["image"]).hexdigest()
+                server._record(self, form)
+                self._send(server._next_image_reply(form))
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 if len(raw) < length:
                     return  # the client went away mid-request (a killed run)
+                if self.path.rstrip("/").endswith("/images/edits"):
+                    self._edit(raw)
+                    return
                 try:
                     body = json.loads(raw or b"{}")
                 except json.JSONDecodeError:
@@ -180,6 +261,14 @@ class OpenAIServer:
             self.requests.append({"method": h.command, "path": h.path,
                                   "headers": {k.lower(): v for k, v in h.headers.items()},
                                   "body": body})
+
+    def _next_image_reply(self, form: dict) -> Reply:
+        with self._lock:
+            n = self._image_count
+            self._image_count += 1
+            if self._image_queue:
+                return self._image_queue.pop(0)
+        return self.image_handler(form, n)
 
     def _next_reply(self, body: dict) -> Reply:
         with self._lock:

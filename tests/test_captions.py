@@ -234,9 +234,9 @@ def test_template_seed_shards_limit_and_scale(tmp_path, mini_recipe):
     other = _template_build(tmp_path / "other", seed=1, recipe=mini_recipe)
     run_captions(other, show_progress=False)
     assert sorted(r["id"] for r in other.records("captions")) != ids
-    run_captions(other, show_progress=False, overrides=["captions.limit=3"])
+    run_captions(other, show_progress=False, overrides=["captions.per_agent=3"])
     assert len(list(other.records("captions"))) == 6
-    run_captions(other, show_progress=False, overrides=["captions.limit=null",
+    run_captions(other, show_progress=False, overrides=["captions.per_agent=null",
                                                         "captions.count_scale=0.5"])
     assert len(list(other.records("captions"))) == 12
 
@@ -257,7 +257,7 @@ def test_cli_captions_prints_summary_and_resumes(tmp_path, mini_recipe):
     root = tmp_path / "b"
     run = CliRunner().invoke
     assert run(cli, ["init", str(root), "--recipe", str(mini_recipe)]).exit_code == 0
-    res = run(cli, ["captions", str(root), "--backend", "template", "--set", "captions.limit=4"])
+    res = run(cli, ["captions", str(root), "--backend", "template", "--set", "captions.per_agent=4"])
     assert res.exit_code == 0, res.output
     assert "captions rank 0/1: done, 8 records" in res.output
     assert "kept 8 of 8 target triples (template)" in res.output

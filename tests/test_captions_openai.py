@@ -108,7 +108,7 @@ def scripted(body: dict, n: int):
 
 
 def openai_build(root: Path, recipe: Path, base_url: str, **extra) -> Build:
-    sets = {"backend": "openai", "base_url": base_url, "model": "test-model", "limit": 5,
+    sets = {"backend": "openai", "base_url": base_url, "model": "test-model", "per_agent": 5,
             "per_request": 10, "concurrency": 2, "timeout": 0.5, "retry_backoff": 0.01,
             "max_retries": 3, "api_key_env": "DSBUILD_TEST_KEY", **extra}
     return Build.init(root, load_recipe(recipe), recipe_path=str(recipe),
@@ -225,7 +225,7 @@ def test_openai_concurrency_limit(tmp_path, mini_recipe):
         return delay(0.2, chat(json.dumps(good_line(agent, batch))))
 
     with OpenAIServer(handler=one_line) as srv:
-        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, per_request=1, limit=6,
+        b = openai_build(tmp_path / "b", mini_recipe, srv.base_url, per_request=1, per_agent=6,
                          concurrency=3)
         assert run_captions(b, show_progress=False).records == 12
         assert len(srv.chat_requests) == 12
@@ -261,7 +261,7 @@ def test_sigkill_half_way_then_resume_equals_a_clean_run(tmp_path, mini_recipe):
     rounds (max_rounds is exactly what the clean run needs), the same counts per agent (every
     bad line rejected with its reason, also after an agent is full) and the requests of both
     attempts added up; nothing is asked twice."""
-    opts = {"limit": None, "per_request": 4, "concurrency": 2, "max_rounds": 4}
+    opts = {"per_agent": None, "per_request": 4, "concurrency": 2, "max_rounds": 4}
     with OpenAIServer(handler=mixed) as srv:
         ref = openai_build(tmp_path / "ref", mini_recipe, srv.base_url, **opts)
         run_captions(ref, show_progress=False)
@@ -371,7 +371,7 @@ def test_dead_or_hanging_endpoint_fails_fast_then_resumes(tmp_path, mini_recipe,
     request the stage still stops after ~1 s of failures in a row (fail_after_*), naming the
     endpoint and the last error; each retry shows on the bar. The same command against a
     healthy server on that port then completes."""
-    monkeypatch.delenv("DSBUILD_NO_PROGRESS", raising=False)  # the bar shows the retries
+    monkeypatch.setenv("DSBUILD_NO_PROGRESS", "0")  # the bar shows the retries (stderr is no tty)
     port = free_port()
     hang = HangingServer(port) if kind == "hanging" else None
     url = f"http://127.0.0.1:{port}/v1"

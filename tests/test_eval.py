@@ -141,7 +141,7 @@ def test_edit_cli_and_bad_models(trained, tmp_path, one_torch_thread):
 
 def test_eval_refuses_before_writing_and_takes_back_its_rows(trained, tmp_path, capsys,
                                                               monkeypatch, one_torch_thread):
-    """--limit 0, a missing model and a locked OUT are refused before anything is written; a
+    """--rows 0, a missing model and a locked OUT are refused before anything is written; a
     run that fails after its edits removes the fitted rows it wrote and keeps the edits."""
     import os
 
@@ -150,8 +150,8 @@ def test_eval_refuses_before_writing_and_takes_back_its_rows(trained, tmp_path, 
     export, model = trained
     out = tmp_path / "ev"
     run = ["--data", str(export), "--out", str(out), *EVAL]
-    code, res = dsbuild(["eval", "tiny", *run, "--limit", "0"], capsys)
-    assert code == 2 and "Invalid value for '--limit'" in res.err
+    code, res = dsbuild(["eval", "tiny", *run, "--rows", "0"], capsys)
+    assert code == 2 and "Invalid value for '--rows'" in res.err
     assert not out.exists()
     code, res = dsbuild(["eval", "tiny", str(tmp_path / "gone"), *run], capsys)
     assert code == 2

@@ -26,9 +26,10 @@ from dsbuild.core.pause import PAUSE_ENV
 from dsbuild.core.records import count_lines
 from dsbuild.executors import ExecutorOptions, make_executor
 
-# the offline demo with --limit 1, trimmed to one sample per triple and two steps: every stage
+# the offline demo with --per-agent 1, trimmed to one sample per triple and two steps: every stage
 # still runs on every agent of the recipe
-SETTINGS = [*run_settings(offline=True, limit=1), "generate.limit=1", "generate.steps=2"]
+SETTINGS = [*run_settings(offline=True, per_agent=1), "generate.per_triple=1",
+            "generate.steps=2"]
 ENV = dict(os.environ, DSBUILD_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
 
 
@@ -220,11 +221,11 @@ def test_an_unreachable_ray_address_is_one_line_and_exit_2_soon(tmp_path, addres
     pytest.importorskip("ray")
     b = new_build(tmp_path / "R")
     r = subprocess.run([sys.executable, "-m", "dsbuild", "captions", str(b.root), "--executor",
-                        "ray", "--address", address], env=ENV, capture_output=True, text=True,
+                        "ray", "--ray-address", address], env=ENV, capture_output=True, text=True,
                        timeout=60)  # Ray alone retried 127.0.0.1:1 for minutes
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == [
-        f"error: cannot reach the Ray cluster at --address {address} (Connection refused); "
+        f"error: cannot reach the Ray cluster at --ray-address {address} (Connection refused); "
         "start it (`ray start --head`) or pass the address `ray status` shows on it"]
     assert not b.markers("captions")
 
@@ -271,8 +272,8 @@ def test_executor_options_are_checked(tmp_path):
     b = new_build(tmp_path / "E")
     r = CliRunner().invoke(cli, ["captions", str(b.root), "--workers", "2", "--rank", "1"])
     assert r.exit_code == 2 and "--rank runs one shard here" in r.output
-    r = CliRunner().invoke(cli, ["generate", str(b.root), "--address", "auto"])
-    assert r.exit_code != 0 and "--address is for --executor ray" in str(r.exception)
+    r = CliRunner().invoke(cli, ["generate", str(b.root), "--ray-address", "auto"])
+    assert r.exit_code != 0 and "--ray-address is for --executor ray" in str(r.exception)
 
 
 def test_missing_ray_gives_the_pip_line(monkeypatch):

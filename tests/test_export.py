@@ -198,10 +198,10 @@ def test_export_cli(built, tmp_path):
     from dsbuild.cli import cli
 
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["export", str(built.root), "--to", str(out)])
+    r = CliRunner().invoke(cli, ["export", str(built.root), "--export-dir", str(out)])
     assert r.exit_code == 0, r.output
     assert "written" in r.output and (out / "README.md").exists()
-    r = CliRunner().invoke(cli, ["export", str(built.root), "--to", str(out)])
+    r = CliRunner().invoke(cli, ["export", str(built.root), "--export-dir", str(out)])
     assert "up to date" in r.output
 
 

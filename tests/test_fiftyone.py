@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -167,7 +168,7 @@ def test_the_test_only_generator_reaches_fiftyone(fo, tmp_path, mini_recipe, mon
     from dsbuild.core import generators
 
     b = tmp_path / "cs"
-    r = dsbuild("run", mini_recipe, "--out", b, "--offline", "--limit", "1", "--until",
+    r = dsbuild("run", b, "--recipe", mini_recipe, "--offline", "--per-agent", "1", "--until",
                 "export", "--set", "generate.generator=colour-shift",
                 "--set", "review.dataset_name=t-colour-shift")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -270,6 +271,16 @@ def test_no_change_samples_from_the_real_augment_stage(fo, build):
         assert s["edited_prompt"] == s["original_prompt"] == triples[src["triple_id"]]["input"]
         assert s["agent"] == triples[src["triple_id"]]["agent"] and s["filter_keep"] is None
         assert Path(s["filepath"]) == (build.root / src["images"]["input"]).resolve()
+    # the command counts what the App's header counts: groups, pairs and no-change samples
+    from click.testing import CliRunner
+
+    from dsbuild.cli import cli
+
+    res = CliRunner().invoke(cli, ["inspect", str(build.root)])
+    assert res.exit_code == 0, res.output
+    n = len(recs["pairs"])
+    assert (f"dataset '{r['name']}': {n + made} groups ({n} pairs, {made} no-change samples) "
+            f"(slices pair, input, output; {3 * (n + made)} samples in all)") in res.output
 
 
 def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
@@ -409,6 +420,40 @@ def test_pull_with_an_unreachable_database_uri_is_one_line(mini_build, monkeypat
     assert "s3cret" not in err[0] and "unset it" in err[0]
 
 
+def test_verify_views_and_the_doc_names_every_field_and_view(fo, build):
+    """Once verify has verdicts, `verify-rejected` and one view per reason count the rejected
+    pairs; docs/review-fiftyone.md names every field dsbuild writes and every view it saves."""
+    from dsbuild.core.generators import param_columns
+    from dsbuild.review.fiftyone.views import save_views
+
+    recs = make_build(build, samples=1)
+    r = fr.build_dataset(build)
+    assert not [v for v in r["views"] if v.startswith("verify")]  # verify has not run
+    ds = fo.load_dataset(r["name"])
+    reasons = ["add_not_detected", None, "near_copy", "add_not_detected", None, None]
+    by_pair = dict(zip((p["id"] for p in recs["pairs"]), reasons, strict=False))
+    view = fr.all_slices(ds)  # every slice carries the pair's fields
+    ids, pids = view.values(["id", "pair_id"])
+    view.set_values("verify", {i: "reject" if by_pair.get(p) else "pass"
+                               for i, p in zip(ids, pids, strict=True)}, key_field="id")
+    view.set_values("verify_reason", {i: by_pair.get(p) for i, p in zip(ids, pids, strict=True)},
+                    key_field="id")
+    views = save_views(ds)
+    assert {"verify-rejected", "verify-add-not-detected", "verify-near-copy"} <= set(views)
+    assert len(ds.load_saved_view("verify-rejected")) == 3  # groups: one per pair
+    assert len(ds.load_saved_view("verify-add-not-detected")) == 2
+    assert ds.load_saved_view("verify-rejected").first()["verify_reason"] == "add_not_detected"
+
+    doc = (ROOT / "docs" / "review-fiftyone.md").read_text()
+    names = [*fr.sample_fields(param_columns(["p2p"])), "filepath", "tags", "group"]
+    assert [f for f in names if f"`{f}`" not in doc] == []
+    per = {"filtered-": "filtered-<reason>", "verify-": "verify-<reason>", "agent-": "agent-<name>"}
+    fixed = {"filtered-out", "verify-rejected"}
+    for v in views:
+        prefix = next((k for k in per if v.startswith(k) and v not in fixed), None)
+        assert f"`{per[prefix] if prefix else v}`" in doc, v
+
+
 def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch):
     """accept / reject / correct through FiftyOne's operator execution API."""
     import fiftyone.operators as foo
@@ -525,7 +570,7 @@ def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
     port = fr.free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FIFTYONE_DATABASE_URI": mongod.uri}
     cmd = [sys.executable, "-m", "dsbuild", "inspect", str(build.root), "--launch", "--remote",
-           "--address", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -545,9 +590,12 @@ def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
         reply = graphql(f"{base}/graphql", f'{{ dataset(name: "{name}") {{ name groupField '
                         "defaultGroupSlice estimatedSampleCount savedViews { name } "
                         "groupMediaTypes { name mediaType } } "
-                        "datasets(search: \"\", first: 100) { edges { node { name } } } }")
+                        "datasets(search: \"\", first: 100) { edges { node { name } } } "
+                        "config { defaultQueryPerformance } }")
         assert not reply.get("errors"), reply
         data = reply["data"]
+        # query performance off by default: the header counts groups (pairs), not samples
+        assert data["config"]["defaultQueryPerformance"] is False
         assert name in [e["node"]["name"] for e in data["datasets"]["edges"]]
         got = data["dataset"]
         assert (got["name"], got["groupField"], got["defaultGroupSlice"]) == \
@@ -582,6 +630,17 @@ def test_app_serves_the_dataset_and_renders_the_grid(mongod, build, tmp_path):
             if len(colours) > 5000 and dominant < 0.9:
                 break
         assert len(colours) > 5000 and dominant < 0.9, seen
+        # the grid's header counts the pairs: "12 groups with slice [pair]", not 36 samples
+        dom = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / 'chromium-profile-dom'}", "--window-size=1400,900",
+             "--virtual-time-budget=20000", "--dump-dom", url],
+            check=True, timeout=180, capture_output=True, text=True).stdout
+        counts = [re.sub(r"<[^>]*>", " ", c).split() for c in
+                  re.findall(r'data-cy="entry-counts"[^>]*>(.*?)</div>', dom)]
+        assert [c[:4] for c in counts] == [["12", "groups", "with", "slice"]], counts
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -392,7 +392,7 @@ def test_bench_filter_encodes_what_it_claims_in_the_time_it_took(monkeypatch):
 
     monkeypatch.setattr(open_clip.model.CLIP, "encode_image", counting)
     args = ["--model", "tiny", "--batch-size", "4", "--images", "10", "--repeats", "2",
-            "--workers", "2", "--image-size", "64", "--json"]
+            "--workers", "2", "--resolution", "64", "--json"]
     start = time.perf_counter()
     r = CliRunner().invoke(bench_filter, args)
     wall = time.perf_counter() - start

@@ -29,7 +29,7 @@ from dsbuild.models.sd import char_tokenizer  # noqa: E402
 # two edits of one input caption share their sources
 EXTRA = [("chairs", "object", "change", "a red velvet armchair", "make it green",
           "a green velvet armchair")]
-SETTINGS = ["generate.model=tiny", "generate.steps=2", "generate.height=32", "generate.width=32", "generate.limit=2",
+SETTINGS = ["generate.model=tiny", "generate.steps=2", "generate.height=32", "generate.width=32", "generate.per_triple=2",
             "generate.batch_size=4", "generate.mode=auto", "generate.blend=true"]
 
 
@@ -114,8 +114,9 @@ def test_stage_writes_every_pair_with_metadata(reference):
     swap = next(p for p in shared if triples[p["triple_id"]]["output"].startswith("a green"))
     assert swap["params"]["mode"] == "replace"
     assert swap["params"]["blend_words"] == [["red"], ["green"]]
-    assert (b.reports_dir / "generate_contact_sheet.png").exists()
-    assert Image.open(b.reports_dir / "generate_contact_sheet.png").size[1] > 160
+    pages = sorted((b.reports_dir / "generate_contact_sheet").glob("*.png"))
+    assert pages and all(Image.open(p).size[1] > 160 for p in pages)
+    assert all(p.name in (b.reports_dir / "generate.md").read_text() for p in pages)
 
 
 def test_rerun_skips_and_force_gives_the_same_pixels(reference):
@@ -174,7 +175,7 @@ def test_cli_generate_and_clear_errors(tmp_path, mini_recipe):
 
     b = make(tmp_path / "b", mini_recipe, triples=TRIPLES[:1])
     r = CliRunner().invoke(cli, ["generate", str(b.root), "--set", "generate.mode=self",
-                                 "--set", "generate.limit=1"])
+                                 "--set", "generate.per_triple=1"])
     assert r.exit_code == 0, r.output
     assert "generate rank 0/1: done, 1 records" in r.output
     assert Build.open(b.root).config.generate.mode == "self"

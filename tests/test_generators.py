@@ -40,7 +40,7 @@ def test_a_plugin_generator_runs_to_the_export(tmp_path, mini_recipe):
     import pyarrow.parquet as pq
 
     b = tmp_path / "b"
-    r = dsbuild("run", mini_recipe, "--out", b, "--offline", "--limit", "1", "--until",
+    r = dsbuild("run", b, "--recipe", mini_recipe, "--offline", "--per-agent", "1", "--until",
                 "export", "--set", "generate.generator=colour-shift",
                 "--set", "generate.colour-shift.channel=green")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -380,6 +380,55 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
                                                 "labelstudio:reject": 2}
 
 
+def _task_json(url: str, task_id: int) -> dict:
+    r = httpx.get(f"{url}/api/tasks/{task_id}", headers={"Authorization": f"Token {TOKEN}"})
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.mark.server
+def test_push_sets_the_overlap_and_reviewers_join_by_invite(ls_server, reviewers, mini_build,
+                                                            token):
+    """`--overlap N` sets the project's annotations per task (a task is labeled once N
+    reviewers answered it); reviewers join through the invite link as docs/ say."""
+    make_build(mini_build)
+    url, client = ls_server.url, ls_server.client()
+    res = run_cli("review", "push", str(mini_build.root), "--url", url, "--project", "overlap",
+                  "--sample", "3", "--overlap", "2")
+    assert res.exit_code == 0, res.output
+    assert "(images: upload; 2 reviewers per pair)" in res.output
+    pid = json.loads((mini_build.root / "review" / "labelstudio.json").read_text())["project_id"]
+    project = client.projects.get(pid)
+    assert (project.maximum_annotations, project.overlap_cohort_percentage) == (2, 100)
+    tasks = tasks_by_pair(client, pid)
+    assert {_task_json(url, t.id)["overlap"] for t in tasks.values()} == {2}
+    first = next(iter(tasks.values()))
+    annotate(client, first.id, "accept")
+    assert _task_json(url, first.id)["is_labeled"] is False  # one of two reviewers
+    annotate(client, first.id, "reject", user=reviewers["rev2"].id, reasons=["artefacts"])
+    assert _task_json(url, first.id)["is_labeled"] is True
+    # a push without --overlap keeps the project's; a new N applies to old and new tasks
+    assert ls.push(mini_build, url, sample_size=3)["overlap"] == 2
+    res = ls.push(mini_build, url, sample_size=4, overlap=3)
+    assert (res["overlap"], res["imported"]) == (3, 1)
+    assert {_task_json(url, t.id)["overlap"]
+            for t in tasks_by_pair(client, pid).values()} == {3}
+    mini_build.update(["review.overlap=1"])  # the setting, when --overlap is not given
+    assert ls.push(mini_build, url)["overlap"] == client.projects.get(pid).maximum_annotations == 1
+
+    # a reviewer signs up through the organisation's invite link and can log in
+    invite = client.organizations.invites.get_invite_link().invite_url
+    assert invite.startswith("/user/signup/?token=")
+    with httpx.Client(base_url=url) as s:
+        s.get(invite)
+        r = s.post(invite, data={"csrfmiddlewaretoken": s.cookies["csrftoken"],
+                                 "email": "invited@example.com", "password": "invited-pass-123"},
+                   headers={"Referer": url + invite})
+        assert r.status_code in (200, 302), r.text[:300]
+    assert "invited@example.com" in {u.email for u in client.users.list()}
+    assert "sessionid" in login_cookies(url, "invited@example.com", "invited-pass-123")
+
+
 @pytest.mark.server
 def test_local_files_mode(ls_server, mini_build_under_root, token):
     build = mini_build_under_root
@@ -631,3 +680,49 @@ def test_reviewer_submits_in_the_browser(ls_server, mini_build, token, tmp_path)
     assert (d["pair_id"], d["verdict"], d["reviewer"]) == (pid, "reject", ADMIN)
     assert d["reasons"] == {"unwanted_change": 1, "artefacts": 1}
     assert d["corrected_edit"] == "make the armchair teal"
+
+
+@pytest.mark.server
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                    "(apt-get install chromium; `bash .ci/install --test` does it)")
+def test_the_instruction_stays_in_view_while_picking_reasons(ls_server, mini_build, token,
+                                                              tmp_path):
+    """On a short screen the review form scrolls; the instruction stays at the top."""
+    make_build(mini_build)
+    res = ls.push(mini_build, ls_server.url, title="sticky", sample_size=1)
+    client = ls_server.client()
+    (pid, task), = tasks_by_pair(client, res["project_id"]).items()
+    cookies = login_cookies(ls_server.url, ADMIN, "admin-pass-123")
+    browser = Chromium(tmp_path / "profile", size=(1200, 640))
+    try:
+        browser.open(f"{ls_server.url}/projects/{res['project_id']}/data?task={task.id}",
+                     cookies, ls_server.url)
+        browser.wait_for("[...document.images].filter(i => i.src.includes('/data/upload/')"
+                         " && i.complete && i.naturalWidth > 0).length >= 2")
+        browser.wait_for(LABEL.format("reject"), timeout=20)
+        for reason in ("artefacts", "instruction unclear"):
+            browser.wait_for(LABEL.format(reason), timeout=10)
+        # scroll the form to its end (the corrected instruction), as a reviewer does
+        seen = browser.js("""(() => {
+          const e = document.querySelector('.dsb-edit');
+          let box = e.parentElement;
+          while (box && !(['auto', 'scroll'].includes(getComputedStyle(box).overflowY)
+                          && box.scrollHeight > box.clientHeight)) box = box.parentElement;
+          if (!box) return {scrolls: false};
+          box.scrollTop = box.scrollHeight;
+          const r = e.getBoundingClientRect(), b = box.getBoundingClientRect();
+          const img = document.querySelector('.dsb-pair').getBoundingClientRect();
+          const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+          return {scrolls: box.scrollTop > 0, image_gone: img.bottom <= r.bottom,
+                  inside: r.top >= b.top - 1 && r.bottom <= b.bottom + 1,
+                  on_top: e.contains(hit), text: e.innerText};
+        })()""")
+        shot = browser.send("Page.captureScreenshot", format="png")["data"]
+        (tmp_path / "scrolled.png").write_bytes(base64.b64decode(shot))
+    finally:
+        browser.close()
+    # the form did scroll (the two images went under the instruction), and the instruction is
+    # still at the top of it, drawn above what scrolls by
+    assert seen["scrolls"] and seen["image_gone"], seen
+    assert seen["inside"] and seen["on_top"], seen
+    assert task.data["edit_prompt"] in seen["text"]

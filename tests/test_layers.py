@@ -39,7 +39,8 @@ MODEL_CALLS = {"from_pretrained", "UNet2DConditionModel", "AutoencoderKL", "CLIP
                "Owlv2ForObjectDetection", "OwlViTForObjectDetection",
                "CLIPSegForImageSegmentation", "SamModel", "Dinov2Model", "ViTModel",
                "create_model_and_transforms", "create_model", "CLIPVisionModelWithProjection",
-               "CLIPTextModelWithProjection", "load_model", "SentenceTransformer"}
+               "CLIPTextModelWithProjection", "load_model", "SentenceTransformer",
+               "FluxTransformer2DModel", "T5EncoderModel"}
 
 
 def _modules() -> dict[str, Path]:

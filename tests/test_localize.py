@@ -154,6 +154,43 @@ def test_edit_cli_localize(tmp_path, one_torch_thread):
     assert isinstance(r.exception, DsbuildError) and "--mask needs --localize" in str(r.exception)
 
 
+def test_edit_localize_says_phrase_and_coverage_and_checks_the_segmenter_first(
+        tmp_path, one_torch_thread):
+    """One line names what the region is (the referred phrase, or --mask) and how much of the
+    image it covers; a bad --segmenter is refused in one line before the editor loads."""
+    src, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    _image().save(src)
+    m = np.zeros((32, 32), dtype=np.uint8)
+    m[4:20, 10:26] = 255  # 256 of 1024 pixels
+    Image.fromarray(m).save(mask)
+    base = ["edit", "tiny", str(src), "remove the lamp", "--steps", "2", "--device", "cpu",
+            "--localize"]
+    r = CliRunner().invoke(cli, [*base, "--mask", str(mask), "--out", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    assert f"localize: --mask {mask} -> mask covers 25.0 % of the image\n" in r.output
+    r = CliRunner().invoke(cli, [*base, "--segmenter", "tiny", "--out", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    got = np.asarray(Image.open(tmp_path / "b_mask.png")) > 127
+    line = next(x for x in r.output.splitlines() if x.startswith("localize:"))
+    assert line.startswith(f"localize: 'lamp' -> mask covers {100 * got.mean():.1f} % of the "
+                           "image")
+    assert line.endswith("the edit is plain") == (not got.any())
+    # the editor named here does not exist: the segmenter's error comes first, in one line
+    for bad in ([str(tmp_path / "no-clipseg")], ["sam", "--detector", str(tmp_path / "no-owl")]):
+        r = CliRunner().invoke(cli, ["edit", str(tmp_path / "no-editor"), str(src), "remove the "
+                                     "lamp", "--localize", "--segmenter", *bad, "--out",
+                                     str(tmp_path / "c.png")])
+        assert isinstance(r.exception, DsbuildError), r.output
+        msg = str(r.exception)
+        assert msg.startswith(("--segmenter:", "--detector:")) and "\n" not in msg, msg
+        assert "no-editor" not in msg and not (tmp_path / "c_mask.png").exists()
+    # eval too: the segmenter is checked before the data is read
+    r = CliRunner().invoke(cli, ["eval", "tiny", "--data", str(tmp_path / "no-data"), "--out",
+                                 str(tmp_path / "ev"), "--localize", "--segmenter",
+                                 str(tmp_path / "no-clipseg")])
+    assert isinstance(r.exception, DsbuildError) and str(r.exception).startswith("--segmenter:")
+
+
 def test_tiny_clipseg_masks_are_seeded_and_thresholded():
     from dsbuild.models.segment import Segmenter
 
@@ -220,7 +257,7 @@ def test_eval_localize_reports_region_scores_next_to_plain(tmp_path, one_torch_t
     export = build_export(tmp_path)
     out = tmp_path / "ev"
     args = ["eval", "tiny", "--data", str(export), "--out", str(out), "--offline", "--steps",
-            "2", "--resolution", "32", "--limit", "4", "--localize", "--segmenter", "tiny",
+            "2", "--resolution", "32", "--rows", "4", "--localize", "--segmenter", "tiny",
             "--mask-threshold", "0.3", "--json"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
@@ -323,17 +360,22 @@ def test_eval_localize_scores_the_ground_truth_regions_of_blend_masks(tmp_path,
     assert with_mask and len(with_mask) < n
     out = tmp_path / "ev"
     base = ["eval", "tiny", "--data", str(export), "--split", "train", "--out", str(out),
-            "--offline", "--steps", "2", "--resolution", "32", "--limit", str(n), "--localize",
+            "--offline", "--steps", "2", "--resolution", "32", "--rows", str(n), "--localize",
             "--segmenter", "tiny", "--mask-threshold", "0.3", "--json"]
     r = CliRunner().invoke(cli, base)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     m = res["models"]["tiny"]
     assert set(m["regions"]) == {"referred", "truth"}
-    assert res["localize"] == {"region": "referred", "regions": ["referred", "truth"]}
+    assert {k: res["localize"][k] for k in ("region", "regions")} == \
+        {"region": "referred", "regions": ["referred", "truth"]}
     # the ground-truth masks are the export's, fitted like the inputs (32 px: unchanged)
     truth = {i: np.asarray(Image.open(io.BytesIO(split[i]["edit_mask"]["bytes"]))) > 127
              for i in with_mask}
+    cover = res["localize"]["coverage"]  # the share of the image each region covers
+    assert cover["truth"]["rows"] == len(with_mask)
+    assert cover["truth"]["mean"] == pytest.approx(np.mean([truth[i].mean() for i in with_mask]))
+    assert set(cover) == {"referred", "truth"} and 0 <= cover["referred"]["mean"] <= 1
     for i in with_mask:
         np.testing.assert_array_equal(_bool_png(out / "rows" / f"{i:05d}_edit_mask.png"),
                                       truth[i])
@@ -384,7 +426,7 @@ def test_eval_region_truth_needs_blend_masks(tmp_path):
     export = build_export(tmp_path)
     r = CliRunner().invoke(cli, ["eval", "tiny", "--data", str(export), "--out",
                                  str(tmp_path / "ev"), "--offline", "--steps", "1",
-                                 "--resolution", "32", "--limit", "2", "--localize",
+                                 "--resolution", "32", "--rows", "2", "--localize",
                                  "--region", "truth"])
     assert r.exit_code != 0
     assert "no edit_mask" in str(r.exception) and "generate.blend=true" in str(r.exception)
@@ -542,7 +584,7 @@ def test_eval_localize_with_boxes_sam_segmenter(tmp_path, one_torch_thread):
     export = build_export(tmp_path)
     out = tmp_path / "ev"
     args = ["eval", "tiny", "--data", str(export), "--out", str(out), "--offline", "--steps",
-            "1", "--resolution", "64", "--limit", "3", "--localize", "--segmenter", "sam",
+            "1", "--resolution", "64", "--rows", "3", "--localize", "--segmenter", "sam",
             "--detector", "tiny", "--sam-model", "tiny", "--json"]
     r = CliRunner().invoke(cli, [*args, "--box-threshold", "0.0"])
     assert r.exit_code == 0, r.output

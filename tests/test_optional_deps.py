@@ -99,7 +99,7 @@ def test_without_torch(tmp_path, mini_recipe):
             ["generate", b],
             ["filter", b],
             ["verify", b],
-            ["run", str(mini_recipe), "--out", b2, "--offline"],
+            ["run", b2, "--recipe", str(mini_recipe), "--offline"],
         ])
     for r in (init, captions, diversity, status):
         works(r)

@@ -422,7 +422,7 @@ def test_bench_p2p_reports_ratios():
 
     from dsbuild.bench.p2p import bench_p2p
 
-    r = CliRunner().invoke(bench_p2p, ["--steps", "1", "--size", "32", "--k", "2",
+    r = CliRunner().invoke(bench_p2p, ["--steps", "1", "--resolution", "32", "--k", "2",
                                        "--repeats", "1", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])

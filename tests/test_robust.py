@@ -126,7 +126,7 @@ def test_held_rank_refuses_then_waits_then_takes_over_a_dead_holder(tmp_path, cl
 
 
 def test_torn_committed_shard_is_named_with_its_repair(tmp_path):
-    b = new_build(tmp_path / "b", "captions.limit=3")
+    b = new_build(tmp_path / "b", "captions.per_agent=3")
     assert dsbuild("captions", b.root).returncode == 0
     shard = b.root / "triples" / "r00000.jsonl"
     lines = shard.read_bytes().splitlines(keepends=True)
@@ -246,7 +246,7 @@ def test_a_truncated_png_never_reaches_a_parquet_file(mini_recipe, tmp_path):
     from dsbuild.core import join
     from dsbuild.core.records import image_problem
 
-    b = run_pipeline(mini_recipe, tmp_path / "b", offline=True, limit=1,
+    b = run_pipeline(mini_recipe, tmp_path / "b", offline=True, per_agent=1,
                      echo=lambda s: None).build
     def exported_ids():
         ids = set()
@@ -347,7 +347,7 @@ def test_a_worker_process_loads_a_stage_model_once(mini_recipe, tmp_path):
     builds, held = [], []
     for name in ("a", "b"):
         b = Build.init(tmp_path / name, load(mini_recipe), recipe_path=str(mini_recipe),
-                       overrides=[*offline_settings(), "captions.limit=1"])
+                       overrides=[*offline_settings(), "captions.per_agent=1"])
         assert dsbuild("captions", b.root).returncode == 0
         run_generate(b)
         run_filter(b, quiet=True)

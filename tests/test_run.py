@@ -11,11 +11,11 @@ from dsbuild.core import stages
 
 
 def test_offline_settings_are_demo_sized():
-    s = run_settings(offline=True, limit=None)
+    s = run_settings(offline=True, per_agent=None)
     assert "captions.backend=template" in s and "generate.model=tiny" in s
-    assert "filter.clip_model=tiny" in s and "captions.limit=2" in s
-    assert "captions.limit=5" in run_settings(offline=True, limit=5)
-    assert run_settings(offline=False, limit=None) == []
+    assert "filter.clip_model=tiny" in s and "captions.per_agent=2" in s
+    assert "captions.per_agent=5" in run_settings(offline=True, per_agent=5)
+    assert run_settings(offline=False, per_agent=None) == []
 
 
 def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
@@ -25,8 +25,8 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
     from dsbuild.core.exports import load_export
 
     out = tmp_path / "demo"
-    r = CliRunner().invoke(cli, ["run", str(mini_recipe), "--out", str(out), "--offline",
-                                 "--limit", "1"])
+    r = CliRunner().invoke(cli, ["run", str(out), "--recipe", str(mini_recipe), "--offline",
+                                 "--per-agent", "1"])
     assert r.exit_code == 0, r.output
     assert "PLACEHOLDER images" in r.output
     assert stages.names() == ["captions", "generate", "filter", "verify", "augment",
@@ -41,14 +41,14 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
     assert "Not computed" not in card  # the run wrote reports/diversity.md first
     assert (out / "export" / "grid.png").exists()
 
-    again = run_pipeline(mini_recipe, out, offline=True, limit=1, echo=lambda s: None)
+    again = run_pipeline(mini_recipe, out, offline=True, per_agent=1, echo=lambda s: None)
     assert again.did_nothing, [(o.stage, o.state) for o in again.outcomes]
 
     # the export is a stage: its marker says done; a deleted export is written again
     import shutil
 
     shutil.rmtree(out / "export")
-    third = run_pipeline(mini_recipe, out, offline=True, limit=1, echo=lambda s: None)
+    third = run_pipeline(mini_recipe, out, offline=True, per_agent=1, echo=lambda s: None)
     assert [o.stage for o in third.outcomes if o.state == "done"] == ["export"]
     assert (out / "export" / "README.md").exists()
 
@@ -113,28 +113,28 @@ def test_a_model_that_cannot_load_is_never_saved(mini_build, tmp_path, monkeypat
 
 
 def test_run_offline_over_a_tuned_build_refuses_listing_the_differences(mini_recipe, tmp_path):
-    """Issue 24 (4): `run --out EXISTING --offline` rewrote a tuned build's frozen settings
-    (32 px, captions.limit 1) to the demo's and regenerated everything, silently."""
+    """Issue 24 (4): `run EXISTING --offline` rewrote a tuned build's frozen settings
+    (32 px, captions.per_agent 1) to the demo's and regenerated everything, silently."""
     from dsbuild.core.build import Build
     from dsbuild.core.config import load_recipe
 
     b = Build.init(tmp_path / "b", load_recipe(mini_recipe), recipe_path=str(mini_recipe),
-                   overrides=["generate.height=32", "captions.limit=1"])
+                   overrides=["generate.height=32", "captions.per_agent=1"])
     cfg = b.root / "dsbuild.yaml"
     frozen = cfg.read_bytes()
-    rc, out = _cli("run", mini_recipe, "--out", b.root, "--offline")
+    rc, out = _cli("run", b.root, "--recipe", mini_recipe, "--offline")
     assert rc == 2, out
-    for line in ("generate.height: 32 -> 64", "captions.limit: 1 -> 2",
+    for line in ("generate.height: 32 -> 64", "captions.per_agent: 1 -> 2",
                  'generate.model: "stable-diffusion-v1-5/stable-diffusion-v1-5" -> "tiny"'):
         assert line in out, out
     assert "--reconfigure" in out
     assert cfg.read_bytes() == frozen and not (b.root / "triples").exists()
 
-    rc, out = _cli("run", mini_recipe, "--out", b.root, "--offline", "--reconfigure", "--until",
-                   "captions")
+    rc, out = _cli("run", b.root, "--recipe", mini_recipe, "--offline", "--reconfigure",
+                   "--until", "captions")
     assert rc == 0, out
     c = Build.open(b.root).config
-    assert (c.generate.height, c.captions.limit, c.generate.model) == (64, 2, "tiny")
+    assert (c.generate.height, c.captions.per_agent, c.generate.model) == (64, 2, "tiny")
 
 
 def test_run_set_wins_over_offline_and_an_identical_run_does_nothing(mini_recipe, tmp_path):
@@ -143,15 +143,15 @@ def test_run_set_wins_over_offline_and_an_identical_run_does_nothing(mini_recipe
 
     assert "generate.steps=4" not in run_settings(True, None, ["generate.steps=3"])
     b = tmp_path / "b"
-    args = ["run", mini_recipe, "--out", b, "--offline", "--set", "generate.steps=3",
-            "--set", "captions.limit=1", "--until", "captions"]
+    args = ["run", b, "--recipe", mini_recipe, "--offline", "--set", "generate.steps=3",
+            "--set", "captions.per_agent=1", "--until", "captions"]
     rc, said = _cli(*args)
     assert rc == 0, said
     c = Build.open(b).config
-    assert (c.generate.steps, c.captions.limit, c.generate.model) == (3, 1, "tiny")
+    assert (c.generate.steps, c.captions.per_agent, c.generate.model) == (3, 1, "tiny")
     frozen = (b / "dsbuild.yaml").read_bytes()
     rc, said = _cli(*args)
     assert rc == 0 and "nothing to do" in said, said
     assert (b / "dsbuild.yaml").read_bytes() == frozen
-    rc, said = _cli("run", mini_recipe, "--out", b, "--offline", "--until", "captions")
+    rc, said = _cli("run", b, "--recipe", mini_recipe, "--offline", "--until", "captions")
     assert rc == 2 and "generate.steps: 3 -> 4" in said, said

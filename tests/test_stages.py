@@ -93,7 +93,7 @@ def dsbuild(args, env, **kw):
 
 def test_plugin_stage_runs_is_killed_and_resumes(tmp_path, plugin_env):
     out = tmp_path / "b"
-    run = ["run", "--out", str(out), "--offline", "--limit", "1", "--until", "wordcount"]
+    run = ["run", str(out), "--offline", "--per-agent", "1", "--until", "wordcount"]
     paused = tmp_path / "paused.json"  # the stage stops after its 4th record, until killed
     env = dict(plugin_env, DSBUILD_PAUSE_AT=f"wordcounts/r00000.jsonl:4:{paused}")
     partial = out / "wordcounts" / "r00000.jsonl.partial"
@@ -235,7 +235,7 @@ def test_export_to_other_folder_does_not_change_the_build(tmp_path):
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "interior-design.yaml")
     build = Build.init(tmp_path / "b", recipe)
     before = (build.root / "dsbuild.yaml").read_text()
-    res = CliRunner().invoke(cli, ["export", str(build.root), "--to", str(tmp_path / "o"),
+    res = CliRunner().invoke(cli, ["export", str(build.root), "--export-dir", str(tmp_path / "o"),
                                    "--set", "split.test_ratio=0.5"])
     # filter has not run, so the export stops with a clear message, but nothing was saved
     assert res.exit_code != 0

@@ -46,7 +46,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
-    """The issue's 'done when': train-generator --mode lora, a build with generate.model=G makes
+    """The issue's 'done when': train-generator --method lora, a build with generate.model=G makes
     pairs, eval-generator prints base vs tuned."""
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -57,7 +57,7 @@ def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
     photos = draw_photos(tmp_path / "photos")
     g = tmp_path / "G"
     r = CliRunner().invoke(cli, [
-        "train-generator", str(photos), "--base", "tiny", "--out", str(g), "--mode", "lora",
+        "train-generator", str(photos), "--base", "tiny", "--out", str(g), "--method", "lora",
         "--max-steps", "3", "--resolution", "32", "--class", "armchair",
         "--num-class-images", "2", "--class-steps", "2", "--learning-rate", "0.01",
         "--validate-every", "3", "--validation-steps", "2"])
@@ -88,9 +88,9 @@ def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     build = tmp_path / "B"
     for args in (["init", str(build), "--set", "captions.backend=template",
-                  "--set", "captions.limit=1", "--set", f"generate.model={g}",
+                  "--set", "captions.per_agent=1", "--set", f"generate.model={g}",
                   "--set", "generate.steps=2", "--set", "generate.height=32",
-                  "--set", "generate.width=32", "--set", "generate.limit=1"],
+                  "--set", "generate.width=32", "--set", "generate.per_triple=1"],
                  ["captions", str(build)], ["generate", str(build)]):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, r.output
@@ -102,12 +102,21 @@ def test_lora_generator_drives_generate_and_eval(tmp_path, cache, monkeypatch):
     r = CliRunner().invoke(cli, ["eval-generator", str(g), "--out", str(tmp_path / "E"),
                                  "--images-per-prompt", "2", "--steps", "2"])
     assert r.exit_code == 0, r.output
-    assert "| metric | base | tuned |" in r.output and "CLIP-T" in r.output
-    assert "class prior: DINO to the base's class images | 100.00 |" in r.output
+    # models in rows, as eval's table: the base's class prior is itself by definition
+    assert "| model | CLIP-T ↑ |" in r.output
+    assert next(x for x in r.output.splitlines() if x.startswith("| base (tiny) |")
+                ).endswith("| 100.00 | 100.00 |")
     res = json.loads((tmp_path / "E" / "eval.json").read_text())
     assert res["clip_prompts"] == ["a photo of armchair"]  # the identifier is not CLIP's word
     assert res["models"]["base"]["drift_clip_i"] == pytest.approx(1.0)
-    assert (tmp_path / "E" / "grid.png").exists()
+    from dsbuild.core.grid import text_layer
+
+    layer = text_layer(tmp_path / "E" / "grid.png")  # its columns and models say themselves
+    assert layer["headers"] == ["base, seed 0", "base, seed 1", "tuned, seed 0", "tuned, seed 1"]
+    assert layer["title"].startswith(f"base tiny | tuned local:{g.name}")
+    seed = GeneratorTrainSettings.model_fields["seed"].default
+    assert text_layer(g / "validation" / "step-000003.png")["headers"] == [
+        f"seed {seed}", f"seed {seed + 1}"]
     assert "CLIP-T (image vs context prompt)" in (g / "README.md").read_text()
 
 
@@ -126,7 +135,7 @@ def test_dreambooth_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
     (photos / "captions.jsonl").write_text("".join(
         json.dumps({"file": f"{i}.png", "caption": f"a sks armchair in a {room}"}) + "\n"
         for i, room in enumerate(["den", "hall", "loft"])))
-    s = GeneratorTrainSettings(photos=str(photos), mode="dreambooth", class_noun="armchair",
+    s = GeneratorTrainSettings(photos=str(photos), method="dreambooth", class_noun="armchair",
                                train_text_encoder=True, max_steps=4, checkpoint_every=2,
                                batch_size=2, learning_rate=1e-3, flip=True, **TINY)
     whole = train_generator(s, tmp_path / "whole")
@@ -194,6 +203,7 @@ def test_bad_input_is_refused_with_what_to_fix(tmp_path, cache, capfd):
                                                **{**TINY, "base": str(notsd)}, max_steps=1),
                         tmp_path / "o")
     # on the command line: one line, exit 2, nothing written
+    capfd.readouterr()  # the calls above said what they trained on: only the command's below
     Image.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
     with pytest.raises(SystemExit) as exc:
         main(["train-generator", str(empty), "--out", str(tmp_path / "o2")])
@@ -201,3 +211,36 @@ def test_bad_input_is_refused_with_what_to_fix(tmp_path, cache, capfd):
     err = capfd.readouterr().err
     assert err.startswith("error: PHOTOS") and err.count("\n") == 1
     assert not (tmp_path / "o2").exists()
+
+
+def test_the_prompt_and_the_prior_are_said_before_training(tmp_path, cache, capfd):
+    """Without --class the run says its prompt and that prior preservation is off (and how to
+    turn it on); with one, the class prompt and weight; captions count as prompts."""
+    from dsbuild.train.generator import prompt_note
+
+    photos = draw_photos(tmp_path / "photos", n=2)
+    res = train_generator(GeneratorTrainSettings(photos=str(photos), **TINY, max_steps=1),
+                          tmp_path / "G")
+    assert res.steps == 1 and res.class_images == 0
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("train-generator:"))
+    assert line == ("train-generator: prompt 'a photo of sks'; prior preservation is off "
+                    "without --class (add --class NOUN, e.g. --class armchair, to keep the "
+                    "class prior)")
+    listed = read_photos(photos, 32, "a photo of sks chair")
+
+    def note(**kw):
+        return prompt_note(GeneratorTrainSettings(photos=str(photos), **{**TINY, **kw}), listed)
+
+    assert note(class_noun="chair") == ("train-generator: prompt 'a photo of sks chair'; prior "
+                                        "preservation on: 2 class images of 'a photo of chair',"
+                                        " weight 1.0")
+    assert note(class_noun="chair", prior_preservation=False).endswith(
+        "prior preservation is off (--no-prior-preservation)")
+    assert note(class_noun="chair", prior_loss_weight=0).endswith("(--prior-loss-weight 0)")
+    (photos / "captions.jsonl").write_text("".join(
+        json.dumps({"file": f"{i}.png", "caption": f"a sks chair, view {i}"}) + "\n"
+        for i in range(2)))
+    assert prompt_note(GeneratorTrainSettings(photos=str(photos), **TINY),
+                       read_photos(photos, 32, "p")).startswith(
+        "train-generator: 2 prompts from captions.jsonl; prior preservation is off")

@@ -345,7 +345,8 @@ def test_a_judge_that_scores_nothing_fails_the_stage_unless_optional(scene_build
     assert "bad_reply:not_json=12" in msg and str(build.reports_dir / "verify.md") in msg
     assert "verify.judge.optional=true" in msg
     assert not build.is_complete("verify") and not build.marker_dir("verify").exists()
-    assert "judge: unchecked 12" in (build.reports_dir / "verify.md").read_text()
+    assert "| judge-rubric | " in (md := (build.reports_dir / "verify.md").read_text())
+    assert "| 12 pairs (all) | 0 | 0 | 12 | 0 |" in md
     sig = build.signature("verify")
     with OpenAIServer(handler=lambda b, n: error(500), port=port) as srv:
         res = run_verify(build, detector=SceneDetector(), quiet=True,

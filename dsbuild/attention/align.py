@@ -104,15 +104,19 @@ def prompt_words(tokenizer, prompt: str) -> tuple[list[Word], int]:
     except (ValueError, AttributeError):
         word_ids = None
     ids = enc["input_ids"]
-    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     offsets = enc.get("offset_mapping") if word_ids is not None else None
     if word_ids is None:  # CLIP BPE ends a word's last token with "</w>"; else a word a token
         toks = tokenizer.convert_ids_to_tokens(list(ids))
         eow = any(str(t).endswith("</w>") for t in toks)
-        word_ids, n_words = [], 0
-        for tid, t in zip(ids, toks, strict=True):
-            word_ids.append(None if tid in specials else n_words)
-            if tid not in specials and (not eow or str(t).endswith("</w>")):
+        word_ids, n_words, ended = [], 0, False
+        for pos, (tid, t) in enumerate(zip(ids, toks, strict=True)):
+            # text sits between the start token and the first end token; what follows is
+            # padding, whatever its token (SDXL's second tokenizer pads with "!", a text
+            # character too, so the pad id alone cannot tell text from padding)
+            ended = ended or tid == tokenizer.eos_token_id
+            special = ended or (pos == 0 and tid == tokenizer.bos_token_id)
+            word_ids.append(None if special else n_words)
+            if not special and (not eow or str(t).endswith("</w>")):
                 n_words += 1
     n_text = 0
     last: object = object()

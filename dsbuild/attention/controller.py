@@ -1,7 +1,8 @@
 """All per-run Prompt-to-Prompt state in one object; processors only call ``attend``.
 
-A UNet batch holds ``2R`` rows: R unconditional then R conditional, one per image. Every
-image row is a source or a target; a target names its source row. Edits are linear in the
+A UNet batch holds ``2R`` rows: R unconditional then R conditional, one per image (or only the
+R conditional rows when no row uses classifier-free guidance: few-step models at guidance 0
+or 1). Every image row is a source or a target; a target names its source row. Edits are linear in the
 attention map columns, so they run on fused SDPA without materialised probabilities:
 
 - self-attention injection: ``softmax(Q_src K_srcᵀ) V_tgt`` = SDPA(Q_src, K_src, V_tgt);
@@ -76,9 +77,12 @@ class P2PController:
             self.blend_layers = {n for n, lv in levels.items() if lv == top}
 
     def configure(self, n_rows: int, edits: dict[int, RowEdit], steps: int, device,
-                  dtype) -> None:
-        """Start a run of ``n_rows`` images; ``edits`` maps target row -> its edit."""
+                  dtype, cfg: bool = True) -> None:
+        """Start a run of ``n_rows`` images; ``edits`` maps target row -> its edit. ``cfg``:
+        the UNet batch has the unconditional half before the conditional one."""
         self.R, self.edits, self.steps = n_rows, edits, steps
+        # rows in the UNet batch, and where its conditional half starts
+        self.B, self.C = (2 * n_rows, n_rows) if cfg else (n_rows, 0)
         self.device, self.dtype = device, dtype
         self.blend_rows = [r for r, e in edits.items()
                            if e.blend_tgt is not None or e.blend_src is not None]
@@ -99,8 +103,8 @@ class P2PController:
             self.blend_src_idx = torch.tensor([edits[r].source for r in self.blend_rows],
                                               device=device)
             # conditional-half rows; a source shared by several targets is computed once
-            self.b_rows = self.blend_idx + n_rows
-            self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + n_rows,
+            self.b_rows = self.blend_idx + self.C
+            self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + self.C,
                                                            return_inverse=True)
             if self.segment is not None:  # the mask is segmented, not read from attention
                 self.use_tgt = self.use_src = False
@@ -118,14 +122,14 @@ class P2PController:
     # ------------------------------------------------------------------ per step
     def begin_step(self, i: int) -> None:
         """Work out, once per step, which rows read which (not once per layer)."""
-        R, dev = self.R, self.device
+        C, dev = self.C, self.device
         self.step = i
         self_rows = [(r, e.source) for r, e in self.edits.items()
                      if i < int(e.self_replace * self.steps)]
         if self_rows:
-            idx = torch.arange(2 * R, device=dev)
+            idx = torch.arange(self.B, device=dev)
             for r, s in self_rows:
-                idx[r], idx[R + r] = s, R + s
+                idx[r], idx[C + r] = s, C + s  # both halves (one when there is no CFG)
             self.self_idx = idx
         else:
             self.self_idx = None
@@ -139,11 +143,11 @@ class P2PController:
             we = w * e.equalizer if e.equalizer is not None else w
             mats.append(e.alignment.mapper * we[None, :])
             cs.append(we * (1 - e.alignment.alpha) + (1 - w))
-            rows.append(R + r)
-            srcs.append(R + e.source)
+            rows.append(C + r)
+            srcs.append(C + e.source)
         if rows:
             self.x_rows = torch.tensor(rows, device=dev)
-            idx = torch.arange(2 * R, device=dev)
+            idx = torch.arange(self.B, device=dev)
             idx[self.x_rows] = torch.tensor(srcs, device=dev)
             self.x_idx = idx
             self.x_M = torch.stack(mats).to(dev, self.dtype)
@@ -156,7 +160,7 @@ class P2PController:
     def attend(self, name: str, is_cross: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The attention op of one layer for the whole batch (q, k, v: [B, heads, N, d])."""
-        if q.shape[0] != 2 * self.R:  # not a batch this controller planned: leave it alone
+        if q.shape[0] != self.B:  # not a batch this controller planned: leave it alone
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if not is_cross:
             if self.self_idx is None:

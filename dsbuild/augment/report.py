@@ -10,7 +10,8 @@ def summary(build, result) -> list[str]:
     if not st or result.skipped:
         return lines
     lines.append(f"  {st.get('no_change', 0)} no-change samples from {st.get('kept_pairs', 0)} "
-                 f"kept pairs (ratio {st.get('ratio')})")
+                 f"kept pairs (augment.ratio {st.get('ratio')} of each split's pairs, at least "
+                 "one per split)")
     llm = st.get("llm")
     if llm:
         rej = ", ".join(f"{k}: {v}" for k, v in llm["rejected"].items()) or "none"

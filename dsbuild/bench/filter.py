@@ -32,6 +32,7 @@ from dsbuild.bench.harness import (
     json_option,
     per_second,
     ratio,
+    resolution_option,
     time_cases,
     torch_threads,
     verdict,
@@ -55,8 +56,8 @@ def _write_images(folder: Path, n: int, size: int) -> list[Path]:
 
 
 def run_bench(model: str = "ViT-B-32", pretrained: str = "none", batch_size: int = 32,
-              images: int = 128, device: str = "auto", dtype: str = "auto", workers: int = 4,
-              repeats: int = 3, image_size: int = 256) -> dict:
+              images: int = 128, device: str = "auto", precision: str = "auto",
+              workers: int = 4, repeats: int = 3, resolution: int = 256) -> dict:
     """Time raw open_clip and dsbuild on the same images; returns images/s and ratios."""
     check("filter", what="dsbuild bench filter")
     import torch
@@ -66,10 +67,10 @@ def run_bench(model: str = "ViT-B-32", pretrained: str = "none", batch_size: int
     from dsbuild.models.clip import ClipEncoder
     from dsbuild.models.embed import ImageEmbedder
 
-    enc = ClipEncoder.load(model, pretrained, device=device, dtype=dtype, quiet=True)
+    enc = ClipEncoder.load(model, pretrained, device=device, dtype=precision, quiet=True)
     dev = enc.device
     with tempfile.TemporaryDirectory(prefix="dsbuild-bench-filter-") as tmp:
-        paths = _write_images(Path(tmp), images, image_size)
+        paths = _write_images(Path(tmp), images, resolution)
 
         @torch.inference_mode()
         def raw() -> None:
@@ -105,8 +106,8 @@ def run_bench(model: str = "ViT-B-32", pretrained: str = "none", batch_size: int
     ips = per_second(images, t.seconds("wall", pick="best"), 2)
     return {
         "model": model, "pretrained": pretrained, "device": dev,
-        "dtype": str(enc.dtype).replace("torch.", "") if enc.dtype else "float32",
-        "batch_size": batch_size, "images": images, "image_size": image_size,
+        "precision": str(enc.dtype).replace("torch.", "") if enc.dtype else "float32",
+        "batch_size": batch_size, "images": images, "resolution": resolution,
         "workers": workers, "repeats": repeats, "threads": torch_threads(),
         "images_per_s": ips,
         "ratio": ratio(ips["dsbuild"], ips["raw"]),
@@ -122,25 +123,25 @@ def run_bench(model: str = "ViT-B-32", pretrained: str = "none", batch_size: int
               help="pretrained tag or checkpoint file; 'none' = random weights (offline)")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--images", type=int, default=128, show_default=True, help="distinct images")
-@click.option("--image-size", type=int, default=256, show_default=True, help="PNG side, pixels")
+@resolution_option(256, "PNG side, pixels", old="--image-size")
 @device_option
 @autocast_option
 @decode_workers_option
 @best_of_option
 @json_option
-def bench_filter(model, pretrained, batch_size, images, image_size, device, dtype, workers,
+def bench_filter(model, pretrained, batch_size, images, resolution, device, precision, workers,
                  repeats, as_json):
     """Images/s of dsbuild's CLIP scoring path vs raw open_clip encode_image, same run."""
-    emit(run_bench(model, pretrained, batch_size, images, device, dtype, workers, repeats,
-                   image_size), as_json, _lines)
+    emit(run_bench(model, pretrained, batch_size, images, device, precision, workers, repeats,
+                   resolution), as_json, _lines)
 
 
 def _lines(res: dict):
     """The result for people."""
     ips = res["images_per_s"]
     yield (f"bench filter: {res['model']} ({res['pretrained']}) on {res['device']} "
-           f"{res['dtype']}, batch {res['batch_size']}, {res['images']} images "
-           f"{res['image_size']}px, best of {res['repeats']}")
+           f"{res['precision']}, batch {res['batch_size']}, {res['images']} images "
+           f"{res['resolution']}px, best of {res['repeats']}")
     yield f"  raw open_clip (load+preprocess+encode_image): {ips['raw']:>9.2f} images/s"
     yield f"  dsbuild ImageEmbedder.embed:                  {ips['dsbuild']:>9.2f} images/s"
     yield (f"  encode_image only (preprocessed batches):     {ips['encode_only']:>9.2f} "

@@ -21,16 +21,41 @@ from dataclasses import dataclass
 
 import click
 
+from dsbuild.core.deprecation import renamed_option
+from dsbuild.core.settings import PRECISIONS
+
 ARCHS = ("tiny", "small", "sd15")
 PROMPTS = ("make the sofa blue", "add a rug", "remove the lamp", "make the walls white",
            "replace the chair with a stool", "add a plant")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 device_option = click.option("--device", default="auto", show_default=True)
-# filter's and verify's scoring path: autocast dtype and decode threads, best of N runs
-autocast_option = click.option(
-    "--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-    show_default=True, help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
+
+
+def resolution_option(default: int, help: str = "image side, pixels", old: str = "--size"):
+    """--resolution (the image side), and ``old``, its name before one vocabulary."""
+    def decorate(fn):
+        fn = click.option("--resolution", type=int, default=default, show_default=True,
+                          help=help)(fn)
+        return renamed_option(old, "--resolution", "resolution", type=int)(fn)
+    return decorate
+
+
+def precision_option(choices=PRECISIONS, default: str = "auto",
+                     help: str = "autocast precision (auto: fp16 on CUDA, fp32 on CPU)",
+                     old: str | None = "--dtype"):
+    """--precision, and ``old``, its name before one vocabulary (None: it had none)."""
+    def decorate(fn):
+        fn = click.option("--precision", type=click.Choice(choices), default=default,
+                          show_default=True, help=help)(fn)
+        if old is None:
+            return fn
+        return renamed_option(old, "--precision", "precision", type=click.Choice(choices))(fn)
+    return decorate
+
+
+# filter's and verify's scoring path: autocast precision and decode threads, best of N runs
+autocast_option = precision_option()
 decode_workers_option = click.option("--workers", type=int, default=4, show_default=True,
                                      help="dsbuild decode/preprocess threads")
 best_of_option = click.option("--repeats", type=int, default=3, show_default=True,

@@ -17,21 +17,22 @@ from pathlib import Path
 
 import click
 
-from dsbuild.bench.harness import emit, json_option, ratio, table
+from dsbuild.bench.harness import emit, json_option, ratio, resolution_option, table
 from dsbuild.core import stages
 from dsbuild.core.build import Build
 from dsbuild.core.config import default_recipe_path, load_recipe
+from dsbuild.core.deprecation import renamed_option
 from dsbuild.executors import ExecutorOptions, WorkerPool, make_executor
 from dsbuild.executors.local import LocalProcesses
 
 
-def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
+def run_bench(per_agent: int, per_triple: int, steps: int, resolution: int, shards: int,
               workers: tuple[int, ...] = (1, 2), keep: str | None = None) -> dict:
     """Generate the same pairs with each worker count; pairs/s and scaling efficiency."""
     tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="dsbuild-bench-scale-"))
-    settings = [*stages.offline_settings(), f"captions.limit={limit}",
-                f"generate.limit={samples}",
-                f"generate.steps={steps}", f"generate.height={size}", f"generate.width={size}",
+    settings = [*stages.offline_settings(), f"captions.per_agent={per_agent}",
+                f"generate.per_triple={per_triple}", f"generate.steps={steps}",
+                f"generate.height={resolution}", f"generate.width={resolution}",
                 "generate.contact_sheet=0"]
     recipe = default_recipe_path()
     base = Build.init(tmp / "captions", load_recipe(recipe), recipe_path=str(recipe),
@@ -62,7 +63,7 @@ def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
             shutil.rmtree(tmp, ignore_errors=True)
     one, many = runs[workers[0]], runs[workers[-1]]
     eff = many["pairs_per_s"] / (one["pairs_per_s"] * workers[-1] / workers[0])
-    return {"cpus": os.cpu_count(), "shards": shards, "steps": steps, "size": size,
+    return {"cpus": os.cpu_count(), "shards": shards, "steps": steps, "resolution": resolution,
             "threads_per_worker": 1, "runs": {str(k): v for k, v in runs.items()},
             "speedup": ratio(many["pairs_per_s"], one["pairs_per_s"]),
             "efficiency": round(eff, 3), "goal_efficiency": 0.9,
@@ -72,26 +73,30 @@ def run_bench(limit: int, samples: int, steps: int, size: int, shards: int,
 
 
 @click.command("scale")
-@click.option("--limit", type=int, default=1, show_default=True,
+@renamed_option("--limit", "--per-agent", "per_agent", type=click.IntRange(min=1))
+@renamed_option("--samples", "--per-triple", "per_triple", type=click.IntRange(min=1))
+@click.option("--per-agent", type=click.IntRange(min=1), default=1, show_default=True,
               help="caption triples per agent (offline recipe, template captions)")
-@click.option("--samples", type=int, default=2, show_default=True, help="pairs per triple")
+@click.option("--per-triple", type=click.IntRange(min=1), default=2, show_default=True,
+              help="pairs per triple")
 @click.option("--steps", type=int, default=4, show_default=True)
-@click.option("--size", type=int, default=64, show_default=True, help="image height and width")
+@resolution_option(64, "image height and width")
 @click.option("--shards", type=int, default=8, show_default=True,
               help="shards (the same for every worker count)")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
               help="keep the builds in this folder (default: a temp folder, removed)")
 @json_option
-def bench_scale(limit, samples, steps, size, shards, keep, as_json):
+def bench_scale(per_agent, per_triple, steps, resolution, shards, keep, as_json):
     """Generate throughput (tiny model) with 1 vs 2 local workers: pairs/s, scaling efficiency.
 
     Wall time, each worker pinned to one thread; run it on an otherwise idle machine."""
-    emit(run_bench(limit, samples, steps, size, shards, keep=keep), as_json, _lines)
+    emit(run_bench(per_agent, per_triple, steps, resolution, shards, keep=keep), as_json,
+         _lines)
 
 
 def _lines(res: dict):
     """The result for people."""
-    yield (f"generate, tiny model, {res['size']}px, {res['steps']} steps, {res['shards']} "
+    yield (f"generate, tiny model, {res['resolution']}px, {res['steps']} steps, {res['shards']} "
            f"shards, {res['cpus']} CPUs, one thread per worker ({res['basis']})")
     yield from table([("workers", 9), ("pairs", 7), ("wall s", 9), ("pairs/s", 10),
                       ("load before", 13)],

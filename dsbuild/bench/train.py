@@ -32,6 +32,7 @@ from dsbuild.bench.harness import (
     images,
     json_option,
     on_cuda,
+    precision_option,
     ratio,
     rounded,
     rss_mb,
@@ -42,6 +43,7 @@ from dsbuild.bench.harness import (
     trim,
     verdict,
 )
+from dsbuild.core.deprecation import renamed_option
 
 
 def write_dataset(folder: Path, n: int, size: int) -> Path:
@@ -70,7 +72,7 @@ def write_base(folder: Path, arch: str) -> Path:
 
 
 def diffusers_loop(base: Path, data: Path, resolution: int, batch_size: int, steps: int,
-                   lr: float, seed: int, device: str, mixed_precision: str) -> dict:
+                   lr: float, seed: int, device: str, precision: str) -> dict:
     """diffusers' example training loop's per-step work (see the module docstring)."""
     import numpy as np
     import torch
@@ -133,7 +135,7 @@ def diffusers_loop(base: Path, data: Path, resolution: int, batch_size: int, ste
 
     loader = torch.utils.data.DataLoader(train_dataset, shuffle=True, collate_fn=collate_fn,
                                          batch_size=batch_size)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     unet.to(device)
     ema_unet.to(device)
     text_encoder.to(device, dtype=dtype)
@@ -141,7 +143,7 @@ def diffusers_loop(base: Path, data: Path, resolution: int, batch_size: int, ste
     generator = torch.Generator(device=device).manual_seed(seed)
     p = 0.05
     amp = (torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-           if mixed_precision != "no" else nullcontext())
+           if precision != "fp32" else nullcontext())
     done = 0
     t0 = time.process_time()
     w0 = time.perf_counter()
@@ -181,7 +183,7 @@ def diffusers_loop(base: Path, data: Path, resolution: int, batch_size: int, ste
 
 
 def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, rows: int = 8,
-              steps: int = 6, mixed_precision: str = "no", device: str = "auto",
+              steps: int = 6, precision: str = "fp32", device: str = "auto",
               threads: int | None = 1) -> dict:
     """Train ``steps`` steps both ways on the same rows and base; returns figures and ratios."""
     from dsbuild.train.settings import TrainSettings
@@ -196,11 +198,11 @@ def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, ro
         start = {"diffusers": rss_mb()}
         with PeakMemory(dev) as pm_base:
             base_res = diffusers_loop(base, data, resolution, batch_size, steps, 5e-5, 0, dev,
-                                      mixed_precision)
+                                      precision)
         trim()
         s = TrainSettings(data=str(data), base=str(base), resolution=resolution,
                           batch_size=batch_size, max_steps=steps, checkpoint_every=10**9,
-                          mixed_precision=mixed_precision, device=dev, seed=0)
+                          precision=precision, device=dev, seed=0)
         w0 = time.perf_counter()
         start["dsbuild"] = rss_mb()
         with PeakMemory(dev) as pm_ours:
@@ -214,7 +216,7 @@ def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, ro
     if not on_cuda(dev):  # RSS high-water mark above where each side started
         peaks = {k: (v - start[k] if v is not None else None) for k, v in peaks.items()}
     return {
-        "arch": arch, "device": dev, "mixed_precision": mixed_precision,
+        "arch": arch, "device": dev, "precision": precision,
         "resolution": resolution, "batch_size": batch_size, "rows": rows, "steps": steps,
         "threads": torch_threads(), "timer": f"{timer} seconds"
         + (" (dsbuild side: CPU seconds)" if timer == "wall" else ""),
@@ -237,23 +239,25 @@ def run_bench(arch: str = "small", resolution: int = 64, batch_size: int = 2, ro
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--rows", type=int, default=8, show_default=True, help="dataset rows")
 @click.option("--steps", type=int, default=6, show_default=True, help="optimizer steps")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
-              show_default=True)
+@precision_option(("fp32", "fp16", "bf16"), "fp32", help="fp32, or mixed precision fp16|bf16",
+                  old=None)
+@renamed_option("--mixed-precision", "--precision", "precision", values={"no": "fp32"},
+                type=click.Choice(["no", "fp16", "bf16"]))
 @device_option
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1: CPU time measures work, not parallelism)")
 @json_option
-def bench_train(arch, resolution, batch_size, rows, steps, mixed_precision, device, threads,
+def bench_train(arch, resolution, batch_size, rows, steps, precision, device, threads,
                 as_json):
     """Training steps/s of dsbuild train vs diffusers' InstructPix2Pix loop, same run."""
-    emit(run_bench(arch, resolution, batch_size, rows, steps, mixed_precision, device, threads),
+    emit(run_bench(arch, resolution, batch_size, rows, steps, precision, device, threads),
          as_json, _lines)
 
 
 def _lines(res: dict):
     """The result for people."""
     sps = res["steps_per_s"]
-    yield (f"bench train: arch {res['arch']} on {res['device']} ({res['mixed_precision']}), "
+    yield (f"bench train: arch {res['arch']} on {res['device']} ({res['precision']}), "
            f"{res['resolution']}px, batch {res['batch_size']}, {res['rows']} rows, "
            f"{res['steps']} steps, {res['threads']} thread(s), {res['timer']}")
     yield f"  diffusers' loop:        {sps['diffusers']:>8.3f} steps/s"

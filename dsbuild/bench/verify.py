@@ -34,6 +34,7 @@ from dsbuild.bench.harness import (
     json_option,
     per_second,
     ratio,
+    resolution_option,
     time_cases,
     torch_threads,
     verdict,
@@ -96,8 +97,8 @@ def _load(model: str, device: str, dtype: str, batch_size: int, workers: int):
 
 
 def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_size: int = 16,
-              image_size: int = 256, device: str = "auto", dtype: str = "auto", workers: int = 4,
-              repeats: int = 3) -> dict:
+              resolution: int = 256, device: str = "auto", precision: str = "auto",
+              workers: int = 4, repeats: int = 3) -> dict:
     """Time raw transformers detection and dsbuild's detector on the same pairs."""
     check("filter", what="dsbuild bench verify")
     import torch
@@ -105,10 +106,10 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
 
     from dsbuild.models import autocast
 
-    det, proc = _load(model, device, dtype, batch_size, workers)
+    det, proc = _load(model, device, precision, batch_size, workers)
     dev = det.device
     with tempfile.TemporaryDirectory(prefix="dsbuild-bench-verify-") as tmp:
-        items = _write_pairs(Path(tmp), pairs, per_source, image_size)
+        items = _write_pairs(Path(tmp), pairs, per_source, resolution)
         half = max(1, batch_size // 2)  # a batch of pairs is 2 images each
 
         @torch.inference_mode()
@@ -146,7 +147,7 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
     pps = per_second(pairs, t.seconds("wall", pick="best"), 2)
     return {
         "model": model, "device": dev, "batch_size": batch_size, "pairs": pairs,
-        "targets_per_source": per_source, "image_size": image_size, "workers": workers,
+        "targets_per_source": per_source, "resolution": resolution, "workers": workers,
         "repeats": repeats, "threads": torch_threads(),
         "images_raw": 2 * pairs, "images_dsbuild": det.encoded // max(1, repeats),
         "pairs_per_s": pps, "ratio": ratio(pps["dsbuild"], pps["raw"]), "goal": 0.9,
@@ -160,16 +161,16 @@ def run_bench(model: str = "tiny", pairs: int = 64, per_source: int = 4, batch_s
 @click.option("--targets-per-source", "per_source", type=int, default=4, show_default=True,
               help="pairs whose input images share one content")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="images per batch")
-@click.option("--image-size", type=int, default=256, show_default=True, help="PNG side, pixels")
+@resolution_option(256, "PNG side, pixels", old="--image-size")
 @device_option
 @autocast_option
 @decode_workers_option
 @best_of_option
 @json_option
-def bench_verify(model, pairs, per_source, batch_size, image_size, device, dtype, workers,
+def bench_verify(model, pairs, per_source, batch_size, resolution, device, precision, workers,
                  repeats, as_json):
     """Pairs/s of verify's detector vs raw transformers OWLv2 detection, same run."""
-    emit(run_bench(model, pairs, max(1, per_source), batch_size, image_size, device, dtype,
+    emit(run_bench(model, pairs, max(1, per_source), batch_size, resolution, device, precision,
                    workers, repeats), as_json, _lines)
 
 
@@ -178,7 +179,7 @@ def _lines(res: dict):
     pps = res["pairs_per_s"]
     yield (f"bench verify: {res['model']} on {res['device']}, batch {res['batch_size']}, "
            f"{res['pairs']} pairs ({res['targets_per_source']} per source) "
-           f"{res['image_size']}px, best of {res['repeats']}")
+           f"{res['resolution']}px, best of {res['repeats']}")
     yield (f"  raw transformers (processor+model+post-process): {pps['raw']:>9.2f} pairs/s "
            f"({res['images_raw']} images)")
     yield (f"  dsbuild Detector.detect:                         {pps['dsbuild']:>9.2f} "

@@ -8,6 +8,7 @@ from dsbuild.core.stages import Stage, register
 
 STAGE = register(Stage(
     name="captions", output="triples", settings=CaptionsSettings,
+    unit="triple", expected="dsbuild.captions.stage:expected",
     run="dsbuild.captions.stage:run_captions", options=("backend",),
     summary="dsbuild.captions.report:summary",
     # no extra: the template backend needs none; the openai one checks the llm extra itself

@@ -14,12 +14,14 @@ class CaptionsSettings(LLMSettings):
 
     # what counts as done, not what is written: changing it keeps the partial shard
     volatile: ClassVar[frozenset[str]] = TRANSPORT | {"min_share"}
+    renamed: ClassVar[dict[str, str]] = {"limit": "per_agent"}
 
     backend: Literal["auto", "template", "openai"] = Field(
         "auto", description="auto = openai when an endpoint is configured, else template"
     )
     seed: int = 0
-    limit: int | None = Field(None, ge=1, description="cap on triples per agent (demo builds)")
+    per_agent: int | None = Field(None, ge=1, description="cap on triples per agent (demo "
+                                  "builds)")
     count_scale: float = Field(1.0, gt=0, description="multiply every agent's target count")
     per_request: int = Field(10, ge=1, le=100, description="triples asked for per request")
     max_rounds: int = Field(

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsbuild.captions import STAGE
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
 from dsbuild.captions.settings import CaptionsSettings
 from dsbuild.captions.template import TemplateComposer
@@ -53,15 +54,22 @@ def resolve_backend(settings: CaptionsSettings) -> str:
 
 
 def agent_target(agent: Agent, settings: CaptionsSettings) -> int:
-    """An agent's triple count after count_scale and limit."""
+    """An agent's triple count after count_scale and per_agent."""
     n = max(1, round(agent.count * settings.count_scale))
-    return min(n, settings.limit) if settings.limit else n
+    return min(n, settings.per_agent) if settings.per_agent else n
 
 
 def shard_agents(recipe: Recipe, rank: int, world_size: int) -> list[Agent]:
     """This rank's agents: the hierarchy order (objects, then rooms) dealt round-robin."""
     check_rank(rank, world_size)
     return recipe.ordered_agents()[rank::world_size]
+
+
+def expected(build: Build, world_size: int) -> list[int]:
+    """Triples each rank is to write (its agents' targets): the driver's bar total."""
+    s = build.config.captions
+    return [sum(agent_target(a, s) for a in shard_agents(build.recipe, r, world_size))
+            for r in range(world_size)]
 
 
 def triple_record(recipe: Recipe, agent: Agent, triple: dict, backend: str,
@@ -133,7 +141,7 @@ class CaptionsRun:
         total = sum(t.target for t in self.tallies.values())
         done = sum(min(t.kept, t.target) for t in self.tallies.values())
         self.bar = progress(total=total, desc=f"captions r{build_rank_label(writer)}",
-                            unit="triple", initial=done) if show_progress else None
+                            unit=STAGE.unit, initial=done) if show_progress else None
 
     # ------------------------------------------------------------------ shared
     def offer(self, agent: Agent, cand: object, raw: str | None = None) -> bool:

@@ -16,7 +16,7 @@ import sys
 import click
 
 from dsbuild import __version__
-from dsbuild.core import deps, stages
+from dsbuild.core import deprecation, deps, quiet, stages
 from dsbuild.core.errors import DsbuildError
 
 # commands that are not stages: name -> (module:attribute, help, extra)
@@ -108,6 +108,8 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="dsbuild")
 def cli():
     """dsbuild: build context-specific datasets for instruction-based image editing."""
+    deprecation.reset()  # each command prints an old name's notice once
+    quiet.install()  # the library messages dsbuild hides, and bars off where nobody watches
 
 
 @click.command("init")
@@ -128,9 +130,23 @@ def init_cmd(build, recipe, overrides, force):
     r = load_recipe(recipe_path)
     b = Build.init(build, r, recipe_path=str(recipe_path), overrides=overrides, exist_ok=force,
                    check=check_models)
-    n = sum(a.count for a in r.agents)
     click.echo(f"created {b.root}/dsbuild.yaml: recipe '{r.name}', {len(r.agents)} agents, "
-               f"{n} target triples")
+               f"{target_triples(b)}")
+
+
+def target_triples(b) -> str:
+    """"N target triples", counted as captions will (count_scale and per_agent applied),
+    with what capped or scaled the recipe's own counts."""
+    from dsbuild.captions.stage import agent_target
+
+    s = b.config.captions
+    n = sum(agent_target(a, s) for a in b.recipe.agents)
+    asked = sum(a.count for a in b.recipe.agents)
+    if n == asked:
+        return f"{n} target triples"
+    how = ([f"captions.count_scale={s.count_scale:g}"] if s.count_scale != 1 else []) \
+        + ([f"captions.per_agent={s.per_agent}"] if s.per_agent else [])
+    return f"{n} target triples ({', '.join(how)}; the recipe's counts add up to {asked})"
 
 
 @click.command("status")
@@ -141,24 +157,14 @@ def status_cmd(build, as_json):
     from dsbuild.core.build import Build
 
     st = Build.open(build).status()
+    for s in st["stages"].values():
+        s["state"] = stage_state(s)
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"build {st['build']} (recipe {st['recipe']})")
     for stage, s in st["stages"].items():
-        if s["world_size"] is None and s["committed"]:
-            state = "committed, marker pending — the next run finishes it"
-        elif s["world_size"] is None:
-            state = "in progress" if s["in_progress"] else "not run"
-        elif s["complete"]:
-            state = "complete"
-        else:
-            state = f"incomplete, missing ranks {s['missing_ranks']}"
-            if s["committed"]:
-                state += (f" (ranks {s['committed']} committed, marker pending — the next run "
-                          "finishes them)")
-        if s["damaged"]:
-            state = f"DAMAGED ranks {sorted(int(r) for r in s['damaged'])}"
+        state = s["state"]
         extra = f", in progress: {', '.join(s['in_progress'])}" if s["in_progress"] else ""
         click.echo(f"  {stage:<9} {state:<34} records={s['records']:<7} "
                    f"ranks={len(s['done_ranks'])}/{s['world_size'] or '-'} "
@@ -179,6 +185,29 @@ def status_cmd(build, as_json):
                    f"several reviewers, {a['disagree']} disagree")
     if st["reports"]:
         click.echo(f"  reports   {', '.join(st['reports'])}")
+
+
+def stage_state(s: dict) -> str:
+    """One stage's state in words, from its ``Build.status`` entry (text and --json alike)."""
+    if s["damaged"]:
+        return f"DAMAGED ranks {sorted(int(r) for r in s['damaged'])}"
+    if s["world_size"] is None and s["committed"]:
+        return "committed, marker pending — the next run finishes it"
+    if s["world_size"] is None and s["in_progress"]:
+        return "in progress"
+    if s["world_size"] is None and s.get("stale"):
+        old = s["stale"]
+        return (f"stale ({old['records']} records from an earlier run; `{old['refresh']}` to "
+                "refresh)")
+    if s["world_size"] is None:
+        return "not run"
+    if s["complete"]:
+        return "complete"
+    state = f"incomplete, missing ranks {s['missing_ranks']}"
+    if s["committed"]:
+        state += (f" (ranks {s['committed']} committed, marker pending — the next run "
+                  "finishes them)")
+    return state
 
 
 @click.command("repair")

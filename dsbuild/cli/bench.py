@@ -12,6 +12,8 @@ BENCHES = {
     "filter": ("dsbuild.bench.filter:bench_filter", "CLIP scoring vs raw open_clip"),
     "verify": ("dsbuild.bench.verify:bench_verify", "OWLv2 detection vs raw transformers"),
     "train": ("dsbuild.bench.train:bench_train", "training steps vs diffusers' IP2P loop"),
+    "editor": ("dsbuild.bench.editor:bench_editor",
+               "editor generator rows vs a plain editing-pipeline loop"),
     "eval": ("dsbuild.bench.eval:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
     "scale": ("dsbuild.bench.scale:bench_scale", "generate with 1 vs 2 local workers"),
     "localize": ("dsbuild.bench.localize:bench_localize",

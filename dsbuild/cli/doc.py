@@ -16,15 +16,24 @@ function you can import (see each stage's page). Settings not shown as options a
 `--set STAGE.KEY=VALUE` (frozen into `dsbuild.yaml`) or by editing `dsbuild.yaml`; each
 stage's page lists its settings.
 
-Exit codes: 0 success; 1 a missed `--fail-under`/`--fail-over` gate, or a stage that ran but
-whose output does not count as done (empty or short output, no pair kept by the filter, a
-judge that scored nothing, an endpoint that stopped answering: nothing is lost, no completion
-marker, run the same command again), or the environment failed (a full disk, an unreachable
-database or Hub); 2 an error
-dsbuild explains on stderr (bad input, a file, line or field to fix; a missing optional
-dependency, with its `pip install 'dsbuild[extra]'` line; a rank, sharding or output folder
-another process is writing; settings that differ from the frozen ones without `--reconfigure`)
-or a usage error (unknown option, bad value); 130 interrupted.
+Exit codes: 0 success; 1 a missed `--fail-under`/`--fail-over`/`--baseline` gate, or a stage
+that ran but whose output does not count as done (empty or short output, no pair kept by the
+filter, a judge that scored nothing, an endpoint that stopped answering: nothing is lost, no
+completion marker, run the same command again), or the environment failed (a full disk, an
+unreachable database or Hub); 2 an error dsbuild explains on stderr (bad input, a file, line or
+field to fix; a missing optional dependency, with its `pip install 'dsbuild[extra]'` line; a
+rank, sharding or output folder another process is writing; settings that differ from the
+frozen ones without `--reconfigure`) or a usage error (unknown option, bad value); 130
+interrupted.
+
+One name per idea: `--resolution` (image side), `--precision` (auto|fp32|fp16|bf16),
+`--method`, `--per-agent` / `--per-triple` / `--rows` (the three limits), `--ray-address` (a Ray
+cluster) and `--host` (the FiftyOne App), BUILD first. The old names still work for one release
+and print `dsbuild: --old is deprecated, use --new (removed in the next release)`: `--dtype`,
+`--mixed-precision` (`no` is fp32), `--size` and `--image-size` (bench), train-generator's
+`--mode`, `--limit` (run, eval, bench scale), bench scale's `--samples`, `--address`, export's
+`--to`, `dsbuild run [RECIPE] --out BUILD`, and the settings `captions.limit` (now
+`captions.per_agent`) and `generate.limit` (now `generate.per_triple`).
 """
 
 

@@ -12,7 +12,7 @@ import json
 
 import click
 
-from dsbuild.cli.options import settings_from, settings_options
+from dsbuild.cli.options import PRECISIONS, renamed_option, settings_from, settings_options
 from dsbuild.cli.train import wait_folder
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.settings.localize import LocalizeSettings, RegularisationSettings
@@ -73,6 +73,8 @@ def localize_settings(values: dict, region: str | None = None):
 
 
 @click.command("eval")
+@renamed_option("--limit", "--rows", "rows", type=click.IntRange(min=1))
+@renamed_option("--dtype", "--precision", "precision", type=click.Choice(PRECISIONS))
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", required=True, help="export folder or Hub dataset id")
 @click.option("--out", default="dsbuild-eval", show_default=True,
@@ -113,6 +115,7 @@ def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
 
 
 @click.command("edit")
+@renamed_option("--dtype", "--precision", "precision", type=click.Choice(PRECISIONS))
 @click.argument("model")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.argument("instruction")
@@ -123,7 +126,7 @@ def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
 @settings_options(EvalSettings, only=("steps",))
 @click.option("--resolution", type=int, default=None,
               help="fit the image to this side first (default: as it is, rounded to 8)")
-@settings_options(EvalSettings, only=("device", "dtype"))
+@settings_options(EvalSettings, only=("device", "precision"))
 @localize_options
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
               help="with --localize: the region as a PNG (white = edit) instead of segmenting")
@@ -140,7 +143,7 @@ def edit_cmd(model, image, instruction, out, seed, image_guidance, resolution, l
     s = settings_from(EvalSettings, values, "dsbuild edit options")
     path = edit_image(model, image, instruction, out, seed=seed, guidance=s.guidance,
                       image_guidance=image_guidance, steps=s.steps, resolution=resolution,
-                      device=s.device, dtype=s.dtype, localize=ls, mask=mask, agent=agent)
+                      device=s.device, dtype=s.precision, localize=ls, mask=mask, agent=agent)
     click.echo(f"edited {image} -> {path}")
 
 

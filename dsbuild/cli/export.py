@@ -6,35 +6,37 @@ from pathlib import Path
 
 import click
 
+from dsbuild.cli.options import renamed_option
 from dsbuild.cli.util import build_argument, save_settings, wait_option
 from dsbuild.core.config import apply_overrides
 
 
 @click.command("export")
+@renamed_option("--to", "--export-dir", "export_dir", type=click.Path(file_okay=False))
 @build_argument
-@click.option("--to", "to", type=click.Path(file_okay=False), default=None,
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
               help="export folder (default: BUILD/export)")
 @click.option("--force", is_flag=True, help="rewrite the export even where it is up to date")
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
               help="change a setting first, e.g. split.test_ratio=0.2: saved in dsbuild.yaml, "
-                   "or, with --to, used for that export only")
+                   "or, with --export-dir, used for that export only")
 @wait_option
-def export_cmd(build, to, force, overrides):
+def export_cmd(build, export_dir, force, overrides):
     """Write BUILD's train/test splits as parquet shards with a dataset card.
 
-    Without --to this is the export stage: BUILD/export, skipped when up to date. With --to,
-    a one-off export into DIR whose --set settings are not saved, so they never change what a
-    later plain `dsbuild export` writes.
+    Without --export-dir this is the export stage: BUILD/export, skipped when up to date.
+    With --export-dir, a one-off export into DIR whose --set settings are not saved, so they
+    never change what a later plain `dsbuild export` writes.
     """
     from dsbuild.core.build import Build
     from dsbuild.export.writer import default_export_dir, export_build
 
     b = Build.open(build)
-    if to and Path(to).resolve() != default_export_dir(b).resolve():
+    if export_dir and Path(export_dir).resolve() != default_export_dir(b).resolve():
         b.config = apply_overrides(b.config, overrides)  # this export only, not saved
     else:
         save_settings(b, overrides)
-    res = export_build(b, to, force=force)
+    res = export_build(b, export_dir, force=force)
     echo_export(res)
 
 
@@ -63,3 +65,5 @@ def push_cmd(build, repo_id, private, revision, export_dir):
                       export_dir=export_dir)
     click.echo(f"pushed {len(res.files)} files to {res.url} (revision {res.revision}"
                + (f", commit {res.commit[:10]}" if res.commit else "") + ")")
+    rev = f", revision={res.revision!r}" if res.revision != "main" else ""
+    click.echo(f"  load it with: datasets.load_dataset({res.repo_id!r}{rev})")

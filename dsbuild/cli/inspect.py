@@ -7,8 +7,11 @@ import time
 
 import click
 
+from dsbuild.cli.options import renamed_option
+
 
 @click.command("inspect")
+@renamed_option("--address", "--host", "host", type=str)
 @click.argument("build", type=click.Path(file_okay=False))
 @click.option("--name", default=None,
               help="FiftyOne dataset (default: review.dataset_name or dsbuild-<build>)")
@@ -18,9 +21,10 @@ import click
               "their own verdicts (default: fiftyone)")
 @click.option("--launch", is_flag=True, help="start the App and wait until Ctrl-C")
 @click.option("--port", type=int, default=None, help="App port (default: FiftyOne's, 5151)")
-@click.option("--address", default=None, help="App address (default: localhost)")
+@click.option("--host", default=None, help="App host to serve on (default: localhost; "
+              "0.0.0.0: every interface)")
 @click.option("--remote", is_flag=True, help="serve the App without opening a browser here")
-def inspect_cmd(build, name, pull, reviewer, launch, port, address, remote):
+def inspect_cmd(build, name, pull, reviewer, launch, port, host, remote):
     """Build or update BUILD's FiftyOne dataset; --launch opens the App, --pull reads tags."""
     from dsbuild.core.build import Build
     from dsbuild.review import fiftyone as fo_review
@@ -42,7 +46,12 @@ def inspect_cmd(build, name, pull, reviewer, launch, port, address, remote):
     else:
         r = fo_review.build_dataset(b, name)
         scored = "" if r["scored"] else " (filter not complete: score fields are empty)"
-        click.echo(f"dataset '{r['name']}': {r['groups']} pairs (slices "
+        # the App's header counts groups: one per pair, no-change sample or pair gone since
+        gone = r["groups"] - r["pairs"] - r["no_change"]
+        groups = f"{r['pairs']} pairs" if r["groups"] == r["pairs"] else (
+            f"{r['groups']} groups ({r['pairs']} pairs, {r['no_change']} no-change samples"
+            + (f", {gone} no longer in the build" if gone > 0 else "") + ")")
+        click.echo(f"dataset '{r['name']}': {groups} (slices "
                    f"{', '.join(r['slices'])}; {r['samples']} samples in all); "
                    f"{r['added_pairs']} pairs added, {r['updated_samples']} samples updated"
                    f"{scored}")
@@ -59,7 +68,7 @@ def inspect_cmd(build, name, pull, reviewer, launch, port, address, remote):
         click.echo(f"  saved views: {', '.join(r['views'])}")
     if not launch:
         return
-    session, url = fo_review.launch(b, name, port=port, address=address, remote=remote)
+    session, url = fo_review.launch(b, name, port=port, address=host, remote=remote)
     click.echo(f"FiftyOne App: {url}  (Ctrl-C to stop)")
     # Ctrl-C and SIGTERM both close the App (a shell's background jobs start with SIGINT off)
     signal.signal(signal.SIGINT, signal.default_int_handler)

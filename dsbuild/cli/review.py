@@ -34,18 +34,22 @@ def review_group():
                    "server; the build points at the new one)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
               default=None, help="label config XML (default: label_config/pair_review.xml)")
+@click.option("--overlap", type=click.IntRange(min=1), default=None, metavar="N",
+              help="reviewers per pair: sets the project's annotations per task (default: "
+                   "review.overlap, else the project's own setting, 1 for a new one)")
 def push_cmd(build, url, title, sample_size, seed, policy, images, document_root, recreate,
-             config_path):
+             config_path, overlap):
     """Import BUILD's pairs as tasks; pairs already in the project are skipped."""
     from dsbuild.core.build import Build
     from dsbuild.review.labelstudio import push
 
     r = push(Build.open(build), url, title=title, sample_size=sample_size, images=images,
              seed=seed, policy=policy, document_root=document_root, recreate=recreate,
-             config_path=config_path)
+             config_path=config_path, overlap=overlap)
+    reviewers = f"{r['overlap']} reviewer{'s' if r['overlap'] != 1 else ''} per pair"
     click.echo(f"project {r['project_id']} '{r['title']}': {r['selected']} pairs selected, "
                f"{r['imported']} imported, {r['already_there']} already there "
-               f"(images: {r['images']})")
+               f"(images: {r['images']}; {reviewers})")
     click.echo(f"review at {r['project_url']}")
 
 

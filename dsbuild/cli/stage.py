@@ -18,6 +18,7 @@ import click
 from dsbuild.cli.options import settings_options
 from dsbuild.cli.util import (
     build_argument,
+    cut_note,
     echo_result,
     run_all_ranks,
     save_settings,
@@ -48,6 +49,8 @@ def stage_command(st: Stage) -> click.Command:
         echo_result(result)
         for line in deps.load_target(st.summary)(b, result) if st.summary else ():
             click.echo(line)
+        if not result.skipped and (note := cut_note(b, st.name, result)):
+            click.echo(note)
 
     fn = run
     if st.sharded:

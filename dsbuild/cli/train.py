@@ -7,12 +7,15 @@ import functools
 
 import click
 
-from dsbuild.cli.options import settings_from, settings_options
+from dsbuild.cli.options import renamed_option, settings_from, settings_options
 from dsbuild.cli.util import wait_option
 from dsbuild.train.generator_settings import GeneratorTrainSettings
 from dsbuild.train.settings import TrainSettings
 
 wait_folder = functools.partial(wait_option, what="this --out folder")
+# --mixed-precision no|fp16|bf16 was --precision's old name ("no": fp32)
+old_precision = renamed_option("--mixed-precision", "--precision", "precision",
+                               values={"no": "fp32"}, type=click.Choice(["no", "fp16", "bf16"]))
 
 
 def nothing_to_do(res, data: str) -> str:
@@ -21,6 +24,7 @@ def nothing_to_do(res, data: str) -> str:
 
 
 @click.command("train")
+@old_precision
 @click.argument("data")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="output folder: checkpoints, then the pipeline, config and model card")
@@ -44,6 +48,8 @@ def train_cmd(data, out, resume, **given):
 
 
 @click.command("train-generator")
+@old_precision
+@renamed_option("--mode", "--method", "method", type=click.Choice(["dreambooth", "lora"]))
 @click.argument("photos", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="output folder: checkpoints, then the generator, config and model card")
@@ -65,5 +71,5 @@ def train_generator_cmd(photos, out, resume, **given):
     start = f" (resumed at step {res.resumed_from})" if res.resumed_from is not None else ""
     last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
     prior = f" + {res.class_images} class images" if res.class_images else ""
-    click.echo(f"trained {res.steps} steps ({s.mode}) on {res.photos} photos{prior}{start}"
+    click.echo(f"trained {res.steps} steps ({s.method}) on {res.photos} photos{prior}{start}"
                f"{last}; generator in {res.out} (use it as generate.model={res.out})")

@@ -7,17 +7,19 @@ import inspect
 
 import click
 
-from dsbuild.cli.options import settings_from, settings_options
+from dsbuild.cli.options import renamed_option, settings_from, settings_options
 
-EXECUTOR_FIELDS = ("executor", "workers", "address", "gpus_per_worker", "shards", "max_retries")
+EXECUTOR_FIELDS = ("executor", "workers", "ray_address", "gpus_per_worker", "shards",
+                   "max_retries")
 
 
 def executor_options(fn):
-    """--executor/--workers/--address/--gpus-per-worker/--shards/--max-retries, derived from
-    :class:`dsbuild.executors.ExecutorOptions` and passed to the command as one ``executor``
-    argument (an ``ExecutorOptions``)."""
+    """--executor/--workers/--ray-address/--gpus-per-worker/--shards/--max-retries, derived
+    from :class:`dsbuild.executors.ExecutorOptions` and passed to the command as one
+    ``executor`` argument (an ``ExecutorOptions``); --address is --ray-address's old name."""
     from dsbuild.executors.base import ExecutorOptions
 
+    @renamed_option("--address", "--ray-address", "ray_address", type=str)
     @settings_options(ExecutorOptions, only=EXECUTOR_FIELDS)
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -95,6 +97,8 @@ def run_all_ranks(build, stage: str, executor, force: bool) -> None:
     with make_executor(executor, echo=click.echo) as ex:
         res = ex.run(build, stage, force=force)
     click.echo(f"{stage}: {res.stats.get('summary') or f'{res.records} records'}")
+    if not res.skipped and (note := cut_note(build, stage)):
+        click.echo(note)
     click.echo(f"  per-rank logs: {build.root / 'logs' / stage}; shards per worker: "
                f"`dsbuild status {build.root}`")
 
@@ -116,6 +120,17 @@ def wait_option(fn, what: str = "this rank"):
 
 def build_argument(fn):
     return click.argument("build", type=click.Path(file_okay=False))(fn)
+
+
+def cut_note(build, stage: str, result=None) -> str | None:
+    """The one line about captions the text encoder cut (dsbuild.core.quiet): over the whole
+    stage once it is complete, else over ``result``'s rank; None when none was cut."""
+    from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT, cut_line, stage_cut
+
+    if result is not None and not build.is_complete(stage):
+        st = result.stats or {}
+        return cut_line(int(st.get(CUT_STAT) or 0), int(st.get(LIMIT_STAT) or 77))
+    return cut_line(*stage_cut(build.markers(stage)))
 
 
 def echo_result(result) -> None:

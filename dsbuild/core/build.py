@@ -73,6 +73,16 @@ def select_shard(items: Iterable[Any], rank: int, world_size: int, key: Callable
     return [it for it in items if shard_of(key(it), world_size) == rank]
 
 
+def shard_sizes(items: Iterable[Any], world_size: int, key: Callable[[Any], str],
+                weight: Callable[[Any], int] = lambda _: 1) -> list[int]:
+    """Per rank of ``world_size``, the summed ``weight`` of the items :func:`select_shard`
+    gives it (a stage's ``expected`` records per shard), in one pass."""
+    sizes = [0] * world_size
+    for it in items:
+        sizes[shard_of(key(it), world_size)] += weight(it)
+    return sizes
+
+
 def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1:
         raise DsbuildError(f"--world-size must be at least 1 (got {world_size})")
@@ -282,6 +292,29 @@ class Build:
                     out[rank] = mark
         return out
 
+    def stale_output(self, stage: str) -> dict | None:
+        """What an earlier run under other settings or inputs left on disk, when the current
+        signature has no output: the newest older signature whose marked outputs are still
+        there, with their record count and command to refresh it; None when there is none."""
+        st, sig, best = stages.get(stage), self.signature(stage), None
+        for d in (self.root / ".done" / stage).glob("*"):
+            if not d.is_dir() or d.name == sig:
+                continue
+            marks = []
+            for f in d.glob("r[0-9]*"):
+                try:
+                    rank, mark = int(f.name[1:]), json.loads(f.read_text() or "{}")
+                except (ValueError, json.JSONDecodeError, OSError):
+                    continue
+                if self._output_exists(st, rank):
+                    marks.append(mark)
+            when = max((m.get("finished_at") or "" for m in marks), default=None)
+            if marks and (best is None or when > best["finished_at"]):
+                best = {"signature": d.name, "records": sum(m.get("records", 0) for m in marks),
+                        "ranks": len(marks), "finished_at": when,
+                        "refresh": self.command_of(stage)}
+        return best
+
     def stage_world_size(self, stage: str) -> int | None:
         ws = {m.get("world_size") for m in self.markers(stage).values()}
         ws.discard(None)
@@ -317,7 +350,7 @@ class Build:
         """The shell command that runs a stage on this build."""
         st = stages.get(stage)
         if st.command_name and st.command_name != st.name:
-            return f"dsbuild run --out {self.root} --until {stage}"
+            return f"dsbuild run {self.root} --until {stage}"
         return f"dsbuild {stage} {self.root}"
 
     def records(self, stage: str, *, require: bool = True) -> Iterator[dict]:
@@ -686,6 +719,7 @@ class Build:
                 "in_progress": partial,
                 "committed": committed,
                 "stale_signatures": stale,
+                "stale": None if marks else self.stale_output(stage),
             }
         from dsbuild.core.decisions import summary
 

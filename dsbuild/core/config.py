@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dsbuild.core import stages
+from dsbuild.core.deprecation import notice
 from dsbuild.core.errors import ConfigError
 from dsbuild.core.settings.review import ReviewSettings
 from dsbuild.core.settings.split import SplitSettings
@@ -147,6 +148,10 @@ class BuildConfig(BaseModel):
                 errors.append({"type": "extra_forbidden", "loc": (name,), "input": data[name]})
                 continue
             value = data[name]
+            renamed = getattr(stage.settings, "renamed", {})
+            if isinstance(value, dict):  # keys renamed since this dsbuild.yaml was written
+                for old in sorted(renamed.keys() & value.keys()):
+                    notice(f"{name}.{old}", f"{name}.{renamed[old]}")
             if not isinstance(value, stage.settings):
                 try:
                     data[name] = stage.settings.model_validate(value or {})
@@ -278,6 +283,7 @@ def apply_overrides(config: BuildConfig, overrides: list[str] | tuple[str, ...])
         return config
     data = config.model_dump(mode="json")
     problems: list[tuple[str, str]] = []
+    spelled: dict[str, tuple[str, str]] = {}  # setting -> (the key given, its value)
     for item in overrides:
         if "=" not in item:
             problems.append((item, "expected stage.key=value"))
@@ -289,6 +295,14 @@ def apply_overrides(config: BuildConfig, overrides: list[str] | tuple[str, ...])
             continue
         if tuple(parts[:2]) in MOVED:  # e.g. export.test_ratio is split.test_ratio now
             parts[0] = MOVED[(parts[0], parts[1])]
+        new = current_key(".".join(parts))
+        if new != ".".join(parts):  # e.g. captions.limit is captions.per_agent now
+            notice(".".join(parts), new)
+            parts = new.split(".")
+        before = spelled.setdefault(new, (key.strip(), value))
+        if before[0] != key.strip() and before[1] != value:
+            problems.append((key, f"{before[0]}={before[1]} says otherwise; give {new} once"))
+        spelled[new] = (key.strip(), value)
         target = data
         for i, p in enumerate(parts[:-1]):
             target = target.setdefault(p, {})
@@ -304,6 +318,15 @@ def apply_overrides(config: BuildConfig, overrides: list[str] | tuple[str, ...])
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError("--set", validation_problems(exc)) from None
+
+
+def current_key(key: str) -> str:
+    """A ``section.key`` setting under its name now (``captions.limit`` ->
+    ``captions.per_agent``); any other key as it is."""
+    section, _, rest = key.partition(".")
+    stage = stages.find(section)
+    renamed = getattr(stage.settings, "renamed", {}) if stage else {}
+    return f"{section}.{renamed[rest]}" if rest in renamed else key
 
 
 def config_changes(old: BuildConfig, new: BuildConfig) -> list[tuple[str, Any, Any]]:

@@ -61,3 +61,26 @@ def load_export(path: str | Path, splits: list[str] | None = None, **kwargs):
         cause = exc.__cause__ or exc
         raise DsbuildError(f"{path / 'data'}: cannot read the export ({type(cause).__name__}: "
                            f"{' '.join(str(cause).split())[:200]}); {REEXPORT}") from None
+
+
+INFO_NAME = "export_info.json"  # an export's signature, counts, stats and where it was pushed
+
+
+def export_info(path: str | Path) -> dict | None:
+    """An export folder's export_info.json (None when absent or unreadable)."""
+    import json
+
+    f = Path(path) / INFO_NAME
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def pushed_to(path: str | Path) -> dict | None:
+    """The last push of the export at ``path`` (``{repo_id, revision, commit, at}``, recorded
+    by ``dsbuild push`` once the upload succeeded), else None."""
+    pushes = (export_info(path) or {}).get("pushes") or []
+    last = pushes[-1] if pushes else None
+    return last if isinstance(last, dict) and last.get("repo_id") else None

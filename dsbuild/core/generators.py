@@ -17,7 +17,17 @@ None) that loads its models through :mod:`dsbuild.models` and offers:
   parameters (ids are content hashes, so re-running never duplicates a pair);
 - ``generate(plans) -> Iterator[Made]``: the images, batching plans that share work (P2P
   shares one source branch per (caption, seed, guidance)) however it likes;
-- ``stats() -> dict``: counters for the stage's marker (may be empty).
+- ``stats() -> dict``: counters for the stage's marker (may be empty); ``captions_cut`` and
+  ``token_limit`` (:mod:`dsbuild.core.quiet`) are the captions its text encoder cut, which the
+  stage reports in one line and in reports/generate.json.
+
+A generator that pays per request may also offer ``use_cache(folder)``: the stage calls it
+with a folder of the build's cache (``cache/generate/<name>``) before ``generate``, so a re-run
+or a resumed run asks for nothing twice.
+
+A generator may also declare ``count``: ``"module:function"(triple, settings) -> int``, the
+number of plans ``plan(triple)`` makes, known without loading a model, so the driver's progress
+bar over several workers has its total before the first shard starts.
 
 Built-ins live in ``dsbuild/generate/generators/``; plugins register from their own module,
 found through the ``dsbuild.generators`` entry-point group or ``DSBUILD_PLUGINS``.
@@ -38,7 +48,8 @@ from pydantic import BaseModel
 from dsbuild.core.errors import DsbuildError
 
 DEFAULT = "p2p"
-BUILTIN = ("dsbuild.generate.generators.p2p",)
+BUILTIN = ("dsbuild.generate.generators.p2p", "dsbuild.generate.generators.editor",
+           "dsbuild.generate.generators.api")
 ParamType = Literal["string", "int", "float", "bool", "json"]
 
 
@@ -113,6 +124,7 @@ class Generator:
     settings: type[BaseModel] | None = None  # the generate.<name> section (None: no section)
     extra: str | None = "gen"  # pip extra its implementation needs
     model: str | None = None  # kind of model generate.model names (dsbuild.models.available)
+    count: str | None = None  # "module:function"(triple, settings) -> pairs plan(triple) makes
 
     def load_impl(self) -> Callable:
         from dsbuild.core import deps

@@ -137,9 +137,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_image(path: str | os.PathLike, image, format: str = "PNG") -> None:
-    """Save a PIL image atomically (PNG unless ``format`` says otherwise)."""
+    """Save a PIL image atomically (PNG unless ``format`` says otherwise). A PNG keeps the
+    image's ``dsbuild:*`` text (a grid's text layer, ``dsbuild.core.grid``) as iTXt chunks."""
+    extra = {}
+    if format.upper() == "PNG":
+        text = {k: v for k, v in getattr(image, "info", {}).items()
+                if isinstance(k, str) and k.startswith("dsbuild:") and isinstance(v, str)}
+        if text:
+            from PIL.PngImagePlugin import PngInfo
+
+            extra["pnginfo"] = PngInfo()
+            for k, v in text.items():
+                extra["pnginfo"].add_itxt(k, v)
     with atomic_open(path, "wb") as fh:
-        image.save(fh, format=format)
+        image.save(fh, format=format, **extra)
 
 
 def write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> None:

@@ -66,6 +66,11 @@ class Stage:
     sharded: bool = True  # takes --rank/--world-size; False: always rank 0 of 1
     records: bool = True  # writes JSON-lines records (False: files, e.g. export, reports)
     key: str = "id"  # record field the shard writer resumes on
+    unit: str = "record"  # what one record is on the stage's progress bars, one worker or many
+    # "module:function"(build, world_size) -> list[int] | None: the records each rank will
+    # write, known before any rank runs, so the driver's bar over many workers has its whole
+    # total from the start (None, or no function: it is estimated, and only ever grows)
+    expected: str | None = None
     check: str | None = None  # "module:function"(config) run by `dsbuild init` before writing
     verify: str | None = None  # "module:function"(build, record) -> why it is damaged, or None
     # what `dsbuild run --offline` sets for this stage: its demo-sized, network-free values

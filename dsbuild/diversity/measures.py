@@ -32,6 +32,11 @@ LABELS: dict[str, str] = {
     "mtld": "MTLD", "yule_k": "Yule's K ↓", "dugast": "Dugast's U²", "guiraud": "Guiraud",
     "tokens": "tokens", "types": "types", "near_dup_rate": "near-dup ↓", "semantic": "semantic",
 }
+# which way is better, for the baseline gate: +1 higher is more diverse, -1 lower is (the ↓ of
+# LABELS); tokens and types are sizes, not diversity, and have no direction (never compared)
+DIRECTION: dict[str, int] = {
+    "mtld": 1, "yule_k": -1, "dugast": 1, "guiraud": 1, "near_dup_rate": -1, "semantic": 1,
+}
 ALIASES: dict[str, str] = {
     "yules_k": "yule_k", "yulek": "yule_k", "k": "yule_k", "dugast_u2": "dugast", "u2": "dugast",
     "rttr": "guiraud", "root_ttr": "guiraud", "near_dup": "near_dup_rate",

@@ -94,9 +94,21 @@ def markdown(report: dict) -> str:
                      "are not (they are not in triples/).")
     lines += [f"- {w}" for w in report["warnings"]]
     if report.get("gate"):
+        from dsbuild.diversity.gate import group_keys, miss_line
+
         g = report["gate"]
         lines += ["", "## Gate", "", f"{g['checks']} checks, {len(g['misses'])} missed."]
-        lines += [f"- {m}" for m in g["misses"]]
+        if g.get("baseline"):
+            lines += ["", f"Against the baseline `{g['baseline']['path']}` "
+                      f"(--max-drop {g['baseline']['max_drop']})."]
+        lines += [""] if g["misses"] else []
+        lines += [f"- {miss_line(m)}" for m in g["misses"]]
+        if g.get("vanished"):
+            lines += ["", "In the baseline, gone here (not compared):", ""]
+            lines += [f"- {ln}" for ln in group_keys(g["vanished"])]
+        if g.get("new"):
+            lines += ["", "New here, not in the baseline (not compared):", ""]
+            lines += [f"- {ln}" for ln in group_keys(g["new"])]
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +117,12 @@ def overall_table(report: dict) -> str:
     md = markdown(report)
     start = md.index("## Overall")
     return md[start:md.index("## Per agent")].rstrip() + "\n"
+
+
+# what each panel's y axis measures (the value labels print it as the table does)
+Y_UNITS = {"mtld": "tokens per factor", "yule_k": "K", "dugast": "U²",
+           "guiraud": "types / √tokens", "near_dup_rate": "% of texts (as the table)",
+           "semantic": "1 − mean cosine"}
 
 
 def chart(report: dict, path: Path) -> None:
@@ -128,7 +146,8 @@ def chart(report: dict, path: Path) -> None:
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for i, b in enumerate(builds):
             vals = [b["fields"][f]["overall"].get(metric) for f in fields]
-            ys = [np.nan if v is None else v for v in vals]
+            scale = 100 if metric == "near_dup_rate" else 1  # a percentage, as the table
+            ys = [np.nan if v is None else scale * v for v in vals]
             bars = ax.bar(x + (i - (len(builds) - 1) / 2) * width, ys, width, label=b["name"])
             # value labels, so a zero (or missing) value is visible rather than an empty panel
             ax.bar_label(bars, labels=["n/a" if v is None else (f"{v:.1%}" if metric ==
@@ -137,6 +156,8 @@ def chart(report: dict, path: Path) -> None:
         top = ax.get_ylim()[1]
         ax.set_ylim(0, top * 1.12 if top > 0 else 1)  # room for the value labels
         ax.set_xticks(x, fields)
+        ax.set_xlabel("field")
+        ax.set_ylabel(Y_UNITS[metric], fontsize=8)
         ax.set_title(LABELS[metric])
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:

@@ -27,6 +27,10 @@ def edit_image(model: str, image: str | Path, instruction: str, out: str | Path,
 
     if not instruction.strip():
         raise DsbuildError("the instruction is empty")
+    if localize is not None and mask is None:
+        from dsbuild.localize.mask import check_segmenter
+
+        check_segmenter(localize)  # a bad --segmenter: one line before any model loads
     try:
         with Image.open(image) as im:
             src = im.convert("RGB")
@@ -37,26 +41,28 @@ def edit_image(model: str, image: str | Path, instruction: str, out: str | Path,
     else:
         w, h = src.size
         src = src.resize((max(8, w - w % 8), max(8, h - h % 8)))
+    out = Path(out)
+    if localize is not None:  # the region first: the segmenter loads before the editor
+        from dsbuild.localize.edit import region, region_line
+        from dsbuild.localize.mask import save_mask
+
+        m, phrases, source = region(src, instruction, localize, mask=mask, agent=agent)
+        print(region_line(m, phrases, source, mask), file=sys.stderr)
     if pipe is None:
         dev = resolve_device(device)
         pipe = load_editor(model, dev, resolve_dtype(dtype, dev))
-    out = Path(out)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(out.suffix.lower(), "PNG")
     call = dict(num_inference_steps=steps, guidance_scale=guidance,
                 image_guidance_scale=image_guidance, generator=torch.Generator().manual_seed(seed))
     if localize is not None:
-        from dsbuild.localize.edit import localized_edit, region
-        from dsbuild.localize.mask import save_mask
+        from dsbuild.localize.edit import localized_edit
 
-        m, phrases, source = region(src, instruction, localize, mask=mask, agent=agent)
-        save_mask(out.with_name(f"{out.stem}_mask.png"), m)
-        if not m.any():
-            print(f"note: no region for {instruction!r} (referred: {', '.join(phrases) or 'none'}"
-                  f", from {source}): the edit is plain", file=sys.stderr)
         edited = localized_edit(pipe, [instruction], [src], [m], localize.regularisation,
                                 **call)[0]
     else:
         with torch.no_grad():
             edited = pipe(instruction, image=src, **call).images[0]
     write_image(out, edited, format=fmt)
+    if localize is not None:
+        save_mask(out.with_name(f"{out.stem}_mask.png"), m)
     return out

@@ -168,10 +168,15 @@ def _evaluate_generator(tuned: str, out: Path, s: GeneratorEvalSettings,
     md = markdown(result)
     write_json(out / "eval.json", result)
     write_text(out / "eval.md", md)
-    lines = [(f"{label}: {prompts[i]}", [_open(images[label][i, j])
-                                         for j in range(s.images_per_prompt)])
-             for i in range(len(prompts)) for label in models]
-    write_image(out / "grid.png", image_grid(lines))
+    from dsbuild.core.schema import public_name
+
+    lines = [(prompts[i], [_open(images[label][i, j]) for label in models
+                           for j in range(s.images_per_prompt)]) for i in range(len(prompts))]
+    headers = [f"{label}, seed {s.seed + j}" for label in models
+               for j in range(s.images_per_prompt)]
+    title = (f"base {public_name(base)} | tuned {public_name(str(tuned))}: {s.steps} steps, "
+             f"guidance {s.guidance}")
+    write_image(out / "grid.png", image_grid(lines, title=title, headers=headers))
     if Path(tuned).is_dir():
         from dsbuild.train.card import update_eval
 
@@ -179,26 +184,30 @@ def _evaluate_generator(tuned: str, out: Path, s: GeneratorEvalSettings,
     return result
 
 
-ROWS = [("clip_t", "CLIP-T (image vs context prompt)"),
-        ("clip_i_photos", "CLIP-I to the training photos"),
-        ("dino_photos", "DINO to the training photos"),
-        ("drift_clip_i", "class prior: CLIP-I to the base's class images"),
-        ("drift_dino", "class prior: DINO to the base's class images")]
+# (key in the JSON, column title, what it measures); the table puts models in rows, as eval's
+COLUMNS = [("clip_t", "CLIP-T ↑", "image vs context prompt"),
+           ("clip_i_photos", "CLIP-I photos ↑", "CLIP-I to the training photos"),
+           ("dino_photos", "DINO photos ↑", "DINO to the training photos"),
+           ("drift_clip_i", "prior CLIP-I ↑", "class prior: CLIP-I to the base's class images"),
+           ("drift_dino", "prior DINO ↑", "class prior: DINO to the base's class images")]
 
 
 def markdown(result: dict) -> str:
-    """Base and tuned side by side (cosines ×100)."""
+    """Base and tuned in rows, the metrics in columns (cosines ×100), as ``eval`` prints."""
     from dsbuild.core.schema import public_name
 
     m = result["models"]
+    cols = [c for c in COLUMNS if c[0] in m["tuned"]]
     lines = [f"Base **{public_name(m['base']['model'])}** vs tuned "
              f"**{public_name(m['tuned']['model'])}**, {result['photos']} training photos, "
              f"{result['settings']['images_per_prompt']} images per prompt; backbones CLIP "
              f"{result['backbones']['clip']}, DINO {result['backbones']['dino']} (cosine ×100).",
-             "", "| metric | base | tuned |", "|---|---|---|"]
-    for key, name in ROWS:
-        if key in m["tuned"]:
-            lines.append(f"| {name} | {100 * m['base'][key]:.2f} | {100 * m['tuned'][key]:.2f} |")
+             "", "| model | " + " | ".join(t for _, t, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for label in ("base", "tuned"):
+        lines.append(f"| {label} ({public_name(m[label]['model'])}) | "
+                     + " | ".join(f"{100 * m[label][k]:.2f}" for k, _, _ in cols) + " |")
+    lines += [""] + [f"- {t.rstrip(' ↑')} ({what})" for _, t, what in cols]
     return "\n".join(lines) + "\n"
 
 

@@ -60,22 +60,36 @@ def markdown_table(result: dict) -> str:
 
 
 def curve_figure(result: dict):
-    """CLIP_dir (y) against CLIP_im (x) per model over the image-guidance sweep."""
+    """CLIP_dir (y) against CLIP_im (x) per model over the image-guidance sweep, ×100 as the
+    table prints them (its sweep rows are the points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    from dsbuild.core.schema import public_name
+
+    def scaled(v):
+        return None if v is None or v != v else 100 * v
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for name, m in result["models"].items():
-        xs = [p["edit"].get("clip_im") for p in m["sweep"]]
-        ys = [p["edit"].get("clip_dir") for p in m["sweep"]]
-        ax.plot(xs, ys, marker="o", label=name)
+        xs = [scaled(p["edit"].get("clip_im")) for p in m["sweep"]]
+        ys = [scaled(p["edit"].get("clip_dir")) for p in m["sweep"]]
+        ax.plot(xs, ys, marker="o", label=public_name(name))
         for p, x, y in zip(m["sweep"], xs, ys, strict=True):
-            ax.annotate(str(p["image_guidance"]), (x, y), fontsize=7)
-    ax.set_xlabel("CLIP_im (cosine, input vs edit)")
-    ax.set_ylabel("CLIP_dir (cosine)")
-    ax.set_title("image-guidance sweep")
-    ax.legend(fontsize=7)
+            if x is not None and y is not None:
+                ax.annotate(f"ig={p['image_guidance']}", (x, y), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):  # few ticks, no offset: a narrow sweep stays readable
+        axis.set_major_locator(MaxNLocator(5))
+    ax.ticklabel_format(useOffset=False)
+    ax.set_xlabel("CLIP_im ↑ (cosine ×100, input vs edit)")
+    ax.set_ylabel("CLIP_dir ↑ (cosine ×100)")
+    ax.set_title(f"image-guidance sweep: text guidance {result['settings']['guidance']}, "
+                 f"{result['settings']['steps']} steps", fontsize=10)
+    ax.legend(fontsize=7, title="model", title_fontsize=7)
     fig.tight_layout()
     return fig

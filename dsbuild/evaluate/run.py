@@ -149,9 +149,10 @@ def load_encoders(s: EvalSettings):
     hint = (" (offline? pass --offline for dsbuild's tiny backbones, placeholder scores, or "
             "point --clip-model/--dino-model at local copies)")
     try:
-        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, device=s.device, dtype=s.dtype,
-                                setting="--clip-model", pretrained_setting="--clip-pretrained")
-        dino = DinoEncoder.load(s.dino_model, device=s.device, dtype=s.dtype,
+        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, device=s.device,
+                                dtype=s.precision, setting="--clip-model",
+                                pretrained_setting="--clip-pretrained")
+        dino = DinoEncoder.load(s.dino_model, device=s.device, dtype=s.precision,
                                 setting="--dino-model")
     except DsbuildError as exc:
         raise DsbuildError(f"eval backbones: {exc}{hint}") from None
@@ -176,10 +177,14 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
     for model in models:
         if model != "tiny":
             checkpoint(model, "MODEL", "diffusers folder")
+    if s.localize is not None and s.localize.region == "referred":
+        from dsbuild.localize.mask import check_segmenter
+
+        check_segmenter(s.localize)  # a bad --segmenter: one line before anything loads
     out = Path(out)
     ds = rows_mod.load_split(data, s.split)
     s = placeholder_backbones(ds, s)
-    rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.limit)
+    rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.rows)
     with lock_out(out, "eval"):
         fresh = {p: not p.exists() for p in (out, out / "rows")}
         try:
@@ -197,6 +202,7 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
     import torch
 
     from dsbuild.core.grid import edit_grid
+    from dsbuild.core.schema import public_name
     from dsbuild.evaluate.report import curve_figure, markdown_table
     from dsbuild.models import ImageEmbedder, load_editor, resolve_device, resolve_dtype
 
@@ -214,7 +220,7 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
     if stale:
         write_json(meta, made_for)
     device = resolve_device(s.device)
-    dtype = resolve_dtype(s.dtype, device)
+    dtype = resolve_dtype(s.precision, device)
     masks = mask_folder = None  # the region each localized edit is confined to
     regions: dict[str, dict] = {}  # region name -> {row index: mask} that scores are taken on
     if s.localize is not None:
@@ -288,9 +294,10 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
                                           ("localized", local_paths[model]))}
                 for name, reg in regions.items()}
     if masks is not None:
-        from dsbuild.localize.region import mask_agreement
+        from dsbuild.localize.region import mask_agreement, region_coverage
 
-        result["localize"] = {"region": s.localize.region, "regions": list(regions)}
+        result["localize"] = {"region": s.localize.region, "regions": list(regions),
+                              "coverage": region_coverage(rows, regions)}
         if mask_folder is not None:
             result["masks"] = str(mask_folder)
         if {"referred", "truth"} <= set(regions):
@@ -306,11 +313,15 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
     if len(s.image_guidance) > 1:
         write_figure(out / "curve.png", curve_figure(result))
     show = rows[:8]
+    headers = ["input", *(f"ig={ig}" for ig in s.image_guidance), "truth"]
     for model in models:
         grid = [(r.edit_prompt, rows_mod.fit(r.input_image, s.resolution),
                  [_open(edit_paths[model, ig][r.index]) for ig in s.image_guidance],
                  rows_mod.fit(r.edited_image, s.resolution)) for r in show]
-        write_image(out / f"grid-{slug(model)}.png", edit_grid(grid))
+        title = (f"{public_name(model)}: text guidance {s.guidance}, {s.steps} steps, "
+                 f"seed {s.seed} (ig = image guidance)")
+        write_image(out / f"grid-{slug(model)}.png", edit_grid(grid, title=title,
+                                                               headers=headers))
     if update_cards:
         from dsbuild.train.card import update_eval
 

@@ -3,17 +3,19 @@ the CLI derives its options from them and builds them before torch loads)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar
 
 from pydantic import Field
 
 from dsbuild.core import model_ids as ids
-from dsbuild.core.settings import StageSettings
+from dsbuild.core.settings import Precision, StageSettings
 from dsbuild.core.settings.localize import LocalizeSettings
 
 
 class EvalSettings(StageSettings):
     """How edits are made and scored (defaults: InstructPix2Pix's guidance, its CLIP)."""
+
+    renamed: ClassVar[dict[str, str]] = {"limit": "rows", "dtype": "precision"}
 
     split: str = Field("test", description="split of DATA to edit")
     guidance: float = Field(7.5, description="text guidance")
@@ -23,13 +25,14 @@ class EvalSettings(StageSettings):
     seed: int = Field(0, description="row i uses seed+i")
     batch_size: int = Field(8, ge=1)
     resolution: int = Field(256, ge=8)
-    limit: int | None = Field(None, ge=1, description="only the first N rows")
+    rows: int | None = Field(None, ge=1, description="only the first N rows")
     clip_model: str = Field(ids.CLIP, description="open_clip name (as InstructPix2Pix), "
                             "'hf-hub:…', or 'tiny'")
     clip_pretrained: str = ids.CLIP_PRETRAINED
     dino_model: str = Field(ids.DINO, description="DINOv2 Hub id, folder, or 'tiny'")
     device: str = "auto"
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Precision = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 elsewhere")
     # also edit every row with the LIME penalty on its referred region and score both runs
     # inside and outside it (dsbuild.localize.region)
     localize: LocalizeSettings | None = None

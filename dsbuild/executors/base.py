@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from dsbuild.core import stages
+from dsbuild.core import deps, quiet, stages
 from dsbuild.core.build import WORKER_ENV, Build, StageResult
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.progress import progress, update_postfix
@@ -49,8 +49,8 @@ class ExecutorOptions(BaseModel):
         "local", description="where shards run: this machine, or a Ray cluster (dsbuild[ray])")
     workers: int = Field(1, ge=1, description="worker processes (local: one GPU each, else a "
                          "share of the CPU threads) or Ray actors")
-    address: str | None = Field(None, description="Ray cluster to join ('auto' = the running "
-                                "one; default: start a local cluster)")
+    ray_address: str | None = Field(None, description="Ray cluster to join ('auto' = the "
+                                    "running one; default: start a local cluster)")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker (default: 1 "
                                           "where there are GPUs, else 0)")
     shards: int | None = Field(None, ge=1, description="number of shards (world size; default: "
@@ -60,8 +60,8 @@ class ExecutorOptions(BaseModel):
     threads_per_worker: int | None = None  # CPU workers: default cpu_count // workers
 
     def model_post_init(self, _context) -> None:
-        if self.address and self.executor != "ray":
-            raise DsbuildError("--address is for --executor ray")
+        if self.ray_address and self.executor != "ray":
+            raise DsbuildError("--ray-address is for --executor ray")
 
     @property
     def distributed(self) -> bool:
@@ -131,6 +131,7 @@ def run_rank(root: str, stage: str, rank: int, world_size: int, *, force: bool =
     exception the stage raises comes back as ``error`` data: it is the stage's (application)
     error, not the worker's, and must stop the run rather than be retried."""
     os.environ[WORKER_ENV] = worker
+    quiet.install()  # a worker's log gets no library noise and no bars (it is no terminal)
     out = RankRun(rank, worker, socket.gethostname(), os.getpid())
     log = log_path(root, stage, rank)
     t0 = time.perf_counter()
@@ -173,32 +174,57 @@ def failure(build: Build, stage: str, run: RankRun) -> ShardFailed | None:
                        int(e.get("exit_code", 1)))
 
 
+def expected_records(build: Build, stage: str, world_size: int) -> list[int] | None:
+    """The records each rank of ``stage`` is to write, from the stage's declared ``expected``
+    (None: the stage declares none, or its inputs cannot say yet)."""
+    st = stages.get(stage)
+    if st.expected is None:
+        return None
+    try:
+        sizes = deps.load_target(st.expected, what=f"stage {stage}")(build, world_size)
+    except DsbuildError:  # e.g. no triples yet: the rank itself will say so
+        return None
+    return None if sizes is None else [int(n) for n in sizes]
+
+
 class DriverProgress:
-    """One bar in the driver over every worker: records written so far (committed shards from
-    their markers, running ones from their partial shards' line counts), rate, and an ETA
-    once a shard has finished and the total can be estimated."""
+    """One bar in the driver over every worker, in the stage's own unit (as its one-worker
+    bar): records written so far (committed shards from their markers, running ones from
+    their partial shards' line counts), rate and ETA.
+
+    The total is the sum of the shards' expected records (the stage's ``expected``), set once
+    before the first shard starts; a done shard counts as its expected size, so the bar ends
+    at 100 %. A stage that declares no ``expected`` gets an estimate from the shards done so
+    far, which only ever grows (and so does the count)."""
 
     def __init__(self, build: Build, stage: str, world_size: int, workers: int):
         self.build, self.stage, self.world_size = build, stage, world_size
         self.st = stages.get(stage)
         self.out_dir = build.output_dir(stage)
-        self.bar = progress(total=None, desc=f"{stage} x{workers} workers", unit="rec")
+        self.expected = expected_records(build, stage, world_size)
+        total = sum(self.expected) if self.expected is not None else None
+        self.bar = progress(total=total, desc=f"{stage} x{workers} workers", unit=self.st.unit)
         self.retries = 0
         self.poll()
 
     def poll(self) -> None:
-        marks = self.build.markers(self.stage)
-        done = sum(m.get("records", 0) for r, m in marks.items() if r < self.world_size)
-        running = 0
+        marks = {r: m for r, m in self.build.markers(self.stage).items() if r < self.world_size}
+        counts = {r: m.get("records", 0) for r, m in marks.items()}
         if self.st.records:
             for rank in set(range(self.world_size)) - set(marks):
-                running += count_lines(self.out_dir / (shard_name(rank) + ".partial"))
-        n = done + running
-        if marks and len(marks) < self.world_size:
-            self.bar.total = max(n, round(done / len(marks) * self.world_size))
-        elif len(marks) >= self.world_size:
-            self.bar.total = n
-        self.bar.n = n
+                counts[rank] = count_lines(self.out_dir / (shard_name(rank) + ".partial"))
+        if self.expected is not None:
+            n = sum(self.expected[r] if r in marks else min(c, self.expected[r])
+                    for r, c in counts.items())
+        else:
+            n = sum(counts.values())
+            done = sum(counts[r] for r in marks)
+            guess = round(done / len(marks) * self.world_size) if marks else 0
+            if len(marks) >= self.world_size:
+                guess = n
+            if marks or self.bar.total is not None:
+                self.bar.total = max(self.bar.total or 0, guess, n)
+        self.bar.n = max(self.bar.n, n)
         update_postfix(self.bar, shards=f"{len(marks)}/{self.world_size}",
                        **({"retries": self.retries} if self.retries else {}))
         self.bar.refresh()

@@ -17,13 +17,14 @@ from dataclasses import asdict
 import ray
 from ray.exceptions import ActorDiedError, NodeDiedError, RayActorError, WorkerCrashedError
 
+from dsbuild.core import quiet
 from dsbuild.core.build import WORKER_ENV
 from dsbuild.core.errors import DsbuildError
 from dsbuild.executors.base import ExecutorOptions, RankRun, Task, run_rank
 from dsbuild.executors.loop import Outcome
 
 SYSTEM_FAILURES = (RayActorError, ActorDiedError, WorkerCrashedError, NodeDiedError)
-CONNECT_TIMEOUT_S = 10  # --address: its port must accept a connection this soon,
+CONNECT_TIMEOUT_S = 10  # --ray-address: its port must accept a connection this soon,
 JOIN_TIMEOUT_S = 40  # and Ray must have joined the cluster this soon after
 
 
@@ -60,8 +61,9 @@ def start_reaper() -> subprocess.Popen:
 
 def unreachable(address: str, why: object) -> DsbuildError:
     """The one line for a cluster that does not answer (exit 2: the address is the input)."""
-    return DsbuildError(f"cannot reach the Ray cluster at --address {address} ({why}); start "
-                        "it (`ray start --head`) or pass the address `ray status` shows on it")
+    return DsbuildError(f"cannot reach the Ray cluster at --ray-address {address} ({why}); "
+                        "start it (`ray start --head`) or pass the address `ray status` shows "
+                        "on it")
 
 
 def connect(address: str) -> None:
@@ -110,9 +112,10 @@ class RayActors:
     def __init__(self, options: ExecutorOptions):
         self.started_ray = False
         self.reaper: subprocess.Popen | None = None
+        quiet.install()  # before ray.init: its token-auth notice (dsbuild.core.quiet.HIDDEN)
         if not ray.is_initialized():
-            if options.address:
-                connect(options.address)
+            if options.ray_address:
+                connect(options.ray_address)
             else:
                 ray.init(address="local",  # a new instance, even beside a `ray start` one
                          include_dashboard=False, log_to_driver=False, logging_level="WARNING",

@@ -1,6 +1,6 @@
 """Ends the Ray processes a driver started once the driver ends, however it ends (SIGKILL too).
 
-``ray.init()`` without ``--address`` starts a local Ray instance: its GCS and raylet die with
+``ray.init()`` without ``--ray-address`` starts a local Ray instance: its GCS and raylet die with
 the driver (Ray's own fate-sharing), but the raylet's agents (``ray::DashboardAgent``,
 ``ray::RuntimeEnvAgent``) outlive a killed raylet by 60-120 s, reporting its death to the
 GCS that is gone. :class:`dsbuild.executors.ray.RayActors` starts this process with a pipe on

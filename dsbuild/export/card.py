@@ -19,6 +19,7 @@ from dsbuild.core.errors import DsbuildError
 from dsbuild.core.records import write_figure
 from dsbuild.core.schema import public_name
 from dsbuild.core.split import SPLITS, caption_key
+from dsbuild.export import card_notes as notes
 from dsbuild.export.dataset import ExportRows
 
 GRID_NAME = "grid.png"
@@ -44,6 +45,7 @@ def card_data(build: Build, rows: ExportRows):
     total = sum(len(v) for v in rows.splits.values())
     return hub.DatasetCardData(
         license=s.license,
+        language=s.language,
         task_categories=["image-to-image"],
         tags=["image-editing", "instruct-pix2pix", "synthetic", "dsbuild"],
         size_categories=[size_category(total)],
@@ -99,8 +101,9 @@ def diversity_section(build: Build) -> list[str]:
 
 
 def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
-              grid: bool = True) -> str:
-    """README.md: the YAML metadata (a huggingface_hub ``DatasetCard``) then the card body."""
+              grid: bool = True, pushed: dict | None = None, folder: str = "export") -> str:
+    """README.md: the YAML metadata (a huggingface_hub ``DatasetCard``) then the card body.
+    ``pushed``: the folder's last push (its usage names that repo id), else ``folder``."""
     hub = require("huggingface_hub")
     cfg = build.config
     data = card_data(build, rows)
@@ -113,17 +116,20 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     lines += [f"Instruction-based image editing data (InstructPix2Pix-style rows: input image, "
               f"edit instruction, edited image) built with dsbuild from the recipe "
               f"`{build.recipe.name}`" + (f": {desc}" if desc else ".") , ""]
-    if "tiny" in models:
-        lines += ["> **Placeholder images.** This export was made with dsbuild's built-in tiny "
-                  "random models (offline demo): the images are noise-like placeholders with no "
-                  "meaning. Use a real Stable Diffusion checkpoint and CLIP model for real data.",
-                  ""]
+    tiny = notes.tiny_stages(build, models)
+    if tiny:
+        what = ("the images are noise-like placeholders with no meaning, and those stages' "
+                "scores are random" if "generate" in tiny else
+                "the images are real but those stages' scores and verdicts are random, so "
+                "the pairs were kept by chance")
+        lines += [f"> **Placeholder {'images' if 'generate' in tiny else 'scores'}.** This "
+                  f"export was made with dsbuild's built-in tiny random models "
+                  f"({', '.join(tiny)}; an offline demo or test build): {what}. Use a real "
+                  "Stable Diffusion checkpoint and CLIP model for real data.", ""]
+    lines += [f"Stages: {notes.stage_line(build, rows, models)}.", ""]
     if grid:
         lines += [f"![Sample pairs: input, edited]({GRID_NAME})", ""]
-    lines += ["## Usage", "", "```python", "from datasets import load_dataset", "",
-              'ds = load_dataset("<this repo id or folder>")',
-              'row = ds["train"][0]  # row["input_image"], row["edit_prompt"], row["edited_image"]',
-              "```", "",
+    lines += ["## Usage", "", *notes.usage_lines(folder, pushed), "",
               "`input_image`, `edit_prompt` and `edited_image` are the columns diffusers' "
               "`train_instruct_pix2pix.py` reads (`--original_image_column input_image "
               "--edit_prompt_column edit_prompt --edited_image_column edited_image`).", ""]
@@ -151,7 +157,7 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
                                             if src.get("model") else "")] += 1
     lines += [f"- backend: {', '.join(f'{k}: {v} triples' for k, v in backends.items()) or '—'}",
               f"- agents: {', '.join(f'`{a.name}` ({a.level})' for a in build.recipe.agents)}",
-              f"- seed {c.seed}; limit per agent: {c.limit or 'none'}", ""]
+              f"- seed {c.seed}; triples per agent capped at: {c.per_agent or 'none'}", ""]
     lines += generation_section(build, rows, allrows, models)
     f = cfg.filter
     lines += ["", "### Filter", "",
@@ -159,26 +165,23 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
               + (f", DINO `{public_name(f.dino_model)}`" if f.dino else "")
               + f"; top {f.top_k} pairs per triple by `clip_sim_dir` among those passing:", ""]
     lines += _table(["score", "threshold"], [
-        ["clip_sim_0 (input image ↔ input caption)", f"≥ {f.clip_sim_0:g}"],
-        ["clip_sim_1 (edited image ↔ edited caption)", f"≥ {f.clip_sim_1:g}"],
-        ["clip_sim_dir (image change ↔ caption change)", f"≥ {f.clip_sim_dir:g}"],
-        ["clip_sim_image (input ↔ edited image)", f"≥ {f.clip_sim_image:g}"],
+        ["clip_sim_0 (input image ↔ input caption)", _minimum(f.clip_sim_0)],
+        ["clip_sim_1 (edited image ↔ edited caption)", _minimum(f.clip_sim_1)],
+        ["clip_sim_dir (image change ↔ caption change)", _minimum(f.clip_sim_dir)],
+        ["clip_sim_image (input ↔ edited image)", _minimum(f.clip_sim_image)],
     ])
+    lines += [""] + notes.verify_section(build, rows)
     st = rows.stats
     a = cfg.augment
-    lines += ["", "### No-change samples", "",
+    lines += ["### No-change samples", "",
               f"Augment ({st.get('augment')}): ratio {a.ratio:g} of kept pairs, seed {a.seed}, "
               f"backend `{a.backend}`"
               + (f" (model `{public_name(a.model)}`, template fallback)"
                  if a.backend == "openai" else "") + ". The instruction names something the input caption does "
               "not mention (plurals and the recipe's synonyms count as mentions); the edited "
-              "image is the input image and `no_change` is true.", ""]
-    lines += ["### Review and split", "",
-              f"- policy `{cfg.export.policy}`: {st.get('kept', 0)} of {st.get('scored', 0)} "
-              f"scored pairs kept by the filter, {st.get('rejected_by_verify', 0)} rejected by "
-              f"verify ({st.get('verify', 'not run')}), {st.get('rejected_by_review', 0)} "
-              f"rejected in review, {st.get('not_accepted', 0)} not accepted, {st.get('corrected', 0)} "
-              "instructions corrected in review (`original_edit` keeps the first one)",
+              "image is the input image and `no_change` is true. " + notes.no_change_counts(rows),
+              ""]
+    lines += ["### Review and split", "", *notes.review_lines(build, rows),
               f"- split: seeded (seed {cfg.split.seed}), test share {cfg.split.test_ratio:g}, "
               "grouped by triple and by caption, so no caption (input or edited) is in both "
               "splits; no-change samples follow their source pair's caption", ""]
@@ -205,6 +208,9 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
          "filter scores (empty for no-change rows)"],
         ["review, original_edit", "latest review verdict and the instruction before correction"],
     ])
+    lines += [""] + notes.limitations_section(build, rows, models)
+    lines += notes.license_section(build, rows, models)
+    lines += notes.citation_section(build, rows, models)
     body = "\n".join(lines).rstrip() + "\n"
     # DatasetCard parses the header back, so a malformed one fails here, not on the Hub
     return str(hub.DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
@@ -212,35 +218,71 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
 
 def generation_section(build: Build, rows: ExportRows, allrows: list[dict],
                        models: list[str]) -> list[str]:
-    """How the pairs were made: the shared generate settings, each generator's own settings
-    (its settings model) and the range of every parameter it declares in the export."""
+    """How the pairs were made, per generator run (a build may mix them, ``generate.mix``):
+    how many exported rows it made, its shared and own settings (its settings model) and the
+    range of every parameter it declares over its rows."""
     from dsbuild.core import generators
 
     g = build.config.generate
-    names = sorted({str(r["generator"]) for r in allrows if r.get("generator")}) or [g.generator]
+    runs = dict(zip(g.labels(), g.runs(), strict=True))
+    edits = [r for r in allrows if not r["no_change"]]
+
+    def label_of(r: dict) -> str:
+        name = str(r.get("generator") or generators.DEFAULT)
+        for label, run in runs.items():
+            if run.generator == name and (label == name or r.get("model") in
+                                          (run.model, public_name(run.model))):
+                return label
+        return name
+
+    found = {label_of(r) for r in allrows if r.get("generator")}
+    names = [k for k in runs if k in found] + sorted(found - set(runs)) or [g.labels()[0]]
     lines = []
-    for name in names:
+    if len(names) > 1:
+        lines += [f"This build mixes {len(names)} generators (`generate.mix`): "
+                  + ", ".join(f"{k} made {sum(label_of(r) == k for r in edits)} rows"
+                              for k in names) + ".", ""]
+    for label in names:
+        run = runs.get(label, g)
+        name = label.partition(":")[0]
         gen = generators.get(name)
-        lines += [f"### Generation ({name}: {gen.help})", ""]
-        body = [["model", ", ".join(models) or public_name(g.model)], ["steps", g.steps],
-                ["resolution", f"{g.width}×{g.height}"],
-                ["samples per triple (object / room)", f"{g.samples_object} / {g.samples_room}"
-                 + (f" (limit {g.limit})" if g.limit else "")]]
-        own = g.section(name)
+        mine = [r for r in edits if label_of(r) == label]
+        lines += [f"### Generation ({label}: {gen.help})", ""]
+        if len(names) > 1:
+            lines += [f"{len(mine)} exported rows were made by {label}.", ""]
+        made_by = sorted({str(r["model"]) for r in mine if r.get("model")})
+        body = [["model", ", ".join(made_by or (models if len(names) == 1 else []))
+                 or public_name(run.model)], ["steps", run.steps],
+                ["resolution", f"{run.width}×{run.height}"],
+                ["samples per triple (object / room)", f"{run.samples_object} / "
+                 f"{run.samples_room}" + (f" (capped at {run.per_triple})"
+                                          if run.per_triple else "")]]
+        own = run.section(name)
         if gen.settings is not None and own is not None:
             # the settings that sign the build (P2P leaves out the segmenter's when unused)
             signed = own.signature_dict() if hasattr(own, "signature_dict") else own.model_dump()
             body += [[key, _setting(getattr(own, key))] for key in gen.settings.model_fields
                      if key in signed]
-        body.append(["seed", g.seed])
+        body.append(["seed", run.seed])
         lines += _table(["setting", "value"], body) + [""]
+        if len(names) > 1:
+            lines += [f"Parameters of the pairs {label} made (as it declares them):", ""]
+            lines += _table(["parameter", "range in the export"], [
+                [col, _values(p.type, [r.get(col) for r in mine])]
+                for col, p in gen.columns().items()]) + [""]
     lines += [f"{sum(bool(r['_images'].get('mask')) for r in allrows)} rows carry their blend "
               "mask (`edit_mask`), what the generator let change.", ""]
-    edits = [r for r in allrows if not r["no_change"]]
+    if len(names) > 1:
+        return lines
     lines += ["Parameters of the exported pairs (as their generators declare them):", ""]
     lines += _table(["parameter", "range in the export"], [
         [col, _values(p.type, [r.get(col) for r in edits])] for col, p in rows.columns.items()])
     return lines + [""]
+
+
+def _minimum(v: float) -> str:
+    """A threshold as the card shows it: ``off`` where a cosine minimum passes every pair."""
+    return "off (every pair passes)" if v <= notes.OFF else f"≥ {v:g}"
 
 
 def _setting(v) -> str:

@@ -60,12 +60,21 @@ def collect_rows(build: Build) -> ExportRows:
     check_installed()
     s = build.config.export
     build.require_complete("filter")
+    # rejected_by_review: edit pairs a reject verdict left out; no-change samples a reject
+    # left out are no_change_rejected_by_review (part of no_change_dropped, with those whose
+    # source pair is not exported: no_change_source_dropped); review_rejects: every reject
+    # verdict in force, also those on pairs the filter or verify had already left out
     stats = {"scored": 0, "kept": 0, "rejected_by_review": 0, "not_accepted": 0,
-             "corrected": 0, "no_change_available": 0, "no_change_dropped": 0}
+             "corrected": 0, "no_change_available": 0, "no_change_dropped": 0,
+             "no_change_source_dropped": 0, "no_change_rejected_by_review": 0}
     # verify's verdict, where it ran: a rejected pair is dropped like a filter reject
     stats["verify"] = "applied" if build.is_complete("verify") else "not run"
     stats["rejected_by_verify"] = 0
     reviews = join.Reviews.read(build)
+    verdicts = [d.get("verdict") for d in reviews.in_force.values()]
+    stats["review_decisions"] = sum(reviews.counts.values())
+    stats["review_rejects"] = verdicts.count("reject")
+    stats["review_accepts"] = verdicts.count("accept")
     joined, columns = join.rows(build, policy="scored", reviews=reviews)
     rows: dict[str, dict] = {}
     for r in joined:
@@ -100,8 +109,13 @@ def collect_rows(build: Build) -> ExportRows:
         for r in join.no_change_rows(build, rows, reviews=reviews):
             stats["no_change_available"] += 1
             split = node_split.get(f"c:{caption_key(r['original_prompt'])}")
-            if r["source_pair_id"] not in rows or split is None or r["review"] == "reject":
+            if r["source_pair_id"] not in rows or split is None:
                 stats["no_change_dropped"] += 1
+                stats["no_change_source_dropped"] += 1
+                continue
+            if r["review"] == "reject":
+                stats["no_change_dropped"] += 1
+                stats["no_change_rejected_by_review"] += 1
                 continue
             splits[split].append(r)
     elif not s.no_change:

@@ -9,13 +9,17 @@ error each: no token, a rejected token, no write access, an unreachable Hub.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsbuild.core.build import Build
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.exports import export_info
+from dsbuild.core.records import write_json, write_text
 from dsbuild.export.card import check_public
+from dsbuild.export.card_notes import set_pushed
 from dsbuild.export.writer import INFO_NAME, export_build
 
 UPLOAD_PATTERNS = ["README.md", "grid.png", INFO_NAME, "data/*.parquet"]
@@ -96,7 +100,35 @@ def push_export(build: Build, repo_id: str, *, private: bool = False,
                            "run `hf auth login`")
     result = export_build(build, export_dir)
     folder = result.path
-    check_public(folder, build)
+    card = folder / "README.md"
+    before = card.read_text(encoding="utf-8")
+    set_pushed(folder, {"repo_id": repo_id, "revision": revision or "main"})
+    try:
+        check_public(folder, build)
+        res = _upload(build, folder, repo_id, private, revision, token)
+    except BaseException:
+        write_text(card, before)  # not pushed after all: the card names the folder again
+        raise
+    record_push(folder, res)
+    return res
+
+
+def record_push(folder: Path, res: PushResult) -> None:
+    """Add a push to the export's export_info.json (the card of a re-export, and a model
+    trained on this folder, name the repo from it)."""
+    info = export_info(folder) or {}
+    pushes = [p for p in info.get("pushes") or []
+              if (p.get("repo_id"), p.get("revision")) != (res.repo_id, res.revision)]
+    pushes.append({"repo_id": res.repo_id, "revision": res.revision, "commit": res.commit,
+                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_json(folder / INFO_NAME, {**info, "pushes": pushes})
+
+
+def _upload(build: Build, folder: Path, repo_id: str, private: bool, revision: str | None,
+            token: str) -> PushResult:
+    """One commit of the export's public files to the dataset repo."""
+    from huggingface_hub import constants
+
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
                    and _allowed(p.relative_to(folder)))
     hub = require("huggingface_hub")

@@ -15,6 +15,8 @@ class ExportSettings(StageSettings):
     )
     no_change: bool = Field(True, description="include augment's no-change samples")
     license: str = "cc-by-4.0"
+    language: str = Field("en", description="language code of the captions and instructions "
+                          "(the card's `language`)")
     pretty_name: str | None = Field(None, description="dataset title (default: recipe name)")
     shard_mb: int = Field(400, ge=1, description="largest parquet shard, in MB")
     grid_pairs: int = Field(6, ge=0, description="sample pairs on the card's grid image")

@@ -10,7 +10,6 @@ report) does nothing. ``export_build(build, to=OTHER)`` writes a one-off copy el
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time
@@ -20,12 +19,11 @@ from pathlib import Path
 from dsbuild.core import locks
 from dsbuild.core.build import Build, StageResult
 from dsbuild.core.errors import DsbuildError, WriteFailed
+from dsbuild.core.exports import INFO_NAME, export_info
 from dsbuild.core.records import DiskFull, write_json, write_text
 from dsbuild.core.split import SPLITS
 from dsbuild.export.card import GRID_NAME, card_text, check_public, grid_image
 from dsbuild.export.dataset import check_installed, collect_rows, write_shards
-
-INFO_NAME = "export_info.json"
 
 
 @dataclass
@@ -47,13 +45,7 @@ def default_export_dir(build: Build) -> Path:
 
 def read_info(path: Path) -> dict | None:
     """An export folder's export_info.json (None when absent or unreadable)."""
-    f = Path(path) / INFO_NAME
-    if not f.exists():
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    return export_info(path)
 
 
 def _summary(path: Path, counts: dict) -> str:
@@ -123,13 +115,18 @@ def write_export(build: Build, out: Path) -> ExportResult:
     try:
         files = write_shards(build, rows, tmp, build.config.export.shard_mb)
         grid = grid_image(build, rows, tmp / GRID_NAME, build.config.export.grid_pairs)
-        write_text(tmp / "README.md", card_text(build, rows, files, grid=grid))
+        # a folder pushed before keeps naming its Hub repo (and its push record)
+        pushes = (info or {}).get("pushes") or []
+        write_text(tmp / "README.md", card_text(build, rows, files, grid=grid,
+                                                pushed=pushes[-1] if pushes else None,
+                                                folder=export_name(build, out)))
         counts = {k: {"rows": len(v), "no_change": sum(r["no_change"] for r in v)}
                   for k, v in rows.splits.items()}
         write_json(tmp / INFO_NAME, {
             "signature": sig, "recipe": build.recipe.name, "counts": counts,
             "stats": rows.stats, "files": files,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"pushes": pushes} if pushes else {}),
         })
         check_public(tmp, build)
         for f in tmp.rglob("*"):
@@ -146,6 +143,16 @@ def write_export(build: Build, out: Path) -> ExportResult:
         raise
     swap(tmp, out)
     return ExportResult(out, False, counts, rows.stats)
+
+
+def export_name(build: Build, out: Path) -> str:
+    """How the card names a local export folder (never an absolute path: the card is
+    public): ``BUILD_NAME/export`` inside the build, else the folder's own name."""
+    try:
+        return (Path(build.root.name) / out.resolve().relative_to(build.root.resolve())
+                ).as_posix()
+    except ValueError:
+        return out.name
 
 
 def disk_full(exc: BaseException) -> bool:

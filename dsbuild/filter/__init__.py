@@ -8,6 +8,7 @@ from dsbuild.filter.settings import FilterSettings
 
 STAGE = register(Stage(
     name="filter", output="scores", settings=FilterSettings, upstream=("generate",),
+    unit="pair", expected="dsbuild.filter.stage:expected",
     run="dsbuild.filter.stage:run_filter", summary="dsbuild.filter.report:summary",
     help="score pairs with CLIP/DINO and keep the best", extra="filter", key="pair_id",
     report="dsbuild.filter.report:write_report",

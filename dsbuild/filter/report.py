@@ -14,7 +14,7 @@ from dsbuild.core import join
 from dsbuild.core.build import Build
 from dsbuild.core.records import write_figure, write_json, write_text
 from dsbuild.core.schema import SCORE_KEYS
-from dsbuild.filter.settings import THRESHOLDS
+from dsbuild.filter.settings import THRESHOLDS, threshold_off
 
 
 def _rate(n: int, d: int) -> float | None:
@@ -32,7 +32,8 @@ def _pass_table(rows: list[dict], limits: dict[str, float]) -> dict:
     for name, lim in limits.items():
         vals = [r.get(name) for r in scored if r.get(name) is not None]
         n = sum(v >= lim for v in vals)
-        table["thresholds"][name] = {"min": lim, "pass": n, "rate": _rate(n, len(vals))}
+        table["thresholds"][name] = {"min": lim, "active": not threshold_off(lim), "pass": n,
+                                     "rate": _rate(n, len(vals))}
     passed_all = sum(r.get("rank") is not None for r in scored)
     table["passed_all_thresholds"] = passed_all
     table["passed_all_rate"] = _rate(passed_all, len(scored))
@@ -67,7 +68,10 @@ def filter_report(build: Build, rows: list[join.Joined] | None = None) -> dict:
     return {
         "settings": {"clip_model": s.clip_model, "clip_pretrained": s.clip_pretrained,
                      "dino": s.dino, "dino_model": s.dino_model if s.dino else None,
-                     "thresholds": limits, "top_k": s.top_k},
+                     "thresholds": limits, "top_k": s.top_k,
+                     # a minimum of -1 or less passes every pair: listed as off, not as a test
+                     "active_thresholds": [n for n, v in limits.items() if not threshold_off(v)],
+                     "off_thresholds": [n for n, v in limits.items() if threshold_off(v)]},
         "overall": _pass_table(scores, limits),
         "per_agent": {a: _pass_table(rows, limits) for a, rows in sorted(by_agent.items())},
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -89,21 +93,25 @@ def plot_histograms(scores: list[dict], limits: dict[str, float], path: Path) ->
         vals = [r[name] for r in scores if r.get(name) is not None]
         # bins over the drawn range (data and threshold), so a narrow cluster far from the
         # threshold is still a visible bar rather than 40 slivers
-        span = vals + ([limits[name]] if name in limits else [])
+        span = vals + ([limits[name]] if name in limits and not threshold_off(limits[name])
+                       else [])
         lo, hi = (min(span), max(span)) if span else (0.0, 1.0)
         if hi - lo < 1e-6:
             lo, hi = lo - 0.05, hi + 0.05
         ax.hist(vals, bins=[lo + (hi - lo) * i / 40 for i in range(41)], color="#4c72b0")
-        if name in limits:
+        if name in limits and threshold_off(limits[name]):
+            ax.set_title(f"{name}\nthreshold off", fontsize=10)
+        elif name in limits:
             lim = limits[name]
             rate = _rate(sum(v >= lim for v in vals), len(vals))
             ax.axvline(lim, color="red", linestyle="--", label=f"min {lim}")
             ax.set_title(f"{name}\npass {rate:.0%}" if rate is not None else name, fontsize=10)
             ax.legend(fontsize=8)
         else:
-            ax.set_title(name, fontsize=10)
-        ax.set_xlabel("cosine")
+            ax.set_title(f"{name}\nno threshold", fontsize=10)
+        ax.set_xlabel("cosine (raw)")
     axes[0][0].set_ylabel("pairs")
+    fig.suptitle("filter: scores per pair (red dashes: the minimum kept)", fontsize=10)
     fig.tight_layout()
     write_figure(path, fig)
 
@@ -116,7 +124,8 @@ def plot_agents(rep: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     agents = list(rep["per_agent"])
-    cols = list(rep["settings"]["thresholds"]) + ["kept"]
+    cols = [n for n, v in rep["settings"]["thresholds"].items() if not threshold_off(v)]
+    cols.append("kept")  # thresholds that are off pass every pair: not drawn
     fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.7 * len(agents))), 4.2))
     width = 0.8 / len(cols)
     for j, col in enumerate(cols):
@@ -129,27 +138,55 @@ def plot_agents(rep: dict, path: Path) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(agents))], agents, rotation=30,
                   ha="right", fontsize=8)
     ax.set_ylim(0, 1.25)
-    ax.set_ylabel("rate")
-    ax.set_title("filter: pass rate per threshold and keep rate, per agent", fontsize=10)
+    ax.set_ylabel("share of the agent's pairs")
+    ax.set_title("filter: pass rate per threshold (those on) and keep rate, per agent",
+                 fontsize=10)
     ax.legend(fontsize=7, ncol=len(cols), loc="upper center")
     fig.tight_layout()
     write_figure(path, fig)
 
 
+def _thresholds_line(settings: dict) -> str:
+    """The keep rule as it was applied: the thresholds in force, those off, then top-k."""
+    limits, off = settings["thresholds"], settings.get("off_thresholds", [])
+    active = [f"{n} ≥ {limits[n]:g}" for n in limits if n not in off]
+    why = "a minimum of -1 or less, which every pair passes"
+    if not active:
+        rule = f"Thresholds: all off ({why})"
+    else:
+        rule = "Thresholds in force: " + ", ".join(active)
+        rule += f"; off ({why}): " + ", ".join(off) if off else ""
+    return (f"{rule}. Then the {settings['top_k']} pairs with the highest clip_sim_dir of each "
+            "triple are kept.")
+
+
 def markdown(rep: dict) -> str:
     """A short table per agent for people (the JSON has everything)."""
-    names = list(rep["settings"]["thresholds"])
-    lines = [f"# Filter report ({rep['settings']['clip_model']}, top_k "
-             f"{rep['settings']['top_k']})", "",
-             "| agent | pairs | kept | " + " | ".join(f"{n} ≥ {rep['settings']['thresholds'][n]}"
-                                               for n in names) + " |",
-             "|---" * (3 + len(names)) + "|"]
+    settings = rep["settings"]
+    names = list(settings["thresholds"])
+    off = set(settings.get("off_thresholds", []))
+    errors = rep["overall"].get("image_errors", 0)
+    heads = [f"{n} off" if n in off else f"{n} ≥ {settings['thresholds'][n]:g}" for n in names]
+    lines = [f"# Filter report ({settings['clip_model']}, top_k {settings['top_k']})", "",
+             _thresholds_line(settings), "",
+             "`passed` pairs passed every threshold in force; `kept` are those ranked within "
+             "top_k. A threshold's column is the share of scored pairs that pass it"
+             + (f" ({errors} pairs had an unreadable image and no scores)" if errors else "")
+             + "; `off` where it tests nothing.", "",
+             "| agent | pairs | kept | passed | dropped by top_k | " + " | ".join(heads) + " |",
+             "|---" * (5 + len(names)) + "|"]
     rows = [("all", rep["overall"])] + list(rep["per_agent"].items())
     for agent, t in rows:
-        rates = " | ".join("-" if t["thresholds"][n]["rate"] is None
+        rates = " | ".join("off" if n in off else "-" if t["thresholds"][n]["rate"] is None
                            else f"{t['thresholds'][n]['rate']:.0%}" for n in names)
-        lines.append(f"| {agent} | {t['pairs']} | {t['kept']} | {rates} |")
-    lines += ["", "Reasons: " + ", ".join(f"{k} {v}" for k, v in rep["reasons"].items()), ""]
+        lines.append(f"| {agent} | {t['pairs']} | {t['kept']} | {t['passed_all_thresholds']} | "
+                     f"{t['dropped_by_top_k']} | {rates} |")
+    kept = rep["reasons"].get("kept", 0)
+    dropped = {k: v for k, v in rep["reasons"].items() if k != "kept"}
+    lines += ["", f"Kept {kept} of {rep['overall']['pairs']} pairs. Dropped, by first reason: "
+              + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")
+              + (" (`top_k`: passed, ranked below the top "
+                 f"{settings['top_k']})" if "top_k" in dropped else ""), ""]
     return "\n".join(lines)
 
 
@@ -176,8 +213,12 @@ def summary(build: Build, result) -> list[str]:
     st, lines = result.stats, []
     if st:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(st.get("reasons", {}).items()))
+        s = build.config.filter
+        off = [n for n in THRESHOLDS if threshold_off(getattr(s, n))]
         lines.append(f"  kept {st.get('kept', 0)} of {st.get('pairs', 0)} pairs"
-                     + (f" (dropped: {reasons})" if reasons else ""))
+                     + (f" (dropped: {reasons})" if reasons else "")
+                     + ("; thresholds off, top_k only" if len(off) == len(THRESHOLDS)
+                        else f"; off: {', '.join(off)}" if off else ""))
     if build.is_complete("filter"):
         lines.append(f"  report: {build.reports_dir / 'filter.json'}, "
                      f"{build.reports_dir / 'filter.png'}")

@@ -12,6 +12,14 @@ from dsbuild.core.settings import StageSettings
 # the scores with a minimum, in InstructPix2Pix's check order (the first one failed is the reason)
 THRESHOLDS: tuple[str, ...] = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1")
 
+# a cosine is never below -1, so a minimum at -1 (or lower) passes every pair: that is "off"
+OFF = -1.0
+
+
+def threshold_off(minimum: float | None) -> bool:
+    """Whether a threshold passes every pair (None, or a cosine minimum at or below -1)."""
+    return minimum is None or minimum <= OFF
+
 
 class FilterSettings(StageSettings):
     """InstructPix2Pix's filter: thresholds on four CLIP scores, then top k per triple."""
@@ -27,10 +35,11 @@ class FilterSettings(StageSettings):
     dino: bool = Field(False, description="also score DINOv2 CLS cosine of the two images")
     dino_model: str = Field(ids.DINO, description="transformers Hub id, a "
                             "local folder, or 'tiny'", json_schema_extra={"loads": "dino"})
-    clip_sim_0: float = Field(0.2, description="min cos(image 0, input caption)")
-    clip_sim_1: float = Field(0.2, description="min cos(image 1, output caption)")
-    clip_sim_dir: float = Field(0.2, description="min cos(image change, caption change)")
-    clip_sim_image: float = Field(0.7, description="min cos(image 0, image 1)")
+    clip_sim_0: float = Field(0.2, description="min cos(image 0, input caption); -1: off")
+    clip_sim_1: float = Field(0.2, description="min cos(image 1, output caption); -1: off")
+    clip_sim_dir: float = Field(0.2, description="min cos(image change, caption change); "
+                                "-1: off")
+    clip_sim_image: float = Field(0.7, description="min cos(image 0, image 1); -1: off")
     dino_min: float | None = Field(None, description="min DINO cosine (None: not a filter)")
     top_k: int = Field(4, ge=1, description="pairs kept per triple, best clip_sim_dir first")
     batch_size: int = Field(32, ge=1)

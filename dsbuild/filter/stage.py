@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsbuild.core import join
-from dsbuild.core.build import Build, StageResult, select_shard
+from dsbuild.core.build import Build, StageResult, select_shard, shard_sizes
 from dsbuild.core.deps import check
 from dsbuild.core.errors import StageFailed
 from dsbuild.core.progress import progress
+from dsbuild.filter import STAGE
 from dsbuild.filter.settings import THRESHOLDS, FilterSettings
 
 if TYPE_CHECKING:
@@ -182,6 +183,15 @@ def shard_stats(records: list[dict]) -> dict:
             "reasons": reasons}
 
 
+def _by_triple(j: join.Joined) -> str:
+    return j.pair["triple_id"]  # a rank scores every pair of its triples (top-k per triple)
+
+
+def expected(build: Build, world_size: int) -> list[int]:
+    """Pairs each rank is to score: the driver's bar total."""
+    return shard_sizes(join.all_pairs(build, scores=False), world_size, key=_by_triple)
+
+
 def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool = False,
                overrides: Iterable[str] = (), scorer: Scorer | None = None,
                quiet: bool = False, report: bool = True) -> StageResult:
@@ -192,8 +202,7 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
     s = build.config.filter
     build.require_complete("captions")
     build.require_complete("generate")
-    mine = select_shard(join.all_pairs(build, scores=False), rank, world_size,
-                        key=lambda j: j.pair["triple_id"])
+    mine = select_shard(join.all_pairs(build, scores=False), rank, world_size, key=_by_triple)
     triples = {j.triple["id"]: j.triple for j in mine}
     groups: dict[str, list[dict]] = {}
     for j in mine:
@@ -212,7 +221,7 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                            *model_key(s.dino_model), s.device, s.dtype, s.batch_size,
                            s.workers), lambda: Scorer.from_settings(s, quiet=quiet))
             bar = progress(total=total, initial=len(written), desc=f"filter r{rank}",
-                           unit="pair")
+                           unit=STAGE.unit)
             for chunk in _chunks(todo, 4 * s.batch_size):
                 new = [p for g in chunk for p in g if p["id"] not in writer.done]
                 scored = scorer.score(new, triples, build.root)

@@ -14,6 +14,7 @@ missing extra fails with its pip line before any work.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 
@@ -21,11 +22,15 @@ import numpy as np
 from PIL import Image
 
 from dsbuild.core import generators
-from dsbuild.core.build import Build, StageResult, select_shard
+from dsbuild.core.build import Build, StageResult, select_shard, shard_sizes
+from dsbuild.core.deps import load_target
 from dsbuild.core.errors import DsbuildError, StageFailed
 from dsbuild.core.generators import Made
+from dsbuild.core.hashing import content_id
 from dsbuild.core.progress import progress
+from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT
 from dsbuild.core.records import write_bytes
+from dsbuild.generate import STAGE
 
 
 def check_installed(generator: str = generators.DEFAULT):
@@ -83,45 +88,103 @@ def _triples(build: Build) -> list[dict]:
     return triples
 
 
+def _by_input(t: dict) -> str:
+    return t["input"]  # a rank owns every triple of an input caption: its source is shared
+
+
+def expected(build: Build, world_size: int) -> list[int] | None:
+    """Pairs each rank is to make (the generator's declared ``count`` per triple, no model
+    loaded): the driver's bar total. None when the generator declares no count."""
+    counts = []
+    for run in build.config.generate.runs():
+        count = generators.get(run.generator).count
+        if count is None:
+            return None
+        counts.append((load_target(count, what=f"generator {run.generator}"), run))
+    return shard_sizes(_triples(build), world_size, key=_by_input,
+                       weight=lambda t: sum(per_triple(t, run) for per_triple, run in counts))
+
+
+def plan_runs(gens: list, triples: list[dict], labels: list[str]) -> list[list]:
+    """Every run's plans of these triples. A generator the build runs on several models gets
+    its model in the pair ids after the first; ids that still meet across runs are refused."""
+    out, seen, first = [], {}, set()
+    for k, (gen, label) in enumerate(zip(gens, labels, strict=True)):
+        name = label.partition(":")[0]
+        salt = name in first  # a second model of one generator: its own ids
+        first.add(name)
+        plans = [p for t in triples for p in gen.plan(t)]
+        if salt:
+            plans = [dataclasses.replace(p, id=content_id(p.id, gen.model)) for p in plans]
+        for p in plans:
+            if seen.setdefault(p.id, k) != k:
+                raise DsbuildError(f"generate: generators {labels[seen[p.id]]} and {label} "
+                                   f"plan the same pair id {p.id}; give one of them other "
+                                   "settings")
+        out.append(plans)
+    return out
+
+
 def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
                  force: bool = False) -> StageResult:
     """Make this rank's pairs (skipping done ones) and commit the shard; the runner draws the
     contact sheet (the declared report) once every rank is done."""
     s = build.config.generate
-    impl_cls = check_installed(s.generator)
+    runs, labels = s.runs(), s.labels()
+    impl_classes = [check_installed(run.generator) for run in runs]  # every extra, up front
 
     def work(writer) -> dict:
         from dsbuild.models import resolve_device, resolve_dtype
 
-        mine = select_shard(_triples(build), rank, world_size, key=lambda t: t["input"])
+        mine = select_shard(_triples(build), rank, world_size, key=_by_input)
         if not mine:  # another rank has them all: a legitimately empty shard
             return {"pairs": 0, "sources": 0}
-        device = resolve_device(s.device)
-        dtype = resolve_dtype(s.dtype, device)
-        gen = impl_cls(s, s.section(s.generator), device, dtype)
-        plans = [p for t in mine for p in gen.plan(t)]
-        todo = [p for p in plans if p.id not in writer.done]
-        _clean_temp(build, {p.triple["id"] for p in todo})
-        t0, made, sources, png0 = time.perf_counter(), 0, set(), (None, b"")
-        with progress(total=len(plans), initial=len(plans) - len(todo),
-                      desc=f"generate r{rank}", unit="pair") as bar:
-            for m in gen.generate(todo):
-                rel = f"pairs/img/{m.plan.triple['id']}/{m.plan.id}"
-                if png0[0] is not m.source:  # a shared source is encoded once
-                    png0 = (m.source, png_bytes(m.source))
-                write_bytes(build.root / f"{rel}_0.png", png0[1])
-                write_bytes(build.root / f"{rel}_1.png", png_bytes(m.target))
-                rec = pair_record(s.generator, m, gen.model, rel)
-                rec["dtype"] = dtype
-                if m.mask is not None:  # what the generator let change (white)
-                    write_bytes(build.root / f"{rel}_mask.png", mask_png(m.mask))
-                    rec["images"]["mask"] = f"{rel}_mask.png"
-                writer.write(rec)
-                made += 1
-                sources.add(m.source_id)
-                bar.update(1)
-        secs = time.perf_counter() - t0
-        return {"pairs": made, "sources": len(sources), "seconds": round(secs, 3),
-                "pairs_per_s": round(made / secs, 4) if secs > 0 else None, **gen.stats()}
+        gens, dtypes = [], []
+        for run, impl_cls in zip(runs, impl_classes, strict=True):
+            device = resolve_device(run.device)
+            dtypes.append(resolve_dtype(run.dtype, device))
+            gens.append(impl_cls(run, run.section(run.generator), device, dtypes[-1]))
+            if hasattr(gens[-1], "use_cache"):  # one that pays per request keeps its replies
+                gens[-1].use_cache(build.cache_dir / "generate" / run.generator)
+        planned = plan_runs(gens, mine, labels)
+        todo = [[p for p in plans if p.id not in writer.done] for plans in planned]
+        _clean_temp(build, {p.triple["id"] for plans in todo for p in plans})
+        total, left = sum(map(len, planned)), sum(map(len, todo))
+        per_run, png0 = {}, (None, b"")
+        with progress(total=total, initial=total - left, desc=f"generate r{rank}",
+                      unit=STAGE.unit) as bar:
+            for run, gen, dtype, plans, label in zip(runs, gens, dtypes, todo, labels,
+                                                     strict=True):
+                t0, made, sources = time.perf_counter(), 0, set()
+                for m in gen.generate(plans) if plans else ():
+                    rel = f"pairs/img/{m.plan.triple['id']}/{m.plan.id}"
+                    if png0[0] is not m.source:  # a shared source is encoded once
+                        png0 = (m.source, png_bytes(m.source))
+                    write_bytes(build.root / f"{rel}_0.png", png0[1])
+                    write_bytes(build.root / f"{rel}_1.png", png_bytes(m.target))
+                    rec = pair_record(run.generator, m, gen.model, rel)
+                    rec["dtype"] = dtype
+                    if m.mask is not None:  # what the generator let change (white)
+                        write_bytes(build.root / f"{rel}_mask.png", mask_png(m.mask))
+                        rec["images"]["mask"] = f"{rel}_mask.png"
+                    writer.write(rec)
+                    made += 1
+                    sources.add(m.source_id)
+                    bar.update(1)
+                secs = time.perf_counter() - t0
+                per_run[label] = {"pairs": made, "sources": len(sources),
+                                  "seconds": round(secs, 3),
+                                  "pairs_per_s": round(made / secs, 4) if secs > 0 else None,
+                                  **gen.stats()}
+        if len(per_run) == 1:  # one generator: its stats as they always were
+            return next(iter(per_run.values()))
+        made = sum(r["pairs"] for r in per_run.values())
+        secs = sum(r["seconds"] for r in per_run.values())
+        limits = [r[LIMIT_STAT] for r in per_run.values() if r.get(LIMIT_STAT)]
+        return {"pairs": made, "sources": sum(r["sources"] for r in per_run.values()),
+                "seconds": round(secs, 3),
+                "pairs_per_s": round(made / secs, 4) if secs > 0 else None,
+                CUT_STAT: sum(int(r.get(CUT_STAT) or 0) for r in per_run.values()),
+                **({LIMIT_STAT: max(limits)} if limits else {}), "generators": per_run}
 
     return build.run_stage("generate", rank, world_size, work, force=force)

@@ -338,10 +338,21 @@ class ChatClient:
 
     async def _call(self, payload: dict) -> dict:
         """One HTTP request: the reply, a Retryable, or a DsbuildError saying what to fix."""
+        resp = await self._send(self._client.chat.completions.create, payload)
+        if isinstance(resp, str):  # the SDK hands back the text of a reply that is not JSON
+            raise Retryable("bad_response", error=self._not_json(resp))
+        if not getattr(resp, "choices", None):  # JSON, but not a chat completion: never cached
+            raise Retryable("bad_response", error="a JSON reply that is not a chat completion")
+        return _reply(resp)
+
+    async def _send(self, create, payload: dict, api: str = "chat completions"):
+        """``create(**payload)``, counted as sent: the SDK's reply, or its error as a
+        Retryable or a DsbuildError saying what to fix (shared by every client of this
+        module; ``api`` names the endpoint's API in messages)."""
         o, s = self.openai, self.settings
         self.stats.sent += 1
         try:
-            resp = await self._client.chat.completions.create(**payload)
+            return await create(**payload)
         except o.APITimeoutError:
             raise Retryable("timeout", error=f"no reply within {s.timeout:g} s") from None
         except o.APIConnectionError as exc:
@@ -355,7 +366,7 @@ class ChatClient:
                 ) from None
             if code == 404:
                 raise DsbuildError(
-                    f"the endpoint has no model {s.model!r} or no chat completions API "
+                    f"the endpoint has no model {s.model!r} or no {api} API "
                     f"(HTTP 404 at {s.base_url or 'api.openai.com'}); set {self.section}.model / "
                     f"{self.section}.base_url"
                 ) from None
@@ -367,11 +378,6 @@ class ChatClient:
                             f"HTTP {code}: {str(exc.message)[:200]}") from None
         except (o.APIError, ValueError):  # a body that is not JSON (a proxy's HTML page)
             raise Retryable("bad_response", error="a reply that is not JSON") from None
-        if isinstance(resp, str):  # the SDK hands back the text of a reply that is not JSON
-            raise Retryable("bad_response", error=self._not_json(resp))
-        if not getattr(resp, "choices", None):  # JSON, but not a chat completion: never cached
-            raise Retryable("bad_response", error="a JSON reply that is not a chat completion")
-        return _reply(resp)
 
 
 def _root_cause(exc: BaseException) -> str:

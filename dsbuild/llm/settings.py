@@ -1,6 +1,6 @@
 """Settings of an OpenAI-compatible endpoint, shared by every stage that asks an LLM.
 
-Captions and augment each subclass this (``captions.*``, ``augment.*``), so both name the same
+Captions and augment each subclass ``LLMSettings`` (``captions.*``, ``augment.*``), so both name the same
 knobs the same way and ``dsbuild.llm.client.ChatClient`` reads one model. How requests are sent
 (concurrency, timeout, retries, when to give up on a dead endpoint) does not change what a stage
 writes, so it skips the signature.
@@ -18,15 +18,16 @@ TRANSPORT = frozenset({"concurrency", "timeout", "max_retries", "retry_backoff",
                        "fail_after_errors", "fail_after_s"})
 
 
-class LLMSettings(StageSettings):
+class EndpointSettings(StageSettings):
+    """An OpenAI-compatible endpoint and how requests go to it: what every client of
+    :mod:`dsbuild.llm.client` reads (chat: :class:`LLMSettings`; image edits: generate.api)."""
+
     volatile: ClassVar[frozenset[str]] = TRANSPORT
 
     # OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, llama.cpp ...)
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var with the key")
-    temperature: float = Field(1.0, ge=0, le=2)
-    max_tokens: int = Field(1024, ge=16)
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     max_retries: int = Field(5, ge=0)
     timeout: float = Field(60.0, gt=0, description="seconds per request before a retry")
@@ -43,3 +44,10 @@ class LLMSettings(StageSettings):
         60.0, ge=0, description="... and only once that run of failures spans at least this "
         "many seconds (from the start of its first attempt)"
     )
+
+
+class LLMSettings(EndpointSettings):
+    """A chat endpoint: the endpoint's settings and how to sample."""
+
+    temperature: float = Field(1.0, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=16)

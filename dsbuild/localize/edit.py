@@ -26,6 +26,22 @@ def region(image, instruction: str, s: LocalizeSettings, mask: str | Path | None
     return segmenter_for(s).mask(image, ref.phrases), ref.phrases, ref.source
 
 
+def region_line(mask: np.ndarray, phrases: list[str], source: str,
+                mask_path: str | Path | None = None) -> str:
+    """The one line ``dsbuild edit --localize`` prints: what was referred (or the user's mask)
+    and how much of the image the region covers; an empty region says the edit is plain."""
+    from dsbuild.localize.mask import coverage
+
+    if source == "user":
+        what = f"--mask {mask_path}"
+    elif phrases:
+        what = ", ".join(repr(p) for p in phrases)
+    else:
+        what = f"nothing referred ({source})"
+    line = f"localize: {what} -> mask covers {100 * coverage(mask):.1f} % of the image"
+    return line if mask.any() else f"{line}; nothing to confine, the edit is plain"
+
+
 def localized_edit(pipe, prompts: list[str], images: list, masks: list[np.ndarray],
                    s: RegularisationSettings, controller=None, **call) -> list:
     """Edit ``images`` by ``prompts`` with the penalty inside ``masks`` (one per image, at the

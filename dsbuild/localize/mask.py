@@ -38,6 +38,25 @@ def save_mask(path: str | Path, mask: np.ndarray) -> Path:
     return Path(path)
 
 
+def check_segmenter(s) -> None:
+    """One line naming the option, before any model loads, unless the segmenter a
+    ``LocalizeSettings`` names can load ('tiny', a folder of the right kind, a cached or
+    reachable Hub id): a bad --segmenter never waits for the editor to load first."""
+    from dsbuild.core.settings.localize import SAM_SEGMENTER
+    from dsbuild.models.available import check_model
+
+    if s.segmenter == SAM_SEGMENTER:
+        check_model("owl", s.detector, "--detector")
+        check_model("sam", s.sam_model, "--sam-model")
+    else:
+        check_model("clipseg", s.segmenter, "--segmenter")
+
+
+def coverage(mask: np.ndarray) -> float:
+    """The share of the image a mask covers, in [0, 1] (0 for an empty mask)."""
+    return float(mask.mean()) if mask.size else 0.0
+
+
 def segmenter_for(s, device: str = "cpu"):
     """The segmenter a ``LocalizeSettings`` names (see :func:`dsbuild.models.load_segmenter`)."""
     from dsbuild.models import load_segmenter

@@ -141,6 +141,19 @@ def edit_regions(rows, inputs: dict[int, Path], s, agent, out: Path, data: str, 
     return masks, folder, regions
 
 
+def region_coverage(rows, regions: dict[str, dict[int, np.ndarray]]) -> dict:
+    """Per region (referred, truth): how many edit rows have one, how many of those are empty,
+    and the mean share of the image they cover (``mean``, in [0, 1])."""
+    from dsbuild.localize.mask import coverage
+
+    out = {}
+    for name, masks in regions.items():
+        got = [masks[r.index] for r in rows if not r.no_change and r.index in masks]
+        out[name] = {"rows": len(got), "empty": sum(not m.any() for m in got),
+                     "mean": float(np.mean([coverage(m) for m in got])) if got else None}
+    return out
+
+
 def mask_agreement(rows, referred: dict[int, np.ndarray], truth: dict[int, np.ndarray]) -> dict:
     """How well the referred regions match the ground truth, over edit rows that have both:
     mean IoU, and how many referred masks came out empty while the truth was not."""
@@ -257,6 +270,11 @@ def region_table(result: dict) -> str:
     if any("| –" in line for line in lines):
         lines += ["", "– : undefined (no pixel outside the region in any row, e.g. masks "
                   "covering the whole image, or no row with a region and captions)."]
+    for region, c in (loc.get("coverage") or {}).items():
+        if c.get("mean") is not None:
+            lines += ["", f"{REGION_TITLES.get(region, region)}: the mask covers "
+                      f"{100 * c['mean']:.1f} % of the image on average over {c['rows']} "
+                      f"rows ({c['empty']} empty)."]
     agree = result.get("mask_agreement")
     if agree and agree.get("rows"):
         lines += ["", f"Referred vs ground-truth region: mean IoU {agree['iou']:.3f} over "

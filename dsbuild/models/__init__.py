@@ -2,7 +2,7 @@
 what they share (device and dtype rules, the checkpoint-name check, the per-worker cache).
 
 Families: :mod:`~dsbuild.models.sd` (Stable Diffusion), :mod:`~dsbuild.models.editor`
-(InstructPix2Pix), :mod:`~dsbuild.models.clip` (open_clip), :mod:`~dsbuild.models.dino`
+(InstructPix2Pix and the diffusers editing pipelines), :mod:`~dsbuild.models.clip` (open_clip), :mod:`~dsbuild.models.dino`
 (DINOv2), :mod:`~dsbuild.models.owl` (OWLv2 / OWL-ViT), :mod:`~dsbuild.models.segment`
 (CLIPSeg, detector boxes + SAM), :mod:`~dsbuild.models.sentence` (sentence embeddings);
 :mod:`dsbuild.core.model_ids` names each default model once (settings read it too).
@@ -25,7 +25,8 @@ RANDOM_SEED = 0  # seeds models built with random weights ('tiny', pretrained 'n
 
 # public name -> the family module that defines it (imported on first use)
 PUBLIC = {"load_sd_pipeline": "sd", "load_sd_components": "sd", "load_editor": "editor",
-          "editor_pipeline": "editor", "ClipEncoder": "clip", "DinoEncoder": "dino",
+          "editor_pipeline": "editor", "load_edit_pipeline": "editor",
+          "edit_pipeline_class": "editor", "ClipEncoder": "clip", "DinoEncoder": "dino",
           "ImageEmbedder": "embed", "OwlDetector": "owl", "Segmenter": "segment",
           "SamSegmenter": "segment", "load_segmenter": "segment"}
 

@@ -12,37 +12,32 @@ on the Hub. Which settings name models is declared with them: a settings field's
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dsbuild.core import generators, stages
 from dsbuild.core.errors import DsbuildError
 from dsbuild.models import checkpoint
+from dsbuild.models.editor import EDIT_PIPELINES, TINY_EDITORS
+from dsbuild.models.hub import HubUnreachable, offline  # noqa: F401 - HubUnreachable: part of this module's errors
+from dsbuild.models.hub import config_file as _config_file
 
 # kind -> (config file that names the architecture, its key, accepted values, what it is)
 KINDS = {
-    "sd": ("model_index.json", "_class_name", ("StableDiffusionPipeline",),
-           "a Stable Diffusion 1.x/2.x pipeline"),
+    "sd": ("model_index.json", "_class_name",
+           ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+           "a Stable Diffusion 1.x/2.x or SDXL pipeline"),
     "dino": ("config.json", "model_type", ("dinov2",), "a DINOv2 model"),
     "owl": ("config.json", "model_type", ("owlv2", "owlvit"), "an OWLv2/OWL-ViT detector"),
     "clipseg": ("config.json", "model_type", ("clipseg",), "a CLIPSeg segmenter"),
     "sam": ("config.json", "model_type", ("sam",), "a SAM model"),
     "clip": ("open_clip_config.json", None, (), "an open_clip model"),
+    "editor": ("model_index.json", "_class_name", EDIT_PIPELINES,
+               "a diffusers editing pipeline (InstructPix2Pix, SDXL InstructPix2Pix, FLUX.1 "
+               "Kontext, Qwen-Image-Edit)"),
 }
-BUILT_IN = {"sd": ("tiny", "arch:small", "arch:sd15"), "clipseg": ("tiny", "sam")}
+BUILT_IN = {"sd": ("tiny", "tiny-sdxl", "arch:small", "arch:sd15"), "clipseg": ("tiny", "sam"),
+            "editor": tuple(TINY_EDITORS)}
 RANDOM_WEIGHTS = ("", "none", "random")  # clip_pretrained values that mean no weights
-
-
-class HubUnreachable(DsbuildError):
-    """The Hub could not be asked about a model (the network, not the setting): exit 1."""
-
-    exit_code = 1
-
-
-def offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: only the local cache can be read."""
-    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def model_settings(config) -> dict[str, tuple[str, object]]:
@@ -61,6 +56,10 @@ def model_settings(config) -> dict[str, tuple[str, object]]:
         gen = getattr(settings, "generator", None)
         if st.name == "generate" and gen in generators.names() and generators.get(gen).model:
             out["generate.model"] = (generators.get(gen).model, settings.model)
+        for i, run in enumerate(settings.runs()[1:] if st.name == "generate" else []):
+            if generators.get(run.generator).model:  # generate.mix's entries
+                out[f"generate.mix[{i}].model"] = (generators.get(run.generator).model,
+                                                   run.model)
     return out
 
 
@@ -111,37 +110,6 @@ def _check_kind(path: Path, key: str | None, accepted: tuple, what: str, model: 
     if found not in accepted:
         raise DsbuildError(f"{setting}: {model!r} is {found!r}, not {what} ({path.name} "
                            f"{key}); give {what}")
-
-
-def _config_file(src: str, file: str, setting: str) -> Path:
-    """``file`` of a folder or of a Hub repo (from the cache; online, fetched: a small file)."""
-    if Path(src).exists():
-        path = Path(src) / file
-        if not path.is_file():
-            raise DsbuildError(f"{setting}: {src} has no {file}; give a folder saved with "
-                               "save_pretrained, or a Hub id")
-        return path
-    from huggingface_hub import errors, hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(src, file)
-    if isinstance(cached, str):
-        return Path(cached)
-    if offline():
-        raise DsbuildError(f"{setting}: {src!r} is not in the local Hugging Face cache and "
-                           "HF_HUB_OFFLINE is set; download it first (`hf download "
-                           f"{src}`), give a local folder, or unset HF_HUB_OFFLINE")
-    try:
-        return Path(hf_hub_download(src, file))
-    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as exc:
-        raise DsbuildError(f"{setting}: no readable Hub repo {src!r} "
-                           f"({type(exc).__name__}); check the id or log in") from None
-    except errors.EntryNotFoundError:
-        raise DsbuildError(f"{setting}: the Hub repo {src!r} has no {file}; it is not the "
-                           "kind of model this setting loads") from None
-    except Exception as exc:  # noqa: BLE001 - network errors: one line
-        raise HubUnreachable(f"{setting}: cannot reach the Hugging Face Hub to check {src!r} "
-                           f"({type(exc).__name__}); check the network, or set "
-                           "HF_HUB_OFFLINE=1 with the model in the cache") from None
 
 
 def _check_clip(model: str, setting: str) -> None:

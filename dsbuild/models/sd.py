@@ -5,7 +5,11 @@ base) and SD components built from config with random weights (no download).
 are noise-like placeholders, not pictures. ``small_sd_components`` is a mid-size model for CPU
 benchmarks; ``sd15_components`` has the shapes of SD 1.5, so benchmarks time realistic work
 without fetching a checkpoint. ``load_sd_pipeline`` builds them as 'tiny', 'arch:small' and
-'arch:sd15'. ``char_tokenizer`` is the download-free CLIP tokenizer every tiny model uses.
+'arch:sd15'. ``tiny_sdxl_components`` is the SDXL counterpart of 'tiny' ('tiny-sdxl': two CLIP
+text encoders, the UNet's added time/text conditioning), shaped as diffusers' fast SDXL tests;
+``load_sd_pipeline`` returns a ``StableDiffusionXLPipeline`` for it and for SDXL checkpoints
+(SDXL, SDXL-Turbo, Lightning). ``char_tokenizer`` is the download-free CLIP tokenizer every
+tiny model uses.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.quiet import install as hide_library_noise
 from dsbuild.models import checkpoint, dtype_kwarg, torch_dtype
 from dsbuild.models import warn_tiny as _warn
 
@@ -27,8 +32,9 @@ SD_SCHEDULER_CONFIG = {
 }
 
 
-def char_tokenizer(max_length: int = 77):
-    """A real CLIPTokenizer over single bytes (each also with ``</w>``): no merges, no download."""
+def char_tokenizer(max_length: int = 77, pad_token: str | None = None):
+    """A real CLIPTokenizer over single bytes (each also with ``</w>``): no merges, no download.
+    ``pad_token``: SDXL's second tokenizer pads with "!" (the first with the end token)."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -40,14 +46,14 @@ def char_tokenizer(max_length: int = 77):
         vocab[c + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok = CLIPTokenizer(vocab=vocab, merges=[], **({"pad_token": pad_token} if pad_token else {}))
     tok.model_max_length = max_length
     return tok
 
 
 def _text_encoder(hidden: int, inter: int, heads: int, layers: int, vocab: int, tok, proj: int,
-                  act: str = "quick_gelu"):
-    from transformers import CLIPTextConfig, CLIPTextModel
+                  act: str = "quick_gelu", projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
         hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
@@ -55,7 +61,7 @@ def _text_encoder(hidden: int, inter: int, heads: int, layers: int, vocab: int, 
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, projection_dim=proj, hidden_act=act,
     )
-    return CLIPTextModel(cfg)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
 def tiny_sd_components(seed: int = 0) -> dict:
@@ -83,6 +89,59 @@ def tiny_sd_components(seed: int = 0) -> dict:
     text = _text_encoder(32, 37, 4, 2, len(tok), tok, 32)
     sched = EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)
     return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
+
+
+SDXL_SCHEDULER_CONFIG = {**SD_SCHEDULER_CONFIG, "interpolation_type": "linear",
+                         "timestep_spacing": "leading", "use_karras_sigmas": False}
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """Tiny SDXL as diffusers' fast SDXL tests build it: a UNet with "text_time" added
+    conditioning (time ids + pooled text), CLIPTextModel + CLIPTextModelWithProjection whose
+    penultimate states are concatenated (32 + 32 = 64-d cross-attention), two tokenizers that
+    split text alike (the second pads with "!", as SDXL's)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64, norm_num_groups=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4, norm_num_groups=16, sample_size=64,
+    )
+    tok, tok2 = char_tokenizer(), char_tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    text = _text_encoder(32, 37, 4, 2, len(tok), tok, 32, act="gelu")
+    torch.manual_seed(seed + 1)
+    text2 = _text_encoder(32, 37, 4, 2, len(tok2), tok2, 32, act="gelu", projection=True)
+    sched = EulerAncestralDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2,
+            "tokenizer": tok, "tokenizer_2": tok2, "scheduler": sched}
+
+
+def is_sdxl(model: str) -> bool:
+    """Whether ``model`` names an SDXL pipeline: 'tiny-sdxl', or a checkpoint whose
+    model_index.json says StableDiffusionXLPipeline or lists a text_encoder_2."""
+    if model == "tiny-sdxl":
+        return True
+    if model in ("tiny", "arch:small", "arch:sd15") or _lora_marker(model) is not None:
+        return False
+    try:
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(model)
+    except Exception:  # noqa: BLE001 - no readable index: the SD loader says what is wrong
+        return False
+    return "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
 
 
 def sd15_components(seed: int = 0) -> dict:
@@ -124,9 +183,9 @@ def small_sd_components() -> dict:
             "scheduler": EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)}
 
 
-def warn_tiny() -> None:
+def warn_tiny(name: str = "tiny") -> None:
     """Say on stderr that a tiny SD model makes placeholder images."""
-    _warn("model 'tiny'", "images", "use a real SD 1.x/2.x checkpoint for data")
+    _warn(f"model {name!r}", "images", "use a real SD 1.x/2.x or SDXL checkpoint for data")
 
 
 def _lora_marker(model: str) -> dict | None:
@@ -139,21 +198,26 @@ def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet
                      setting: str = "generate.model"):
     """A StableDiffusionPipeline (no safety checker) from 'tiny', 'arch:small', 'arch:sd15'
     (random weights built from config), a dir or a Hub id; a LoRA folder written by
-    ``dsbuild train-generator`` loads its base and merges the LoRA into it. Errors name
+    ``dsbuild train-generator`` loads its base and merges the LoRA into it. 'tiny-sdxl' and
+    SDXL checkpoints (:func:`is_sdxl`) give a StableDiffusionXLPipeline. Errors name
     ``setting``."""
     require("diffusers")
     from diffusers import StableDiffusionPipeline
 
+    hide_library_noise()
+
     td = torch_dtype(dtype)
     built = {"tiny": tiny_sd_components, "arch:small": small_sd_components,
              "arch:sd15": sd15_components}
+    if is_sdxl(model):
+        return _load_sdxl(model, td, device, quiet, setting)
     if model in built:
         comps = built[model]()
         if model == "tiny" and not quiet:
             warn_tiny()
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    elif (marker := _lora_marker(model)) is not None:  # `dsbuild train-generator --mode lora`
+    elif (marker := _lora_marker(model)) is not None:  # `dsbuild train-generator --method lora`
         from dsbuild.models.lora import apply_lora_folder
 
         pipe = load_sd_pipeline(marker["base"], "fp32", "cpu", quiet=quiet, setting=setting)
@@ -173,12 +237,40 @@ def load_sd_pipeline(model: str, dtype: str = "fp32", device: str = "cpu", quiet
     return pipe
 
 
+def _load_sdxl(model: str, td, device: str, quiet: bool, setting: str):
+    """A StableDiffusionXLPipeline (no watermarker); in fp16 a VAE that asks to be upcast
+    (SDXL's overflows in fp16) stays fp32, as the pipeline upcasts it to decode."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    if model == "tiny-sdxl":
+        if not quiet:
+            warn_tiny(model)
+        pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(), add_watermarker=False)
+    else:
+        src = checkpoint(model, setting, "diffusers folder")
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(src, **dtype_kwarg(td),
+                                                             add_watermarker=False)
+        except (OSError, ValueError) as exc:
+            raise DsbuildError(f"{setting}: cannot load SDXL from {model!r}: {exc}") from None
+    pipe = pipe.to(device)
+    if pipe.unet.dtype != td:
+        pipe = pipe.to(dtype=td)
+    if td == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_sd_components(model: str, setting: str = "--base") -> dict:
     """UNet, VAE, text encoder, tokenizer and scheduler config of an SD-shaped checkpoint (4
     or 8 UNet input channels); errors name ``setting``."""
     require("diffusers")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    hide_library_noise()
 
     src = checkpoint(model, setting, "diffusers folder")
     loaders = {"unet": UNet2DConditionModel.from_pretrained, "vae": AutoencoderKL.from_pretrained,

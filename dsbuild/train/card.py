@@ -5,23 +5,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dsbuild.core.exports import pushed_to
 from dsbuild.core.records import write_text
 from dsbuild.core.schema import public_name
+from dsbuild.train.generator_settings import GeneratorTrainSettings
+from dsbuild.train.settings import TrainSettings
 
 EVAL_START, EVAL_END = "<!-- dsbuild-eval -->", "<!-- /dsbuild-eval -->"
 NO_EVAL = "Not evaluated yet: run `dsbuild eval BASE THIS_FOLDER --data DATA`."
 
 
+def dataset_ref(data: str) -> dict:
+    """What a model card names as its training data: ``hub_id`` (a Hub dataset id: the data
+    itself, or the repo an export folder was pushed to, as its export_info.json records) and
+    ``text`` (the prose: the id, else the folder's absolute path, which is reusable here)."""
+    path = Path(data)
+    if path.is_dir():
+        where = str(path.resolve())
+        pushed = pushed_to(path)
+        if pushed:
+            return {"hub_id": pushed["repo_id"], "path": where,
+                    "text": f"the Hub dataset **{pushed['repo_id']}** (pushed from the local "
+                            f"export `{where}`)"}
+        return {"hub_id": None, "path": where,
+                "text": f"the local export `{where}` (not pushed to the Hub)"}
+    if data.count("/") == 1 and not data.startswith((".", "/", "~")):
+        return {"hub_id": data, "path": None, "text": f"the Hub dataset **{data}**"}
+    return {"hub_id": None, "path": data, "text": f"`{data}`"}
+
+
 def card_text(config: dict, eval_md: str | None = None) -> str:
-    s = config["settings"]
+    s = TrainSettings.upgrade(config["settings"])  # a folder trained before a rename
     base = public_name(s["base"])
-    data = public_name(s["data"])
+    ref = config.get("dataset") or dataset_ref(str(s["data"]))
     meta = ["---", "library_name: diffusers", "pipeline_tag: image-to-image",
             "tags: [instruct-pix2pix, image-editing, dsbuild]"]
     if base and base != "tiny" and not str(base).startswith("local:"):
         meta.append(f"base_model: {base}")
-    if data and not str(data).startswith("local:"):
-        meta.append(f"datasets: [{data}]")
+    if ref["hub_id"]:  # only a Hub id belongs in `datasets:`; a folder is named in the prose
+        meta.append(f"datasets: [{ref['hub_id']}]")
     meta.append("---")
     how = {"widened": "SD UNet widened to 8 input channels (new channels zero, weights and "
                       "bias kept)",
@@ -32,12 +54,12 @@ def card_text(config: dict, eval_md: str | None = None) -> str:
 # InstructPix2Pix fine-tuned with dsbuild
 
 An instruction-based image editor (`StableDiffusionInstructPix2PixPipeline`), fine-tuned with
-`dsbuild train` on **{data}** (split `{s['split']}`, {config['rows']} rows).
+`dsbuild train` on {ref['text']} (split `{s['split']}`, {config['rows']} rows).
 
 - Base: **{base}** — {how.get(config['base_kind'], config['base_kind'])}
 - Method: {s['method']}{f" (rank {s['lora_rank']}, fused into the UNet)" if s['method'] == 'lora' else ''}
 - Optimizer steps: {config['steps']} at batch {s['batch_size']} × accumulation
-  {s['gradient_accumulation']}, resolution {s['resolution']}, precision {s['mixed_precision']}
+  {s['gradient_accumulation']}, resolution {s['resolution']}, precision {s['precision']}
 - Weights: {'the EMA (decay ' + str(s['ema_decay']) + ')' if s['ema'] else 'the last step'}
 
 ```python
@@ -88,9 +110,9 @@ GENERATOR_NO_EVAL = ("Not evaluated yet: run `dsbuild eval-generator THIS_FOLDER
 
 def generator_card_text(config: dict, eval_md: str | None = None) -> str:
     """The card of a ``dsbuild train-generator`` model (full pipeline or LoRA on its base)."""
-    s = config["settings"]
+    s = GeneratorTrainSettings.upgrade(config["settings"])  # a folder trained before a rename
     base = public_name(config["base"])
-    lora = s["mode"] == "lora"
+    lora = s["method"] == "lora"
     meta = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
             f"tags: [dreambooth, {'lora, ' if lora else ''}stable-diffusion, dsbuild]"]
     if base and base != "tiny" and not str(base).startswith("local:"):
@@ -109,13 +131,13 @@ def generator_card_text(config: dict, eval_md: str | None = None) -> str:
     body = f"""
 # A Stable Diffusion generator tuned with dsbuild
 
-Fine-tuned with `dsbuild train-generator --mode {s['mode']}` on {config['photos']} photos
+Fine-tuned with `dsbuild train-generator --method {s['method']}` on {config['photos']} photos
 ({prior}; text encoder {'trained' if s['train_text_encoder'] else 'frozen'}).
 
 - Base: **{base}**
 - {use}
 - Optimizer steps: {config['steps']} at batch {s['batch_size']}, resolution {s['resolution']},
-  precision {s['mixed_precision']}
+  precision {s['precision']}
 
 Training prompts:
 {prompts}

@@ -4,8 +4,8 @@ DreamBooth (Ruiz et al. 2023, as diffusers' ``train_dreambooth.py`` runs it): ev
 trained on "a photo of TOKEN CLASS" (or its own caption from ``captions.jsonl``: context
 tuning), and the class prior is kept by class images the base model generates once for "a
 photo of CLASS" (cached, reused by later runs), trained on beside the photos with weight λ:
-``loss = MSE(photos) + λ·MSE(class images)``. ``--mode dreambooth`` trains every UNet weight
-and saves a full pipeline; ``--mode lora`` trains peft adapters and saves them small with a
+``loss = MSE(photos) + λ·MSE(class images)``. ``--method dreambooth`` trains every UNet
+weight and saves a full pipeline; ``--method lora`` trains peft adapters and saves them small with a
 marker naming the base, which ``generate`` merges on load (:mod:`dsbuild.models.lora`).
 
 The loop (accumulation, checkpoints, exact ``--resume``, progress, validation) is
@@ -31,6 +31,7 @@ from dsbuild.train.generator_settings import GeneratorTrainSettings
 from dsbuild.train.loop import (
     MODEL_TMP,
     TrainState,
+    accelerate_precision,
     begin_run,
     checkpoint_last,
     encode_text,
@@ -134,6 +135,24 @@ def read_photos(folder: str | Path, resolution: int, prompt: str) -> list[Photo]
     return photos
 
 
+def prompt_note(s: GeneratorTrainSettings, photos: list[Photo]) -> str:
+    """One line: what the photos train on, and whether (and how) the class prior is kept."""
+    prompts = sorted({p.prompt for p in photos})
+    said = (f"prompt {prompts[0]!r}" if len(prompts) == 1
+            else f"{len(prompts)} prompts from {CAPTIONS}")
+    if s.prior_prompt:
+        prior = (f"prior preservation on: {s.num_class_images} class images of "
+                 f"{s.prior_prompt!r}, weight {s.prior_loss_weight}")
+    elif not s.class_noun:
+        prior = ("prior preservation is off without --class (add --class NOUN, e.g. --class "
+                 "armchair, to keep the class prior)")
+    elif not s.prior_preservation:
+        prior = "prior preservation is off (--no-prior-preservation)"
+    else:
+        prior = "prior preservation is off (--prior-loss-weight 0)"
+    return f"train-generator: {said}; {prior}"
+
+
 def token_warning(tokenizer, token: str) -> str | None:
     """A warning when the identifier is one common vocabulary word: its prior meaning gets
     overwritten (DreamBooth picks rare tokens). BPE vocabularies list frequent merges first, so
@@ -228,21 +247,26 @@ def class_images(comps: dict, s: GeneratorTrainSettings, prompt: str, device, qu
 class PosteriorCache:
     """Each image's VAE posterior (mean, std) for both flips, encoded once before the loop."""
 
-    def __init__(self, images, vae, resolution: int, flips: bool, device, dtype, batch: int = 8):
+    def __init__(self, images, vae, resolution: int, flips: bool, device, dtype, batch: int = 8,
+                 desc: str = "cache latents"):
         import torch
 
+        from dsbuild.core.progress import progress
         from dsbuild.train.trainer import images_tensor
 
         self.flips = flips
         mean, std = [], []
-        with torch.no_grad():
-            for flip in ((False, True) if flips else (False,)):
+        ways = (False, True) if flips else (False,)
+        with torch.no_grad(), progress(total=len(images) * len(ways), desc=desc,
+                                       unit="image") as bar:
+            for flip in ways:
                 m_, s_ = [], []
                 for i in range(0, len(images), batch):
                     x = images_tensor(images[i:i + batch], resolution, flip)
                     d = vae.encode(x.to(device, dtype)).latent_dist
                     m_.append(d.mean.cpu())
                     s_.append(d.std.cpu())
+                    bar.update(len(x))
                 mean.append(torch.cat(m_))
                 std.append(torch.cat(s_))
         self.mean, self.std = torch.stack(mean), torch.stack(std)
@@ -273,6 +297,8 @@ def _train_generator(s: GeneratorTrainSettings, out: Path, resume: str | None,
         return GeneratorResult(out, done["steps"], done["steps"], done["photos"],
                                done["class_images"], finished=True)
     photos = read_photos(s.photos, s.resolution, s.prompt)
+    if not quiet:
+        print(prompt_note(s, photos), file=sys.stderr)
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -282,10 +308,10 @@ def _train_generator(s: GeneratorTrainSettings, out: Path, resume: str | None,
 
     cpu = s.device == "cpu" or (s.device == "auto" and not torch.cuda.is_available())
     try:
-        acc = Accelerator(mixed_precision=s.mixed_precision, cpu=cpu,
+        acc = Accelerator(mixed_precision=accelerate_precision(s.precision), cpu=cpu,
                           gradient_accumulation_steps=s.gradient_accumulation)
     except (ValueError, RuntimeError) as exc:
-        raise DsbuildError(f"--mixed-precision {s.mixed_precision}: {exc}") from None
+        raise DsbuildError(f"--precision {s.precision}: {exc}") from None
     set_seed(s.seed)
     comps = load_generator_base(s.base)
     unet, vae, text_encoder, tok = (comps["unet"], comps["vae"], comps["text_encoder"],
@@ -301,8 +327,8 @@ def _train_generator(s: GeneratorTrainSettings, out: Path, resume: str | None,
     priors = class_images(comps, s, prior_prompt, dev, quiet) if prior_prompt else []
     noise_sched = DDPMScheduler.from_config(comps["scheduler_config"])
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(s.train_text_encoder and s.mode == "dreambooth")
-    if s.mode == "lora":
+    text_encoder.requires_grad_(s.train_text_encoder and s.method == "dreambooth")
+    if s.method == "lora":
         from peft import LoraConfig
 
         unet.requires_grad_(False)
@@ -339,9 +365,9 @@ def _train_generator(s: GeneratorTrainSettings, out: Path, resume: str | None,
         text_encoder.to(dev, dtype=weight_dtype)
     resumed = begin_run(acc, s, out, start_from, state)
     photo_cache = PosteriorCache([p.image for p in photos], vae, s.resolution, s.flip, dev,
-                                 weight_dtype)
-    prior_cache = PosteriorCache(priors, vae, s.resolution, s.flip, dev, weight_dtype) \
-        if priors else None
+                                 weight_dtype, desc="cache photo latents")
+    prior_cache = PosteriorCache(priors, vae, s.resolution, s.flip, dev, weight_dtype,
+                                 desc="cache class latents") if priors else None
     prompts = [p.prompt for p in photos]
     ids = tok(prompts + ([prior_prompt] if priors else []), max_length=tok.model_max_length,
               padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -385,7 +411,7 @@ def _train_generator(s: GeneratorTrainSettings, out: Path, resume: str | None,
     def validate_at(step: int) -> None:
         if acc.is_main_process:
             validate(acc, s, comps, unet, text_encoder, validation_prompts(s, photos),
-                     out / "validation" / f"step-{step:06d}.png")
+                     out / "validation" / f"step-{step:06d}.png", step=step)
 
     t0 = time.process_time()
     losses = run_loop(acc, state, s, out, max_steps=max_steps, loss_fn=loss_fn, models=trained,
@@ -408,11 +434,13 @@ def validation_prompts(s: GeneratorTrainSettings, photos: list[Photo]) -> list[s
 
 
 def validate(acc, s, comps, unet, text_encoder, prompts: list[str], path: Path,
-             images_per_prompt: int = 2) -> None:
-    """A grid: one line per prompt, images at fixed seeds, with the weights being trained."""
+             images_per_prompt: int = 2, step: int | None = None) -> None:
+    """A grid: one line per prompt, images at fixed seeds (the column headers), with the
+    weights being trained; titled with the base, the identifier and the step."""
     import torch
 
     from dsbuild.core.grid import image_grid
+    from dsbuild.core.schema import public_name
 
     net, te = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     modes = (net.training, te.training)
@@ -428,7 +456,10 @@ def validate(acc, s, comps, unet, text_encoder, prompts: list[str], path: Path,
             lines.append((prompt, ims))
     net.train(modes[0])
     te.train(modes[1])
-    write_image(path, image_grid(lines))
+    title = (f"{public_name(s.base)} tuned on {s.token!r}"
+             + (f", step {step}" if step is not None else ""))
+    write_image(path, image_grid(lines, title=title, headers=[
+        f"seed {s.seed + i}" for i in range(images_per_prompt)]))
 
 
 def lora_state(module) -> dict:
@@ -456,7 +487,7 @@ def save_generator(acc, s: GeneratorTrainSettings, out: Path, comps: dict, unet,
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     fix = "free space, then rerun with --resume latest (the last step is checkpointed)"
-    if s.mode == "lora":
+    if s.method == "lora":
         with writing(out, fix, remove=stage):
             save_file(lora_state(net), str(stage / "unet_lora.safetensors"))
             if s.train_text_encoder:

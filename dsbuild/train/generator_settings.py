@@ -16,17 +16,20 @@ from dsbuild.core.settings import StageSettings
 
 
 class GeneratorTrainSettings(StageSettings):
-    """One generator fine-tuning run: photos, base, mode, identifier, prior, optimiser."""
+    """One generator fine-tuning run: photos, base, method, identifier, prior, optimiser."""
 
     volatile: ClassVar[frozenset[str]] = frozenset({
         "max_steps", "epochs", "checkpoint_every", "checkpoint_limit", "validate_every",
         "validation_steps", "device", "class_dir",
     })
+    # read for one release: a folder trained before the rename resumes
+    renamed: ClassVar[dict[str, str]] = {"mode": "method", "mixed_precision": "precision"}
+    old_values: ClassVar[dict[str, dict]] = {"precision": {"no": "fp32"}}
 
     photos: str = Field(description="folder of photos (png/jpg/webp); with a captions.jsonl "
                         "({\"file\", \"caption\"} a line) each photo trains on its own caption")
     base: str = Field("tiny", description="SD 1.x/2.x checkpoint (folder or Hub id), or 'tiny'")
-    mode: Literal["dreambooth", "lora"] = Field(
+    method: Literal["dreambooth", "lora"] = Field(
         "lora", description="dreambooth: every UNet weight trains, a full pipeline is saved; "
         "lora: peft adapters, saved small and loaded by generate on their base")
     token: str = Field("sks", description="identifier token for the subject (a rare one)")
@@ -45,7 +48,7 @@ class GeneratorTrainSettings(StageSettings):
     class_dir: str | None = Field(None, description="where class images are cached (default: "
                                   "~/.cache/dsbuild/class-images/<base, prompt, size hash>)")
     train_text_encoder: bool = Field(False, description="train the text encoder too (LoRA on "
-                                     "it in lora mode)")
+                                     "it with method lora)")
     lora_rank: int = Field(4, ge=1)
     lora_alpha: int = Field(4, ge=1)
     resolution: int = Field(512, ge=8, description="training side in pixels (multiple of 8); "
@@ -63,7 +66,9 @@ class GeneratorTrainSettings(StageSettings):
     adam_epsilon: float = 1e-8
     use_8bit_adam: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp32, or mixed precision fp16|bf16 (accelerate; the trained "
+        "weights stay fp32)")
     gradient_checkpointing: bool = False
     seed: int = 42
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (wins over epochs)")
@@ -85,7 +90,7 @@ class GeneratorTrainSettings(StageSettings):
 
     @property
     def lr(self) -> float:
-        return self.learning_rate or (5e-6 if self.mode == "dreambooth" else 1e-4)
+        return self.learning_rate or (5e-6 if self.method == "dreambooth" else 1e-4)
 
     @property
     def prompt(self) -> str:

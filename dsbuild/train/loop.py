@@ -142,6 +142,11 @@ class TrainState:
         self.generator.set_state(state["generator"])
 
 
+def accelerate_precision(precision: str) -> str:
+    """accelerate's name of a ``--precision`` (fp32 is its "no": no mixed precision)."""
+    return "no" if precision == "fp32" else precision
+
+
 def weight_dtype(acc):
     """The dtype of frozen models under the accelerator's mixed precision."""
     import torch
@@ -195,6 +200,10 @@ def prepare_out(out: Path, s, resume: str | None, command: str = "train",
             raise DsbuildError(f"--out {out} is not empty and is not a dsbuild {command} folder; "
                                "choose an empty or new folder")
         old = json.loads(run_file.read_text())["settings"]
+        try:  # a folder trained before a setting was renamed
+            old = type(s).upgrade(old)
+        except ValueError:
+            pass
         diff = changed_keys(old, mine, type(s).volatile)
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in diff)

@@ -22,6 +22,9 @@ class TrainSettings(StageSettings):
         "max_steps", "epochs", "checkpoint_every", "checkpoint_limit", "validate_every",
         "validation_rows", "validation_steps", "device", "cache_latents",
     })
+    # read for one release: a folder trained before the rename resumes
+    renamed: ClassVar[dict[str, str]] = {"mixed_precision": "precision"}
+    old_values: ClassVar[dict[str, dict]] = {"precision": {"no": "fp32"}}
 
     data: str = Field(description="export folder written by `dsbuild export`, or a Hub dataset id")
     split: str = Field("train", description="split of DATA to train on")
@@ -51,7 +54,9 @@ class TrainSettings(StageSettings):
                                         "each of: no text, no image, neither (InstructPix2Pix)")
     ema: bool = Field(True, description="keep an EMA of the trained weights; it is what's saved")
     ema_decay: float = Field(0.9999, gt=0, le=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp32, or mixed precision fp16|bf16 (accelerate; the trained "
+        "weights stay fp32)")
     gradient_checkpointing: bool = False
     seed: int = 42
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (wins over epochs)")

@@ -27,6 +27,7 @@ from pathlib import Path
 from dsbuild import __version__
 from dsbuild.core.deps import check
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.progress import progress
 from dsbuild.core.records import write_json
 from dsbuild.train import data as rows_mod
 from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer's public names
@@ -34,6 +35,7 @@ from dsbuild.train.loop import (  # noqa: F401 - KILL_ENV, RUN_FILE: the trainer
     MODEL_TMP,
     RUN_FILE,
     TrainState,
+    accelerate_precision,
     begin_run,
     checkpoint_last,
     checkpoints,
@@ -84,7 +86,9 @@ class LatentCache:
         self.null = self.prompt_index[""]
         ways = (False, True) if flips else (False,)
         mean, std, cond = [], [], []
-        with torch.no_grad():
+        # minutes at 256 px on a CPU before the first step: a bar says so
+        with torch.no_grad(), progress(total=len(rows) * len(ways), desc="cache latents",
+                                       unit="row") as bar:
             for flip in ways:
                 m_, s_, c_ = [], [], []
                 for i in range(0, len(rows), batch):
@@ -95,6 +99,7 @@ class LatentCache:
                     m_.append(d.mean.cpu())
                     s_.append(d.std.cpu())
                     c_.append(vae.encode(src.to(device, dtype)).latent_dist.mode().cpu())
+                    bar.update(len(chunk))
                 mean.append(torch.cat(m_))
                 std.append(torch.cat(s_))
                 cond.append(torch.cat(c_))
@@ -162,10 +167,10 @@ def _train(s: TrainSettings, out: Path, resume: str | None) -> TrainResult:
     rows = rows_mod.read_rows(ds, f"{s.data} [{s.split}]")
     cpu = s.device == "cpu" or (s.device == "auto" and not torch.cuda.is_available())
     try:
-        acc = Accelerator(mixed_precision=s.mixed_precision, cpu=cpu,
+        acc = Accelerator(mixed_precision=accelerate_precision(s.precision), cpu=cpu,
                           gradient_accumulation_steps=s.gradient_accumulation)
     except (ValueError, RuntimeError) as exc:
-        raise DsbuildError(f"--mixed-precision {s.mixed_precision}: {exc}") from None
+        raise DsbuildError(f"--precision {s.precision}: {exc}") from None
     set_seed(s.seed)
     comps, base_kind = model_mod.load_base(s.base)
     unet, vae, text_encoder, tok = (comps["unet"], comps["vae"], comps["text_encoder"],
@@ -263,7 +268,7 @@ def _train(s: TrainSettings, out: Path, resume: str | None) -> TrainResult:
 
     def validate_at(step: int) -> None:
         validate(acc, s, unet, vae, text_encoder, tok, comps["scheduler_config"], ema,
-                 params, out / "validation" / f"step-{step:06d}.png")
+                 params, out / "validation" / f"step-{step:06d}.png", step=step)
 
     losses = run_loop(acc, state, s, out, max_steps=max_steps, loss_fn=loss_fn, models=[unet],
                       params=params, opt=opt, lr_sched=lr_sched, ema=ema, validate=validate_at)
@@ -289,12 +294,15 @@ def validation_rows(s: TrainSettings):
     return []
 
 
-def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path: Path) -> None:
-    """A grid of edits on fixed rows (input | edit | ground truth), with the EMA weights."""
+def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path: Path,
+             step: int | None = None) -> None:
+    """A grid of edits on fixed rows (input | edit | ground truth), with the EMA weights,
+    titled with the base, the method, the data and the step."""
     import torch
 
     from dsbuild.core.grid import edit_grid
     from dsbuild.core.records import write_image
+    from dsbuild.core.schema import public_name
     from dsbuild.models.editor import editor_pipeline
 
     if not acc.is_main_process:
@@ -311,9 +319,13 @@ def validate(acc, s, unet, vae, text_encoder, tok, sched_cfg, ema, params, path:
                      num_inference_steps=s.validation_steps, guidance_scale=7.5,
                      image_guidance_scale=1.5).images
     net.train(was_training)
+    title = (f"{public_name(s.base)} + {s.method} on {public_name(s.data)}"
+             + (f", step {step}" if step is not None else "")
+             + (" (EMA weights)" if ema is not None else ""))
     write_image(path, edit_grid([(r.edit_prompt, im, e, rows_mod.fit(r.edited_image,
                                                                       s.resolution))
-                                 for r, im, e in zip(rows, images, edits, strict=True)]))
+                                 for r, im, e in zip(rows, images, edits, strict=True)],
+                                title=title, headers=["input", "edit (ig=1.5)", "truth"]))
 
 
 def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, params,
@@ -324,7 +336,7 @@ def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, 
     import torch
 
     from dsbuild.models.editor import editor_pipeline
-    from dsbuild.train.card import write_card
+    from dsbuild.train.card import dataset_ref, write_card
 
     net = acc.unwrap_model(unet)
     if ema:
@@ -342,7 +354,7 @@ def save_model(acc, s, out: Path, unet, vae, text_encoder, tok, sched_cfg, ema, 
             module.to(dtype=torch.float32)
     pipe = editor_pipeline(net, vae, text_encoder, tok, sched_cfg)
     config = {"settings": s.model_dump(mode="json"), "base_kind": base_kind, "steps": steps,
-              "rows": n_rows, "dsbuild_version": __version__}
+              "rows": n_rows, "dataset": dataset_ref(s.data), "dsbuild_version": __version__}
     with writing(out, fix, remove=stage):
         pipe.save_pretrained(str(stage))
         write_card(stage, config)

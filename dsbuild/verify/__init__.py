@@ -8,6 +8,7 @@ from dsbuild.verify.settings import VerifySettings
 
 STAGE = register(Stage(
     name="verify", output="verify", settings=VerifySettings, upstream=("filter",),
+    unit="pair", expected="dsbuild.verify.stage:expected",
     run="dsbuild.verify.stage:run_verify", summary="dsbuild.verify.report:summary",
     help="check each kept edit with a detector (and a VLM judge)", extra="filter",
     key="pair_id",

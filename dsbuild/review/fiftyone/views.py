@@ -14,7 +14,8 @@ def slug(text: str) -> str:
 def save_views(ds) -> list[str]:
     """(Re)write the saved views: kept, filtered out (all and per reason), lowest clip_sim_dir,
     no-change samples, not reviewed yet, reviewers disagree, corrected, verify rejects (all and
-    per reason, e.g. "verify-add-not-detected"), per agent; drops our views that no longer
+    per reason, e.g. "verify-add-not-detected"), per agent, per generator where the build mixes
+    them; drops our views that no longer
     apply."""
     from fiftyone import ViewField as F
 
@@ -45,6 +46,9 @@ def save_views(ds) -> list[str]:
             views[unique(f"verify-{slug(reason)}")] = ds.match(F("verify_reason") == reason)
     for agent in sorted(a for a in ds.distinct("agent") if a):
         views[unique(f"agent-{slug(agent)}")] = ds.match(F("agent") == agent)
+    made_by = sorted(g for g in ds.distinct("generator") if g)
+    for gen in made_by if len(made_by) > 1 else []:  # a build that mixes generators
+        views[unique(f"generator-{slug(gen)}")] = ds.match(F("generator") == gen)
     info = dict(ds.info or {})
     ours = info.get(INFO_KEY, {})
     for old in ours.get("views", []):

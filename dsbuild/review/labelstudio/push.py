@@ -151,6 +151,19 @@ def _create_project(client, url: str, title: str, config: str):
         return client.projects.get(created.id)
 
 
+def _set_overlap(client, url: str, project, overlap: int | None) -> int:
+    """Have ``overlap`` reviewers label every task (Label Studio's *annotations per task*:
+    ``maximum_annotations``, for all tasks: ``overlap_cohort_percentage`` 100); None leaves the
+    project as it is. Returns the project's annotations per task."""
+    current = project.maximum_annotations or 1
+    if overlap is None or (current == overlap and project.overlap_cohort_percentage == 100):
+        return current
+    with api_errors(url, f"set {overlap} annotations per task on project {project.id}"):
+        client.projects.update(project.id, maximum_annotations=overlap,
+                               overlap_cohort_percentage=100)
+    return overlap
+
+
 def _existing_pair_ids(client, url: str, project_id: int) -> set[str]:
     with api_errors(url, f"list the tasks of project {project_id}"):
         return {(t.data or {}).get("pair_id") for t in task_pages(client, project_id)} - {None}
@@ -252,10 +265,15 @@ def _local_file_urls(client, url: str, build, project, rows: list[dict], documen
 def push(build, url: str | None = None, *, title: str | None = None,
          sample_size: int | None = None, images: str | None = None, seed: int | None = None,
          policy: str = "kept", document_root: str | None = None, recreate: bool = False,
-         config_path: str | Path | None = None, api_key: str | None = None) -> dict:
-    """Create or reuse the review project and import the pairs it does not have yet."""
+         config_path: str | Path | None = None, api_key: str | None = None,
+         overlap: int | None = None) -> dict:
+    """Create or reuse the review project and import the pairs it does not have yet;
+    ``overlap`` (else ``review.overlap``): reviewers per pair, set on the project."""
     check_installed()
     settings = build.config.review
+    overlap = settings.overlap if overlap is None else overlap
+    if overlap is not None and overlap < 1:
+        raise DsbuildError(f"--overlap must be at least 1 (got {overlap})")
     state = read_state(build)
     url = resolve_url(build, url, state)
     title = title or settings.project_title or state.get("title") or f"dsbuild {build.name}"
@@ -278,6 +296,7 @@ def push(build, url: str | None = None, *, title: str | None = None,
     if state.get("project_id") != project.id:
         state = {}
     state.update({"url": url, "title": title, "project_id": project.id, "images": images})
+    overlap = _set_overlap(client, url, project, overlap)
     have = _existing_pair_ids(client, url, project.id)
     new = [r for r in rows if r["pair_id"] not in have]
     try:
@@ -303,4 +322,5 @@ def push(build, url: str | None = None, *, title: str | None = None,
         write_json(state_path(build), state)
     return {"url": url, "project_id": project.id, "title": title, "images": images,
             "selected": len(rows), "already_there": len(rows) - len(new), "imported": imported,
+            "overlap": overlap,
             "project_url": f"{url}/projects/{project.id}/data"}

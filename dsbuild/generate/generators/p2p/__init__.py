@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt on Stable Diffusion 1.x/2.x: the default generator.
+"""Prompt-to-Prompt on Stable Diffusion 1.x/2.x and SDXL (Turbo and Lightning too): the default
+generator.
 
 One source image per (input caption, seed, guidance), its targets denoised beside it with the
 source's attention injected (self-attention, word swap, refinement, reweighting, local blend).
@@ -11,8 +12,10 @@ from dsbuild.generate.generators.p2p.settings import P2PSettings
 
 GENERATOR = register(Generator(
     name="p2p", impl="dsbuild.generate.generators.p2p.generator:PromptToPrompt",
-    help="Prompt-to-Prompt on Stable Diffusion 1.x/2.x (source and edit in one batch)",
+    help="Prompt-to-Prompt on Stable Diffusion 1.x/2.x or SDXL, few-step models included "
+         "(source and edit in one batch)",
     settings=P2PSettings, extra="gen", model="sd",
+    count="dsbuild.generate.generators.p2p.sweep:samples_for",
     params=(
         Param("mode", "string", "p2p_mode", "P2P edit: self | replace | refine | reweight"),
         Param("steps", "int", "p2p_steps", "denoising steps"),

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from dsbuild.core.generators import Made
 from dsbuild.core.hashing import content_id
+from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT
 from dsbuild.generate.generators.p2p.sampler import P2PGenerator, SourceGroup
 from dsbuild.generate.generators.p2p.sweep import PairPlan, plan_triple
 from dsbuild.generate.settings import GenerateSettings
@@ -58,7 +59,8 @@ class PromptToPrompt:
                     yield Made(plan, res.source, image, sid, mask)
 
     def stats(self) -> dict:
-        return {"captions_encoded": self.sampler.encoded}
+        return {"captions_encoded": self.sampler.encoded, CUT_STAT: self.sampler.cut,
+                LIMIT_STAT: self.sampler.L}
 
 
 def group_plans(plans: list[PairPlan]) -> list[tuple[tuple, list[PairPlan]]]:

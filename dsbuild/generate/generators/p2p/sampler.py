@@ -1,10 +1,18 @@
 """The P2P sampler: sources and their targets denoised together in one batch.
 
 It reuses the diffusers pipeline's components (text encoding, scheduler, VAE, image
-post-processing) and runs the same loop as ``StableDiffusionPipeline``, with per-row guidance
-and one generator per row: every row of a (caption, seed) group gets a generator seeded alike,
-so source and targets share the initial noise and each ancestral step's noise, and each row's
-noise is exactly what the plain pipeline draws for that seed.
+post-processing) and runs the same loop as ``StableDiffusionPipeline`` or, for SDXL,
+``StableDiffusionXLPipeline``, with per-row guidance and one generator per row: every row of a
+(caption, seed) group gets a generator seeded alike, so source and targets share the initial
+noise and each ancestral step's noise, and each row's noise is exactly what the plain pipeline
+draws for that seed.
+
+SDXL: both text encoders' penultimate states are concatenated per token, so one token position
+means the same word in both, and one alignment (checked: the two tokenizers split each caption
+alike) edits both; the added conditioning (time ids from the image size, the second encoder's
+pooled embedding) is each row's own, so a target differs from its source only by its caption.
+Few-step models (Turbo, LCM, Lightning): a batch whose rows all have guidance <= 1, or a UNet
+that embeds the guidance itself (LCM), runs no unconditional branch, as diffusers does.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dsbuild.attention.align import (
 from dsbuild.attention.controller import P2PController, RowEdit
 from dsbuild.attention.processors import install
 from dsbuild.core.errors import DsbuildError
+from dsbuild.core.quiet import count_cut
 
 MODES = ("self", "replace", "refine", "reweight", "auto")
 
@@ -36,16 +45,25 @@ def make_scheduler(name: str, config):
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LCMScheduler,
     )
 
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "euler_ancestral":
         return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "euler":  # SDXL-Lightning's (with the checkpoint's "trailing" spacing)
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "lcm":  # LCM-distilled UNets and LCM-LoRA
+        return LCMScheduler.from_config(config)
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    raise DsbuildError(f"generate.scheduler must be ddim, euler_ancestral or dpmsolver++ "
+    raise DsbuildError(f"generate.scheduler must be one of {', '.join(SCHEDULERS)} "
                        f"(got {name!r})")
+
+
+SCHEDULERS = ("ddim", "euler_ancestral", "euler", "lcm", "dpmsolver++")
 
 
 @dataclass
@@ -94,10 +112,13 @@ class P2PGenerator:
         self.segmenter = segmenter
         if segmenter is not None:
             self.controller.segment = self._segment
-        self._embeds: dict[str, torch.Tensor] = {}
+        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._aligned: dict[tuple[str, str, str], Alignment] = {}
+        self._split_checked: set[str] = set()
+        self.xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL's added conditioning
         self.L = max_length(pipe.tokenizer)
         self.encoded = 0
+        self.cut = 0  # captions longer than the text encoder's tokens (cut; counted, not logged)
 
     @property
     def device(self):
@@ -110,15 +131,32 @@ class P2PGenerator:
     # ------------------------------------------------------------------ text
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings, each distinct caption encoded once (cached across batches)."""
+        return self.encode_pooled(prompts)[0]
+
+    def encode_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token text embeddings [N, L, D] and, for SDXL, the pooled ones [N, P]."""
         if len(self._embeds) > 4096:  # bound memory; clear before looking up what is missing
             self._embeds.clear()
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if missing:
-            emb = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            out = self.pipe.encode_prompt(missing, device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+            emb, pooled = out[0], (out[2] if self.xl else None)
             self.encoded += len(missing)
-            for p, e in zip(missing, emb, strict=True):
-                self._embeds[p] = e
-        return torch.stack([self._embeds[p] for p in prompts])
+            self.cut += count_cut(self.pipe.tokenizer, missing)
+            for i, p in enumerate(missing):
+                self._embeds[p] = (emb[i], pooled[i] if pooled is not None else None)
+        emb = torch.stack([self._embeds[p][0] for p in prompts])
+        pooled = torch.stack([self._embeds[p][1] for p in prompts]) if self.xl else None
+        return emb, pooled
+
+    def unconditional(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The negative branch's embeddings for ``n`` rows, as the plain pipeline makes them:
+        the empty caption's, or zeros for SDXL's force_zeros_for_empty_prompt."""
+        emb, pooled = self.encode_pooled([""])
+        if self.xl and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            emb, pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+        return emb.expand(n, -1, -1), (pooled.expand(n, -1) if pooled is not None else None)
 
     # ------------------------------------------------------------------ edits
     def align(self, source: str, target: str, mode: str) -> Alignment:
@@ -127,12 +165,37 @@ class P2PGenerator:
         if key not in self._aligned:
             if len(self._aligned) > 4096:
                 self._aligned.clear()
+            self.check_split(source, target)
             self._aligned[key] = align_prompts(self.pipe.tokenizer, source, target, mode)
         return self._aligned[key]
 
     def words(self, prompt: str) -> list:
         """The tokenizer's words of a prompt with their token positions."""
+        self.check_split(prompt)
         return prompt_words(self.pipe.tokenizer, prompt)[0]
+
+    def check_split(self, *prompts: str) -> None:
+        """SDXL: the second tokenizer puts each prompt's text at the same token positions as
+        the first (SDXL's two CLIP tokenizers share their vocabulary and merges), so the
+        first's alignment and word maps hold for both encoders' tokens."""
+        tok2 = getattr(self.pipe, "tokenizer_2", None)
+        if tok2 is None:
+            return
+        if len(self._split_checked) > 4096:
+            self._split_checked.clear()
+        for p in prompts:
+            if p in self._split_checked:
+                continue
+            # the text's token positions (a fast tokenizer may group punctuation by its
+            # special tokens: SDXL's second pads with "!"; positions are what alignment maps)
+            one = [t for w in prompt_words(self.pipe.tokenizer, p)[0] for t in w.tokens]
+            two = [t for w in prompt_words(tok2, p)[0] for t in w.tokens]
+            if one != two:
+                raise DsbuildError(f"generate.model: its two tokenizers split {p!r} into "
+                                   "different tokens, so P2P cannot align its words on both "
+                                   "text encoders; use a checkpoint whose tokenizer_2 matches "
+                                   "its tokenizer")
+            self._split_checked.add(p)
 
     def row_edit(self, source_prompt: str, t: TargetSpec, source_row: int) -> tuple[RowEdit, str]:
         """The controller's view of one target; returns it with the resolved mode."""
@@ -231,26 +294,50 @@ class P2PGenerator:
                                f"{vsf * 2 ** (len(pipe.unet.down_blocks) - 1)} for this model "
                                f"(got {height}x{width})")
         dev, dt = self.device, self.dtype
-        cond = self.encode(prompts)
-        uncond = self.encode([""]).expand(R, -1, -1)
-        ehs = torch.cat([uncond, cond]).to(dt)
+        # LCM-distilled UNets embed the guidance; otherwise rows at guidance <= 1 need no
+        # unconditional branch, and a batch of only those runs none (as diffusers)
+        time_cond = pipe.unet.config.get("time_cond_proj_dim")
+        cfg = time_cond is None and any(x > 1 for x in guid)
+        cond, pooled = self.encode_pooled(prompts)
+        if cfg:
+            uncond, upooled = self.unconditional(R)
+            ehs = torch.cat([uncond, cond]).to(dt)
+            pooled = torch.cat([upooled, pooled]) if pooled is not None else None
+        else:
+            ehs = cond.to(dt)
+        unet_kw = {}
+        if self.xl:
+            ids = pipe._get_add_time_ids(
+                (height, width), (0, 0), (height, width), dtype=dt,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            unet_kw["added_cond_kwargs"] = {"text_embeds": pooled.to(dev, dt),
+                                            "time_ids": ids.to(dev).repeat(ehs.shape[0], 1)}
+        if time_cond is not None:
+            w = torch.tensor(guid, dtype=torch.float32) - 1
+            unet_kw["timestep_cond"] = pipe.get_guidance_scale_embedding(
+                w, embedding_dim=time_cond).to(dev, dt)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         sched = make_scheduler(self.scheduler_name, pipe.scheduler.config)
         sched.set_timesteps(steps, device=dev)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(0)
         shape = (R, pipe.unet.config.in_channels, height // vsf, width // vsf)
         latents = randn_tensor(shape, generator=gens, device=dev, dtype=dt)
         latents = latents * sched.init_noise_sigma
         g = torch.tensor(guid, device=dev, dtype=dt)[:, None, None, None]
+        guided = g > 1
         step_kw = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters \
             else {}
-        ctrl.configure(R, edits, len(sched.timesteps), dev, dt)
+        ctrl.configure(R, edits, len(sched.timesteps), dev, dt, cfg=cfg)
         try:
             for i, t in enumerate(sched.timesteps):
                 ctrl.begin_step(i)
-                inp = sched.scale_model_input(torch.cat([latents] * 2), t)
-                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False)[0]
-                n_u, n_c = noise.chunk(2)
-                noise = n_u + g * (n_c - n_u)
+                inp = sched.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False,
+                                  **unet_kw)[0]
+                if cfg:
+                    n_u, n_c = noise.chunk(2)
+                    noise = torch.where(guided, n_u + g * (n_c - n_u), n_c)
                 out = sched.step(noise, t, latents, **step_kw)
                 latents = ctrl.after_step(out.prev_sample, i,
                                           getattr(out, "pred_original_sample", None))
@@ -288,7 +375,16 @@ class P2PGenerator:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> float images [N, H, W, 3] in [0, 1] (each latent decoded once)."""
         vae = self.pipe.vae
-        out = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents.to(vae.dtype)  # an SDXL VAE kept fp32 under an fp16 UNet
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is not None and std is not None:  # as StableDiffusionXLPipeline decodes
+            shape = (1, latents.shape[1], 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents)
+            std = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        out = vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(out, output_type="np",
                                                      do_denormalize=[True] * out.shape[0])
 

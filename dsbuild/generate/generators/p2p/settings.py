@@ -7,9 +7,10 @@ signatures; :class:`dsbuild.generate.settings.GenerateSettings` inherits them.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dsbuild.core.settings import StageSettings
 from dsbuild.core.settings.localize import SegmenterSettings
@@ -20,7 +21,9 @@ Range = tuple[float, float]
 class P2PSettings(StageSettings):
     """How Prompt-to-Prompt edits the source: mode, sweep ranges or grid, local blend."""
 
-    scheduler: Literal["ddim", "euler_ancestral", "dpmsolver++"] = "euler_ancestral"
+    scheduler: Literal["ddim", "euler_ancestral", "euler", "lcm", "dpmsolver++"] = Field(
+        "euler_ancestral", description="diffusers scheduler (euler: SDXL-Lightning; lcm: "
+        "LCM-distilled models; Turbo checkpoints ship euler_ancestral)")
     mode: Literal["self", "replace", "refine", "reweight", "auto"] = "self"
     sweep: Literal["random", "grid"] = "random"
     # random sweep ranges (InstructPix2Pix: p ~ U[0.1, 0.9], guidance ~ U[7.5, 15])
@@ -68,6 +71,33 @@ class P2PSettings(StageSettings):
         if not 0 <= v[0] <= v[1] <= 1:
             raise ValueError("expected [low, high] with 0 <= low <= high <= 1")
         return v
+
+    @model_validator(mode="after")
+    def _windows_have_steps(self):
+        """Step windows are fractions of the run (``int(fraction * steps)`` steps, so 0.5 of 2
+        steps is 1). Refuse a window that rounds to no step at all, which makes pairs with no
+        edit: a grid value, or a range whose every value does (its high end); few-step models
+        (1-4 steps) meet this first. A range's low values below one step make some pairs
+        without that window, as a low p does in InstructPix2Pix's sweep."""
+        steps = getattr(self, "steps", None)
+        if steps is None or getattr(self, "generator", "p2p") != "p2p":
+            return self
+        kind = "self" if self.mode == "self" else "cross"
+        if self.sweep == "grid":
+            name = f"grid_{kind}_replace"
+            value = min(getattr(self, name), default=1.0)
+        else:
+            name = f"{kind}_replace"
+            value = getattr(self, name)[1]
+        if int(value * steps) < 1:
+            least = math.ceil(1000 / steps) / 1000
+            raise ValueError(
+                f"generate.{name}: a {kind}-attention window of {value:g} of {steps} step"
+                f"{'s' if steps != 1 else ''} rounds to 0 steps, so its pairs would not be "
+                f"edited; use {name}" + (f" >= {least:g}" if self.sweep == "grid" else
+                                         f"=[low, high] with high >= {least:g}")
+                + " or more generate.steps")
+        return self
 
     @field_validator("guidance", "reweight")
     @classmethod

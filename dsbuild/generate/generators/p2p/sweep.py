@@ -50,8 +50,9 @@ class PairPlan:
 
 
 def samples_for(triple: dict, s: GenerateSettings) -> int:
+    """The pairs ``plan_triple`` makes for ``triple`` (the generator's declared ``count``)."""
     n = s.samples_room if triple.get("level") == "room" else s.samples_object
-    return min(n, s.limit) if s.limit else n
+    return min(n, s.per_triple) if s.per_triple else n
 
 
 def _source_rng(s: GenerateSettings, caption: str, k: int) -> random.Random:

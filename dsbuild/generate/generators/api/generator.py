@@ -1,0 +1,138 @@
+"""The API generator the generate stage runs: source images made by a text-to-image model (one
+per input caption and seed, shared by its variants), each sent with the triple's instruction
+to an OpenAI-compatible ``/v1/images/edits`` endpoint, ``concurrency`` requests at a time.
+
+Plans are grouped by source; consecutive groups fill chunks of at least ``generate.batch_size``
+and ``generate.api.concurrency`` edits; a chunk's sources are made in text-to-image batches of
+``generate.batch_size``, then all its edits are asked at once and yielded in order. A returned
+image is decoded and checked (size, mode) before it is handed on: a bad one is counted in the
+stats and skipped (its reply stays cached, so a re-run does not pay for it again). Requests
+that failed after every retry are skipped too, and the stage then stops without its marker,
+so running it again asks only for those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from dsbuild.core.errors import StageFailed
+from dsbuild.core.generators import Made, Plan
+from dsbuild.generate.generators.api.settings import ApiSettings
+from dsbuild.generate.generators.api.sweep import plan_triple, request_params
+from dsbuild.generate.generators.source import SourceImages
+
+SECTION = "generate.api"
+
+
+class ImagesEditAPI:
+    """Pairs made by an images-edit endpoint on a generated source image."""
+
+    def __init__(self, settings, own: ApiSettings | None, device: str, dtype: str):
+        from dsbuild.llm.client import check_endpoint
+
+        s = self.settings = settings
+        own = self.own = own or ApiSettings()
+        check_endpoint(own, SECTION)  # the SDK and the key, before any model loads
+        self.model = own.model
+        self.sources = SourceImages(s, own.source_model or s.model, own.source_steps or s.steps,
+                                    own.source_guidance, dtype, device,
+                                    f"{SECTION}.source_model")
+        self.cache_dir: Path | None = None
+        self.bad: Counter = Counter()
+        self.client = None
+
+    def use_cache(self, folder: Path) -> None:
+        """Keep the endpoint's replies under ``folder`` (the build's cache): a re-run or a
+        resumed run asks for nothing it already got."""
+        self.cache_dir = Path(folder)
+
+    def plan(self, triple: dict) -> list[Plan]:
+        return plan_triple(triple, self.settings, self.own, self.sources.spec)
+
+    def _client(self):
+        from dsbuild.llm.client import RequestCache
+        from dsbuild.llm.images import ImageEditClient
+
+        if self.client is None:
+            cache = RequestCache(self.cache_dir) if self.cache_dir is not None else None
+            self.client = ImageEditClient(self.own, cache, section=SECTION,
+                                          params=request_params(self.settings, self.own),
+                                          price_per_image=self.own.price_per_image)
+        return self.client
+
+    def generate(self, plans: list[Plan]) -> Iterator[Made]:
+        from dsbuild.generate.stage import png_bytes
+
+        s, client = self.settings, self._client()
+        groups: OrderedDict[tuple, list[Plan]] = OrderedDict()
+        for p in sorted(plans, key=lambda p: (p.group, p.triple["id"], p.index)):
+            groups.setdefault(p.group, []).append(p)
+        failed_before = client.stats.failed
+        for chunk in _chunks(list(groups.items()), max(s.batch_size, self.own.concurrency)):
+            keys = [key for key, _ in chunk]
+            images: dict[tuple, np.ndarray] = {}
+            for i in range(0, len(keys), s.batch_size):
+                part = keys[i:i + s.batch_size]
+                images.update(zip(part, self.sources.make(part), strict=True))
+            pngs = {key: png_bytes(im) for key, im in images.items()}
+            todo = [p for _, part in chunk for p in part]
+            replies = asyncio.run(self._edit_all(
+                [(pngs[p.group], p.triple["edit"], p.params["variant"]) for p in todo]))
+            for plan, reply in zip(todo, replies, strict=True):
+                if reply is None:  # gave up after its retries (counted as failed)
+                    continue
+                target, why = self._decode(reply)
+                if why is not None:
+                    self.bad[why] += 1
+                    continue
+                yield Made(plan, images[plan.group], target, self.sources.id(plan.group))
+        failed = client.stats.failed - failed_before
+        if failed:
+            errors = "; ".join(dict.fromkeys(client.stats.errors[-3:]))
+            raise StageFailed(
+                f"{SECTION}: {failed} image edit request(s) to {client.endpoint} failed after "
+                f"{self.own.max_retries + 1} attempts ({errors}); the pairs received are "
+                "written; run the same command again to ask only for the missing ones")
+
+    def _decode(self, reply: dict) -> tuple[np.ndarray | None, str | None]:
+        from dsbuild.llm.images import decode_image
+
+        s = self.settings
+        returned = reply.get("images") or [None]
+        return decode_image(returned[0], s.width, s.height)
+
+    async def _edit_all(self, requests: list[tuple[bytes, str, int]]) -> list[dict | None]:
+        client = self.client
+        async with client:
+            tasks = [asyncio.ensure_future(client.edit(png, prompt, variant))
+                     for png, prompt, variant in requests]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stats(self) -> dict:
+        client = self._client()
+        return {"sources_made": self.sources.made, "endpoint": client.endpoint,
+                "requests": client.stats.as_dict(), "images": client.counts(),
+                "bad_images": dict(sorted(self.bad.items()))}
+
+
+def _chunks(groups: list[tuple[tuple, list[Plan]]], size: int):
+    """Runs of whole groups holding at least ``size`` edits (the last may hold fewer)."""
+    chunk, rows = [], 0
+    for key, plans in groups:
+        chunk.append((key, plans))
+        rows += len(plans)
+        if rows >= size:
+            yield chunk
+            chunk, rows = [], 0
+    if chunk:
+        yield chunk

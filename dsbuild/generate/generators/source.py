@@ -1,0 +1,78 @@
+"""Source images from input captions, shared by the generators that edit an image (the editor,
+the images-edit API): a plain text-to-image generation of the triple's input caption, one per
+(caption, seed), on the PNG's 1/255 grid (what the PNG holds is what gets edited).
+
+A seed is one source image, shared by every variant and by every triple of the same caption:
+the seed of a caption's k-th source depends on (settings seed, input caption, k) only.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from dsbuild.core.errors import DsbuildError
+from dsbuild.core.hashing import content_id
+
+
+def samples_for(triple: dict, s) -> int:
+    """N pairs for a triple: by its level, capped by generate.per_triple."""
+    n = s.samples_room if triple.get("level") == "room" else s.samples_object
+    return min(n, s.per_triple) if s.per_triple else n
+
+
+def source_seed(s, caption: str, k: int) -> int:
+    """The seed of the k-th source image of an input caption."""
+    return random.Random(content_id("source", s.seed, caption, k)).randrange(2**31)
+
+
+class SourceImages:
+    """A text-to-image model (SD 1.x/2.x or 'tiny', loaded once per worker) making source
+    images of (caption, seed) groups. ``setting`` names the model's setting in messages."""
+
+    def __init__(self, settings, model: str, steps: int, guidance: float, dtype: str,
+                 device: str, setting: str):
+        from dsbuild.models import keep_loaded, model_key
+
+        self.settings, self.setting = settings, setting
+        self.spec = {"model": model, "steps": steps, "guidance": guidance}
+        self.pipe = keep_loaded("generate-source", (*model_key(model), dtype, device),
+                                lambda: _load(model, dtype, device, setting))
+        self.made = 0
+
+    def id(self, group: tuple) -> str:
+        """The content id of the source image of a (caption, seed) group."""
+        caption, seed = group
+        src, s = self.spec, self.settings
+        # "editor-source": the tag the editor's sources had before they were shared
+        return content_id("editor-source", src["model"], caption, seed, src["steps"],
+                          src["guidance"], s.height, s.width)
+
+    def make(self, groups: list[tuple]) -> list[np.ndarray]:
+        """Source images of (caption, seed) groups in one text-to-image call, float
+        H x W x 3 on the 1/255 grid."""
+        import torch
+
+        s, src = self.settings, self.spec
+        gens = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in groups]
+        try:
+            with torch.no_grad():
+                images = self.pipe(
+                    [caption for caption, _ in groups], num_inference_steps=src["steps"],
+                    guidance_scale=src["guidance"], height=s.height, width=s.width,
+                    generator=gens, output_type="np").images
+        except ValueError as exc:  # e.g. a size the source model cannot make
+            raise DsbuildError(f"{self.setting} {src['model']!r}: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+        self.made += len(groups)
+        return [np.round(np.clip(im, 0, 1) * 255) / 255 for im in images]
+
+
+def _load(model: str, dtype: str, device: str, setting: str):
+    from dsbuild.models import load_sd_pipeline, warn_tiny
+
+    if model == "tiny":
+        warn_tiny(f"{setting} 'tiny'", "source images",
+                  "set it to a real SD 1.x/2.x checkpoint for data")
+    return load_sd_pipeline(model, dtype, device, quiet=True, setting=setting)
