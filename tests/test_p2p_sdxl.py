@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dsbuild.attention.align import prompt_words  # noqa: E402
+from dsbuild.attention.align import align_prompts, prompt_words  # noqa: E402
 from dsbuild.attention.controller import P2PController  # noqa: E402
 from dsbuild.attention.processors import install  # noqa: E402
 from dsbuild.core.errors import DsbuildError  # noqa: E402
@@ -179,6 +179,12 @@ def test_both_tokenizers_split_alike_and_a_mismatch_is_refused(gen):
         words = [w.text for w in one if w.text.isalpha()]
         assert words == [w.text for w in two if w.text.isalpha()] and "cushion" in words \
             or "cushion" not in p
+    for t in EDITS.values():  # each encoder's tokens get the same alignment
+        for mode in ("replace", "refine", "auto"):
+            a1, a2 = align_prompts(tok, SRC, t.prompt, mode), align_prompts(tok2, SRC, t.prompt,
+                                                                             mode)
+            assert torch.equal(a1.mapper, a2.mapper) and torch.equal(a1.alpha, a2.alpha)
+            assert a1.edit_words() == a2.edit_words()
     gen.check_split("a red chair! with a cushion!!")
     other = P2PGenerator(load_sd_pipeline("tiny-sdxl", quiet=True))
     other.pipe.tokenizer_2 = char_tokenizer(max_length=10)  # cuts long captions elsewhere
@@ -272,6 +278,32 @@ def test_few_step_schedulers_match_plain(plain, scheduler):
     assert np.abs(out.targets[0] - ref).max() > 1e-3
 
 
+def test_lcm_unet_embeds_guidance_and_runs_one_branch():
+    """An LCM-distilled UNet (time_cond_proj_dim) takes the guidance as an embedding: no CFG
+    branch at any guidance, and the source is the plain pipeline's."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dsbuild.models.sd import tiny_sdxl_components
+
+    def pipe():
+        p = StableDiffusionXLPipeline(**tiny_sdxl_components(time_cond_proj_dim=8),
+                                      add_watermarker=False)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    g = P2PGenerator(pipe(), "lcm")
+    rows, h = _batch_rows(g)
+    try:
+        out = g.generate([SourceGroup(SRC, 8, 4.0, [TargetSpec("a blue velvet armchair",
+                                                               "replace", 0.5, 0.5)])],
+                         2, SIZE, SIZE)[0]
+    finally:
+        h.remove()
+    assert rows == [2, 2]
+    np.testing.assert_allclose(out.source, plain_image(pipe(), SRC, 8, 4.0, steps=2,
+                                                       scheduler="lcm"), atol=1e-4)
+
+
 @pytest.mark.parametrize("sets, name", [
     ({"steps": 1, "mode": "replace"}, "cross_replace"),
     ({"steps": 4, "mode": "replace", "cross_replace": (0.1, 0.2)}, "cross_replace"),
@@ -312,9 +344,11 @@ def test_zero_step_window_is_one_line_from_the_shell(tmp_path):
     r = _dsbuild("run", str(tmp_path / "B"), "--offline", "--set", "generate.model=tiny-sdxl",
                  "--set", "generate.steps=1")
     assert r.returncode == 2, r.stderr
+    # the settings error as --set reports every invalid setting: a heading, one line for it
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "deprecated" not in ln]
-    assert len(lines) == 1 and "generate.self_replace" in lines[0] and "0 steps" in lines[0], \
-        r.stderr
+    assert lines[0].startswith("error: --set") and len(lines) == 2, r.stderr
+    assert "generate.self_replace" in lines[1] and "rounds to 0 steps" in lines[1], r.stderr
+    assert not (tmp_path / "B" / "captions").exists()  # refused before any stage ran
 
 
 def test_offline_run_on_tiny_sdxl_exports(tmp_path):
@@ -331,8 +365,8 @@ def test_offline_run_on_tiny_sdxl_exports(tmp_path):
     assert files, r.stderr[-2000:]
     rows = [row for f in files for row in pq.read_table(f).to_pylist()]
     assert rows
-    text = json.dumps(rows[0], default=str)
-    assert "p2p" in text and "tiny-sdxl" in text, sorted(rows[0])
+    assert {(r["generator"], r["model"]) for r in rows} == {("p2p", "tiny-sdxl")}
+    assert all(r["p2p_steps"] == 2 and json.loads(r["params"])["steps"] == 2 for r in rows)
 
 
 def test_bench_p2p_on_tiny_sdxl_reports_ratios():

@@ -121,8 +121,8 @@ def _ratios(sec: dict, k: int) -> dict:
 
 
 @click.command("p2p")
-@click.option("--model", default=None, help="diffusers SD or SDXL dir or Hub id, or tiny-sdxl "
-              "(default: --arch)")
+@click.option("--model", default=None, help="diffusers SD or SDXL dir or Hub id, or a built "
+              "one: tiny-sdxl, arch:small-sdxl (default: --arch)")
 @click.option("--arch", type=click.Choice(ARCHS), default="tiny", show_default=True,
               help="random-weight model built from config (sd15 = SD 1.5 shapes)")
 @click.option("--steps", type=int, default=8, show_default=True)

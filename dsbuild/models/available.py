@@ -35,7 +35,8 @@ KINDS = {
                "a diffusers editing pipeline (InstructPix2Pix, SDXL InstructPix2Pix, FLUX.1 "
                "Kontext, Qwen-Image-Edit)"),
 }
-BUILT_IN = {"sd": ("tiny", "tiny-sdxl", "arch:small", "arch:sd15"), "clipseg": ("tiny", "sam"),
+BUILT_IN = {"sd": ("tiny", "tiny-sdxl", "arch:small", "arch:small-sdxl", "arch:sd15"),
+            "clipseg": ("tiny", "sam"),
             "editor": tuple(TINY_EDITORS)}
 RANDOM_WEIGHTS = ("", "none", "random")  # clip_pretrained values that mean no weights
 

@@ -7,8 +7,9 @@ benchmarks; ``sd15_components`` has the shapes of SD 1.5, so benchmarks time rea
 without fetching a checkpoint. ``load_sd_pipeline`` builds them as 'tiny', 'arch:small' and
 'arch:sd15'. ``tiny_sdxl_components`` is the SDXL counterpart of 'tiny' ('tiny-sdxl': two CLIP
 text encoders, the UNet's added time/text conditioning), shaped as diffusers' fast SDXL tests;
-``load_sd_pipeline`` returns a ``StableDiffusionXLPipeline`` for it and for SDXL checkpoints
-(SDXL, SDXL-Turbo, Lightning). ``char_tokenizer`` is the download-free CLIP tokenizer every
+``load_sd_pipeline`` returns a ``StableDiffusionXLPipeline`` for it, for 'arch:small-sdxl' (a
+mid-size SDXL-like model for CPU benchmarks) and for SDXL checkpoints (SDXL, SDXL-Turbo,
+Lightning). ``char_tokenizer`` is the download-free CLIP tokenizer every
 tiny model uses.
 """
 
@@ -95,11 +96,12 @@ SDXL_SCHEDULER_CONFIG = {**SD_SCHEDULER_CONFIG, "interpolation_type": "linear",
                          "timestep_spacing": "leading", "use_karras_sigmas": False}
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
+def tiny_sdxl_components(seed: int = 0, time_cond_proj_dim: int | None = None) -> dict:
     """Tiny SDXL as diffusers' fast SDXL tests build it: a UNet with "text_time" added
     conditioning (time ids + pooled text), CLIPTextModel + CLIPTextModelWithProjection whose
     penultimate states are concatenated (32 + 32 = 64-d cross-attention), two tokenizers that
-    split text alike (the second pads with "!", as SDXL's)."""
+    split text alike (the second pads with "!", as SDXL's). ``time_cond_proj_dim``: a UNet
+    that embeds the guidance scale, as LCM-distilled ones do."""
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 
@@ -110,7 +112,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64, norm_num_groups=16,
+        cross_attention_dim=64, norm_num_groups=16, time_cond_proj_dim=time_cond_proj_dim,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -128,10 +130,40 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
             "tokenizer": tok, "tokenizer_2": tok2, "scheduler": sched}
 
 
+def small_sdxl_components() -> dict:
+    """A mid-size SDXL-like model ('arch:small-sdxl': SDXL's block layout, 64-d heads, two
+    128-d text encoders) so CPU timings of the SDXL path mean something."""
+    import torch
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128, 128), layers_per_block=1, sample_size=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=32, projection_class_embeddings_input_dim=6 * 32 + 128,
+        cross_attention_dim=256, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
+                        norm_num_groups=32)
+    tok, tok2 = char_tokenizer(), char_tokenizer(pad_token="!")
+    text = _text_encoder(128, 256, 4, 2, len(tok), tok, 128, act="gelu")
+    text2 = _text_encoder(128, 256, 4, 2, len(tok2), tok2, 128, act="gelu", projection=True)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2,
+            "tokenizer": tok, "tokenizer_2": tok2,
+            "scheduler": EulerAncestralDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)}
+
+
+SDXL_BUILT = {"tiny-sdxl": tiny_sdxl_components, "arch:small-sdxl": small_sdxl_components}
+
+
 def is_sdxl(model: str) -> bool:
     """Whether ``model`` names an SDXL pipeline: 'tiny-sdxl', or a checkpoint whose
     model_index.json says StableDiffusionXLPipeline or lists a text_encoder_2."""
-    if model == "tiny-sdxl":
+    if model in SDXL_BUILT:
         return True
     if model in ("tiny", "arch:small", "arch:sd15") or _lora_marker(model) is not None:
         return False
@@ -243,10 +275,10 @@ def _load_sdxl(model: str, td, device: str, quiet: bool, setting: str):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    if model == "tiny-sdxl":
-        if not quiet:
+    if model in SDXL_BUILT:
+        if model == "tiny-sdxl" and not quiet:
             warn_tiny(model)
-        pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(), add_watermarker=False)
+        pipe = StableDiffusionXLPipeline(**SDXL_BUILT[model](), add_watermarker=False)
     else:
         src = checkpoint(model, setting, "diffusers folder")
         try:
