@@ -14,6 +14,7 @@ import numpy as np
 
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
+from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT, count_cut, token_limit
 
 
 def samples_for(triple: dict, s) -> int:
@@ -40,6 +41,11 @@ class SourceImages:
         self.pipe = keep_loaded("generate-source", (*model_key(model), dtype, device),
                                 lambda: _load(model, dtype, device, setting))
         self.made = 0
+        self.cut, self._captions = 0, set()  # captions the text encoder cut (counted once)
+
+    def cut_stats(self) -> dict:
+        """The captions cut at the text encoder's token limit, for the stage's marker."""
+        return {CUT_STAT: self.cut, LIMIT_STAT: token_limit(self.pipe.tokenizer)}
 
     def id(self, group: tuple) -> str:
         """The content id of the source image of a (caption, seed) group."""
@@ -66,6 +72,9 @@ class SourceImages:
             raise DsbuildError(f"{self.setting} {src['model']!r}: "
                                f"{str(exc).splitlines()[0][:200]}") from None
         self.made += len(groups)
+        new = {caption for caption, _ in groups} - self._captions
+        self._captions |= new
+        self.cut += count_cut(self.pipe.tokenizer, sorted(new))
         return [np.round(np.clip(im, 0, 1) * 255) / 255 for im in images]
 
 

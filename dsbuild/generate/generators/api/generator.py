@@ -120,7 +120,8 @@ class ImagesEditAPI:
 
     def stats(self) -> dict:
         client = self._client()
-        return {"sources_made": self.sources.made, "endpoint": client.endpoint,
+        return {"sources_made": self.sources.made, **self.sources.cut_stats(),
+                "endpoint": client.endpoint,
                 "requests": client.stats.as_dict(), "images": client.counts(),
                 "bad_images": dict(sorted(self.bad.items()))}
 

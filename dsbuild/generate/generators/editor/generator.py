@@ -80,7 +80,8 @@ class InstructionEditor:
                 del held[key]
 
     def stats(self) -> dict:
-        return {"sources_made": self.sources.made, "instructions_encoded": self.driver.encoded,
+        return {"sources_made": self.sources.made, **self.sources.cut_stats(),
+                "instructions_encoded": self.driver.encoded,
                 "batched": self.driver.batched}
 
 
