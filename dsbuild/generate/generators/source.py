@@ -9,12 +9,20 @@ the seed of a caption's k-th source depends on (settings seed, input caption, k)
 from __future__ import annotations
 
 import random
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
 from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT, count_cut, token_limit
+
+# the source-image fields of the settings of every generator that edits a source (generate.editor,
+# generate.api); each declares its own source_model, whose default differs
+SourceSteps = Annotated[int | None, Field(ge=1, description="the source's denoising steps "
+                                          "(default: generate.steps)")]
+SourceGuidance = Annotated[float, Field(ge=0, description="the source's CFG scale")]
 
 
 def samples_for(triple: dict, s) -> int:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from dsbuild.generate.generators.source import SourceGuidance, SourceSteps
 from dsbuild.llm.settings import TRANSPORT, EndpointSettings
 
 
@@ -37,9 +38,8 @@ class ApiSettings(EndpointSettings):
         None, description="text-to-image model that makes each source image from the "
         "triple's input caption (SD 1.x/2.x folder or Hub id, or 'tiny'); default: "
         "generate.model")
-    source_steps: int | None = Field(None, ge=1, description="the source's denoising steps "
-                                     "(default: generate.steps)")
-    source_guidance: float = Field(7.5, ge=0, description="the source's CFG scale")
+    source_steps: SourceSteps = None
+    source_guidance: SourceGuidance = 7.5
     price_per_image: float | None = Field(
         None, ge=0, description="what one returned image costs (any currency): the report "
         "adds up the cost of the images billed and of those served from the cache")

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dsbuild.core.errors import DsbuildError
+from dsbuild.generate.generators.source import SourceGuidance, SourceSteps
 
 Range = tuple[float, float]
 
@@ -43,9 +44,8 @@ class EditorSettings(BaseModel):
         None, description="text-to-image model that makes each source image from the "
         "triple's input caption (SD 1.x/2.x folder or Hub id, or 'tiny'); default: 'tiny' "
         "with a tiny editor, else SD 1.5")
-    source_steps: int | None = Field(None, ge=1, description="the source's denoising steps "
-                                     "(default: generate.steps)")
-    source_guidance: float = Field(7.5, ge=0, description="the source's CFG scale")
+    source_steps: SourceSteps = None
+    source_guidance: SourceGuidance = 7.5
     sweep: Literal["random", "grid"] = "random"
     variants: int = Field(3, ge=1, description="random sweep: edits per source image (one "
                           "draw of the knobs each); the grid makes every combination")
