@@ -42,6 +42,31 @@ class Triple(TypedDict, total=False):
     output: str
     source: dict
     no_change: bool
+    # made from a real photo (sources/): its id and provenance, carried to every row
+    photo_id: str
+    license: str | None
+    photo_source: str | None
+    attribution: str | None
+
+
+class Photo(TypedDict, total=False):
+    """A real photo (sources/): ``id`` is the hash of its file's bytes; ``path`` the file as
+    given (or ``dataset:<name>#<index>``); ``image`` the build-relative PNG prepared at the
+    generation resolution (crop/resize policy applied); ``width``/``height`` the original
+    size; ``caption`` with ``caption_source`` (``sidecar``, ``given`` or ``vlm``); provenance:
+    ``license`` (None: unknown), ``source``, ``attribution``; ``phash`` its perceptual hash."""
+
+    id: str
+    path: str
+    image: str
+    width: int
+    height: int
+    caption: str
+    caption_source: str
+    license: str | None
+    source: str | None
+    attribution: str | None
+    phash: str
 
 
 class Images(TypedDict, total=False):
@@ -71,6 +96,10 @@ class Pair(TypedDict, total=False):
     agent: str
     level: str
     source_id: str
+    # from a real photo: the photo's id, and the PSNR (dB) of the source branch's
+    # reconstruction against the photo's VAE round trip (P2P through inversion)
+    photo_id: str
+    reconstruction_psnr: float
 
 
 class Score(TypedDict, total=False):
@@ -180,6 +209,12 @@ FIELDS: dict[str, RowField] = {
     "generator": RowField("string", description="the generator that made the pair"),
     "params": RowField("json", description="the generator's parameters (canonical JSON)"),
     "edit_mask": RowField("image", description="what the generator let change, where it has one"),
+    "photo_id": RowField("string", description="the real photo the row starts from, if any"),
+    "license": RowField("string", description="the photo's license (None: unknown)"),
+    "source": RowField("string", description="where the photo came from"),
+    "attribution": RowField("string", description="the photo's attribution"),
+    "reconstruction_psnr": RowField("float", description="PSNR (dB) of the inverted photo's "
+                                    "reconstruction against its VAE round trip"),
     **{k: RowField("float") for k in SCORE_KEYS},
     "filter_rank": RowField("int", description="rank within its triple by the filter"),
     # read by review and reports, not exported
@@ -289,6 +324,9 @@ def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify |
         "seed": pair.get("seed"), "model": public_name(pair.get("model")),
         "generator": generator_of(pair), **param_values(pair, columns),
         "params": json.dumps(params, sort_keys=True, default=str),
+        "photo_id": triple.get("photo_id"), "license": triple.get("license"),
+        "source": triple.get("photo_source"), "attribution": triple.get("attribution"),
+        "reconstruction_psnr": _num(pair.get("reconstruction_psnr")),
         **{k: _num(s.get(k)) for k in SCORE_KEYS}, "filter_rank": _int(s.get("rank")),
         "recipe": triple.get("recipe"), "caption_backend": source.get("backend"),
         "caption_model": source.get("model"), "target": None, "scored": score is not None,
