@@ -14,7 +14,8 @@ chat request; queued replies are used first. ``srv.requests`` records every requ
 open at once, for assertions. Reusable by any stage that talks to an LLM.
 
 ``POST /v1/images/edits`` (multipart, as the SDK's ``images.edit`` sends it) is answered by
-``image_handler(request, n)`` (default: the uploaded image, inverted) after the replies
+``image_handler(request, n)`` (default: the uploaded image, inverted, as many as the form's
+``n`` asks) after the replies
 queued with ``queue_images``; its request holds the form fields, ``image`` (the uploaded
 bytes) and ``image_sha256``. ``edited(png)``, ``b64_image(...)`` and ``garbage()`` build its
 replies; ``srv.edit_requests`` are the requests it got. ``port`` picks the
@@ -82,17 +83,27 @@ def b64_image(data: list[str | None], usage: dict | None = None) -> Reply:
 
 
 def edited(png: bytes, size: tuple[int, int] | None = None, mode: str = "RGB",
-           usage: dict | None = None) -> Reply:
-    """The uploaded PNG inverted (resized to ``size``, converted to ``mode``), as b64_json."""
+           usage: dict | None = None, n: int = 1) -> Reply:
+    """The uploaded PNG inverted (resized to ``size``, converted to ``mode``), as b64_json;
+    ``n`` images (the request's ``n``), the i-th with ``i`` added to every channel (mod 256),
+    so each of one request's images is told apart."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(png)) as im:
         out = ImageOps.invert(im.convert("RGB"))
     if size is not None:
         out = out.resize(size)
-    buf = io.BytesIO()
-    out.convert(mode).save(buf, format="PNG")
-    return b64_image([base64.b64encode(buf.getvalue()).decode()], usage)
+    data = []
+    for i in range(n):
+        buf = io.BytesIO()
+        out.point(lambda v, i=i: (v + i) % 256).convert(mode).save(buf, format="PNG")
+        data.append(base64.b64encode(buf.getvalue()).decode())
+    return b64_image(data, usage)
+
+
+def images_asked(req: dict) -> int:
+    """The ``n`` of an images-edit request (a form field; 1 when not sent)."""
+    return int(req.get("n") or 1)
 
 
 def garbage() -> Reply:
@@ -124,7 +135,8 @@ class OpenAIServer:
     def __init__(self, handler: Handler | None = None, models: tuple[str, ...] = ("test-model",),
                  port: int = 0, image_handler: Handler | None = None):
         self.handler = handler or (lambda req, n: chat(""))
-        self.image_handler = image_handler or (lambda req, n: edited(req["image"]))
+        self.image_handler = image_handler or (
+            lambda req, n: edited(req["image"], n=images_asked(req)))
         self._image_queue: list[Reply] = []
         self._image_count = 0
         self.port = port

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 from builders import TRIPLES, triple_record
-from openai_server import OpenAIServer, b64_image, edited, error, free_port, garbage
+from openai_server import (
+    OpenAIServer,
+    b64_image,
+    edited,
+    error,
+    free_port,
+    garbage,
+    images_asked,
+)
 from PIL import Image
 
 pytest.importorskip("torch")
@@ -63,7 +71,7 @@ def make(root: Path, recipe: Path, base_url: str, *extra: str) -> Build:
 
 
 def good(req: dict, n: int):
-    return edited(req["image"], usage=USAGE)
+    return edited(req["image"], usage=USAGE, n=images_asked(req))
 
 
 def png_b64(size: int) -> str:
@@ -133,6 +141,49 @@ def test_good_rows_written_garbage_counted_retries_and_cache(tmp_path, mini_reci
         assert again.stats["images"]["billed"] == 0 and again.stats["requests"]["sent"] == 0
         assert again.stats["bad_images"] == st["bad_images"]
         assert [p["id"] for p in b.records("generate")] == [p["id"] for p in pairs]
+
+
+def test_n_images_per_request_each_checked_alone(tmp_path, mini_recipe, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    spoilt = TRIPLES[0][4]  # its 2-image request returns a wrong-size second image
+
+    def handler(req: dict, n: int):
+        reply = good(req, n)
+        if req["prompt"] == spoilt and images_asked(req) == 2:
+            reply.body["data"][1] = {"b64_json": png_b64(SIZE * 2)}
+        return reply
+
+    with OpenAIServer(image_handler=handler) as srv:
+        # 3 variants per source asked 2 at a time: requests of 2 and 1 images per triple
+        b = make(tmp_path / "b", mini_recipe, srv.base_url, "generate.per_triple=3",
+                 "generate.api.variants=3", "generate.api.n=2")
+        res = run_generate(b)
+        assert b.is_complete("generate")
+        asked = sorted(r["body"].get("n", "1") for r in srv.edit_requests)
+        assert asked == ["1"] * 5 + ["2"] * 5  # 15 edits in 10 requests; n=1 is not sent
+        st = res.stats
+        assert st["images"]["requested"] == st["images"]["billed"] == 15
+        assert st["bad_images"] == {"wrong_size": 1}  # the other image of its reply is kept
+        pairs = list(b.records("generate"))
+        assert len(pairs) == res.records == 14
+        for p in pairs:
+            prm = p["params"]
+            assert (prm["n"], prm["n_index"]) == ((2, prm["variant"]) if prm["variant"] < 2
+                                                  else (1, 0))
+            with Image.open(b.root / p["images"]["output"]) as out, \
+                    Image.open(b.root / p["images"]["input"]) as src:
+                want = (255 - src.convert("RGB").getpixel((0, 0))[0] + prm["n_index"]) % 256
+                assert out.getpixel((0, 0))[0] == want  # its own image of the reply
+
+        again = run_generate(b, force=True)  # the same requests: all from the cache
+        assert len(srv.edit_requests) == 10 and again.stats["requests"]["sent"] == 0
+        assert again.stats["images"]["cached"] == 15 and again.records == 14
+        assert [p["id"] for p in b.records("generate")] == [p["id"] for p in pairs]
+
+    one = GenerateSettings.model_validate({"generator": "api", "api": {"n": 1}})
+    two = GenerateSettings.model_validate({"generator": "api", "api": {"n": 2}})
+    assert "n" not in one.signature_dict()["api"]  # n=1 builds sign as before n existed
+    assert one.signature_dict() != two.signature_dict()
 
 
 def test_client_waits_at_least_retry_after(tmp_path):

@@ -1,6 +1,6 @@
 """The editor generator (``generate.generator=editor``): a diffusers editing pipeline applied to
 a generated source image. Its edits equal calling the pipeline directly with the same seed and
-knobs (tiny InstructPix2Pix and tiny FLUX.1 Kontext built from config); the pipeline class is
+knobs (tiny InstructPix2Pix, SDXL InstructPix2Pix and FLUX.1 Kontext built from config); the pipeline class is
 read from a saved folder's model_index.json; a bad folder is one line naming generate.model;
 ``dsbuild run`` makes an export whose rows name the generator; ``dsbuild bench editor --json``
 reports its ratios."""
@@ -48,6 +48,8 @@ def direct(gen: InstructionEditor, made) -> np.ndarray:
         kw["image_guidance_scale"] = p["image_guidance"]
     if p["pipeline"] == "FluxKontextPipeline":  # the generate size, not Kontext's auto-resize
         kw.update(height=SIZE, width=SIZE, max_area=SIZE * SIZE, _auto_resize=False)
+    if p["pipeline"] == "StableDiffusionXLInstructPix2PixPipeline":
+        kw.update(height=SIZE, width=SIZE)
     with torch.no_grad():
         return gen.pipe(prompt=made.plan.triple["edit"], image=to_pil(made.source),
                         num_inference_steps=STEPS, output_type="np",
@@ -57,6 +59,7 @@ def direct(gen: InstructionEditor, made) -> np.ndarray:
 
 @pytest.mark.parametrize("model,pipeline", [
     ("tiny-ip2p", "StableDiffusionInstructPix2PixPipeline"),
+    ("tiny-sdxl-ip2p", "StableDiffusionXLInstructPix2PixPipeline"),
     ("tiny-kontext", "FluxKontextPipeline"),
 ])
 def test_edits_equal_the_pipeline_called_directly(model, pipeline):
@@ -102,6 +105,7 @@ def test_grid_sweep_and_knob_errors():
 
 def test_pipeline_class_from_model_index_of_a_saved_folder(tmp_path):
     for name, cls in (("tiny-kontext", "FluxKontextPipeline"),
+                      ("tiny-sdxl-ip2p", "StableDiffusionXLInstructPix2PixPipeline"),
                       ("tiny-ip2p", "StableDiffusionInstructPix2PixPipeline")):
         folder = tmp_path / name
         built = load_edit_pipeline(name, quiet=True)
@@ -193,3 +197,42 @@ def test_bench_editor_json_has_the_ratios():
         assert set(m["rows_per_s"]) == {"plain", "dsbuild"}
         assert m["max_abs_diff"] < 0.01  # the same edits both ways
     assert res["threads"] == 1 and res["timer"] == "cpu seconds" and res["goal"] == 1.0
+
+
+def recipe_examples(text: str) -> list[dict]:
+    """The commented ``generate:`` sections of a recipe file, parsed as YAML."""
+    import yaml
+
+    blocks, cur = [], None
+    for line in text.splitlines() + [""]:
+        if line.startswith("#   generate:"):
+            cur = [line[4:]]
+        elif cur is not None and line.startswith("#     "):
+            cur.append(line[4:])
+        elif cur is not None:
+            blocks.append(yaml.safe_load("\n".join(cur)))
+            cur = None
+    return blocks
+
+
+def test_shipped_recipes_load_and_their_generator_examples_validate():
+    from pathlib import Path
+
+    from dsbuild.core.config import load_recipe
+
+    files = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert files
+    examples = []
+    for f in files:
+        assert load_recipe(f).name  # every shipped recipe file is a recipe that loads
+        examples += recipe_examples(f.read_text())
+    made = []
+    for ex in examples:
+        g = GenerateSettings.model_validate(ex["generate"])
+        made += [run.generator for run in g.runs()]
+        g.signature_dict()
+    # an example of each generator, and of generate.mix
+    assert {"p2p", "editor", "api"} <= set(made)
+    assert any(ex["generate"].get("mix") for ex in examples)
+    api = next(ex["generate"]["api"] for ex in examples if "api" in ex["generate"])
+    assert api["n"] > 1

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("dsbuild.models",)),
     ("attention", ("dsbuild.attention",)),
     ("llm", ("dsbuild.llm",)),
-    ("stages", ("dsbuild.captions", "dsbuild.generate", "dsbuild.filter", "dsbuild.verify",
+    ("stages", ("dsbuild.sources", "dsbuild.captions", "dsbuild.generate", "dsbuild.filter", "dsbuild.verify",
                 "dsbuild.augment", "dsbuild.diversity", "dsbuild.export")),
     ("editing", ("dsbuild.train", "dsbuild.evaluate", "dsbuild.localize")),
     ("review", ("dsbuild.review",)),

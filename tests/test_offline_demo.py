@@ -26,7 +26,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "offline_demo.json"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "interior-design.yaml"
 RENAMED = {"p2p_params": "params"}  # old export column -> its name now
 # columns the previous main did not write -> their value on the demo
-ADDED = {"generator": "p2p", "blend_words": None, "equalizer": None}
+ADDED = {"generator": "p2p", "blend_words": None, "equalizer": None,
+         # photo provenance (issue 27): every export has the columns; None in a synthetic one
+         "photo_id": None, "license": None, "source": None, "attribution": None,
+         "reconstruction_psnr": None}
 
 
 # largest block-mean difference (0-255) taken as float noise, not a change of picture

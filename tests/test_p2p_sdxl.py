@@ -133,6 +133,34 @@ def test_fused_sdxl_p2p_equals_explicit_softmax_p2p(gen, explicit, plain, mode, 
         assert fused.masks[0] is not None and fused.masks[0].shape == (SIZE, SIZE)
 
 
+def test_zeroed_negative_cross_attention_is_skipped_exactly(gen):
+    """SDXL's zeroed negative prompt gives zero keys and values in every bias-free
+    cross-attention layer, so that half's output is zero without computing it: the images
+    equal the run that computes it, and a batch whose negative is not zero computes it."""
+    ctrl = gen.controller
+    assert ctrl.zero_kv_layers  # tiny-sdxl's cross-attention has no bias
+    groups = [SourceGroup(SRC, 5, 7.5, [EDITS["refine"], EDITS["blend"]])]
+    before = ctrl.calls["uncond_skipped"]
+    skipped = gen.generate(groups, STEPS, SIZE, SIZE)[0]
+    assert ctrl.calls["uncond_skipped"] > before
+    layers, ctrl.zero_kv_layers = ctrl.zero_kv_layers, set()
+    try:
+        full = gen.generate(groups, STEPS, SIZE, SIZE)[0]
+    finally:
+        ctrl.zero_kv_layers = layers
+    np.testing.assert_allclose(skipped.source, full.source, atol=1e-6)
+    for a, b in zip(skipped.targets, full.targets, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    zeros = gen.pipe.config["force_zeros_for_empty_prompt"]
+    gen.pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    try:
+        before = ctrl.calls["uncond_skipped"]
+        gen.generate(groups, STEPS, SIZE, SIZE)
+        assert ctrl.calls["uncond_skipped"] == before  # the empty caption's states: computed
+    finally:
+        gen.pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
+
+
 @pytest.mark.parametrize("mode", ["self", "replace", "refine", "reweight", "auto"])
 def test_identical_captions_give_the_plain_sdxl_image(plain, gen, mode):
     spec = {"self": TargetSpec(SRC, "self", 1.0)}.get(mode, TargetSpec(SRC, mode, 0.5, 1.0))
@@ -384,3 +412,6 @@ def test_bench_p2p_on_tiny_sdxl_reports_ratios():
                                   "reweight/plain", "replace+blend/plain",
                                   "shared_k2/2_separate"}
     assert all(v > 0 for v in res["ratios"].values())
+    if res["device"] == "cpu":  # median and best-repeat CPU-time ratios, same cases
+        assert set(res["ratios_cpu_time"]) == set(res["ratios_cpu_time_best"]) \
+            == set(res["ratios"])

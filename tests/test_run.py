@@ -29,10 +29,11 @@ def test_run_offline_end_to_end_then_nothing(mini_recipe, tmp_path):
                                  "--per-agent", "1"])
     assert r.exit_code == 0, r.output
     assert "PLACEHOLDER images" in r.output
-    assert stages.names() == ["captions", "generate", "filter", "verify", "augment",
+    assert stages.names() == ["sources", "captions", "generate", "filter", "verify", "augment",
                               "diversity", "export"]
-    for stage in stages.names():  # every stage ran (none skipped)
+    for stage in stages.names()[1:]:  # every stage ran (none skipped); sources is off
         assert re.search(rf"^{stage}\s+done\s", r.output, re.M), (stage, r.output)
+    assert not re.search(r"^sources\s", r.output, re.M), r.output
     ds = load_export(out / "export", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds["train"]) >= 1
     assert ds["train"].features["input_image"].__class__.__name__ == "Image"

@@ -163,7 +163,7 @@ def test_every_builtin_stage_is_declared_once_and_everything_derives(tmp_path):
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "interior-design.yaml")
     cfg = BuildConfig(recipe=recipe)
     names = stages.names()
-    assert names[:5] == ["captions", "generate", "filter", "verify", "augment"]
+    assert names[:6] == ["sources", "captions", "generate", "filter", "verify", "augment"]
     assert names.index("export") > names.index("augment") > names.index("filter")
     commands = all_commands()
     build = Build.init(tmp_path / "b", recipe)

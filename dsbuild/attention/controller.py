@@ -10,7 +10,7 @@ attention map columns, so they run on fused SDPA without materialised probabilit
   (M maps source tokens to target columns, scaled by the per-word step window and the
   equalizer), so the output is SDPA(Q_src, K_src, M V_tgt) + SDPA(Q_tgt, K_tgt, c ⊙ V_tgt);
 - local blend is the one place that materialises probabilities: the chosen words' maps at
-  the lowest attention resolution, only for the rows that blend.
+  the lowest attention resolution, only for the rows that blend (both sides in one product).
 
 Self-attention injection applies to both guidance halves (as InstructPix2Pix); cross-attention
 edits apply to the conditional half (as Prompt-to-Prompt).
@@ -55,7 +55,9 @@ class P2PController:
         self.blend_start = blend_start
         self.blend_layers: set[str] = set()
         self.last_mask: torch.Tensor | None = None
-        self.calls = {"self_injected": 0, "cross_edited": 0, "probs": 0}
+        self.zero_kv_layers: set[str] = set()
+        self.zero_uncond = False
+        self.calls = {"self_injected": 0, "cross_edited": 0, "probs": 0, "uncond_skipped": 0}
         # blend_mask=segment: (source x0 latents [n, C, h, w], phrases) -> [n, 1, h, w] bool
         self.segment = None
 
@@ -75,14 +77,24 @@ class P2PController:
             top = max(lv for n, lv in levels.items() if n.startswith("down")) \
                 if any(n.startswith("down") for n in levels) else max(levels.values())
             self.blend_layers = {n for n, lv in levels.items() if lv == top}
+        # cross-attention layers whose keys and values of all-zero text states are zero (no
+        # bias, no norm of the text states): their output there is exactly zero
+        for n in names:
+            if ".attn2." in n:
+                a = unet.get_submodule(n.removesuffix(".processor"))
+                if a.to_k.bias is None and a.to_v.bias is None and not a.norm_cross:
+                    self.zero_kv_layers.add(n)
 
     def configure(self, n_rows: int, edits: dict[int, RowEdit], steps: int, device,
-                  dtype, cfg: bool = True) -> None:
+                  dtype, cfg: bool = True, zero_uncond: bool = False) -> None:
         """Start a run of ``n_rows`` images; ``edits`` maps target row -> its edit. ``cfg``:
-        the UNet batch has the unconditional half before the conditional one."""
+        the UNet batch has the unconditional half before the conditional one; ``zero_uncond``:
+        that half's text states are all zero (SDXL's force_zeros_for_empty_prompt), so the
+        cross-attention of a zero-key/value layer is computed for the conditional half only."""
         self.R, self.edits, self.steps = n_rows, edits, steps
         # rows in the UNet batch, and where its conditional half starts
         self.B, self.C = (2 * n_rows, n_rows) if cfg else (n_rows, 0)
+        self.zero_uncond = bool(cfg and zero_uncond)
         self.device, self.dtype = device, dtype
         self.blend_rows = [r for r, e in edits.items()
                            if e.blend_tgt is not None or e.blend_src is not None]
@@ -106,6 +118,7 @@ class P2PController:
             self.b_rows = self.blend_idx + self.C
             self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + self.C,
                                                            return_inverse=True)
+            self._plan_maps()
             if self.segment is not None:  # the mask is segmented, not read from attention
                 self.use_tgt = self.use_src = False
                 self.seg_phrases = [edits[r].segment_phrase or "" for r in self.blend_rows]
@@ -116,6 +129,7 @@ class P2PController:
     def reset(self) -> None:
         """Back to plain SDPA everywhere."""
         self.active = False
+        self.zero_uncond = False
         self.edits = {}
         self.maps_src = self.maps_tgt = None
 
@@ -170,10 +184,23 @@ class P2PController:
             return F.scaled_dot_product_attention(q[idx], k[idx], v, attn_mask=_rows(mask, idx))
         if self.blend_rows and name in self.blend_layers and (self.use_src or self.use_tgt):
             self._store_blend_maps(q, k)
+        C = self.C
+        if self.zero_uncond and mask is None and name in self.zero_kv_layers:
+            # the unconditional half reads zero keys and values: its output is exactly zero
+            self.calls["uncond_skipped"] += 1
+            out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+            out[C:] = self._cross(q[C:], k[C:], v[C:], None, C)
+            return out
+        return self._cross(q, k, v, mask, 0)
+
+    def _cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, off: int) -> torch.Tensor:
+        """Cross-attention with this step's edits, on the batch rows from ``off`` on."""
         if self.x_rows is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         self.calls["cross_edited"] += 1
-        rows, idx = self.x_rows, self.x_idx
+        rows = self.x_rows - off if off else self.x_rows
+        idx = self.x_idx[off:] - off if off else self.x_idx
         v2 = v.clone()
         v2[rows] = torch.einsum("rst,rhtd->rhsd", self.x_M, v[rows])
         out = F.scaled_dot_product_attention(q[idx], k[idx], v2, attn_mask=_rows(mask, idx))
@@ -185,25 +212,41 @@ class P2PController:
         return out
 
     # ------------------------------------------------------------------ local blend
-    def _probs_maps(self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
-                    weights: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
-        """Head-mean attention probabilities of chosen tokens: [n, N] (materialised here only).
-        ``inverse`` maps each blend row to its entry in ``rows`` (shared sources)."""
-        self.calls["probs"] += 1
-        scale = q.shape[-1] ** -0.5
-        probs = torch.softmax((q[rows].float() @ k[rows].float().transpose(-1, -2)) * scale, -1)
-        probs = probs.mean(1)
-        if inverse is not None:
-            probs = probs[inverse]
-        return (probs @ weights[:, :, None]).squeeze(-1)
+    def _plan_maps(self) -> None:
+        """One product per blend layer for both sides: the rows whose maps are read (the
+        blending targets, then each distinct source once) and, as columns, every blend row's
+        token weights (target sides, then source sides)."""
+        n = len(self.blend_rows)
+        rows, cols, dev = [], [], self.device
+        ar = torch.arange(n, device=dev)
+        if self.use_tgt:
+            rows.append(self.b_rows)
+            cols.append(self.b_tgt)
+            self.sel_tgt = (ar, ar)
+        if self.use_src:
+            off = self.b_rows.numel() if self.use_tgt else 0
+            rows.append(self.b_src_rows)
+            cols.append(self.b_src)
+            self.sel_src = (off + self.b_src_inv, ar + (n if self.use_tgt else 0))
+        if rows:
+            self.map_rows = torch.cat(rows)
+            self.map_w = torch.cat(cols).T.contiguous()  # [L, sides * n]
 
     def _store_blend_maps(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Head-mean attention probabilities of the chosen tokens (materialised here only), for
+        both sides in one product: ``mean_h softmax(QKᵀ/√d)`` of the rows read, times every
+        blend row's token weights. ``calls["probs"]`` counts the sides computed."""
+        self.calls["probs"] += int(self.use_tgt) + int(self.use_src)
+        rows = self.map_rows
+        scale = q.shape[-1] ** -0.5
+        probs = torch.softmax((q[rows].float() @ k[rows].float().transpose(-1, -2)) * scale, -1)
+        out = probs.mean(1) @ self.map_w  # [rows, N, columns]
         if self.use_tgt:
-            m = self._probs_maps(q, k, self.b_rows, self.b_tgt)
-            self.maps_tgt = m if self.maps_tgt is None else self.maps_tgt + m
+            m = out[self.sel_tgt[0], :, self.sel_tgt[1]]
+            self.maps_tgt = m if self.maps_tgt is None else self.maps_tgt.add_(m)
         if self.use_src:
-            m = self._probs_maps(q, k, self.b_src_rows, self.b_src, self.b_src_inv)
-            self.maps_src = m if self.maps_src is None else self.maps_src + m
+            m = out[self.sel_src[0], :, self.sel_src[1]]
+            self.maps_src = m if self.maps_src is None else self.maps_src.add_(m)
         self.maps_seen = True
 
     def _mask(self, maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -13,6 +13,8 @@ STAGE = register(Stage(
     summary="dsbuild.captions.report:summary",
     # no extra: the template backend needs none; the openai one checks the llm extra itself
     help="write caption triples with LLM agents", signs=("recipe",),
+    # photos, where the build names any (sources is off, and unsigned, in a synthetic build)
+    uses=("sources",),
     check="dsbuild.captions.validate:check_config",
     report="dsbuild.captions.report:write_report", report_each_rank=True,
     offline={"backend": "template"},

@@ -36,8 +36,18 @@ def _fmt_list(words: list[str], k: int, rng: random.Random) -> str:
     return ", ".join(rng.sample(words, k))
 
 
-def build_messages(recipe: Recipe, agent: Agent, n: int, sample: int, seed: int) -> list[dict]:
-    """Messages for request ``sample`` of an agent; a per-sample focus keeps requests varied."""
+PHOTO_RULES = (
+    "Input caption (of a real photo): {caption}\n"
+    "Every sample's \"input\" is this caption, word for word. Remove, replace or change only "
+    "things it names; add only things it does not name (here rule 3 does not apply: the input "
+    "caption stays as it is)."
+)
+
+
+def build_messages(recipe: Recipe, agent: Agent, n: int, sample: int, seed: int,
+                   photo_caption: str | None = None) -> list[dict]:
+    """Messages for request ``sample`` of an agent; a per-sample focus keeps requests varied.
+    ``photo_caption``: the triples edit this caption of a real photo (given as the input)."""
     rng = random.Random(content_id("prompt", seed, agent.name, sample))
     voc = agent.vocabulary
     ops = list(agent.operations)
@@ -62,6 +72,8 @@ def build_messages(recipe: Recipe, agent: Agent, n: int, sample: int, seed: int)
         "operations: "
         f"{', '.join(focus_ops)}; and this subject: {rng.choice(voc.subjects)}."
     )
+    if photo_caption is not None:
+        lines.append(PHOTO_RULES.format(caption=json.dumps(photo_caption, ensure_ascii=False)))
     system = recipe.system_prompt or SYSTEM_PROMPT
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
 

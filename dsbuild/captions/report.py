@@ -26,6 +26,8 @@ def merge_stats(build: Build) -> dict:
     retry_reasons: Counter = Counter()
     usage: Counter = Counter()
     usage_cached: Counter = Counter()
+    grounded: Counter = Counter()
+    photos = None
     agents: dict[str, dict] = {}
     examples: dict[str, list[str]] = {}
     backends, models, short = set(), set(), {}
@@ -35,6 +37,9 @@ def merge_stats(build: Build) -> dict:
         rejected.update(st.get("rejected", {}))
         agents.update(st.get("agents", {}))
         short.update(st.get("short", {}))
+        if "photos" in st:  # a build with photos: photos written from, grounding outcomes
+            photos = (photos or 0) + st["photos"]
+            grounded.update(st.get("grounded", {}))
         if st.get("backend"):
             backends.add(st["backend"])
         if st.get("model"):
@@ -72,6 +77,8 @@ def merge_stats(build: Build) -> dict:
         "usage": dict(usage) if has_requests else None,
         "usage_cached": dict(usage_cached) if has_requests else None,
         "rejected_examples": examples,
+        **({"photos": photos, "grounded": dict(sorted(grounded.items()))}
+           if photos is not None else {}),
     }
 
 
@@ -134,6 +141,11 @@ def format_summary(report: dict) -> str:
                      + "; tokens: "
                      f"{u.get('prompt_tokens', 0)} prompt + {u.get('completion_tokens', 0)} "
                      "completion")
+    if report.get("photos") is not None:
+        g = report.get("grounded") or {}
+        lines.append(f"from {report['photos']} photos; grounding check on the photo: "
+                     f"{g.get('grounded', 0)} passed, "
+                     f"{sum(v for k, v in g.items() if k != 'grounded')} rejected")
     if report["short"]:
         lines.append("short of target (gave up after max rounds): " + ", ".join(
             f"{k} -{v}" for k, v in report["short"].items()))

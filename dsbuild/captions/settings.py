@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from dsbuild.core.settings import StageSettings
 from dsbuild.llm.settings import TRANSPORT, LLMSettings
+
+
+class PhotoCaptionSettings(StageSettings):
+    """Triples written from the build's photos (the sources stage) and the grounding check run
+    on each photo before generation (docs/captions.md "From photos")."""
+
+    volatile: ClassVar[frozenset[str]] = frozenset({"device"})
+
+    per_photo: int = Field(4, ge=1, description="triples written from each photo")
+    ground: bool = Field(True, description="check each triple's targets with the detector on "
+                         "the photo: removed/replaced/changed things detected, added ones not")
+    detector: str = Field("auto", description="OWLv2/OWL-ViT of the grounding check; 'auto' = "
+                          "verify.detector", json_schema_extra={"loads": "owl"})
+    present_min: float = Field(0.2, ge=0, le=1, description="detector score at which a "
+                               "removed/replaced/changed thing counts as in the photo")
+    absent_max: float = Field(0.1, ge=0, le=1, description="score at or below which an added "
+                              "thing counts as absent from the photo")
+    device: str = "auto"
 
 
 class CaptionsSettings(LLMSettings):
@@ -36,3 +55,16 @@ class CaptionsSettings(LLMSettings):
         0.6, gt=0, le=1, description="max share of output words that may differ from input"
     )
     max_diff_spans: int = Field(2, ge=1, description="max separate changed spans input→output")
+    photos: PhotoCaptionSettings = Field(default_factory=PhotoCaptionSettings)
+
+    def signature_dict(self) -> dict[str, Any]:
+        """The photo settings sign only where they differ from their defaults, so a build made
+        before photos existed keeps its signature (a build with photos also signs the sources
+        stage it read)."""
+        data = super().signature_dict()
+        photos = self.photos.signature_dict()
+        if photos == PhotoCaptionSettings().signature_dict():
+            data.pop("photos", None)
+        else:
+            data["photos"] = photos
+        return data

@@ -26,6 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsbuild.captions import STAGE
+from dsbuild.captions.grounding import (
+    PhotoComposer,
+    PhotoGrounder,
+    assign_photos,
+    edit_targets,
+    ground_check,
+    queried,
+    things,
+)
 from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
 from dsbuild.captions.settings import CaptionsSettings
 from dsbuild.captions.template import TemplateComposer
@@ -53,8 +62,12 @@ def resolve_backend(settings: CaptionsSettings) -> str:
     return "template"
 
 
-def agent_target(agent: Agent, settings: CaptionsSettings) -> int:
-    """An agent's triple count after count_scale and per_agent."""
+def agent_target(agent: Agent, settings: CaptionsSettings,
+                 photos: dict[str, list[dict]] | None = None) -> int:
+    """An agent's triple count after count_scale and per_agent; in a build with photos,
+    ``photos.per_photo`` for each photo the agent was given."""
+    if photos is not None:
+        return settings.photos.per_photo * len(photos.get(agent.name, []))
     n = max(1, round(agent.count * settings.count_scale))
     return min(n, settings.per_agent) if settings.per_agent else n
 
@@ -65,23 +78,40 @@ def shard_agents(recipe: Recipe, rank: int, world_size: int) -> list[Agent]:
     return recipe.ordered_agents()[rank::world_size]
 
 
+def photo_assignment(build: Build, photos: dict[str, dict] | None = None
+                     ) -> dict[str, list[dict]] | None:
+    """The build's photos per agent name (None: a build without photos)."""
+    from dsbuild.core.photos import photos_by_id
+
+    photos = photos_by_id(build) if photos is None else photos
+    if not photos:
+        return None
+    return assign_photos(build.recipe.ordered_agents(), list(photos.values()))
+
+
 def expected(build: Build, world_size: int) -> list[int]:
     """Triples each rank is to write (its agents' targets): the driver's bar total."""
     s = build.config.captions
-    return [sum(agent_target(a, s) for a in shard_agents(build.recipe, r, world_size))
+    assigned = photo_assignment(build)
+    return [sum(agent_target(a, s, assigned) for a in shard_agents(build.recipe, r, world_size))
             for r in range(world_size)]
 
 
 def triple_record(recipe: Recipe, agent: Agent, triple: dict, backend: str,
-                  model: str | None) -> dict:
-    """A Triple record (dsbuild.core.schema.Triple): id is the hash of recipe/agent/input/edit/output."""
+                  model: str | None, photo: dict | None = None) -> dict:
+    """A Triple record (dsbuild.core.schema.Triple): id is the hash of recipe/agent/input/edit/output;
+    a triple written from a photo carries its id and provenance."""
     inp, edit, out = triple["input"], triple["edit"], triple["output"]
-    return {
+    rec = {
         "id": content_id(recipe.name, agent.name, inp, edit, out), "recipe": recipe.name,
         "agent": agent.name, "level": agent.level, "operation": triple["operation"],
         "input": inp, "edit": edit, "output": out,
         "source": {"backend": backend, "model": model}, "no_change": False,
     }
+    if photo is not None:
+        rec.update(photo_id=photo["id"], license=photo.get("license"),
+                   photo_source=photo.get("source"), attribution=photo.get("attribution"))
+    return rec
 
 
 @dataclass
@@ -109,7 +139,8 @@ class CaptionsRun:
     """One rank's captions work: feeds candidates through the validator into the writer."""
 
     def __init__(self, build: Build, agents: list[Agent], backend: str, writer: ShardWriter,
-                 log: AttemptLog | None = None, show_progress: bool = True):
+                 log: AttemptLog | None = None, show_progress: bool = True,
+                 photos: dict[str, list[dict]] | None = None, detector=None):
         self.build, self.recipe, self.agents = build, build.recipe, agents
         self.settings = build.config.captions
         self.backend = backend
@@ -117,8 +148,17 @@ class CaptionsRun:
         self.validator = Validator.from_settings(self.settings)
         for a in agents:
             self.validator.remember_examples(a)
-        self.tallies = {a.name: AgentTally(a.level, agent_target(a, self.settings))
+        self.tallies = {a.name: AgentTally(a.level, agent_target(a, self.settings, photos))
                         for a in agents}
+        # a build with photos: each agent's photos, triples per photo (streamed counts for the
+        # rounds, kept what the shard holds), the detector check on the photo
+        self.photos = photos
+        self.photo_streamed: Counter = Counter()
+        self.photo_kept: Counter = Counter(r.get("photo_id") for r in writer.records
+                                           if r.get("photo_id"))
+        self.grounder = (PhotoGrounder(build, detector, quiet=not show_progress)
+                         if photos is not None and self.settings.photos.ground else None)
+        self.grounded: Counter = Counter()  # triples checked on their photo, by outcome
         self.examples: dict[str, list[str]] = {}
         self.model: str | None = None
         self.log = log
@@ -144,39 +184,81 @@ class CaptionsRun:
                             unit=STAGE.unit, initial=done) if show_progress else None
 
     # ------------------------------------------------------------------ shared
-    def offer(self, agent: Agent, cand: object, raw: str | None = None) -> bool:
-        """Validate one candidate and write it if it passes; True once the agent is full.
+    def offer(self, agent: Agent, cand: object, raw: str | None = None,
+              photo: dict | None = None) -> bool:
+        """Validate one candidate and write it if it passes; True once the agent (with
+        ``photo``: that photo's ``per_photo``) is full.
 
         Every line is validated, also after the agent is full: a bad one is rejected with its
         reason, a good one counts as surplus. A triple the partial shard already holds comes
         back when a resumed run replays its stream: it counts for the rounds, is not written.
+        A triple from a photo must keep the photo's caption as its input and pass the
+        grounding check on the photo (a counted rejection otherwise).
         """
         tally = self.tallies[agent.name]
         tally.candidates += 1
+        if photo is None:
+            target, streamed, kept = tally.target, tally.streamed, tally.kept
+        else:
+            target = self.settings.photos.per_photo
+            streamed, kept = self.photo_streamed[photo["id"]], self.photo_kept[photo["id"]]
         if self.pending:
             rid = self._candidate_id(agent, cand)
             if rid in self.pending:  # written before the interruption (kept and seen already)
                 self.pending.discard(rid)
                 tally.streamed += 1
-                return tally.streamed >= tally.target
-        full = tally.streamed >= tally.target
-        res = (self.validator.reject("not_json") if cand is NOT_JSON
-               else self.validator.check(cand, agent))
+                if photo is not None:
+                    self.photo_streamed[photo["id"]] += 1
+                    if self.grounder is not None:  # it passed the check when written
+                        self.grounded["grounded"] += 1
+                return streamed + 1 >= target
+        full = streamed >= target
+        if cand is NOT_JSON:
+            res = self.validator.reject("not_json")
+        elif photo is not None and not self._photo_input(cand, photo):
+            res = self.validator.reject("photo_input_changed")
+        else:
+            res = self.validator.check(cand, agent, grounded=photo is not None)
+        if res.ok and photo is not None and self.grounder is not None:
+            reason = self._ground(agent, res.triple, photo)
+            self.grounded[reason or "grounded"] += 1
+            if reason:
+                res = self.validator.reject(reason)
         if not res.ok:
             self._rejected(tally, res, raw if raw is not None else cand)
             return full
         tally.streamed += 1
+        if photo is not None:
+            self.photo_streamed[photo["id"]] += 1
         # the shard can be full before the stream only when an earlier attempt's requests
         # failed (its later replies wrote what these lines would have)
-        if full or tally.kept >= tally.target:
+        if full or kept >= target:
             tally.surplus += 1
-            return tally.streamed >= tally.target
-        self.writer.write(triple_record(self.recipe, agent, res.triple, self.backend, self.model))
+            return streamed + 1 >= target
+        self.writer.write(triple_record(self.recipe, agent, res.triple, self.backend, self.model,
+                                        photo))
         tally.kept += 1
+        if photo is not None:
+            self.photo_kept[photo["id"]] += 1
         tally.operations[res.operation] += 1
         if self.bar is not None:
             self.bar.update(1)
-        return tally.streamed >= tally.target
+        return streamed + 1 >= target
+
+    @staticmethod
+    def _photo_input(cand: object, photo: dict) -> bool:
+        """Whether a candidate's input is the photo's caption (as stored: ``clean_text``)."""
+        return (isinstance(cand, dict) and isinstance(cand.get("input"), str)
+                and clean_text(cand["input"]) == clean_text(photo.get("caption") or ""))
+
+    def _ground(self, agent: Agent, triple: dict, photo: dict) -> str | None:
+        """The grounding check's rejection reason for a valid triple, or None."""
+        op = triple["operation"]
+        t = edit_targets(op, triple["input"], triple["output"], things(agent))
+        phrases = queried(op, t)
+        p = self.settings.photos
+        scores = self.grounder.score(photo, phrases) if phrases else {}
+        return ground_check(op, t, scores, p.present_min, p.absent_max)
 
     def _candidate_id(self, agent: Agent, cand: object) -> str | None:
         """The id a candidate's triple would get (``triple_record``), None if it has none."""
@@ -208,6 +290,9 @@ class CaptionsRun:
             "requests": requests,
             "rejected_examples": self.examples,
             "resumed": self.resumed, "unreplayed": len(self.pending),
+            **({"photos": sum(len(v) for n, v in self.photos.items() if n in self.tallies),
+                "grounded": dict(sorted(self.grounded.items()))}
+               if self.photos is not None else {}),
             "elapsed_s": round(earlier_s + time.perf_counter() - started, 3),
         }
 
@@ -218,12 +303,28 @@ class CaptionsRun:
     # ------------------------------------------------------------------ template
     def run_template(self) -> dict:
         started = time.perf_counter()
+        if self.photos is not None:
+            return self._template_photos(started)
         for agent in self.agents:
             tally = self.tallies[agent.name]
             stream = TemplateComposer(agent, self.settings.seed).candidates()
             for _ in range(max(200, tally.target * TEMPLATE_ATTEMPTS)):
                 if self.offer(agent, next(stream)):
                     break
+        return self.stats(started)
+
+    def _template_photos(self, started: float) -> dict:
+        """Per photo, candidates editing its caption until ``per_photo`` are kept (or the
+        caption gives nothing more to edit)."""
+        n = self.settings.photos.per_photo
+        for agent in self.agents:
+            for photo in self.photos.get(agent.name, []):
+                caption = clean_text(photo.get("caption") or "")
+                stream = PhotoComposer(agent, self.settings.seed, caption,
+                                       photo["id"]).candidates()
+                for _, cand in zip(range(max(50, n * TEMPLATE_ATTEMPTS)), stream, strict=False):
+                    if self.offer(agent, cand, photo=photo):
+                        break
         return self.stats(started)
 
     # ------------------------------------------------------------------ openai
@@ -273,6 +374,9 @@ class CaptionsRun:
         s = self.settings
         rounds = s.max_rounds or AUTO_ROUNDS
         async with backend:
+            if self.photos is not None:
+                await self._openai_photos(backend, started, rounds)
+                return
             for agent in self.agents:
                 tally = self.tallies[agent.name]
                 sample = 0
@@ -289,6 +393,31 @@ class CaptionsRun:
                         if reply is not None:
                             for line, cand in zip_lines(reply["content"]):
                                 self.offer(agent, cand, line)
+                        self._save_attempt(backend, started)
+
+
+    async def _openai_photos(self, backend: ChatClient, started: float, rounds: int) -> None:
+        """Rounds per photo, as per agent without photos: the photo's caption is the input
+        caption every requested triple edits (``build_messages(photo_caption=...)``)."""
+        s = self.settings
+        n = s.photos.per_photo
+        for agent in self.agents:
+            for photo in self.photos.get(agent.name, []):
+                caption = clean_text(photo.get("caption") or "")
+                sample = 0
+                for _ in range(rounds):
+                    need = n - self.photo_streamed[photo["id"]]
+                    if need <= 0:
+                        break
+                    idx = list(range(sample, sample + math.ceil(need / s.per_request)))
+                    sample += len(idx)
+                    self.tallies[agent.name].requests += len(idx)
+                    asks = [(build_messages(self.recipe, agent, min(n, s.per_request), i,
+                                            s.seed, photo_caption=caption), i) for i in idx]
+                    async for reply in backend.complete_in_order(asks):
+                        if reply is not None:
+                            for line, cand in zip_lines(reply["content"]):
+                                self.offer(agent, cand, line, photo=photo)
                         self._save_attempt(backend, started)
 
 
@@ -371,8 +500,13 @@ def check_share(stats: dict, settings: CaptionsSettings, rank: int) -> None:
 def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
                  backend: str | None = None, force: bool = False,
                  overrides: list[str] | tuple[str, ...] = (),
-                 show_progress: bool = True) -> StageResult:
-    """Write this rank's caption triples (resumable) and refresh reports/captions.json."""
+                 show_progress: bool = True, photos: dict[str, dict] | None = None,
+                 detector=None) -> StageResult:
+    """Write this rank's caption triples (resumable) and refresh reports/captions.json.
+
+    In a build with photos (the sources stage; ``photos`` by id replaces them, for tests) the
+    triples edit the photos' captions; ``detector`` replaces the grounding check's detector
+    (an :class:`dsbuild.models.owl.OwlDetector`)."""
     overrides = list(overrides) + ([f"captions.backend={backend}"] if backend else [])
     # check the recipe's examples under the new settings before saving them into dsbuild.yaml
     config = apply_overrides(build.config, overrides)
@@ -389,7 +523,8 @@ def run_captions(build: Build, rank: int = 0, world_size: int = 1, *,
     def work(writer: ShardWriter) -> dict:
         log = AttemptLog(writer.partial, build.signature("captions"), len(writer.records),
                          fresh=force) if chosen == "openai" else None
-        run = CaptionsRun(build, agents, chosen, writer, log, show_progress=show_progress)
+        run = CaptionsRun(build, agents, chosen, writer, log, show_progress=show_progress,
+                          photos=photo_assignment(build, photos), detector=detector)
         try:
             stats = run.run_template() if chosen == "template" else run.run_openai()
         finally:

@@ -9,6 +9,7 @@ import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 
+from dsbuild.captions.grounding import REASONS as GROUNDING_REASONS
 from dsbuild.core.config import OPERATIONS, Agent, Recipe
 from dsbuild.core.errors import ConfigError
 from dsbuild.core.text import normalise, singular, words
@@ -37,6 +38,7 @@ REASONS = {
     "duplicate": "an exact duplicate (normalised text) of a kept triple",
     "near_duplicate": "the same input→output change (content words) as a kept triple",
 }
+REASONS.update(GROUNDING_REASONS)
 
 STOPWORDS = frozenset(
     "a an the and or with of in on at to for by from its it their his her this that these those "
@@ -169,9 +171,12 @@ class Validator:
             self.examples_near.add(near)
 
     # ------------------------------------------------------------------ rules
-    def check(self, cand: object, agent: Agent | None = None) -> Checked:
-        """Validate one candidate triple (a parsed JSON object); count the reason if rejected."""
-        res = self._check(cand, agent)
+    def check(self, cand: object, agent: Agent | None = None, grounded: bool = False
+              ) -> Checked:
+        """Validate one candidate triple (a parsed JSON object); count the reason if rejected.
+        ``grounded``: its input is a photo's caption, which never says what is absent, so the
+        addition rule's "input says it is absent" is left to the detector on the photo."""
+        res = self._check(cand, agent, grounded)
         if res.reason:
             self.rejected[res.reason] += 1
         return res
@@ -181,7 +186,7 @@ class Validator:
         self.rejected[reason] += 1
         return Checked(None, reason)
 
-    def _check(self, cand: object, agent: Agent | None) -> Checked:
+    def _check(self, cand: object, agent: Agent | None, grounded: bool = False) -> Checked:
         if not isinstance(cand, dict):
             return Checked(None, "not_object")
         vals = {}
@@ -225,7 +230,7 @@ class Validator:
         target = target_stems(s_edit[verb_i:])
         if "remove" in ops and target:
             reason = self._remove_rule(target, s_in, s_out)
-        elif "add" in ops and target:
+        elif "add" in ops and target and not grounded:
             reason = self._add_rule(target, s_in, s_out)
         if reason:
             return Checked(None, reason, op)

@@ -199,6 +199,8 @@ def stage_state(s: dict) -> str:
         old = s["stale"]
         return (f"stale ({old['records']} records from an earlier run; `{old['refresh']}` to "
                 "refresh)")
+    if s["world_size"] is None and not s.get("active", True):
+        return "off (not configured)"
     if s["world_size"] is None:
         return "not run"
     if s["complete"]:

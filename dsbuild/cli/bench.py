@@ -14,6 +14,8 @@ BENCHES = {
     "train": ("dsbuild.bench.train:bench_train", "training steps vs diffusers' IP2P loop"),
     "editor": ("dsbuild.bench.editor:bench_editor",
                "editor generator rows vs a plain editing-pipeline loop"),
+    "invert": ("dsbuild.bench.invert:bench_invert",
+               "real-photo P2P pair (inversion) vs a synthetic P2P pair"),
     "eval": ("dsbuild.bench.eval:bench_eval", "eval rows vs a plain IP2P pipeline loop"),
     "scale": ("dsbuild.bench.scale:bench_scale", "generate with 1 vs 2 local workers"),
     "localize": ("dsbuild.bench.localize:bench_localize",

@@ -1,6 +1,7 @@
 """``dsbuild run``: every stage end to end, each resuming where it stopped.
 
-The stages and their order come from their declarations (:mod:`dsbuild.core.stages`): captions →
+The stages and their order come from their declarations (:mod:`dsbuild.core.stages`): sources
+(only where the build configures photos; otherwise off, and skipped) → captions →
 generate → filter → verify → augment → diversity → export for the built-in ones, plus any
 registered plugin stage. Each runs through ``Build.run_stage`` (done ranks skipped, partial
 ones resumed, a marker written last), so a second run with the same settings does nothing and
@@ -51,7 +52,7 @@ OFFLINE_NOTE = ("offline: template captions and dsbuild's built-in tiny models w
 @dataclass
 class StageOutcome:
     stage: str
-    state: str  # done | skipped (up to date)
+    state: str  # done | skipped (up to date) | off (an optional stage not configured)
     detail: str = ""
     seconds: float = 0.0
 
@@ -133,6 +134,9 @@ def run_pipeline(recipe: str | Path | None, out: str | Path, *, offline: bool = 
     result = RunResult(build)
     with make_executor(executor, echo=echo) as ex:
         for name in order:
+            if not build.is_active(name):  # an optional stage this build does not configure
+                result.outcomes.append(StageOutcome(name, "off"))
+                continue
             _run_one(ex, build, name, result, echo)
     if result.did_nothing:
         echo("nothing to do: every stage is up to date")
@@ -188,8 +192,8 @@ def _label(o: StageOutcome) -> str:
 @wait_option
 @executor_options
 def run_cmd(build, recipe, out, offline, per_agent, sets, reconfigure, until, executor):
-    """Run every stage (captions → generate → filter → verify → augment → diversity → export) on
-    BUILD, created from --recipe when it is new.
+    """Run every stage ([sources →] captions → generate → filter → verify → augment → diversity
+    → export) on BUILD, created from --recipe when it is new.
 
     The recipe defaults to the built-in interior-design recipe. Each stage resumes where it
     stopped; a second run with the same settings does nothing. On an existing BUILD, settings

@@ -251,7 +251,25 @@ class Build:
         if name == "decisions":
             f = self.decisions_path
             return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None
+        if "." in name:  # one setting of another section ("generate.height")
+            section, key = name.split(".", 1)
+            return getattr(self.config.stage_settings(section), key)
         return getattr(self.config, name).signature_dict()
+
+    def is_active(self, stage: str) -> bool:
+        """Whether this build runs ``stage`` (an optional stage, e.g. sources, may be off)."""
+        return stages.get(stage).is_active(self.config)
+
+    def active_uses(self, stage: str) -> tuple[str, ...]:
+        """The optional inputs of ``stage`` this build has: those of its ``uses`` that are not
+        off (a stage that is off is not signed, so builds without it keep their signatures)."""
+        return tuple(u for u in stages.get(stage).uses if self.is_active(u))
+
+    def required(self, stage: str) -> tuple[str, ...]:
+        """What must be complete before ``stage`` runs: its upstream stages and the stages it
+        uses that declare ``active`` and are on for this build (sources with photos)."""
+        return (*stages.get(stage).upstream,
+                *(u for u in self.active_uses(stage) if stages.get(u).active))
 
     def stage_settings(self, stage: str) -> dict:
         """What a stage's signature covers besides its upstream stages."""
@@ -267,9 +285,12 @@ class Build:
         st = stages.get(stage)
         parts = {"stage": stage, "settings": self.stage_settings(stage),
                  "up": {u: self.signature(u) for u in st.upstream}}
-        if st.uses:  # optional inputs: signed as they are when this stage runs
+        if st.fingerprint:  # inputs from outside the build (declared by the stage)
+            parts["input"] = deps.load_target(st.fingerprint, f"stage {stage}")(self)
+        uses = self.active_uses(stage)
+        if uses:  # optional inputs: signed as they are when this stage runs (off: not at all)
             parts["uses"] = {u: self.signature(u) if self.is_complete(u) else None
-                             for u in st.uses}
+                             for u in uses}
         return signature(parts)
 
     def marker_dir(self, stage: str) -> Path:
@@ -403,7 +424,10 @@ class Build:
             raise DsbuildError(f"stage '{stage}' does not shard: run it without --rank/"
                                "--world-size")
         check_rank(rank, world_size)
-        for up in st.upstream:
+        if not self.is_active(stage):
+            raise DsbuildError(f"stage '{stage}' is off in {self.root} (no setting turns it "
+                               f"on); see `dsbuild {st.cli_name} --help`")
+        for up in self.required(stage):
             self.require_complete(up)
         what = f"rank {rank} of {stage} in {self.root}" if st.sharded else \
             f"{stage} of {self.root}"
@@ -706,6 +730,7 @@ class Build:
             committed = self._committed_ranks(st, sig, marks)
             damaged = self.shard_problems(stage, parse=False)
             out["stages"][stage] = {
+                "active": self.is_active(stage),
                 "damaged": {str(r): why for r, why in damaged.items()},
                 "signature": sig,
                 "output": st.output,

@@ -49,7 +49,7 @@ from dsbuild.core.errors import DsbuildError
 
 DEFAULT = "p2p"
 BUILTIN = ("dsbuild.generate.generators.p2p", "dsbuild.generate.generators.editor",
-           "dsbuild.generate.generators.api")
+           "dsbuild.generate.generators.api", "dsbuild.generate.generators.inpaint")
 ParamType = Literal["string", "int", "float", "bool", "json"]
 
 
@@ -104,13 +104,17 @@ class Plan:
 @dataclass
 class Made:
     """What a generator made for one plan: float images H x W x 3 in [0, 1], the mask of what
-    it let change (H x W bool) where it has one, and the id of the source image it shares."""
+    it let change (H x W bool) where it has one, and the id of the source image it shares;
+    ``images``: more images by name (written as ``<pair>_<name>.png``, recorded in
+    ``images.<name>``), ``record``: more pair-record fields (a photo's ``photo_id``, ...)."""
 
     plan: Plan
     source: Any
     target: Any
     source_id: str
     mask: Any = None
+    images: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ class Images(TypedDict, total=False):
     input: str
     output: str
     mask: str
+    reconstruction: str  # a real photo's: the inverted source branch's image (P2P)
 
 
 class Pair(TypedDict, total=False):

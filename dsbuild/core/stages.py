@@ -28,7 +28,8 @@ from dsbuild.core.errors import DsbuildError
 from dsbuild.core.settings import StageSettings
 
 # Build inputs a stage may sign besides its own settings and upstream stages: the recipe,
-# a non-stage config section ("split", "review"), or the curators' decisions file.
+# a non-stage config section ("split", "review"), or the curators' decisions file; also one
+# setting of another section as "SECTION.KEY" (sources signs generate.height/width).
 SIGNABLE = ("recipe", "split", "review", "decisions")
 
 
@@ -75,15 +76,28 @@ class Stage:
     verify: str | None = None  # "module:function"(build, record) -> why it is damaged, or None
     # what `dsbuild run --offline` sets for this stage: its demo-sized, network-free values
     offline: dict[str, Any] = field(default_factory=dict)
+    # "module:function"(config) -> bool: whether this build runs the stage at all (None:
+    # always). An optional stage that is off (sources without photos) is skipped by `dsbuild
+    # run`, and a stage that ``uses`` it signs as if it did not exist, so builds that never
+    # configure it keep their signatures; once on, it is required like an upstream stage.
+    active: str | None = None
+    # "module:function"(build) -> JSON: what the stage reads from outside the build (a photo
+    # folder's file names and sizes), signed with its settings so a changed input reruns it
+    fingerprint: str | None = None
 
     def __post_init__(self):
-        bad = [s for s in self.signs if s not in SIGNABLE]
+        bad = [s for s in self.signs if s not in SIGNABLE and "." not in s]
         if bad:
             raise ValueError(f"stage {self.name}: cannot sign {bad}; choose from {SIGNABLE}")
 
     @property
     def cli_name(self) -> str:
         return self.command_name or self.name
+
+    def is_active(self, config) -> bool:
+        """Whether a build with ``config`` runs this stage (see ``active``)."""
+        return self.active is None or bool(deps.load_target(self.active, f"stage {self.name}")(
+            config))
 
     def load_run(self) -> Callable:
         """The run function; a missing optional dependency fails with the pip line."""
@@ -95,7 +109,7 @@ _plugins_loaded = False
 
 # The built-in stages, in run order. Each package declares its own stage in its __init__
 # (``STAGE = register(Stage(...))``); the core only names them, so it never imports a stage.
-BUILTIN = ("dsbuild.captions", "dsbuild.generate", "dsbuild.filter", "dsbuild.verify",
+BUILTIN = ("dsbuild.sources", "dsbuild.captions", "dsbuild.generate", "dsbuild.filter", "dsbuild.verify",
            "dsbuild.augment", "dsbuild.diversity", "dsbuild.export")
 _builtins_loading = False
 

@@ -277,7 +277,7 @@ class Executor:
         if not st.sharded:
             return st.load_run()(build, 0, 1, force=force)
         ws = self.world_size(build, stage, shards)
-        for up in st.upstream:  # a clear error before any worker starts
+        for up in build.required(stage):  # a clear error before any worker starts
             build.require_complete(up)
         prev = build.stage_world_size(stage)
         if prev is not None and prev != ws and not force:

@@ -207,8 +207,13 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["clip_sim_0, clip_sim_1, clip_sim_dir, clip_sim_image, dino, filter_rank",
          "filter scores (empty for no-change rows)"],
         ["review, original_edit", "latest review verdict and the instruction before correction"],
+        ["photo_id, license, source, attribution", "the real photo a row starts from and its "
+         "provenance (empty for generated rows; an empty license on a photo row: unknown)"],
+        ["reconstruction_psnr", "PSNR (dB) of the inverted photo's reconstruction (photo rows "
+         "made through inversion)"],
     ])
-    lines += [""] + notes.limitations_section(build, rows, models)
+    lines += [""] + notes.provenance_section(rows)
+    lines += notes.limitations_section(build, rows, models)
     lines += notes.license_section(build, rows, models)
     lines += notes.citation_section(build, rows, models)
     body = "\n".join(lines).rstrip() + "\n"

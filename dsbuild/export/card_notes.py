@@ -309,9 +309,10 @@ def license_section(build: Build, rows: ExportRows, models: list[str]) -> list[s
     if backend != "template":
         lines += [f"- The captions were written by `{llm}` through "
                   "an OpenAI-compatible API: its provider's terms may apply to them."]
-    photos = Counter(str(r["license"]) for r in allrows if r.get("license"))
+    photos = Counter(str(r.get("license") or "unknown") for r in allrows
+                     if r.get("photo_id") or r.get("license"))
     if photos:
-        lines += ["- Source photos, by licence (rows):"]
+        lines += ["- Source photos, by licence (rows; see Provenance):"]
         lines += [f"  - {lic}: {n}" for lic, n in sorted(photos.items())]
     else:
         lines += ["- Source photos: this build records none (every image was generated), so "
@@ -319,6 +320,39 @@ def license_section(build: Build, rows: ExportRows, models: list[str]) -> list[s
     lines += ["", "Whether generated images are protected by copyright at all differs from "
               "one jurisdiction to another.", ""]
     return lines
+
+
+def provenance_section(rows: ExportRows) -> list[str]:
+    """Where the real photos of the rows came from (the sources stage): rows and photos per
+    licence, with unknown licences said plainly, per source, and the attributions. Empty for
+    a build without photos (its rows are all generated; the licence section says so)."""
+    allrows = [r for k in SPLITS for r in rows.splits[k]]
+    mine = [r for r in allrows if r.get("photo_id")]
+    if not mine:
+        return []
+    photos = {r["photo_id"]: r for r in mine}
+    lic_rows = Counter(r.get("license") or "unknown" for r in mine)
+    lic_photos = Counter(r.get("license") or "unknown" for r in photos.values())
+    lines = ["## Provenance", "",
+             f"{len(mine)} of {len(allrows)} rows start from {len(photos)} real photos; the "
+             "columns `photo_id`, `license`, `source` and `attribution` say which and whose. "
+             "The rest were generated.", "", "| licence | photos | rows |", "|---|---|---|"]
+    lines += [f"| {lic} | {lic_photos[lic]} | {n} |" for lic, n in sorted(lic_rows.items())]
+    unknown = lic_photos.get("unknown", 0)
+    if unknown:
+        lines += ["", f"**{unknown} photo(s) ({lic_rows['unknown']} rows) have an unknown "
+                  "licence**: nobody recorded one. Find out before you share or train on them, "
+                  "or rebuild with `sources.require_license: true` to leave them out."]
+    sources = Counter(r.get("source") or "unknown" for r in photos.values())
+    lines += ["", "Sources (photos): " + ", ".join(f"`{k}`: {n}" for k, n in
+                                                   sorted(sources.items())) + "."]
+    attributions = sorted({r["attribution"] for r in photos.values() if r.get("attribution")})
+    if attributions:
+        lines += ["", "Attributions:", ""] + [f"- {a}" for a in attributions]
+    missing = sum(not r.get("attribution") for r in photos.values())
+    if missing:
+        lines += ["", f"{missing} photo(s) carry no attribution."]
+    return lines + [""]
 
 
 def used_references(build: Build, rows: ExportRows, models: list[str]) -> list[refs.Reference]:

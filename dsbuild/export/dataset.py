@@ -94,6 +94,10 @@ def collect_rows(build: Build) -> ExportRows:
         if r["corrected_edit"]:
             stats["corrected"] += 1
         rows[r["pair_id"]] = r
+    if s.input_image == "reconstruction":  # photo rows: the inverted source branch's image
+        for r in rows.values():
+            if r["_images"].get("reconstruction"):
+                r["_images"]["input"] = r["_images"]["reconstruction"]
     drop_unreadable(build, rows, stats)
     stats["with_edit_mask"] = sum(bool(r["_images"].get("mask")) for r in rows.values())
     nodes = {rid: row_nodes(r["triple_id"], [r["original_prompt"], r["edited_prompt"]])

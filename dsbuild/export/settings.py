@@ -22,3 +22,12 @@ class ExportSettings(StageSettings):
     grid_pairs: int = Field(6, ge=0, description="sample pairs on the card's grid image")
     strict: bool = Field(False, description="stop at a missing or undecodable image instead "
                          "of dropping its row (counted in the export stats either way)")
+    input_image: Literal["photo", "reconstruction"] = Field(
+        "photo", description="rows made from a real photo by P2P through inversion: their "
+        "input_image is the photo itself, or its reconstruction (the inverted source branch)")
+
+    def signature_dict(self) -> dict:
+        data = super().signature_dict()
+        if data.get("input_image") == "photo":  # the default signs as before it existed
+            data.pop("input_image")
+        return data

@@ -39,7 +39,7 @@ class SharedSettings(StageSettings):
     model: str = Field(ids.SD,
                        description="the generator's model: a diffusers dir or Hub id (p2p: SD "
                        "1.x/2.x or SDXL, or tiny-sdxl; editor: an editing pipeline, or tiny-ip2p / "
-                       "tiny-kontext; "
+                       "tiny-sdxl-ip2p / tiny-kontext; "
                        "api: the text-to-image model of the source images), or 'tiny'")
     steps: int = Field(50, ge=1)
     height: int = Field(512, ge=8)

@@ -146,6 +146,8 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
             gens.append(impl_cls(run, run.section(run.generator), device, dtypes[-1]))
             if hasattr(gens[-1], "use_cache"):  # one that pays per request keeps its replies
                 gens[-1].use_cache(build.cache_dir / "generate" / run.generator)
+            if hasattr(gens[-1], "use_build"):  # one that reads the build's photos
+                gens[-1].use_build(build)
         planned = plan_runs(gens, mine, labels)
         todo = [[p for p in plans if p.id not in writer.done] for plans in planned]
         _clean_temp(build, {p.triple["id"] for plans in todo for p in plans})
@@ -167,6 +169,10 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
                     if m.mask is not None:  # what the generator let change (white)
                         write_bytes(build.root / f"{rel}_mask.png", mask_png(m.mask))
                         rec["images"]["mask"] = f"{rel}_mask.png"
+                    for name, im in (m.images or {}).items():  # e.g. a photo's reconstruction
+                        write_bytes(build.root / f"{rel}_{name}.png", png_bytes(im))
+                        rec["images"][name] = f"{rel}_{name}.png"
+                    rec.update(m.record or {})
                     writer.write(rec)
                     made += 1
                     sources.add(m.source_id)

@@ -27,7 +27,7 @@ LOCAL_HOSTS = frozenset({"127.0.0.1"})  # the only host a url reply is fetched f
 class ImageEditClient(ChatClient):
     """Edits of one image by a prompt from one endpoint. ``settings`` is an
     :class:`~dsbuild.llm.settings.EndpointSettings` (generate.api); ``params`` are the
-    images.edit parameters besides model and prompt (size, quality, n, ...)."""
+    images.edit parameters besides model and prompt (size, quality, ...)."""
 
     def __init__(self, settings, cache: RequestCache | None, *, section: str,
                  params: dict, price_per_image: float | None = None, on_retry=None):
@@ -39,12 +39,16 @@ class ImageEditClient(ChatClient):
     def payload(self, prompt: str) -> dict:  # type: ignore[override]
         return {"model": self.settings.model, "prompt": prompt, **self.params}
 
-    async def edit(self, image: bytes, prompt: str, sample: object = None) -> dict | None:
+    async def edit(self, image: bytes, prompt: str, sample: object = None,
+                   n: int = 1) -> dict | None:
         """``{"images": [base64 str | None, ...], "usage": {...}}`` for editing ``image``
-        (PNG bytes) by ``prompt``, from the cache or the endpoint; None if it failed."""
+        (PNG bytes) by ``prompt``, ``n`` images in one request (images.edit ``n``; not sent
+        at 1), from the cache or the endpoint; None if it failed."""
         if self._sem is None:
             raise RuntimeError("use ImageEditClient inside 'async with'")
         payload = self.payload(prompt)
+        if n > 1:
+            payload["n"] = n
         key = RequestCache.key({"api": "images.edit", **payload,
                                 "image_sha256": hashlib.sha256(image).hexdigest(),
                                 "base_url": self.settings.base_url}, sample)
@@ -54,7 +58,7 @@ class ImageEditClient(ChatClient):
             self.stats.usage_cached.update(hit.get("usage") or {})
             self.images["cached"] += len(hit.get("images") or [])
             return hit
-        self.images["requested"] += int(self.params.get("n") or 1)
+        self.images["requested"] += int(payload.get("n") or 1)
         async with self._sem:
             reply = await self._request({**payload, "image": ("source.png", image, "image/png")})
         if reply is not None:

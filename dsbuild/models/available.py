@@ -20,6 +20,7 @@ from dsbuild.models import checkpoint
 from dsbuild.models.editor import EDIT_PIPELINES, TINY_EDITORS
 from dsbuild.models.hub import HubUnreachable, offline  # noqa: F401 - HubUnreachable: part of this module's errors
 from dsbuild.models.hub import config_file as _config_file
+from dsbuild.models.inpaint import FROM_TEXT_TO_IMAGE, INPAINT_PIPELINES, TINY_INPAINTERS
 
 # kind -> (config file that names the architecture, its key, accepted values, what it is)
 KINDS = {
@@ -34,10 +35,13 @@ KINDS = {
     "editor": ("model_index.json", "_class_name", EDIT_PIPELINES,
                "a diffusers editing pipeline (InstructPix2Pix, SDXL InstructPix2Pix, FLUX.1 "
                "Kontext, Qwen-Image-Edit)"),
+    "inpaint": ("model_index.json", "_class_name", (*INPAINT_PIPELINES, *FROM_TEXT_TO_IMAGE),
+                "a diffusers inpainting pipeline (SD/SDXL inpainting, FLUX.1 Fill, FLUX.1 "
+                "Kontext) or an SD/SDXL checkpoint"),
 }
 BUILT_IN = {"sd": ("tiny", "tiny-sdxl", "arch:small", "arch:small-sdxl", "arch:sd15"),
             "clipseg": ("tiny", "sam"),
-            "editor": tuple(TINY_EDITORS)}
+            "editor": tuple(TINY_EDITORS), "inpaint": tuple(TINY_INPAINTERS)}
 RANDOM_WEIGHTS = ("", "none", "random")  # clip_pretrained values that mean no weights
 
 

@@ -2,7 +2,7 @@
 a checkpoint: 'tiny', a folder such as ``dsbuild train``'s output, or a Hub id, and its tiny
 build) and the diffusers editing pipelines the editor generator drives (InstructPix2Pix, SDXL
 InstructPix2Pix, FLUX.1 Kontext, Qwen-Image-Edit: the class read from model_index.json), with
-a tiny Kontext built from config."""
+a tiny SDXL InstructPix2Pix and a tiny Kontext built from config."""
 
 from __future__ import annotations
 
@@ -83,9 +83,25 @@ def load_editor(model: str, device: str = "cpu", dtype: str = "fp32", quiet: boo
 EDIT_PIPELINES = ("StableDiffusionInstructPix2PixPipeline",
                   "StableDiffusionXLInstructPix2PixPipeline", "FluxKontextPipeline",
                   "QwenImageEditPipeline")
-IP2P, KONTEXT = EDIT_PIPELINES[0], EDIT_PIPELINES[2]
+IP2P, SDXL_IP2P, KONTEXT = EDIT_PIPELINES[:3]
 # built-in editors with random weights built from config ('tiny' is 'tiny-ip2p', as for eval)
-TINY_EDITORS = {"tiny": IP2P, "tiny-ip2p": IP2P, "tiny-kontext": KONTEXT}
+TINY_EDITORS = {"tiny": IP2P, "tiny-ip2p": IP2P, "tiny-sdxl-ip2p": SDXL_IP2P,
+                "tiny-kontext": KONTEXT}
+
+
+def tiny_sdxl_ip2p_components(seed: int = 0) -> dict:
+    """A tiny SDXL InstructPix2Pix, as diffusers' fast test builds it: dsbuild's tiny SDXL
+    (two CLIP text encoders, "text_time" added conditioning) with an 8-channel UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dsbuild.models.sd import tiny_sdxl_components
+
+    comps = tiny_sdxl_components(seed)
+    torch.manual_seed(seed)
+    comps["unet"] = UNet2DConditionModel.from_config(
+        {**comps["unet"].config, "in_channels": IP2P_CHANNELS})
+    return comps
 
 
 def t5_char_tokenizer():
@@ -165,15 +181,15 @@ def edit_pipeline_class(model: str, setting: str = "generate.model") -> str:
     if found not in EDIT_PIPELINES:
         raise DsbuildError(f"{setting}: {model!r} is a {found!r}, not a diffusers editing "
                            f"pipeline (model_index.json _class_name); give one of "
-                           f"{', '.join(EDIT_PIPELINES)}, or tiny-ip2p / tiny-kontext")
+                           f"{', '.join(EDIT_PIPELINES)}, or one of {', '.join(list(TINY_EDITORS)[1:])}")
     return found
 
 
 def load_edit_pipeline(model: str, dtype: str = "fp32", device: str = "cpu",
                        quiet: bool = False, setting: str = "generate.model"):
     """The diffusers editing pipeline ``model`` names, its class read from model_index.json
-    (:func:`edit_pipeline_class`): 'tiny' / 'tiny-ip2p' / 'tiny-kontext' (random weights built
-    from config), a folder or a Hub id. Errors are one line naming ``setting``."""
+    (:func:`edit_pipeline_class`): 'tiny' / 'tiny-ip2p' / 'tiny-sdxl-ip2p' / 'tiny-kontext'
+    (random weights built from config), a folder or a Hub id. Errors are one line naming ``setting``."""
     require("diffusers")
     import diffusers
 
@@ -189,6 +205,9 @@ def load_edit_pipeline(model: str, dtype: str = "fp32", device: str = "cpu",
                            quiet=True, setting=setting)
     if model == "tiny-kontext":
         pipe = diffusers.FluxKontextPipeline(**tiny_kontext_components())
+    elif model == "tiny-sdxl-ip2p":
+        pipe = diffusers.StableDiffusionXLInstructPix2PixPipeline(
+            **tiny_sdxl_ip2p_components(), add_watermarker=False)
     else:
         cls = getattr(diffusers, cls_name)
         try:

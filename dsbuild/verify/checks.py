@@ -240,6 +240,15 @@ def near_copy_check(similarity: float | None, s: VerifySettings, exempt: bool) -
     return check("near_copy", sim <= s.near_copy_max, "near_copy", similarity=sim)
 
 
+def preserve_check(similarity: float | None, s: VerifySettings) -> dict:
+    """A photo pair's preservation: outside its edit mask the edited image stays close to the
+    photo (``similarity`` over those pixels; None: the mask leaves no pixel outside)."""
+    if similarity is None:
+        return check("preserve", None, "mask_covers_all")
+    sim = round(similarity, 5)
+    return check("preserve", sim >= s.preserve_min, "photo_not_preserved", similarity=sim)
+
+
 def judge_check(result: dict | None, s: VerifySettings) -> dict:
     """The judge's rubric scores against their minimums; a bad reply is counted, not a reject."""
     if result is None:

@@ -31,6 +31,9 @@ CHECKS: dict[str, tuple[str, str | None, str]] = {
     "image": ("images-readable", None, "both images of the pair can be read"),
     "near_copy": ("not-a-near-copy", None, "the output differs from the input: pixel "
                   "similarity ≤ near_copy_max ({near_copy_max:g}); no-change triples exempt"),
+    "preserve": ("photo-preserved", None, "photo pairs with an edit mask: outside the mask the "
+                 "edited image stays close to the photo: pixel similarity ≥ preserve_min "
+                 "({preserve_min:g})"),
     "add": ("object-added", "add", "the new phrase is present in the output ({present}) and "
             "absent in the input ({absent}){more}"),
     "remove": ("object-removed", "remove", "the old phrase is present in the input ({present}) "
@@ -74,7 +77,7 @@ def _check_table(recs: list[dict], s) -> dict[str, dict]:
 def _shown_settings(s) -> dict:
     """The thresholds as the checks' descriptions print them: "off" where one tests nothing
     (``dsbuild run --offline`` turns the detector and change thresholds off)."""
-    return {"near_copy_max": s.near_copy_max,
+    return {"near_copy_max": s.near_copy_max, "preserve_min": s.preserve_min,
             "present": f"detector ≥ {s.present_min:g}" if s.present_min > 0
             else "present_min off: any box",
             "absent": f"≤ {s.absent_max:g}" if s.absent_max < 1 else "absent_max off: any score",

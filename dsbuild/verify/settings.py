@@ -53,6 +53,9 @@ class VerifySettings(StageSettings):
     near_copy_max: float = Field(0.995, ge=0, le=1, description="max pixel similarity "
                                  "(1 - mean absolute difference) of an edit pair; above it the "
                                  "output is a near copy of the input")
+    preserve_min: float = Field(0.95, ge=0, le=1, description="photo pairs with an edit mask: "
+                                "min pixel similarity (1 - mean absolute difference) of the "
+                                "photo and the edited image outside the mask")
     clip_model: str = Field(ids.CLIP, description="open_clip model of the change check",
                             json_schema_extra={"loads": "clip"})
     clip_pretrained: str = Field(ids.CLIP_PRETRAINED,
@@ -70,6 +73,8 @@ class VerifySettings(StageSettings):
         """The judge's transport settings never count, nor whether it may score nothing (the
         records are the same); a disabled judge counts not at all."""
         data = super().signature_dict()
+        if self.preserve_min == type(self).model_fields["preserve_min"].default:
+            data.pop("preserve_min")  # signs only when changed: builds made before keep theirs
         judge = self.judge.model_dump(mode="json")
         data["judge"] = ({k: v for k, v in judge.items() if k not in TRANSPORT | {"optional"}}
                          if self.judge.enabled else None)

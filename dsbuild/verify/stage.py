@@ -53,6 +53,23 @@ def pixel_similarity(a, b) -> float:
     return float(1.0 - np.abs(x - y).mean() / 255.0)
 
 
+def masked_similarity(a, b, mask) -> float | None:
+    """1 - mean absolute difference of two images over the pixels where ``mask`` is black
+    (the region an edit may not touch); None when the mask is white everywhere."""
+    import numpy as np
+
+    if b.size != a.size:
+        b = b.resize(a.size)
+    if mask.size != a.size:
+        mask = mask.resize(a.size)
+    keep = np.asarray(mask.convert("L")) < 128
+    if not keep.any():
+        return None
+    x = np.asarray(a.convert("RGB"), dtype=np.float32)[keep]
+    y = np.asarray(b.convert("RGB"), dtype=np.float32)[keep]
+    return float(1.0 - np.abs(x - y).mean() / 255.0)
+
+
 def region(f_in: Found | None, f_out: Found | None, s: VerifySettings
            ) -> tuple[float, float, float, float] | None:
     """The union of the thing's best boxes where the detector saw it."""
@@ -74,6 +91,7 @@ class Verifier:
         self._encoded0 = getattr(detector, "encoded", 0)  # a reused detector's earlier images
         self._encoders = encoders  # (clip, dino) for the change check
         self.quiet = quiet
+        self.preserved: dict[str, float | None] = {}  # photo pairs with a mask, by pair id
         self.judge = None
         if self.s.judge.enabled:
             from dsbuild.verify.judge import Judge
@@ -159,6 +177,8 @@ class Verifier:
         else:
             exempt = bool(j.triple.get("no_change"))
             cs = [checks.near_copy_check(sim, s, exempt),
+                  *([checks.preserve_check(self.preserved[j.pair["id"]], s)]
+                    if j.pair["id"] in self.preserved else []),
                   checks.operation_check(op, t, found.get(p_in, {}), found.get(p_out, {}), s,
                                          change)]
             if self.judge is not None:
@@ -186,6 +206,14 @@ class Verifier:
             except Exception:  # noqa: BLE001 - a broken file is an image error, not a crash
                 continue
             sims[pid] = pixel_similarity(a, b)
+            mask = j.pair["images"].get("mask")
+            if j.pair.get("photo_id") and mask:  # input is the photo: compare outside the mask
+                try:
+                    with Image.open(root / mask) as m:
+                        self.preserved[pid] = masked_similarity(a, b, m)
+                except Exception:  # noqa: BLE001 - an unreadable mask is an image error
+                    sims.pop(pid)
+                    continue
             t = tg[pid]
             if j.triple.get("operation") == "change" and t.thing:
                 box = region(found.get(p_in, {}).get(t.thing), found.get(p_out, {}).get(t.thing),

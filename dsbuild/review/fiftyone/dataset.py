@@ -76,6 +76,7 @@ def sidebar(columns: dict[str, Param] | None = None) -> dict[str, tuple[str, ...
                  "pair_id", "triple_id", "source_pair_id", "target", "caption_backend",
                  "caption_model", "in_build"),
         "generation": ("seed", "model", "generator", *(columns or {}), "params"),
+        "provenance": ("photo_id", "license", "source", "attribution", "reconstruction_psnr"),
     }
 
 

@@ -4,8 +4,9 @@ to an OpenAI-compatible ``/v1/images/edits`` endpoint, ``concurrency`` requests 
 
 Plans are grouped by source; consecutive groups fill chunks of at least ``generate.batch_size``
 and ``generate.api.concurrency`` edits; a chunk's sources are made in text-to-image batches of
-``generate.batch_size``, then all its edits are asked at once and yielded in order. A returned
-image is decoded and checked (size, mode) before it is handed on: a bad one is counted in the
+``generate.batch_size``, then all its edits are asked at once (``generate.api.n`` variants of
+one source and instruction per request) and yielded in order. Each returned image is decoded
+and checked (size, mode) alone before it is handed on: a bad one is counted in the
 stats and skipped (its reply stays cached, so a re-run does not pay for it again). Requests
 that failed after every retry are skipped too, and the stage then stops without its marker,
 so running it again asks only for those.
@@ -46,6 +47,9 @@ class ImagesEditAPI:
         self.bad: Counter = Counter()
         self.client = None
 
+    def use_build(self, build) -> None:
+        self.sources.use_build(build)  # a photo triple's source is its photo
+
     def use_cache(self, folder: Path) -> None:
         """Keep the endpoint's replies under ``folder`` (the build's cache): a re-run or a
         resumed run asks for nothing it already got."""
@@ -81,16 +85,20 @@ class ImagesEditAPI:
                 images.update(zip(part, self.sources.make(part), strict=True))
             pngs = {key: png_bytes(im) for key, im in images.items()}
             todo = [p for _, part in chunk for p in part]
+            asks = _requests(todo)
             replies = asyncio.run(self._edit_all(
-                [(pngs[p.group], p.triple["edit"], p.params["variant"]) for p in todo]))
-            for plan, reply in zip(todo, replies, strict=True):
+                [(pngs[key[0]], key[1], key[2], key[3]) for key in asks]))
+            got = dict(zip(asks, replies, strict=True))
+            for plan in todo:
+                reply = got[_request_key(plan)]
                 if reply is None:  # gave up after its retries (counted as failed)
                     continue
-                target, why = self._decode(reply)
+                target, why = self._decode(reply, plan.params.get("n_index", 0))
                 if why is not None:
                     self.bad[why] += 1
                     continue
-                yield Made(plan, images[plan.group], target, self.sources.id(plan.group))
+                yield Made(plan, images[plan.group], target, self.sources.id(plan.group),
+                           record=self.sources.record(plan.group))
         failed = client.stats.failed - failed_before
         if failed:
             errors = "; ".join(dict.fromkeys(client.stats.errors[-3:]))
@@ -99,18 +107,22 @@ class ImagesEditAPI:
                 f"{self.own.max_retries + 1} attempts ({errors}); the pairs received are "
                 "written; run the same command again to ask only for the missing ones")
 
-    def _decode(self, reply: dict) -> tuple[np.ndarray | None, str | None]:
+    def _decode(self, reply: dict, index: int = 0) -> tuple[np.ndarray | None, str | None]:
+        """The reply's ``index``-th image, checked alone (a reply with fewer images than
+        asked: the missing ones are ``no_image``)."""
         from dsbuild.llm.images import decode_image
 
         s = self.settings
-        returned = reply.get("images") or [None]
-        return decode_image(returned[0], s.width, s.height)
+        returned = reply.get("images") or []
+        return decode_image(returned[index] if index < len(returned) else None,
+                            s.width, s.height)
 
-    async def _edit_all(self, requests: list[tuple[bytes, str, int]]) -> list[dict | None]:
+    async def _edit_all(self, requests: list[tuple[bytes, str, int, int]]
+                        ) -> list[dict | None]:
         client = self.client
         async with client:
-            tasks = [asyncio.ensure_future(client.edit(png, prompt, variant))
-                     for png, prompt, variant in requests]
+            tasks = [asyncio.ensure_future(client.edit(png, prompt, variant, n))
+                     for png, prompt, variant, n in requests]
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
@@ -124,6 +136,21 @@ class ImagesEditAPI:
                 "endpoint": client.endpoint,
                 "requests": client.stats.as_dict(), "images": client.counts(),
                 "bad_images": dict(sorted(self.bad.items()))}
+
+
+def _request_key(plan: Plan) -> tuple:
+    """The request a pair's image comes from: (source group, instruction, the first variant
+    it asks for, images asked). At ``generate.api.n`` = 1 each variant is its own request."""
+    p = plan.params
+    index = p.get("n_index", 0)
+    return (plan.group, plan.triple["edit"], p["variant"] - index, p.get("n", 1))
+
+
+def _requests(plans: list[Plan]) -> list[tuple]:
+    """The distinct requests of ``plans`` in order: the variants of one source and
+    instruction that share a request are asked once, together (the whole request even when
+    a resumed run misses only some of its pairs, so the cache answers it)."""
+    return list(dict.fromkeys(_request_key(p) for p in plans))
 
 
 def _chunks(groups: list[tuple[tuple, list[Plan]]], size: int):

@@ -3,6 +3,9 @@
 A triple's N pairs come from ceil(N / variants) source images of its input caption
 (:func:`~dsbuild.generate.generators.source.source_seed`), ``variants`` edit requests each;
 the variant number is a parameter, so each is its own request and its own cached reply.
+With ``generate.api.n`` > 1 a source's variants are asked ``n`` at a time: a pair records
+``n`` (the images its request asks for) and ``n_index`` (which of them is its own), fixed by
+the settings alone, so a resumed run asks the same requests and the cache answers them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import itertools
 
 from dsbuild.core.generators import Plan
 from dsbuild.core.hashing import content_id
-from dsbuild.generate.generators.source import samples_for, source_seed
+from dsbuild.generate.generators.source import samples_for, source_group, source_seed
 
 
 def count(triple: dict, s) -> int:
@@ -39,12 +42,16 @@ def plan_triple(triple: dict, s, own, source: dict) -> list[Plan]:
         if len(plans) >= n:
             break
         seed = source_seed(s, triple["input"], k)
-        for v in range(min(own.variants, n - len(plans))):
+        count = min(own.variants, n - len(plans))
+        for v in range(count):
             params = {"model": own.model, "size": req["size"], "quality": own.quality,
                       "variant": v, "extra": req.get("extra_body"),
                       "source_model": source["model"], "source_steps": source["steps"],
                       "source_guidance": source["guidance"], "height": s.height,
                       "width": s.width}
+            if own.n > 1:  # absent at n=1: pair ids as before n existed
+                start = v - v % own.n
+                params.update(n=min(own.n, count - start), n_index=v - start)
             plans.append(Plan(triple, len(plans), content_id(triple["id"], seed, params),
-                              seed, params, group=(triple["input"], seed)))
+                              seed, params, group=source_group(triple, seed)))
     return plans

@@ -46,6 +46,9 @@ class InstructionEditor:
         self.source = self.sources.spec
         self.source_pipe = self.sources.pipe
 
+    def use_build(self, build) -> None:
+        self.sources.use_build(build)  # a photo triple's source is its photo
+
     def plan(self, triple: dict) -> list[Plan]:
         return plan_triple(triple, self.settings, self.own, self.pipeline, self.knobs,
                            self.source)
@@ -74,7 +77,7 @@ class InstructionEditor:
             edited = self.driver.edit(jobs, s.steps, s.height, s.width)
             for plan, image in zip(todo, edited, strict=True):
                 yield Made(plan, held[plan.group][0], np.asarray(image, dtype=np.float64),
-                           self.source_id(plan.group))
+                           self.source_id(plan.group), record=self.sources.record(plan.group))
             last = chunk[-1][0]
             for key in [k for k in held if k != last]:  # groups come in order: done with it
                 del held[key]

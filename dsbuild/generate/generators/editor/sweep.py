@@ -14,7 +14,7 @@ import random
 
 from dsbuild.core.generators import Plan
 from dsbuild.core.hashing import content_id
-from dsbuild.generate.generators.source import samples_for, source_seed
+from dsbuild.generate.generators.source import samples_for, source_group, source_seed
 
 __all__ = ["plan_triple", "samples_for", "source_seed"]
 
@@ -55,5 +55,5 @@ def plan_triple(triple: dict, s, own, pipeline: str, knobs: dict, source: dict) 
                   "source_guidance": source["guidance"], "height": s.height,
                   "width": s.width}
         plans.append(Plan(triple, i, content_id(triple["id"], seed, params), seed, params,
-                          group=(triple["input"], seed)))
+                          group=source_group(triple, seed)))
     return plans

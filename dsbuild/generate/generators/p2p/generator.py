@@ -8,11 +8,16 @@ batches of ``generate.batch_size`` images.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
+
+from dsbuild.core.errors import DsbuildError
 from dsbuild.core.generators import Made
 from dsbuild.core.hashing import content_id
 from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT
+from dsbuild.generate.generators.p2p.invert import Inverter, psnr
 from dsbuild.generate.generators.p2p.sampler import P2PGenerator, SourceGroup
 from dsbuild.generate.generators.p2p.sweep import PairPlan, plan_triple
 from dsbuild.generate.settings import GenerateSettings
@@ -38,6 +43,29 @@ class PromptToPrompt:
                 device))
         self.sampler = P2PGenerator(pipe, s.scheduler, s.blend_threshold, s.blend_start,
                                     segmenter)
+        self.photos: dict[str, dict] = {}
+        self.load_photo: Callable[[dict], np.ndarray] | None = None
+        self.inverter: Inverter | None = None
+
+    def use_build(self, build) -> None:
+        """The build's photos, and its folder of inversions (pairs/inversions)."""
+        from dsbuild.core import photos
+
+        self.use_photos(photos.photos_by_id(build), lambda p: photos.load_photo(build, p),
+                        build.root / "pairs" / "inversions")
+
+    def use_photos(self, by_id: dict[str, dict], load: Callable[[dict], np.ndarray],
+                   folder: Path | None) -> None:
+        """Photos by id, how to read one (float H x W x 3), where inversions are kept."""
+        self.photos, self.load_photo = by_id, load
+        self.inverter = None
+        self._folder = folder
+
+    def invert(self) -> Inverter:
+        if self.inverter is None:
+            self.inverter = Inverter(self.sampler, self.model, self.settings.inversion,
+                                     getattr(self, "_folder", None))
+        return self.inverter
 
     def plan(self, triple: dict) -> list[PairPlan]:
         return plan_triple(triple, self.settings, self.sampler.pipe.tokenizer)
@@ -50,6 +78,10 @@ class PromptToPrompt:
 
     def generate(self, plans: list[PairPlan]) -> Iterator[Made]:
         s = self.settings
+        photo = [p for p in plans if p.triple.get("photo_id")]
+        if photo:
+            yield from self._from_photos(photo)
+            plans = [p for p in plans if not p.triple.get("photo_id")]
         for chunk in _chunks(group_plans(plans), s.batch_size):
             groups = [SourceGroup(*key, [p.target() for p in group]) for key, group in chunk]
             results = self.sampler.generate(groups, s.steps, s.height, s.width, s.batch_size)
@@ -58,9 +90,49 @@ class PromptToPrompt:
                 for plan, image, mask in zip(group, res.targets, res.masks, strict=True):
                     yield Made(plan, res.source, image, sid, mask)
 
+    def _from_photos(self, plans: list[PairPlan]) -> Iterator[Made]:
+        """Pairs of real photos: each group's source branch starts from the photo's inversion
+        (DDIM, its per-step unconditional embeddings) and reconstructs it; the pair's input
+        image is the prepared photo itself, the reconstruction an extra image."""
+        s, inv = self.settings, self.invert()
+        for chunk in _chunks(group_plans(plans), s.batch_size):
+            groups, extra = [], []
+            for (caption, seed, guidance), group in chunk:
+                t = group[0].triple
+                rec = self.photos.get(t["photo_id"])
+                if rec is None or self.load_photo is None:
+                    raise DsbuildError(f"generate: triple {t['id']} names photo "
+                                       f"{t['photo_id']!r}, which is not among the build's "
+                                       "photos; rerun `dsbuild captions --force`")
+                image = self.load_photo(rec)
+                if image.shape[:2] != (s.height, s.width):
+                    raise DsbuildError(
+                        f"generate: photo {rec['id']} ({rec.get('image')}) is "
+                        f"{image.shape[1]}x{image.shape[0]}, not generate.width x height "
+                        f"{s.width}x{s.height}; rerun `dsbuild sources --force` at that size")
+                got = inv.get(rec["id"], image, caption, s.steps, guidance)
+                groups.append(SourceGroup(caption, seed, guidance,
+                                          [p.target() for p in group], got.latents, got.uncond))
+                sid = content_id("photo", self.model, rec["id"], caption, s.steps, guidance,
+                                 s.inversion)
+                extra.append((image, got, rec, sid))
+            results = self.sampler.generate(groups, s.steps, s.height, s.width, s.batch_size,
+                                            scheduler="ddim")
+            for (_, group), res, (image, got, rec, sid) in zip(chunk, results, extra,
+                                                               strict=True):
+                record = {"photo_id": rec["id"],
+                          "reconstruction_psnr": psnr(res.source, got.round_trip)}
+                for plan, target, mask in zip(group, res.targets, res.masks, strict=True):
+                    yield Made(plan, image, target, sid, mask,
+                               images={"reconstruction": res.source}, record=dict(record))
+
     def stats(self) -> dict:
-        return {"captions_encoded": self.sampler.encoded, CUT_STAT: self.sampler.cut,
-                LIMIT_STAT: self.sampler.L}
+        out = {"captions_encoded": self.sampler.encoded, CUT_STAT: self.sampler.cut,
+               LIMIT_STAT: self.sampler.L}
+        if self.inverter is not None:  # photo builds only: their counters
+            out["inversions"] = self.inverter.computed
+            out["inversions_reused"] = self.inverter.loaded
+        return out
 
 
 def group_plans(plans: list[PairPlan]) -> list[tuple[tuple, list[PairPlan]]]:

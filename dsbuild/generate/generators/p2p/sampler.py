@@ -87,6 +87,10 @@ class SourceGroup:
     seed: int
     guidance: float
     targets: list[TargetSpec] = field(default_factory=list)
+    # a real photo's inversion (invert.py): the start latent x_T [C, h, w] every row of the
+    # group starts from, and each step's unconditional embedding [steps, L, D] for its rows
+    latents: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,6 +153,11 @@ class P2PGenerator:
         emb = torch.stack([self._embeds[p][0] for p in prompts])
         pooled = torch.stack([self._embeds[p][1] for p in prompts]) if self.xl else None
         return emb, pooled
+
+    def forget_text(self) -> None:
+        """Drop the cached text embeddings (a benchmark pair then pays its encoding, as the
+        plain pipeline does on every call)."""
+        self._embeds.clear()
 
     def unconditional(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The negative branch's embeddings for ``n`` rows, as the plain pipeline makes them:
@@ -226,8 +235,9 @@ class P2PGenerator:
     def generate(self, groups: list[SourceGroup], steps: int, height: int, width: int,
                  batch_size: int = 8,
                  callback: Callable[[int, torch.Tensor, P2PController, list], None] | None = None,
-                 ) -> list[GroupImages]:
-        """Images for every group: batches of at most ``batch_size`` images, one source each."""
+                 scheduler: str | None = None) -> list[GroupImages]:
+        """Images for every group: batches of at most ``batch_size`` images, one source each
+        (``scheduler``: another than this sampler's, e.g. ddim for inverted photos)."""
         pieces: list[tuple[int, list[int]]] = []  # (group index, target indices)
         per = max(1, batch_size - 1)
         for gi, g in enumerate(groups):
@@ -249,7 +259,7 @@ class P2PGenerator:
         masks: dict[tuple[int, int], np.ndarray] = {}
         for batch in batches:
             images, layout, resolved, row_masks = self._run_batch(groups, batch, steps, height,
-                                                                  width, callback)
+                                                                  width, callback, scheduler)
             for row, ((gi, ti), im) in enumerate(zip(layout, images, strict=True)):
                 if ti is None:
                     src_img.setdefault(gi, im)
@@ -264,7 +274,7 @@ class P2PGenerator:
                 for gi, g in enumerate(groups)]
 
     @torch.no_grad()
-    def _run_batch(self, groups, batch, steps, height, width, callback):
+    def _run_batch(self, groups, batch, steps, height, width, callback, scheduler=None):
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe, ctrl = self.pipe, self.controller
@@ -299,8 +309,10 @@ class P2PGenerator:
         time_cond = pipe.unet.config.get("time_cond_proj_dim")
         cfg = time_cond is None and any(x > 1 for x in guid)
         cond, pooled = self.encode_pooled(prompts)
+        zero_uncond = False  # SDXL's zeroed negative: its cross-attention output is zero
         if cfg:
             uncond, upooled = self.unconditional(R)
+            zero_uncond = not bool(uncond.any())
             ehs = torch.cat([uncond, cond]).to(dt)
             pooled = torch.cat([upooled, pooled]) if pooled is not None else None
         else:
@@ -317,22 +329,37 @@ class P2PGenerator:
             unet_kw["timestep_cond"] = pipe.get_guidance_scale_embedding(
                 w, embedding_dim=time_cond).to(dev, dt)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        sched = make_scheduler(self.scheduler_name, pipe.scheduler.config)
+        sched = make_scheduler(scheduler or self.scheduler_name, pipe.scheduler.config)
         sched.set_timesteps(steps, device=dev)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)
         shape = (R, pipe.unet.config.in_channels, height // vsf, width // vsf)
         latents = randn_tensor(shape, generator=gens, device=dev, dtype=dt)
         latents = latents * sched.init_noise_sigma
+        step_uncond = None  # [steps, R, L, D] where an inverted photo's rows have their own
+        for row, (gi, _) in enumerate(layout):
+            grp = groups[gi]
+            if grp.latents is not None:
+                latents[row] = grp.latents.to(dev, dt)
+            if cfg and grp.uncond is not None:
+                if grp.uncond.shape[0] != len(sched.timesteps):
+                    raise DsbuildError(f"an inversion of {len(grp.uncond)} steps cannot drive "
+                                       f"a run of {len(sched.timesteps)}")
+                if step_uncond is None:
+                    step_uncond = ehs[:R][None].expand(len(sched.timesteps), -1, -1,
+                                                          -1).clone()
+                step_uncond[:, row] = grp.uncond.to(dev, dt)
         g = torch.tensor(guid, device=dev, dtype=dt)[:, None, None, None]
         guided = g > 1
         step_kw = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters \
             else {}
-        ctrl.configure(R, edits, len(sched.timesteps), dev, dt, cfg=cfg)
+        ctrl.configure(R, edits, len(sched.timesteps), dev, dt, cfg=cfg, zero_uncond=zero_uncond)
         try:
             for i, t in enumerate(sched.timesteps):
                 ctrl.begin_step(i)
                 inp = sched.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+                if step_uncond is not None:
+                    ehs = torch.cat([step_uncond[i], ehs[R:]])
                 noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False,
                                   **unet_kw)[0]
                 if cfg:

@@ -50,13 +50,22 @@ class P2PSettings(StageSettings):
     detector: str = SegmenterSettings.model_fields["detector"]
     sam_model: str = SegmenterSettings.model_fields["sam_model"]
     box_threshold: float = SegmenterSettings.model_fields["box_threshold"]
+    # triples made from a real photo (sources/): how its latent is inverted (invert.py)
+    inversion: Literal["negative-prompt", "null-text"] = Field(
+        "negative-prompt", description="P2P on a real photo: negative-prompt (the caption's "
+        "embedding as the unconditional one: one extra pass per photo) or null-text (the "
+        "unconditional embedding optimised per step, up to 10 forward+backward passes each, "
+        "per photo and guidance); cached per photo")
 
     def p2p_signature(self, data: dict) -> dict:
         """Attention blend (the default) signs as it did before segmented blend existed, so
         builds made then keep their generate markers; the segment settings sign only when
         used (and then only with generate.blend=true), the boxes + SAM ones only with
-        segmenter=sam."""
+        segmenter=sam; the default inversion signs nothing (a build without photos signs as
+        before)."""
         segment = self.blend and self.blend_mask == "segment"
+        if data.get("inversion") == "negative-prompt":  # the default signs as before it existed
+            data.pop("inversion")
         if not segment:
             for key in ("blend_mask", "segmenter", "segment_threshold"):
                 data.pop(key, None)

@@ -99,5 +99,7 @@ def plan_triple(triple: dict, s: GenerateSettings, tokenizer) -> list[PairPlan]:
             "equalizer": {w: rw for w in tgt_words} if rw is not None and tgt_words else None,
             "scheduler": s.scheduler, "height": s.height, "width": s.width,
         }
+        if triple.get("photo_id"):  # a real photo: DDIM from its inversion (invert.py)
+            params.update(scheduler="ddim", inversion=s.inversion)
         plans.append(PairPlan(triple, i, seed, params, content_id(triple["id"], seed, params)))
     return plans
