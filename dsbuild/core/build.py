@@ -171,7 +171,7 @@ class Build:
                 "config (outputs whose settings changed are recomputed)"
             )
         defaults = BuildConfig(recipe=recipe, recipe_path=recipe_path)
-        config = apply_overrides(defaults, overrides)
+        config = apply_overrides(defaults, [*recipe.setting_overrides(), *overrides])
         _check_config(defaults, config, check)
         build = cls(root, config)
         root.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ class Build:
     def signed_input(self, name: str):
         """A build input a stage signs besides its settings (see ``stages.SIGNABLE``)."""
         if name == "recipe":
-            return self.recipe.model_dump(mode="json")
+            return self.recipe.signed()
         if name == "decisions":
             f = self.decisions_path
             return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,22 @@ class Recipe(_Strict):
     version: int = 1
     system_prompt: str | None = Field(None, description="overrides the built-in agent prompt")
     agents: list[Agent] = Field(min_length=1)
+    # build settings the recipe comes with: dsbuild.yaml sections applied when a build is made
+    # from it, under --set and under --offline's demo values (a photo recipe names its
+    # generators); frozen into the build's own sections, so they sign there, not as the recipe
+    settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="build settings by section (generate, sources, ...) "
+        "that a build made from this recipe starts with")
+
+    def setting_overrides(self) -> list[str]:
+        """The recipe's ``settings`` as ``section.key=value`` overrides (values as JSON)."""
+        return [f"{section}.{key}={value if isinstance(value, str) else json.dumps(value)}"
+                for section, values in self.settings.items() for key, value in values.items()]
+
+    def signed(self) -> dict:
+        """What a stage that signs the recipe signs: everything but ``settings`` (those sign
+        in the sections they set), so recipes without settings sign as before."""
+        return self.model_dump(mode="json", exclude={"settings"})
 
     @model_validator(mode="after")
     def _unique_agents(self) -> Recipe:

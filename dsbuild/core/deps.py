@@ -23,6 +23,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gen": ("torch", "torchvision", "diffusers", "transformers", "accelerate", "safetensors"),
     "filter": ("torch", "torchvision", "open_clip", "transformers"),
     "export": ("datasets", "pyarrow", "huggingface_hub"),
+    "photos": ("imagehash",),
     "fiftyone": ("fiftyone",),
     "review": ("label_studio_sdk",),
     "ray": ("ray",),

@@ -333,10 +333,12 @@ def provenance_section(rows: ExportRows) -> list[str]:
     photos = {r["photo_id"]: r for r in mine}
     lic_rows = Counter(r.get("license") or "unknown" for r in mine)
     lic_photos = Counter(r.get("license") or "unknown" for r in photos.values())
+    rest = len(allrows) - len(mine)
     lines = ["## Provenance", "",
              f"{len(mine)} of {len(allrows)} rows start from {len(photos)} real photos; the "
-             "columns `photo_id`, `license`, `source` and `attribution` say which and whose. "
-             "The rest were generated.", "", "| licence | photos | rows |", "|---|---|---|"]
+             "columns `photo_id`, `license`, `source` and `attribution` say which and whose."
+             + (f" The other {rest} start from generated images." if rest else ""),
+             "", "| licence | photos | rows |", "|---|---|---|"]
     lines += [f"| {lic} | {lic_photos[lic]} | {n} |" for lic, n in sorted(lic_rows.items())]
     unknown = lic_photos.get("unknown", 0)
     if unknown:

@@ -17,5 +17,5 @@ STAGE = register(Stage(
     signs=("generate.height", "generate.width"),
     summary="dsbuild.sources.report:summary", report="dsbuild.sources.report:write_report",
     help="read real photos: content ids, size checks, near-duplicates, captions, provenance",
-    sharded=False,
+    sharded=False, extra="photos",
 ))
