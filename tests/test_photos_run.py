@@ -80,7 +80,7 @@ def test_the_photo_recipe_runs_every_stage_to_an_export(photo_build):
     assert "6 photos kept" in output
 
 
-def test_export_rows_start_from_the_photos_with_their_provenance(photo_build):
+def test_export_rows_start_from_the_photos_with_their_provenance(photo_build, tmp_path):
     import datasets
 
     out, photos, _ = photo_build
@@ -88,7 +88,8 @@ def test_export_rows_start_from_the_photos_with_their_provenance(photo_build):
     by_id = {r["id"]: r for r in records}
     sidecar = {json.loads(line)["image"]: json.loads(line)
                for line in (photos / "captions.jsonl").open()}
-    rows = [r for split in datasets.load_dataset(str(out / "export")).values() for r in split]
+    rows = [r for split in datasets.load_dataset(
+        str(out / "export"), cache_dir=str(tmp_path / "cache")).values() for r in split]
     assert rows
     made = [r for r in rows if not r["no_change"]]
     assert {r["generator"] for r in made} == {"p2p", "inpaint"}
@@ -117,7 +118,8 @@ def test_a_recipe_s_settings_start_the_build_under_set(tmp_path):
     recipe = load_recipe(RECIPE)
     assert "generate.samples_room=12" in recipe.setting_overrides()
     code, output = _cli("init", tmp_path / "B", "--recipe", RECIPE,
-                        "--set", "generate.samples_room=5")
+                        "--set", "generate.samples_room=5", "--set", "generate.model=tiny",
+                        "--set", "verify.detector=tiny", "--set", "filter.clip_model=tiny")
     assert code == 0, output
     from dsbuild.core.build import Build
 
