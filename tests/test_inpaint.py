@@ -306,3 +306,22 @@ def test_region_edits_of_a_photo_build_keep_the_photo(tmp_path, mini_recipe):
     rows = [row for f in sorted((b / "export" / "data").glob("*.parquet"))
             for row in pq.read_table(f).to_pylist() if not row["no_change"]]
     assert rows and all(row["license"] == "CC0" and row["edit_mask"] for row in rows)
+
+
+def test_a_build_of_photos_never_loads_the_source_model(tmp_path):
+    """Every triple from a photo: the source text-to-image model is never loaded (on a GPU
+    that is a whole SD checkpoint for nothing), and nothing was cut at its token limit."""
+    from dsbuild.core.quiet import CUT_STAT, LIMIT_STAT
+    from dsbuild.generate.generators.source import SourceImages
+    from dsbuild.generate.settings import GenerateSettings
+
+    s = GenerateSettings(model="tiny", height=16, width=16, steps=2)
+    photo = np.full((16, 16, 3), 128 / 255)  # on the PNG grid, as a prepared photo is
+    src = SourceImages(s, "a-model-that-does-not-exist", 2, 7.5, "fp32", "cpu",
+                       "generate.inpaint.source_model")
+    src.use_photos({"p1": {"id": "p1", "image": "photos/img/p1.png"}}, lambda rec: photo)
+    out = src.make([("a room", 0, "p1")])
+    assert np.array_equal(out[0], photo) and src._pipe is None
+    assert src.cut_stats() == {CUT_STAT: 0} and LIMIT_STAT not in src.cut_stats()
+    with pytest.raises(Exception, match="a-model-that-does-not-exist"):
+        src.make([("a room", 0)])  # a generated source loads it, and names the setting's model

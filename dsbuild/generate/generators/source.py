@@ -53,17 +53,26 @@ class SourceImages:
 
     def __init__(self, settings, model: str, steps: int, guidance: float, dtype: str,
                  device: str, setting: str):
-        from dsbuild.models import keep_loaded, model_key
-
         self.settings, self.setting = settings, setting
         self.spec = {"model": model, "steps": steps, "guidance": guidance}
-        self.pipe = keep_loaded("generate-source", (*model_key(model), dtype, device),
-                                lambda: _load(model, dtype, device, setting))
+        self._where = (dtype, device)
+        self._pipe = None  # loaded on the first source made: a build of photos never loads it
         self.made = 0
         self.cut, self._captions = 0, set()  # captions the text encoder cut (counted once)
         self.photos: dict[str, dict] = {}
         self.load_photo = None
         self.photos_used = 0
+
+    @property
+    def pipe(self):
+        """The text-to-image pipeline, loaded once per worker when a source is first made."""
+        if self._pipe is None:
+            from dsbuild.models import keep_loaded, model_key
+
+            model, (dtype, device) = self.spec["model"], self._where
+            self._pipe = keep_loaded("generate-source", (*model_key(model), dtype, device),
+                                     lambda: _load(model, dtype, device, self.setting))
+        return self._pipe
 
     def use_build(self, build) -> None:
         """Read the build's photos (the sources stage's), for photo triples' groups."""
@@ -97,7 +106,9 @@ class SourceImages:
 
     def cut_stats(self) -> dict:
         """The captions cut at the text encoder's token limit, for the stage's marker."""
-        return {CUT_STAT: self.cut, LIMIT_STAT: token_limit(self.pipe.tokenizer)}
+        if self._pipe is None:  # no source was generated (photos only): nothing was cut
+            return {CUT_STAT: self.cut}
+        return {CUT_STAT: self.cut, LIMIT_STAT: token_limit(self._pipe.tokenizer)}
 
     def id(self, group: tuple) -> str:
         """The content id of the source image of a (caption, seed) group."""

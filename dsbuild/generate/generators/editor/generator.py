@@ -44,7 +44,11 @@ class InstructionEditor:
                                     own.source_guidance, dtype, device,
                                     "generate.editor.source_model")
         self.source = self.sources.spec
-        self.source_pipe = self.sources.pipe
+
+    @property
+    def source_pipe(self):
+        """The source images' text-to-image pipeline (loaded on first use)."""
+        return self.sources.pipe
 
     def use_build(self, build) -> None:
         self.sources.use_build(build)  # a photo triple's source is its photo
