@@ -165,19 +165,12 @@ def edit_pipeline_class(model: str, setting: str = "generate.model") -> str:
     """The editing pipeline class ``model`` holds: a built-in tiny editor's, else its
     ``model_index.json`` ``_class_name`` (a folder, or a Hub repo's cached or fetched file);
     anything else is one line naming ``setting``."""
-    import json
-
-    from dsbuild.models.hub import config_file
+    from dsbuild.models.hub import pipeline_class_name
 
     if model in TINY_EDITORS:
         return TINY_EDITORS[model]
     src = checkpoint(model, setting, "diffusers folder", "black-forest-labs/FLUX.1-Kontext-dev")
-    path = config_file(src, "model_index.json", setting)
-    try:
-        found = json.loads(path.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DsbuildError(f"{setting}: {path} is unreadable ({exc}); give a diffusers editing "
-                           "pipeline folder or Hub id") from None
+    found = pipeline_class_name(src, setting, "editing")
     if found not in EDIT_PIPELINES:
         raise DsbuildError(f"{setting}: {model!r} is a {found!r}, not a diffusers editing "
                            f"pipeline (model_index.json _class_name); give one of "

@@ -51,3 +51,16 @@ def config_file(src: str, file: str, setting: str) -> Path:
         raise HubUnreachable(f"{setting}: cannot reach the Hugging Face Hub to check {src!r} "
                            f"({type(exc).__name__}); check the network, or set "
                            "HF_HUB_OFFLINE=1 with the model in the cache") from None
+
+
+def pipeline_class_name(src: str, setting: str, kind: str) -> str | None:
+    """The ``_class_name`` of a diffusers folder's or Hub repo's ``model_index.json`` (which
+    pipeline it holds); an unreadable file is one line naming ``setting`` and ``kind``."""
+    import json
+
+    path = config_file(src, "model_index.json", setting)
+    try:
+        return json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DsbuildError(f"{setting}: {path} is unreadable ({exc}); give a diffusers {kind} "
+                           "pipeline folder or Hub id") from None

@@ -48,19 +48,12 @@ def inpaint_pipeline_class(model: str, setting: str = "generate.model") -> str:
     """The inpainting pipeline class ``model`` loads into: a built-in tiny model's, else from
     its ``model_index.json`` ``_class_name`` (a folder, or a Hub repo's cached or fetched
     file); anything else is one line naming ``setting``."""
-    import json
-
-    from dsbuild.models.hub import config_file
+    from dsbuild.models.hub import pipeline_class_name
 
     if model in TINY_INPAINTERS:
         return TINY_INPAINTERS[model]
     src = checkpoint(model, setting, "diffusers folder", "black-forest-labs/FLUX.1-Fill-dev")
-    path = config_file(src, "model_index.json", setting)
-    try:
-        found = json.loads(path.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DsbuildError(f"{setting}: {path} is unreadable ({exc}); give a diffusers "
-                           "inpainting pipeline folder or Hub id") from None
+    found = pipeline_class_name(src, setting, "inpainting")
     if found in INPAINT_PIPELINES:
         return found
     if found in FROM_TEXT_TO_IMAGE:
