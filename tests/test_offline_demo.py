@@ -29,7 +29,10 @@ RENAMED = {"p2p_params": "params"}  # old export column -> its name now
 ADDED = {"generator": "p2p", "blend_words": None, "equalizer": None,
          # photo provenance (issue 27): every export has the columns; None in a synthetic one
          "photo_id": None, "license": None, "source": None, "attribution": None,
-         "reconstruction_psnr": None}
+         "reconstruction_psnr": None,
+         # multi-turn sessions (issue 28): None on a single edit
+         "session_id": None, "session_run": None, "turn": None, "node_id": None,
+         "parent_id": None, "source_image": None}
 
 
 # largest block-mean difference (0-255) taken as float noise, not a change of picture

@@ -28,6 +28,23 @@ class PhotoCaptionSettings(StageSettings):
     device: str = "auto"
 
 
+class SessionSettings(StageSettings):
+    """Multi-turn edit sessions (docs/sessions.md): a share of each agent's triples come as
+    sessions, chains (or trees) of edits from one input caption, each edit valid against the
+    caption it applies to."""
+
+    share: float = Field(0.0, ge=0, le=1, description="share of each agent's triples that are "
+                         "turns of sessions (0 = single edits only)")
+    turns: int = Field(3, ge=2, le=5, description="most turns (edits along one path) of a "
+                       "session")
+    min_turns: int = Field(2, ge=1, le=5, description="fewest turns of a session; a session "
+                           "the agent cannot take this far is dropped (counted)")
+    branches: int = Field(1, ge=1, le=4, description="most edits branching from one node (1 = "
+                          "chains)")
+    branch_share: float = Field(0.0, ge=0, le=1, description="share of sessions that are trees "
+                                "(a node branches into 2..branches edits)")
+
+
 class CaptionsSettings(LLMSettings):
     """The endpoint settings (``model``, ``base_url``, retries ...) come from LLMSettings."""
 
@@ -56,15 +73,18 @@ class CaptionsSettings(LLMSettings):
     )
     max_diff_spans: int = Field(2, ge=1, description="max separate changed spans input→output")
     photos: PhotoCaptionSettings = Field(default_factory=PhotoCaptionSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
 
     def signature_dict(self) -> dict[str, Any]:
-        """The photo settings sign only where they differ from their defaults, so a build made
-        before photos existed keeps its signature (a build with photos also signs the sources
-        stage it read)."""
+        """The photo and session settings sign only where they differ from their defaults, so a
+        build made before photos or sessions existed keeps its signature (a build with photos
+        also signs the sources stage it read)."""
         data = super().signature_dict()
-        photos = self.photos.signature_dict()
-        if photos == PhotoCaptionSettings().signature_dict():
-            data.pop("photos", None)
-        else:
-            data["photos"] = photos
+        for name, default in (("photos", PhotoCaptionSettings()),
+                              ("sessions", SessionSettings())):
+            own = getattr(self, name).signature_dict()
+            if own == default.signature_dict():
+                data.pop(name, None)
+            else:
+                data[name] = own
         return data

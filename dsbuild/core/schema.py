@@ -47,6 +47,11 @@ class Triple(TypedDict, total=False):
     license: str | None
     photo_source: str | None
     attribution: str | None
+    # a node of a multi-turn session (dsbuild.core.sessions): input = the parent's output
+    session_id: str
+    node_id: str
+    parent_id: str | None
+    turn: int
 
 
 class Photo(TypedDict, total=False):
@@ -77,6 +82,7 @@ class Images(TypedDict, total=False):
     output: str
     mask: str
     reconstruction: str  # a real photo's: the inverted source branch's image (P2P)
+    session_source: str  # a session pair's: the run's root image (turn 0)
 
 
 class Pair(TypedDict, total=False):
@@ -101,6 +107,13 @@ class Pair(TypedDict, total=False):
     # reconstruction against the photo's VAE round trip (P2P through inversion)
     photo_id: str
     reconstruction_psnr: float
+    # a session pair (dsbuild.core.sessions): its triple's session fields, and the run (one
+    # seed and guidance, one image chain) whose parent pair's output is its input
+    session_id: str
+    node_id: str
+    parent_id: str | None
+    turn: int
+    session_run: str
 
 
 class Score(TypedDict, total=False):
@@ -216,6 +229,16 @@ FIELDS: dict[str, RowField] = {
     "attribution": RowField("string", description="the photo's attribution"),
     "reconstruction_psnr": RowField("float", description="PSNR (dB) of the inverted photo's "
                                     "reconstruction against its VAE round trip"),
+    "session_id": RowField("string", description="the multi-turn session the row is a turn "
+                           "of (None: a single edit)"),
+    "session_run": RowField("string", description="the session's generated image chain (one "
+                            "seed) the row belongs to"),
+    "turn": RowField("int", description="the turn within the session (1 = an edit of the "
+                     "session's source image)"),
+    "node_id": RowField("string", description="the session node (its triple)"),
+    "parent_id": RowField("string", description="the parent node, whose edited image is this "
+                          "row's input image (None at turn 1)"),
+    "source_image": RowField("image", description="the session's source image (turn 0)"),
     **{k: RowField("float") for k in SCORE_KEYS},
     "filter_rank": RowField("int", description="rank within its triple by the filter"),
     # read by review and reports, not exported
@@ -299,6 +322,18 @@ def decided(original_edit: str, decision: Decision | None, count: int = 0, *,
     return out
 
 
+def _session(pair: Pair, triple: Triple) -> dict:
+    """The session columns of a row (all None for a single edit); ``source_image`` is a
+    placeholder the image slot ``session_source`` fills."""
+    rec = pair if pair.get("session_id") else triple
+    return {"session_id": rec.get("session_id") or None,
+            "session_run": pair.get("session_run") if rec.get("session_id") else None,
+            "turn": _int(rec.get("turn")) if rec.get("session_id") else None,
+            "node_id": rec.get("node_id") if rec.get("session_id") else None,
+            "parent_id": rec.get("parent_id") if rec.get("session_id") else None,
+            "source_image": None}
+
+
 def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify | None = None,
         decision: Decision | None = None, *, columns: dict[str, Param] | None = None,
         decisions: int = 0) -> dict:
@@ -328,6 +363,7 @@ def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify |
         "photo_id": triple.get("photo_id"), "license": triple.get("license"),
         "source": triple.get("photo_source"), "attribution": triple.get("attribution"),
         "reconstruction_psnr": _num(pair.get("reconstruction_psnr")),
+        **_session(pair, triple),
         **{k: _num(s.get(k)) for k in SCORE_KEYS}, "filter_rank": _int(s.get("rank")),
         "recipe": triple.get("recipe"), "caption_backend": source.get("backend"),
         "caption_model": source.get("model"), "target": None, "scored": score is not None,

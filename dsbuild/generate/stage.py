@@ -21,7 +21,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from dsbuild.core import generators
+from dsbuild.core import generators, sessions
 from dsbuild.core.build import Build, StageResult, select_shard, shard_sizes
 from dsbuild.core.deps import load_target
 from dsbuild.core.errors import DsbuildError, StageFailed
@@ -89,7 +89,19 @@ def _triples(build: Build) -> list[dict]:
 
 
 def _by_input(t: dict) -> str:
-    return t["input"]  # a rank owns every triple of an input caption: its source is shared
+    # a rank owns every triple of an input caption (its source is shared) and every node of
+    # a session (its turns feed each other)
+    return t.get("session_id") or t["input"]
+
+
+def todo_plans(plans: list, done) -> list:
+    """The plans still to make. A session run (:func:`dsbuild.core.sessions.plan_run`) with any
+    plan still to make is made whole, since its turns' images feed each other; the stage
+    writes only the pairs not yet written."""
+    open_runs = {sessions.plan_run(p) for p in plans
+                 if p.id not in done and sessions.is_session(p.triple)}
+    return [p for p in plans if p.id not in done or (
+        sessions.is_session(p.triple) and sessions.plan_run(p) in open_runs)]
 
 
 def expected(build: Build, world_size: int) -> list[int] | None:
@@ -149,9 +161,10 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
             if hasattr(gens[-1], "use_build"):  # one that reads the build's photos
                 gens[-1].use_build(build)
         planned = plan_runs(gens, mine, labels)
-        todo = [[p for p in plans if p.id not in writer.done] for plans in planned]
+        todo = [todo_plans(plans, writer.done) for plans in planned]
         _clean_temp(build, {p.triple["id"] for plans in todo for p in plans})
-        total, left = sum(map(len, planned)), sum(map(len, todo))
+        total = sum(map(len, planned))
+        left = sum(1 for plans in todo for p in plans if p.id not in writer.done)
         per_run, png0 = {}, (None, b"")
         with progress(total=total, initial=total - left, desc=f"generate r{rank}",
                       unit=STAGE.unit) as bar:
@@ -159,6 +172,8 @@ def run_generate(build: Build, rank: int = 0, world_size: int = 1, *,
                                                      strict=True):
                 t0, made, sources = time.perf_counter(), 0, set()
                 for m in gen.generate(plans) if plans else ():
+                    if m.plan.id in writer.done:  # a session run's turn made before a kill
+                        continue
                     rel = f"pairs/img/{m.plan.triple['id']}/{m.plan.id}"
                     if png0[0] is not m.source:  # a shared source is encoded once
                         png0 = (m.source, png_bytes(m.source))
