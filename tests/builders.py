@@ -115,3 +115,111 @@ def write_scores(build: Build, pairs: list[dict], clip_sim_dir: list[float],
     build.run_stage("filter", 0, 1, lambda w: [w.write(s) for s in sc] and None, force=force,
         report=False)
     return sc
+
+
+# Sessions (issue 28): (agent, level, root caption, [(op, edit, output, parent index or None)])
+# a node's input is its parent's output (the root caption for parent None); indexes count
+# the session's nodes in order
+SESSIONS = [
+    ("living-room", "room", "a modern living room with a grey sofa and no rug", [
+        ("add", "add a rug", "a modern living room with a grey sofa and a rug", None),
+        ("change", "make the sofa green", "a modern living room with a green sofa and a rug", 0),
+        ("add", "add a floor lamp",
+         "a modern living room with a green sofa, a rug and a floor lamp", 1),
+    ]),
+    ("chairs", "object", "a red velvet armchair without a cushion", [
+        ("change", "make the armchair blue", "a blue velvet armchair without a cushion", None),
+        ("add", "add a cushion", "a red velvet armchair with a cushion", None),
+        ("add", "add a cushion", "a blue velvet armchair with a cushion", 0),
+    ]),
+]
+
+
+def session_triples(recipe: str, sessions=SESSIONS) -> list[dict]:
+    """Triple records of ``sessions`` with their session fields (dsbuild.core.sessions)."""
+    from dsbuild.core import sessions as S
+
+    out = []
+    for k, (agent, level, root, nodes) in enumerate(sessions):
+        sid = S.session_id(recipe, agent, root, k)
+        made: list[dict] = []
+        for op, edit, output, parent in nodes:
+            up = made[parent] if parent is not None else None
+            inp = up["output"] if up else root
+            t = triple_record(recipe, agent, level, op, inp, edit, output)
+            t["id"] = S.node_id(recipe, agent, inp, edit, output, sid, up["id"] if up else None)
+            t.update(session_id=sid, node_id=t["id"], parent_id=up["id"] if up else None,
+                     turn=(up["turn"] + 1) if up else 1)
+            made.append(t)
+        out += made
+    return out
+
+
+def make_session_build(build: Build, runs: int = 2, sessions=SESSIONS, singles=TRIPLES[:2],
+                       samples: int = 2, fail: set[tuple[int, int, int]] = frozenset(),
+                       size: int = 32) -> dict[str, list[dict]]:
+    """A build whose captions hold ``sessions`` (plus ``singles``, single-edit triples), whose
+    pairs hold ``runs`` generated runs per session as a generator writes them (one seed and
+    guidance per run; each node's pair takes its parent's image as ``images.input`` and the
+    run's root image as ``images.session_source``) and ``samples`` pairs per single triple,
+    and whose scores pass except the pairs ``fail`` names as (session index, run, node index).
+    Returns the records written."""
+    from dsbuild.core import sessions as S
+
+    recipe = build.recipe.name
+    st = session_triples(recipe, sessions)
+    singles_tr = [triple_record(recipe, *t) for t in singles]
+    tr = st + singles_tr
+    build.run_stage("captions", 0, 1, lambda w: [w.write(t) for t in tr] and None, report=False)
+    pairs: list[dict] = []
+    failing: set[str] = set()
+    by_session: dict[str, list[dict]] = {}
+    for t in st:
+        by_session.setdefault(t["session_id"], []).append(t)
+    for si, (sid, nodes) in enumerate(by_session.items()):
+        for r in range(runs):
+            seed, guidance = 1000 * si + r, 7.5 + r
+            run = S.run_id(sid, seed, guidance, r)
+            root_rel = f"pairs/img/sessions/{run}_root.png"
+            write_png(build.root / root_rel, seed, size)
+            image_of: dict[str | None, str] = {None: root_rel}
+            for ni, t in enumerate(nodes):
+                params = {"mode": "self", "steps": 2, "guidance": guidance, "cross_replace": 0.8,
+                          "self_replace": 0.3, "blend_words": None, "equalizer": None,
+                          "scheduler": "euler_ancestral"}
+                pid = content_id(t["id"], seed, params)
+                rel = f"pairs/img/{t['id']}/{pid}"
+                (build.root / f"{rel}_0.png").parent.mkdir(parents=True, exist_ok=True)
+                (build.root / f"{rel}_0.png").write_bytes(
+                    (build.root / image_of[t["parent_id"]]).read_bytes())
+                write_png(build.root / f"{rel}_1.png", seed * 10 + ni + 1, size)
+                (build.root / f"{rel}_session_source.png").write_bytes(
+                    (build.root / root_rel).read_bytes())
+                image_of[t["id"]] = f"{rel}_1.png"
+                pairs.append({
+                    "id": pid, "triple_id": t["id"], "seed": seed, "generator": "p2p",
+                    "params": params, "model": "tiny", "agent": t["agent"], "level": t["level"],
+                    "images": {"input": f"{rel}_0.png", "output": f"{rel}_1.png",
+                               "session_source": f"{rel}_session_source.png"},
+                    "source_id": content_id(run, t["parent_id"] or "root"),
+                    **S.session_fields(t), "session_run": run})
+                if (si, r, ni) in fail:
+                    failing.add(pid)
+    for ti, t in enumerate(singles_tr):
+        for s in range(samples):
+            params = {"mode": "self", "steps": 2, "guidance": 7.5 + s, "cross_replace": 0.8,
+                      "self_replace": 0.3, "blend_words": None, "equalizer": None,
+                      "scheduler": "euler_ancestral"}
+            pid = content_id(t["id"], s, params)
+            rel = f"pairs/img/{t['id']}/{pid}"
+            write_png(build.root / f"{rel}_0.png", 5000 + ti * 100 + s, size)
+            write_png(build.root / f"{rel}_1.png", 5000 + ti * 100 + s + 50, size)
+            pairs.append({"id": pid, "triple_id": t["id"], "seed": s, "generator": "p2p",
+                          "params": params, "model": "tiny", "agent": t["agent"],
+                          "level": t["level"], "images": {"input": f"{rel}_0.png",
+                                                          "output": f"{rel}_1.png"}})
+    build.run_stage("generate", 0, 1, lambda w: [w.write(p) for p in pairs] and None,
+                    report=False)
+    sc = write_scores(build, pairs, [FAILING_DIR if p["id"] in failing else 0.3
+                                     for p in pairs])
+    return {"triples": tr, "pairs": pairs, "scores": sc, "failing": sorted(failing)}
