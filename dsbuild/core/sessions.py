@@ -156,3 +156,12 @@ def tree_counts(triples: Iterable[dict]) -> dict[str, int]:
         branches += sum(1 for c in kids.values() if c > 1)
     return {"sessions": len(by_session), "turns": turns, "branches": branches,
             "max_turn": deepest}
+
+
+TREE_DIR = "reports/sessions"
+
+
+def tree_page(session: str) -> str:
+    """The build-relative path of a session's design-tree page (``dsbuild tree``); its picture
+    is the same path with ``.png``."""
+    return f"{TREE_DIR}/{session}.html"
