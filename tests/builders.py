@@ -97,14 +97,20 @@ def make_build(build: Build, samples: int = 3, triples=TRIPLES, scores: bool = T
 
 def score_records(build: Build, pairs: list[dict], clip_sim_dir: list[float]) -> list[dict]:
     """What the filter stage writes for ``pairs``: raw scores (the given clip_sim_dir, the rest
-    passing), decided per triple by the filter's own ``decide`` under the build's settings."""
-    from dsbuild.filter.stage import decide
+    passing), decided per triple (per session: top-k over its runs) by the filter's own
+    ``decide`` under the build's settings."""
+    from dsbuild.filter.stage import decide, group_key
 
     groups: dict[str, list[dict]] = {}
+    of_group: dict[str, dict[str, dict]] = {}
     for p, d in zip(pairs, clip_sim_dir, strict=True):
-        groups.setdefault(p["triple_id"], []).append(
+        groups.setdefault(group_key(p), []).append(
             {"pair_id": p["id"], "triple_id": p["triple_id"], **PASSING, "clip_sim_dir": d})
-    decided = {r["pair_id"]: r for g in groups.values() for r in decide(g, build.config.filter)}
+        of_group.setdefault(group_key(p), {})[p["id"]] = p
+    runs = {k: ps if any(p.get("session_id") for p in ps.values()) else None
+            for k, ps in of_group.items()}
+    decided = {r["pair_id"]: r for k, g in groups.items()
+               for r in decide(g, build.config.filter, runs[k])}
     return [decided[p["id"]] for p in pairs]
 
 

@@ -14,6 +14,15 @@ attention map columns, so they run on fused SDPA without materialised probabilit
 
 Self-attention injection applies to both guidance halves (as InstructPix2Pix); cross-attention
 edits apply to the conditional half (as Prompt-to-Prompt).
+
+Chains (multi-turn sessions, dsbuild.core.sessions): a target's source row may itself be a
+target (a session node reads its parent's row). It then reads the parent's *edited* attention,
+the map the parent's image was made with: self-attention composes the row indices (a child
+reads whatever row its parent reads), and the edited cross map, linear in the maps, expands
+into one term per edited ancestor, ``A_r = A_p M_r' + A_r diag(c_r)`` with ``A_p`` itself
+``A_g M_p' + A_p diag(c_p)``, each term one SDPA. Local blend reads the parent's edited maps
+on the source side and blends parents first, so a child blends with its parent's post-blend
+latents. A batch without chains runs exactly the single-edit path.
 """
 
 from __future__ import annotations
@@ -96,6 +105,10 @@ class P2PController:
         self.B, self.C = (2 * n_rows, n_rows) if cfg else (n_rows, 0)
         self.zero_uncond = bool(cfg and zero_uncond)
         self.device, self.dtype = device, dtype
+        self.depth = _depths(edits)
+        # parents first: a chained row's edit is built on its parent's, already resolved
+        self.order = sorted(edits, key=lambda r: (self.depth[r], r))
+        self.chained = any(e.source in edits for e in edits.values())
         self.blend_rows = [r for r, e in edits.items()
                            if e.blend_tgt is not None or e.blend_src is not None]
         self.maps_src: torch.Tensor | None = None
@@ -116,6 +129,11 @@ class P2PController:
                                               device=device)
             # conditional-half rows; a source shared by several targets is computed once
             self.b_rows = self.blend_idx + self.C
+            # blend levels (parents first): positions into blend_rows, by depth
+            levels: dict[int, list[int]] = {}
+            for j, r in enumerate(self.blend_rows):
+                levels.setdefault(self.depth[r], []).append(j)
+            self.blend_levels = [torch.tensor(levels[d], device=device) for d in sorted(levels)]
             self.b_src_rows, self.b_src_inv = torch.unique(self.blend_src_idx + self.C,
                                                            return_inverse=True)
             self._plan_maps()
@@ -124,6 +142,7 @@ class P2PController:
                 self.seg_phrases = [edits[r].segment_phrase or "" for r in self.blend_rows]
         self.seg_mask: torch.Tensor | None = None
         self.last_mask = None
+        self.x_terms, self.x_maps = None, {}
         self.active = True
 
     def reset(self) -> None:
@@ -138,17 +157,19 @@ class P2PController:
         """Work out, once per step, which rows read which (not once per layer)."""
         C, dev = self.C, self.device
         self.step = i
-        self_rows = [(r, e.source) for r, e in self.edits.items()
-                     if i < int(e.self_replace * self.steps)]
+        self_rows = [(r, self.edits[r].source) for r in self.order
+                     if i < int(self.edits[r].self_replace * self.steps)]
         if self_rows:
             idx = torch.arange(self.B, device=dev)
-            for r, s in self_rows:
-                idx[r], idx[C + r] = s, C + s  # both halves (one when there is no CFG)
+            for r, s in self_rows:  # parents first: a child reads what its parent reads
+                idx[r], idx[C + r] = idx[s], idx[C + s]  # both halves (one without CFG)
             self.self_idx = idx
         else:
             self.self_idx = None
         rows, srcs, mats, cs = [], [], [], []
-        for r, e in self.edits.items():
+        edited: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (M', c) this step
+        for r in self.order:
+            e = self.edits[r]
             if e.alignment is None:
                 continue
             w = (i < (e.cross_replace * self.steps).floor()).float()
@@ -157,8 +178,15 @@ class P2PController:
             we = w * e.equalizer if e.equalizer is not None else w
             mats.append(e.alignment.mapper * we[None, :])
             cs.append(we * (1 - e.alignment.alpha) + (1 - w))
+            edited[r] = (mats[-1], cs[-1])
             rows.append(C + r)
             srcs.append(C + e.source)
+        self.x_terms = None
+        self.x_maps: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        chain = bool(rows) and any(e.source in edited for e in self.edits.values())
+        if chain:  # the main SDPA reads each row's first unedited ancestor
+            self._chain_terms(edited)
+            srcs, mats = self._chain_top
         if rows:
             self.x_rows = torch.tensor(rows, device=dev)
             idx = torch.arange(self.B, device=dev)
@@ -169,6 +197,38 @@ class P2PController:
             self.x_c = c.to(dev, self.dtype) if bool((c != 0).any()) else None
         else:
             self.x_rows = None
+
+    def _chain_terms(self, edited: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A chained step: each edited row's map as a sum of its ancestors' own maps,
+        ``A_r = sum_a A_a W_a`` (W_a [L, L] acting on the row's values). The first unedited
+        ancestor's term runs in the main SDPA (``x_idx``, ``x_M``), the row's own as without
+        chains (``x_c``), each edited ancestor's own as an extra SDPA term (``x_terms``)."""
+        dev, C = self.device, self.C
+        maps: dict[int, list[tuple[int, torch.Tensor]]] = {}  # row -> [(row a, W_a)]
+        top: dict[int, tuple[int, torch.Tensor]] = {}
+        out_rows, qk_rows, ws = [], [], []
+        for r in self.order:
+            if r not in edited:
+                continue
+            m, c = edited[r]
+            s = self.edits[r].source
+            up = maps.get(s, [(s, None)])  # an unedited parent: its own map
+            terms = [(a, m if w is None else w @ m) for a, w in up]
+            terms.append((r, torch.diag(c)))
+            maps[r] = terms
+            top[r] = terms[0]
+            for a, w in terms[1:-1]:  # the row's own term is x_c's, as without chains
+                if bool((w != 0).any()):
+                    out_rows.append(C + r)
+                    qk_rows.append(C + a)
+                    ws.append(w)
+        self.x_maps = maps
+        srcs = [C + top[r][0] for r in self.order if r in edited]
+        mats = [top[r][1] for r in self.order if r in edited]
+        self._chain_top = (srcs, mats)
+        if out_rows:
+            self.x_terms = (torch.tensor(out_rows, device=dev), torch.tensor(qk_rows, device=dev),
+                            torch.stack(ws).to(dev, self.dtype))
 
     # ------------------------------------------------------------------ attention
     def attend(self, name: str, is_cross: bool, q: torch.Tensor, k: torch.Tensor,
@@ -209,6 +269,14 @@ class P2PController:
                                                  v[rows] * self.x_c[:, None, :, None],
                                                  attn_mask=_rows(mask, rows))
             out[rows] = out[rows] + own
+        if self.x_terms is not None:  # a chain: the rows' own and edited ancestors' terms
+            o_rows, a_rows, W = self.x_terms
+            if off:
+                o_rows, a_rows = o_rows - off, a_rows - off
+            vv = torch.einsum("nst,nhtd->nhsd", W, v[o_rows])
+            extra = F.scaled_dot_product_attention(q[a_rows], k[a_rows], vv,
+                                                   attn_mask=_rows(mask, a_rows))
+            out = out.index_add(0, o_rows, extra)
         return out
 
     # ------------------------------------------------------------------ local blend
@@ -246,8 +314,28 @@ class P2PController:
             self.maps_tgt = m if self.maps_tgt is None else self.maps_tgt.add_(m)
         if self.use_src:
             m = out[self.sel_src[0], :, self.sel_src[1]]
+            if self.x_maps:  # a chain: a source edited this step is read by its edited map
+                m = self._chained_src_maps(q, k, m, scale)
             self.maps_src = m if self.maps_src is None else self.maps_src.add_(m)
         self.maps_seen = True
+
+    def _chained_src_maps(self, q: torch.Tensor, k: torch.Tensor, m: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+        """The source-side blend maps of the rows whose source is edited at this step: the
+        source's edited map ``sum_a A_a W_a`` times the blend words' weights."""
+        C, m = self.C, m.clone()
+        for j, r in enumerate(self.blend_rows):
+            terms = self.x_maps.get(self.edits[r].source)
+            if not terms:
+                continue
+            acc = None
+            for a, w in terms:
+                probs = torch.softmax((q[C + a].float() @ k[C + a].float().transpose(-1, -2))
+                                      * scale, -1).mean(0)  # [N, L]
+                part = probs @ (w.to(probs) @ self.b_src[j])
+                acc = part if acc is None else acc + part
+            m[j] = acc
+        return m
 
     def _mask(self, maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         H, W = hw
@@ -283,6 +371,26 @@ class P2PController:
             mask = mask.to(latents.dtype)
         rows, srcs = self.blend_idx, self.blend_src_idx
         latents = latents.clone()
-        latents[rows] = latents[srcs] + mask * (latents[rows] - latents[srcs])
+        for lv in self.blend_levels:  # parents first: a child blends with its parent's result
+            r, sr = rows[lv], srcs[lv]
+            latents[r] = latents[sr] + mask[lv] * (latents[r] - latents[sr])
         self.last_mask = mask
         return latents
+
+
+def _depths(edits: dict[int, RowEdit]) -> dict[int, int]:
+    """Each target row's depth: 1 when its source is no target, else its source's + 1."""
+    out: dict[int, int] = {}
+    for r in edits:
+        seen, chain, row = set(), [], r
+        while row in edits and row not in out:
+            if row in seen:
+                raise ValueError(f"P2P rows {sorted(seen)} read each other in a cycle")
+            seen.add(row)
+            chain.append(row)
+            row = edits[row].source
+        d = out.get(row, 0)
+        for row in reversed(chain):
+            d += 1
+            out[row] = d
+    return out

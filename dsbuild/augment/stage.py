@@ -65,7 +65,8 @@ def choose_pairs(build: Build, kept: list[tuple[dict, dict, dict]]
     a, e = build.config.augment, build.config.split
     if a.ratio <= 0 or not kept:
         return []
-    rows = {p["id"]: row_nodes(t["id"], [t["input"], t["output"]]) for p, t, _ in kept}
+    rows = {p["id"]: row_nodes(t["id"], [t["input"], t["output"]], session=p.get("session_id"))
+            for p, t, _ in kept}
     row_split, _ = split_rows(rows, e.test_ratio, e.seed)
     chosen = []
     for split in ("train", "test"):

@@ -104,34 +104,50 @@ def assign_photos(agents: list[Agent], photos: list[dict]) -> dict[str, list[dic
 # ------------------------------------------------------------------------------ template
 
 
-class PhotoComposer:
-    """Endless stream of candidate triples editing one photo's caption (validated by the
-    caller): remove, replace or change a thing the caption names, add one it does not."""
+NEGATIONS = frozenset({"no", "without", "not", "lacking", "missing", "minus", "none", "free"})
+UNNEGATED = frozenset({"and", "with", "but", "has", "have"})  # these end a negation's reach
 
-    MAX_EMPTY_DRAWS = 200
 
-    def __init__(self, agent: Agent, seed: int, caption: str, photo_id: str):
+def negation_at(sp, i: int) -> int | None:
+    """Index of the negation ('no', 'without', ...) that governs the word at ``i`` in the same
+    list item, or None (the validator's reading of "no rug", "without a cushion")."""
+    for k in range(i - 1, max(-1, i - 5), -1):
+        if sp[k][0] in NEGATIONS:
+            return k
+        if sp[k][0] in UNNEGATED:
+            return None
+    return None
+
+
+class CaptionEditor:
+    """Candidate edits of one given caption (validated by the caller): remove, replace or
+    change a thing the caption names, add one. For a photo's caption (the default) an add
+    appends a thing it does not name. A ``synthetic`` caption (a session's turn: composed, so
+    it says what is absent) adds by turning a negated thing present ("no rug" -> "a rug",
+    "without a cushion" -> "with a cushion"), as the addition rule wants, sometimes removes by
+    negating ("a rug" -> "no rug", which lets a later turn add it back), and never removes,
+    replaces or changes a thing it names only negated."""
+
+    def __init__(self, agent: Agent, rng: random.Random, caption: str,
+                 synthetic: bool = False):
         self.agent, self.voc = agent, agent.vocabulary
         self.caption = caption
         self.terms = things(agent)
-        self.rng = random.Random(content_id("photo-template", seed, agent.name, photo_id))
+        self.rng = rng
+        self.synthetic = synthetic
 
-    def candidates(self) -> Iterator[dict]:
-        """Candidates; stops when the caption gives nothing to edit for the agent."""
-        ops = list(self.agent.operations)
-        empty = 0
-        while empty < self.MAX_EMPTY_DRAWS:
-            op = self.rng.choice(ops)
-            cand = getattr(self, "_" + op)()
-            if cand is None:
-                empty += 1
-                continue
-            empty = 0
+    def edit(self, op: str) -> dict | None:
+        """One candidate of operation ``op`` (None: the caption gives none)."""
+        cand = getattr(self, "_" + op)()
+        if cand is not None:
             cand["operation"] = op
-            yield cand
+        return cand
 
     def _pick_named(self):
         found = named(self.caption, self.terms)
+        if self.synthetic:  # "no rug" names no rug to remove, replace or change
+            sp = spans(self.caption)
+            found = [h for h in found if negation_at(sp, h[1]) is None]
         return self.rng.choice(found) if found else None
 
     def _absent(self, like: str | None = None) -> str | None:
@@ -161,7 +177,15 @@ class PhotoComposer:
             return None
         term, i, j, _ = hit
         text, sp = self.caption, spans(self.caption)
-        start, end = sp[self._np_start(sp, i)][1], sp[j - 1][2]
+        first = self._np_start(sp, i)
+        start, end = sp[first][1], sp[j - 1][2]
+        if (self.synthetic and any(w == "with" for w, *_ in sp[:first])
+                and self.rng.random() < 0.5):  # "with a rug" -> "with no rug"
+            det = sp[first][0] in DETERMINERS
+            out = text[:start] + "no " + text[sp[first + 1][1] if det else start:]
+            edit = self.rng.choice(["remove the {t}", "take away the {t}",
+                                    "get rid of the {t}"]).format(t=term)
+            return {"input": text, "edit": edit, "output": out}
         after = re.match(r"\s*(,|\band\b)\s*", text[end:])
         before = re.search(r"(\s*,\s*|\s+and\s+|\s+with\s+)$", text[:start])
         if after and end + after.end() < len(text):
@@ -185,7 +209,15 @@ class PhotoComposer:
         term, i, j, _ = hit
         text, sp = self.caption, spans(self.caption)
         out = text[:sp[i][1]] + new + text[sp[j - 1][2]:]
-        if i > 0 and sp[i - 1][0] in ("a", "an"):  # "a sofa" -> "an armchair"
+        subjects = {bare(w).lower() for w in self.voc.subjects}
+        if self.synthetic and term not in subjects:  # "a teal leather ottoman" -> "a rug"
+            k = self._np_start(sp, i)
+            if k < i and sp[k][0] in DETERMINERS and sp[k][0] not in ("a", "an", "the"):
+                k += 1  # "two armchairs" keeps its number
+            elif k == i - 1 and sp[k][0] not in ("a", "an"):
+                k = i
+            out = text[:sp[k][1]] + with_article(new) + text[sp[j - 1][2]:]
+        elif i > 0 and sp[i - 1][0] in ("a", "an"):  # "a sofa" -> "an armchair"
             k = self._np_start(sp, i)
             if k == i - 1:
                 out = out[:sp[i - 1][1]] + article(new) + out[sp[i - 1][2]:]
@@ -205,6 +237,8 @@ class PhotoComposer:
             return None
         kind = self.rng.choice(kinds)
         pool = [w.lower() for w in (self.voc.colours if kind == "colour" else self.voc.materials)]
+        if self.synthetic:
+            return self._change_np(term, i, kind, pool)
         prev = sp[i - 1] if i > 0 else None
         if prev is not None and prev[0] in pool:
             new = self.rng.choice([w for w in pool if w != prev[0]])
@@ -221,6 +255,8 @@ class PhotoComposer:
         return {"input": text, "edit": edit, "output": out}
 
     def _add(self) -> dict | None:
+        if self.synthetic:
+            return self._add_negated()
         new = self._absent()
         if new is None:
             return None
@@ -231,6 +267,80 @@ class PhotoComposer:
         edit = self.rng.choice(["add {n}", "put {n} in the room", "place {n} in the room"]
                                if self.agent.level == "room" else ["add {n}"]).format(n=thing)
         return {"input": text, "edit": edit, "output": text_out + joiner + thing}
+
+
+    def _change_np(self, term: str, i: int, kind: str, pool: list[str]) -> dict:
+        """Change a thing's colour or material in a composed caption: swap the word of that
+        kind in its noun phrase, else put one in its place (a colour before the materials, a
+        material just before the thing: "a rustic green oak chair")."""
+        text, sp = self.caption, spans(self.caption)
+        first = self._np_start(sp, i)
+        if first < i and sp[first][0] in DETERMINERS:
+            first += 1
+        mats = {w.lower() for w in self.voc.materials}
+        have = [k for k in range(first, i) if sp[k][0] in pool]
+        if have:
+            k = have[-1]
+            new = self.rng.choice([w for w in pool if w != sp[k][0]])
+            out = text[:sp[k][1]] + new + text[sp[k][2]:]
+        else:
+            new = self.rng.choice(pool)
+            k = i if kind == "material" else next(
+                (m for m in range(first, i) if sp[m][0] in mats), i)
+            out = text[:sp[k][1]] + new + " " + text[sp[k][1]:]
+        if k > 0 and k == first and sp[k - 1][0] in ("a", "an"):
+            a0 = sp[k - 1]
+            out = out[:a0[1]] + article(new) + out[a0[2]:]
+        edit = (self.rng.choice(["make the {t} {n}", "paint the {t} {n}", "turn the {t} {n}"])
+                if kind == "colour" else
+                self.rng.choice(["make the {t} out of {n}", "use {n} for the {t}"])
+                ).format(t=term, n=new)
+        return {"input": text, "edit": edit, "output": out}
+
+    def _add_negated(self) -> dict | None:
+        """Add a thing the caption says is absent: "and no rug" -> "and a rug" (sometimes a
+        coloured one), "without a cushion" -> "with a cushion"."""
+        text, sp = self.caption, spans(self.caption)
+        hits = [(h, k) for h in named(text, self.terms)
+                if (k := negation_at(sp, h[1])) is not None and sp[k][0] in ("no", "without")]
+        if not hits:
+            return None
+        (term, i, j, plural), k = self.rng.choice(hits)
+        m = k + 1
+        if m < i and sp[m][0] in ("a", "an", "any", "some"):
+            m += 1
+        phrase = text[sp[m][1]:sp[j - 1][2]]
+        if m == i and self.voc.colours and self.rng.random() < 0.3:
+            phrase = f"{self.rng.choice(self.voc.colours).lower()} {phrase}"
+        thing = with_article(phrase)
+        joiner = "with " if sp[k][0] == "without" else ""
+        out = text[:sp[k][1]] + joiner + thing + text[sp[j - 1][2]:]
+        edit = self.rng.choice(["add {n}", "put {n} in the room", "place {n} in the room"]
+                               if self.agent.level == "room" else ["add {n}"]).format(n=thing)
+        return {"input": text, "edit": edit, "output": out}
+
+
+class PhotoComposer(CaptionEditor):
+    """Endless stream of candidate triples editing one photo's caption (validated by the
+    caller): remove, replace or change a thing the caption names, add one it does not."""
+
+    MAX_EMPTY_DRAWS = 200
+
+    def __init__(self, agent: Agent, seed: int, caption: str, photo_id: str):
+        super().__init__(agent, random.Random(content_id("photo-template", seed, agent.name,
+                                                         photo_id)), caption)
+
+    def candidates(self) -> Iterator[dict]:
+        """Candidates; stops when the caption gives nothing to edit for the agent."""
+        ops = list(self.agent.operations)
+        empty = 0
+        while empty < self.MAX_EMPTY_DRAWS:
+            cand = self.edit(self.rng.choice(ops))
+            if cand is None:
+                empty += 1
+                continue
+            empty = 0
+            yield cand
 
 
 # ------------------------------------------------------------------------------ targets

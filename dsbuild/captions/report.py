@@ -1,4 +1,5 @@
-"""reports/captions.{json,png}: kept, rejected by reason, per agent, requests and token usage.
+"""reports/captions.{json,png}: kept, rejected by reason, per agent, requests and token usage,
+and the sessions' counts (sessions, turns, by length, branches, rejected turns by reason).
 
 The report merges the stats every finished rank left in its completion marker, so it is the
 same whichever rank finishes last, and a re-run that skips done ranks rewrites it unchanged.
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from dsbuild.captions.sessions import merge as merge_sessions
 from dsbuild.captions.validate import REASONS
 from dsbuild.core.build import Build
 from dsbuild.core.records import write_json
@@ -28,6 +30,7 @@ def merge_stats(build: Build) -> dict:
     usage_cached: Counter = Counter()
     grounded: Counter = Counter()
     photos = None
+    sessions: list[dict] = []
     agents: dict[str, dict] = {}
     examples: dict[str, list[str]] = {}
     backends, models, short = set(), set(), {}
@@ -40,6 +43,8 @@ def merge_stats(build: Build) -> dict:
         if "photos" in st:  # a build with photos: photos written from, grounding outcomes
             photos = (photos or 0) + st["photos"]
             grounded.update(st.get("grounded", {}))
+        if "sessions" in st:  # captions.sessions.share > 0
+            sessions.append(st["sessions"])
         if st.get("backend"):
             backends.add(st["backend"])
         if st.get("model"):
@@ -79,6 +84,7 @@ def merge_stats(build: Build) -> dict:
         "rejected_examples": examples,
         **({"photos": photos, "grounded": dict(sorted(grounded.items()))}
            if photos is not None else {}),
+        **({"sessions": merge_sessions(sessions)} if sessions else {}),
     }
 
 
@@ -146,6 +152,13 @@ def format_summary(report: dict) -> str:
         lines.append(f"from {report['photos']} photos; grounding check on the photo: "
                      f"{g.get('grounded', 0)} passed, "
                      f"{sum(v for k, v in g.items() if k != 'grounded')} rejected")
+    ss = report.get("sessions")
+    if ss is not None:
+        lengths = ", ".join(f"{k} turns: {v}" for k, v in ss["by_length"].items())
+        lines.append(f"sessions: {ss['sessions']} with {ss['turns']} turns ({lengths or 'none'}),"
+                     f" {ss['branches']} branch points; {sum(ss['rejected'].values())} turns or "
+                     f"lines rejected, {ss['cut']} cut under them, {ss['dropped']} sessions "
+                     "dropped (short of min_turns)")
     if report["short"]:
         lines.append("short of target (gave up after max rounds): " + ", ".join(
             f"{k} -{v}" for k, v in report["short"].items()))

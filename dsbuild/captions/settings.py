@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dsbuild.core.settings import StageSettings
 from dsbuild.llm.settings import TRANSPORT, LLMSettings
@@ -43,6 +43,14 @@ class SessionSettings(StageSettings):
                           "chains)")
     branch_share: float = Field(0.0, ge=0, le=1, description="share of sessions that are trees "
                                 "(a node branches into 2..branches edits)")
+
+    @model_validator(mode="after")
+    def _turns_at_least_min(self):
+        if self.min_turns > self.turns:
+            raise ValueError(f"captions.sessions.min_turns={self.min_turns} is more than "
+                             f"captions.sessions.turns={self.turns}: lower min_turns or raise "
+                             "turns")
+        return self
 
 
 class CaptionsSettings(LLMSettings):

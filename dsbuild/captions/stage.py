@@ -35,10 +35,20 @@ from dsbuild.captions.grounding import (
     queried,
     things,
 )
-from dsbuild.captions.prompt import NOT_JSON, build_messages, parse_lines
+from dsbuild.captions.prompt import NOT_JSON, build_messages, build_session_messages, parse_lines
+from dsbuild.captions.sessions import (
+    SessionChecked,
+    SessionComposer,
+    SessionTally,
+    check_session,
+    expected_nodes,
+    merge,
+    session_target,
+)
 from dsbuild.captions.settings import CaptionsSettings
 from dsbuild.captions.template import TemplateComposer
 from dsbuild.captions.validate import FIELDS, Checked, Validator, check_examples, clean_text
+from dsbuild.core import sessions as S
 from dsbuild.core.build import Build, StageResult, check_rank
 from dsbuild.core.config import Agent, Recipe, apply_overrides
 from dsbuild.core.errors import StageFailed
@@ -114,6 +124,18 @@ def triple_record(recipe: Recipe, agent: Agent, triple: dict, backend: str,
     return rec
 
 
+def node_record(recipe: Recipe, agent: Agent, node: dict, session: str, backend: str,
+                model: str | None, photo: dict | None = None) -> dict:
+    """The Triple record of a session node (dsbuild.core.sessions): id = ``node_id``, which
+    hashes the session and the parent too; input = the parent's output. A session from a
+    photo carries the photo on every node."""
+    rec = triple_record(recipe, agent, node["triple"], backend, model, photo)
+    rec["id"] = node["node_id"]
+    rec.update(session_id=session, node_id=node["node_id"], parent_id=node["parent_id"],
+               turn=node["turn"])
+    return rec
+
+
 @dataclass
 class AgentTally:
     """Per-agent counts for the report."""
@@ -127,12 +149,24 @@ class AgentTally:
     surplus: int = 0  # valid lines that came after the agent was full
     rejected: Counter = field(default_factory=Counter)
     operations: Counter = field(default_factory=Counter)  # of the kept triples
+    sessions: SessionTally | None = None  # captions.sessions.share > 0 (session turns first)
+
+    def single_target(self) -> int:
+        """Single edits wanted: the target less the session turns written (an agent's sessions
+        come before its single edits, so a resumed run sees the same number)."""
+        if self.sessions is None:
+            return self.target
+        return self.target - min(self.target, self.sessions.kept)
+
+    def single_kept(self) -> int:
+        return self.kept - (self.sessions.kept if self.sessions is not None else 0)
 
     def as_dict(self) -> dict:
         return {"level": self.level, "target": self.target, "kept": self.kept,
                 "candidates": self.candidates, "requests": self.requests,
                 "surplus": self.surplus, "rejected": dict(sorted(self.rejected.items())),
-                "operations": dict(sorted(self.operations.items()))}
+                "operations": dict(sorted(self.operations.items())),
+                **({"sessions": self.sessions.as_dict()} if self.sessions is not None else {})}
 
 
 class CaptionsRun:
@@ -150,12 +184,25 @@ class CaptionsRun:
             self.validator.remember_examples(a)
         self.tallies = {a.name: AgentTally(a.level, agent_target(a, self.settings, photos))
                         for a in agents}
+        # sessions: an agent's share of its target (with photos: of each photo's per_photo)
+        ss = self.settings.sessions
+        self.photo_sessions = (session_target(self.settings.photos.per_photo, ss)
+                               if photos is not None else 0)  # session turns per photo
+        if ss.share > 0:
+            for name, t in self.tallies.items():
+                t.sessions = SessionTally(
+                    session_target(t.target, ss) if photos is None else
+                    self.photo_sessions * len(photos.get(name, [])))
         # a build with photos: each agent's photos, triples per photo (streamed counts for the
-        # rounds, kept what the shard holds), the detector check on the photo
+        # rounds, kept what the shard holds; single edits and session turns apart), the
+        # detector check on the photo
         self.photos = photos
         self.photo_streamed: Counter = Counter()
         self.photo_kept: Counter = Counter(r.get("photo_id") for r in writer.records
-                                           if r.get("photo_id"))
+                                           if r.get("photo_id") and not S.is_session(r))
+        self.photo_s_streamed: Counter = Counter()
+        self.photo_s_kept: Counter = Counter(r.get("photo_id") for r in writer.records
+                                             if r.get("photo_id") and S.is_session(r))
         self.grounder = (PhotoGrounder(build, detector, quiet=not show_progress)
                          if photos is not None and self.settings.photos.ground else None)
         self.grounded: Counter = Counter()  # triples checked on their photo, by outcome
@@ -175,6 +222,8 @@ class CaptionsRun:
                 tally = self.tallies[agent.name]
                 tally.kept += 1
                 tally.operations[rec.get("operation")] += 1
+                if S.is_session(rec) and tally.sessions is not None:
+                    tally.sessions.kept += 1
                 self.validator.remember(rec, agent)
                 self.pending.add(rec["id"])
         self.resumed = len(self.pending)
@@ -198,9 +247,9 @@ class CaptionsRun:
         tally = self.tallies[agent.name]
         tally.candidates += 1
         if photo is None:
-            target, streamed, kept = tally.target, tally.streamed, tally.kept
+            target, streamed, kept = tally.single_target(), tally.streamed, tally.single_kept()
         else:
-            target = self.settings.photos.per_photo
+            target = self.photo_single_target(photo)
             streamed, kept = self.photo_streamed[photo["id"]], self.photo_kept[photo["id"]]
         if self.pending:
             rid = self._candidate_id(agent, cand)
@@ -245,6 +294,11 @@ class CaptionsRun:
             self.bar.update(1)
         return streamed + 1 >= target
 
+    def photo_single_target(self, photo: dict) -> int:
+        """Single edits wanted from a photo: ``per_photo`` less its session turns written."""
+        return self.settings.photos.per_photo - min(self.settings.photos.per_photo,
+                                                    self.photo_s_kept[photo["id"]])
+
     @staticmethod
     def _photo_input(cand: object, photo: dict) -> bool:
         """Whether a candidate's input is the photo's caption (as stored: ``clean_text``)."""
@@ -266,9 +320,90 @@ class CaptionsRun:
             return None
         return content_id(self.recipe.name, agent.name, *(clean_text(cand[f]) for f in FIELDS))
 
+    def offer_session(self, agent: Agent, cand: object, raw: str | None = None,
+                      photo: dict | None = None) -> bool:
+        """Check one session line turn by turn and write its nodes if it is kept; True once the
+        agent's (with ``photo``: that photo's) session turns are full. As ``offer``: every
+        line is checked, also after the agent is full (a good one is surplus), and a resumed
+        run's replay brings back the nodes the partial shard holds (counted, not written
+        again). A session from a photo starts from the photo's caption; its turn-1 edits pass
+        the grounding check on the photo."""
+        tally = self.tallies[agent.name]
+        st = tally.sessions
+        if photo is None:
+            target, streamed, kept = st.target, st.streamed, st.kept
+        else:
+            pid = photo["id"]
+            target, streamed, kept = (self.photo_sessions, self.photo_s_streamed[pid],
+                                      self.photo_s_kept[pid])
+        index = st.candidates
+        st.candidates += 1
+        tally.candidates += 1
+        full = streamed >= target
+        ground = None
+        if photo is not None and self.grounder is not None:
+            def ground(triple: dict) -> str | None:
+                reason = self._ground(agent, triple, photo)
+                self.grounded[reason or "grounded"] += 1
+                return reason
+        checked = check_session(cand, agent, self.validator, self.settings.sessions,
+                                self.recipe.name, index, self.pending,
+                                photo_caption=None if photo is None else
+                                (photo.get("caption") or ""), ground=ground)
+        if ground is not None:  # a written turn 1 passed the check when it was written
+            self.grounded["grounded"] += sum(1 for n in checked.nodes
+                                             if n["pending"] and n["turn"] == 1)
+        if checked.reason is not None:
+            st.rejected[checked.reason] += 1
+            self._reject_reason(tally, checked.reason, raw if raw is not None else cand)
+            return full
+        for reason, turn in checked.rejected:
+            st.rejected[reason] += 1
+            self._reject_reason(tally, reason, json.dumps(turn, ensure_ascii=False))
+        st.cut += checked.cut
+        if not checked.ok:
+            st.dropped += 1
+            return full
+        room = target - streamed
+        if 0 < room < len(checked.nodes):  # the agent's last session: trim it to the target
+            top = checked.nodes[:room]  # parents come first: still a tree
+            if max(n["turn"] for n in top) >= self.settings.sessions.min_turns:
+                st.trimmed += len(checked.nodes) - room
+                checked.nodes = top
+        n = len(checked.nodes)
+        st.streamed += n
+        if photo is not None:
+            self.photo_s_streamed[photo["id"]] += n
+        if not checked.pending and (full or kept >= target):
+            st.surplus += 1
+            return streamed + n >= target
+        self._write_session(agent, checked, photo)
+        return streamed + n >= target
+
+    def _write_session(self, agent: Agent, checked: SessionChecked,
+                       photo: dict | None = None) -> None:
+        tally = self.tallies[agent.name]
+        for node in checked.nodes:
+            rec = node_record(self.recipe, agent, node, checked.session_id, self.backend,
+                              self.model, photo)
+            if rec["id"] in self.writer.done:  # written before a resumed run's interruption
+                continue
+            self.writer.write(rec)
+            tally.kept += 1
+            tally.sessions.kept += 1
+            if photo is not None:
+                self.photo_s_kept[photo["id"]] += 1
+            tally.operations[rec["operation"]] += 1
+            if self.bar is not None:
+                self.bar.update(1)
+        tally.sessions.add(checked)
+
     def _rejected(self, tally: AgentTally, res: Checked, raw: object) -> None:
-        tally.rejected[res.reason] += 1
-        ex = self.examples.setdefault(res.reason, [])
+        self._reject_reason(tally, res.reason, raw)
+
+    def _reject_reason(self, tally: AgentTally, reason: str, raw: object) -> None:
+        tally.rejected[reason] += 1
+        ex = self.examples.setdefault(reason, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(str(raw)[:300])
         update_postfix(self.bar, rejected=sum(self.validator.rejected.values()))
@@ -290,6 +425,9 @@ class CaptionsRun:
             "requests": requests,
             "rejected_examples": self.examples,
             "resumed": self.resumed, "unreplayed": len(self.pending),
+            **({"sessions": merge([t.sessions.as_dict() for t in self.tallies.values()
+                                   if t.sessions is not None])}
+               if self.settings.sessions.share > 0 else {}),
             **({"photos": sum(len(v) for n, v in self.photos.items() if n in self.tallies),
                 "grounded": dict(sorted(self.grounded.items()))}
                if self.photos is not None else {}),
@@ -307,8 +445,16 @@ class CaptionsRun:
             return self._template_photos(started)
         for agent in self.agents:
             tally = self.tallies[agent.name]
+            if tally.sessions is not None and tally.sessions.target:
+                sessions = SessionComposer(agent, self.settings.seed,
+                                           self.settings.sessions).candidates()
+                for _ in range(max(50, tally.sessions.target * TEMPLATE_ATTEMPTS)):
+                    if self.offer_session(agent, next(sessions)):
+                        break
+                if not tally.single_target():
+                    continue
             stream = TemplateComposer(agent, self.settings.seed).candidates()
-            for _ in range(max(200, tally.target * TEMPLATE_ATTEMPTS)):
+            for _ in range(max(200, tally.single_target() * TEMPLATE_ATTEMPTS)):
                 if self.offer(agent, next(stream)):
                     break
         return self.stats(started)
@@ -320,6 +466,15 @@ class CaptionsRun:
         for agent in self.agents:
             for photo in self.photos.get(agent.name, []):
                 caption = clean_text(photo.get("caption") or "")
+                if self.photo_sessions:
+                    sessions = SessionComposer(agent, self.settings.seed,
+                                               self.settings.sessions, (photo["id"], caption))
+                    for _, cand in zip(range(max(20, self.photo_sessions * TEMPLATE_ATTEMPTS)),
+                                       sessions.candidates(), strict=False):
+                        if self.offer_session(agent, cand, photo=photo):
+                            break
+                    if not self.photo_single_target(photo):
+                        continue
                 stream = PhotoComposer(agent, self.settings.seed, caption,
                                        photo["id"]).candidates()
                 for _, cand in zip(range(max(50, n * TEMPLATE_ATTEMPTS)), stream, strict=False):
@@ -379,9 +534,11 @@ class CaptionsRun:
                 return
             for agent in self.agents:
                 tally = self.tallies[agent.name]
+                if tally.sessions is not None and tally.sessions.target:
+                    await self._openai_sessions(backend, started, agent, rounds)
                 sample = 0
                 for _ in range(rounds):
-                    need = tally.target - tally.streamed
+                    need = tally.single_target() - tally.streamed
                     if need <= 0:
                         break
                     idx = list(range(sample, sample + math.ceil(need / s.per_request)))
@@ -396,23 +553,58 @@ class CaptionsRun:
                         self._save_attempt(backend, started)
 
 
+    async def _openai_sessions(self, backend: ChatClient, started: float, agent: Agent,
+                               rounds: int, photo: dict | None = None) -> None:
+        """An agent's (or a photo's) session rounds, before its single edits: ask for sessions
+        until the session turns the stream gave reach the session target; sample numbers count
+        session requests on their own (their prompt differs from the single edits')."""
+        s, ss = self.settings, self.settings.sessions
+        tally = self.tallies[agent.name]
+        st = tally.sessions
+        caption = None if photo is None else clean_text(photo.get("caption") or "")
+        target = st.target if photo is None else self.photo_sessions
+        per = expected_nodes(ss)
+        k = max(1, round(min(target, s.per_request) / per))  # sessions per request
+        sample = 0
+        for _ in range(rounds):
+            need = target - (st.streamed if photo is None else self.photo_s_streamed[photo["id"]])
+            if need <= 0:
+                break
+            idx = list(range(sample, sample + math.ceil(need / (k * per))))
+            sample += len(idx)
+            st.requests += len(idx)
+            tally.requests += len(idx)
+            asks = [(build_session_messages(self.recipe, agent, k, i, s.seed, ss.turns,
+                                            ss.min_turns, ss.branches, ss.branch_share > 0,
+                                            photo_caption=caption), i)
+                    for i in idx]
+            async for reply in backend.complete_in_order(asks):
+                if reply is not None:
+                    for line, cand in zip_lines(reply["content"]):
+                        self.offer_session(agent, cand, line, photo=photo)
+                self._save_attempt(backend, started)
+
     async def _openai_photos(self, backend: ChatClient, started: float, rounds: int) -> None:
         """Rounds per photo, as per agent without photos: the photo's caption is the input
         caption every requested triple edits (``build_messages(photo_caption=...)``)."""
         s = self.settings
-        n = s.photos.per_photo
         for agent in self.agents:
             for photo in self.photos.get(agent.name, []):
                 caption = clean_text(photo.get("caption") or "")
+                if self.photo_sessions:
+                    await self._openai_sessions(backend, started, agent, rounds, photo)
+                    if not self.photo_single_target(photo):
+                        continue
+                target = self.photo_single_target(photo)
                 sample = 0
                 for _ in range(rounds):
-                    need = n - self.photo_streamed[photo["id"]]
+                    need = target - self.photo_streamed[photo["id"]]
                     if need <= 0:
                         break
                     idx = list(range(sample, sample + math.ceil(need / s.per_request)))
                     sample += len(idx)
                     self.tallies[agent.name].requests += len(idx)
-                    asks = [(build_messages(self.recipe, agent, min(n, s.per_request), i,
+                    asks = [(build_messages(self.recipe, agent, min(target, s.per_request), i,
                                             s.seed, photo_caption=caption), i) for i in idx]
                     async for reply in backend.complete_in_order(asks):
                         if reply is not None:

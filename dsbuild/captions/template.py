@@ -26,10 +26,14 @@ def join_items(items: list[str]) -> str:
 class TemplateComposer:
     """Endless stream of candidate triples for one agent (validated by the caller)."""
 
-    def __init__(self, agent: Agent, seed: int):
+    def __init__(self, agent: Agent, seed: int, stream: str | None = None):
+        """``stream`` names a second, independent stream of the same agent and seed (the roots
+        of its sessions: ``"session"``); None is the single-edit stream."""
         self.agent = agent
         self.voc = agent.vocabulary
-        self.rng = random.Random(content_id("template", seed, agent.name))
+        self.rng = random.Random(content_id("template", seed, agent.name)
+                                 if stream is None else
+                                 content_id("template", seed, agent.name, stream))
 
     # ------------------------------------------------------------------ small helpers
     def pick(self, words: list[str], *avoid: str) -> str | None:

@@ -39,6 +39,17 @@ REASONS = {
     "near_duplicate": "the same input→output change (content words) as a kept triple",
 }
 REASONS.update(GROUNDING_REASONS)
+# a session line (dsbuild/captions/sessions.py); its turns are checked by the rules above
+SESSION_REASONS = {
+    "session_no_turns": "session: \"turns\" is missing, empty or not a list",
+    "session_bad_parent": "session: a turn's \"parent\" is neither null nor the index of an "
+                          "earlier turn",
+    "session_input_mismatch": "session: a turn's \"input\" is not its parent's output",
+    "session_too_deep": "session: a turn deeper than captions.sessions.turns",
+    "session_too_many_branches": "session: more edits of one caption than "
+                                 "captions.sessions.branches",
+}
+REASONS.update(SESSION_REASONS)
 
 STOPWORDS = frozenset(
     "a an the and or with of in on at to for by from its it their his her this that these those "

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "eval": ("dsbuild.cli.evaluate:eval_cmd", "edit a test split with models and compare them",
              "train"),
     "edit": ("dsbuild.cli.evaluate:edit_cmd", "edit one image by an instruction", "train"),
+    "tree": ("dsbuild.cli.tree:tree_cmd", "draw a build's sessions as design-tree pages", None),
     "train-generator": ("dsbuild.cli.train:train_generator_cmd",
                         "tune the SD generator on your photos (DreamBooth / LoRA)", "train"),
     "eval-generator": ("dsbuild.cli.evaluate:eval_generator_cmd",

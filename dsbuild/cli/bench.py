@@ -20,6 +20,8 @@ BENCHES = {
     "scale": ("dsbuild.bench.scale:bench_scale", "generate with 1 vs 2 local workers"),
     "localize": ("dsbuild.bench.localize:bench_localize",
                  "localized editing vs plain IP2P and materialised maps"),
+    "session": ("dsbuild.bench.session:bench_session",
+                "a multi-turn session in one P2P pass vs independent pairs"),
 }
 
 

@@ -111,7 +111,8 @@ def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
 
         click.echo(region_table(res))
     click.echo(f"written: {out}/eval.json, {out}/eval.md, grids"
-               + (", curve.png" if len(s.image_guidance) > 1 else ""))
+               + (", curve.png" if len(s.image_guidance) > 1 else "")
+               + (", turns grids" if s.turns else ""))
 
 
 @click.command("edit")
@@ -119,7 +120,13 @@ def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
 @click.argument("model")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.argument("instruction")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="output image")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="output image (or --session)")
+@click.option("--session", "session_dir", default=None, type=click.Path(file_okay=False),
+              help="grow a design session in this folder instead: the first call makes it "
+                   "from IMAGE, each call adds a node; session.json, tree.html, tree.png")
+@click.option("--from", "start", default=None, metavar="NODE",
+              help="with --session: the node to edit (default: the last one; 'root': IMAGE)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @settings_options(EvalSettings, only=("guidance",))
 @click.option("--image-guidance", type=float, default=1.5, show_default=True)
@@ -130,21 +137,45 @@ def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
 @localize_options
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
               help="with --localize: the region as a PNG (white = edit) instead of segmenting")
-def edit_cmd(model, image, instruction, out, seed, image_guidance, resolution, localize, mask,
-             **values):
-    """Edit IMAGE by INSTRUCTION with MODEL ('tiny', a folder or a Hub id); write --out."""
+def edit_cmd(model, image, instruction, out, session_dir, start, seed, image_guidance,
+             resolution, localize, mask, **values):
+    """Edit IMAGE by INSTRUCTION with MODEL ('tiny', a folder or a Hub id); write --out, or
+    add the edit to the design session --session DIR (under --from NODE)."""
     from dsbuild.evaluate.edit import edit_image
 
     if mask and not localize:
         raise DsbuildError("--mask needs --localize")
+    if (out is None) == (session_dir is None):
+        raise DsbuildError("give --out FILE (one edit) or --session DIR (a design session)")
+    if start is not None and session_dir is None:
+        raise DsbuildError("--from needs --session")
     ls = agent = None
     if localize:
         ls, agent = localize_settings(values)
+    if session_dir is not None:
+        return session_edit(model, image, instruction, session_dir, start, seed,
+                            image_guidance, resolution, values, localize=ls, mask=mask,
+                            agent=agent)
     s = settings_from(EvalSettings, values, "dsbuild edit options")
     path = edit_image(model, image, instruction, out, seed=seed, guidance=s.guidance,
                       image_guidance=image_guidance, steps=s.steps, resolution=resolution,
                       device=s.device, dtype=s.precision, localize=ls, mask=mask, agent=agent)
     click.echo(f"edited {image} -> {path}")
+
+
+def session_edit(model, image, instruction, folder, start, seed, image_guidance, resolution,
+                 values, **localized) -> None:
+    """``dsbuild edit --session``: one node more in the design session, then its page."""
+    from dsbuild.evaluate.session import grow
+    from dsbuild.review.tree import write_folder_tree
+
+    s = settings_from(EvalSettings, values, "dsbuild edit options")
+    node = grow(folder, model, image, instruction, start=start, seed=seed,
+                guidance=s.guidance, image_guidance=image_guidance, steps=s.steps,
+                resolution=resolution, device=s.device, dtype=s.precision, **localized)
+    page, png = write_folder_tree(folder)
+    click.echo(f"node {node['id']} (turn {node['turn']}, from {node['parent']}): "
+               f"{folder}/{node['image']}; tree: {page}, {png.name}")
 
 
 @click.command("eval-generator")

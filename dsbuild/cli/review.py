@@ -37,20 +37,31 @@ def review_group():
 @click.option("--overlap", type=click.IntRange(min=1), default=None, metavar="N",
               help="reviewers per pair: sets the project's annotations per task (default: "
                    "review.overlap, else the project's own setting, 1 for a new one)")
+@click.option("--sessions", type=click.Choice(["session", "pair", "both"]), default=None,
+              help="pairs of multi-turn sessions as one task per session run with a verdict "
+                   "per turn, per pair, or both (default: review.session_tasks = session)")
 def push_cmd(build, url, title, sample_size, seed, policy, images, document_root, recreate,
-             config_path, overlap):
+             config_path, overlap, sessions):
     """Import BUILD's pairs as tasks; pairs already in the project are skipped."""
     from dsbuild.core.build import Build
     from dsbuild.review.labelstudio import push
 
     r = push(Build.open(build), url, title=title, sample_size=sample_size, images=images,
              seed=seed, policy=policy, document_root=document_root, recreate=recreate,
-             config_path=config_path, overlap=overlap)
+             config_path=config_path, overlap=overlap, sessions=sessions)
     reviewers = f"{r['overlap']} reviewer{'s' if r['overlap'] != 1 else ''} per pair"
     click.echo(f"project {r['project_id']} '{r['title']}': {r['selected']} pairs selected, "
                f"{r['imported']} imported, {r['already_there']} already there "
                f"(images: {r['images']}; {reviewers})")
     click.echo(f"review at {r['project_url']}")
+    if "sessions" in r:
+        s = r["sessions"]
+        click.echo(f"project {s['project_id']} '{s['title']}': {s['runs']} session runs "
+                   f"({s['turns']} turns), {s['imported']} imported, {s['updated']} updated, "
+                   f"{s['already_there']} already there"
+                   + (f", {s['stale']} changed but already reviewed (left as they are)"
+                      if s["stale"] else ""))
+        click.echo(f"review sessions at {s['project_url']}")
 
 
 @review_group.command("pull")

@@ -400,6 +400,9 @@ def no_change_row(sample: NoChangeSample, source: dict | None,
         "filter_reason": None, "verify": None, "verify_reason": None, "verify_checks": None,
         **decided(edit, decision, decisions, applies=False),
         "_images": {k: images[k] for k in ("input", "output") if k in images},
+        # a sample made from a session turn is a single edit, not a turn of that session
+        **{k: None for k in ("session_id", "session_run", "turn", "node_id", "parent_id",
+                             "source_image")},
     })
     for k in ("triple_id", "recipe", "agent", "level", "operation", "seed"):
         if sample.get(k) is not None:

@@ -165,3 +165,62 @@ def tree_page(session: str) -> str:
     """The build-relative path of a session's design-tree page (``dsbuild tree``); its picture
     is the same path with ``.png``."""
     return f"{TREE_DIR}/{session}.html"
+
+
+def survival(items: Iterable[dict], ok: Callable[[dict], bool], *, key: str = "id"
+             ) -> dict[str, Any]:
+    """What a reader's report says of sessions: runs by length as generated (``runs``) and as
+    they survive under each cut mode (``prefix``, ``whole``), and per turn the items, those
+    that pass (``ok``) and those that survive each mode; ``{}`` without session items. Lengths
+    and turns are string keys (JSON)."""
+    items = [it for it in items if is_session(it)]
+    if not items:
+        return {}
+    out: dict[str, Any] = {"runs": _keyed(run_lengths(items))}
+    per_turn: dict[str, dict[str, int]] = {}
+    for it in ordered(items):
+        t = per_turn.setdefault(str(int(it.get("turn") or 0)), {"pairs": 0, "passed": 0})
+        t["pairs"] += 1
+        t["passed"] += bool(ok(it))
+    for mode in CUT_MODES:
+        alive = cut(items, ok, mode, key=key)
+        out[mode] = _keyed(run_lengths(it for it in items if it[key] in alive))
+        for it in items:
+            t = per_turn[str(int(it.get("turn") or 0))]
+            t[mode] = t.get(mode, 0) + (it[key] in alive)
+    out["per_turn"] = per_turn
+    return out
+
+
+def _keyed(c: Counter) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(c.items())}
+
+
+def survival_lines(counts: dict[str, int], surv: dict[str, Any], mode: str) -> list[str]:
+    """Markdown for a report: what the captions hold (:func:`tree_counts`), then the runs of
+    each length generated and surviving (:func:`survival`; ``mode``: the one in force, marked
+    with *), then per turn."""
+    if not counts.get("sessions") and not surv:
+        return []
+    lines = [f"Sessions: {counts.get('sessions', 0)} in the captions, {counts.get('turns', 0)} "
+             f"turns, {counts.get('branches', 0)} branch points, deepest turn "
+             f"{counts.get('max_turn', 0)}.", ""]
+    if not surv.get("runs"):
+        return lines
+    lengths = sorted({int(k) for part in ("runs", *CUT_MODES) for k in surv[part]})
+    star = {m: f"{m} *" if m == mode else m for m in CUT_MODES}
+    lines += ["Session runs by length (deepest turn kept; * the cut in force, "
+              "`export.session_cut`):", "",
+              "| runs | " + " | ".join(f"{n} turn{'s' if n != 1 else ''}" for n in lengths)
+              + " | total |", "|---" * (len(lengths) + 2) + "|"]
+    for part, label in (("runs", "generated"), *((m, f"surviving ({star[m]})")
+                                                 for m in CUT_MODES)):
+        cells = [surv[part].get(str(n), 0) for n in lengths]
+        lines.append(f"| {label} | " + " | ".join(map(str, cells)) + f" | {sum(cells)} |")
+    lines += ["", "| turn | pairs | passed | " + " | ".join(f"surviving ({star[m]})"
+                                                          for m in CUT_MODES) + " |",
+              "|---" * (3 + len(CUT_MODES)) + "|"]
+    for turn, t in surv["per_turn"].items():
+        lines.append(f"| {turn} | {t['pairs']} | {t['passed']} | "
+                     + " | ".join(str(t.get(m, 0)) for m in CUT_MODES) + " |")
+    return lines + [""]

@@ -1,7 +1,7 @@
 """Leak-free train/test split: rows grouped by triple and by caption, groups split by seed.
 
-Two rows land in one group when they share a triple or any caption (input or output, compared
-without case, punctuation, spacing or a/an), transitively. Whole groups go to one split, so no
+Two rows land in one group when they share a triple, a multi-turn session or any caption
+(input or output, compared without case, punctuation, spacing or a/an), transitively. Whole groups go to one split, so no
 caption is ever in both. Groups are ordered by a seeded hash and taken into test until its
 share of rows is closest to ``test_ratio``; the assignment depends only on the rows and the seed.
 """
@@ -41,8 +41,12 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def row_nodes(triple_id: str, captions: Iterable[str]) -> list[str]:
-    return [f"t:{triple_id}"] + [f"c:{caption_key(c)}" for c in captions if c]
+def row_nodes(triple_id: str, captions: Iterable[str], session: str | None = None
+              ) -> list[str]:
+    """A row's group nodes: its triple, its captions and, for a turn of a multi-turn session,
+    the session (every run of a session, and its root caption, on one side)."""
+    return ([f"t:{triple_id}"] + [f"c:{caption_key(c)}" for c in captions if c]
+            + ([f"s:{session}"] if session else []))
 
 
 def group_rows(rows: dict[str, list[str]]) -> dict[str, list[str]]:

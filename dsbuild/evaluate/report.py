@@ -56,7 +56,34 @@ def markdown_table(result: dict) -> str:
                 lines.append(f"| {public_name(name)} | {point['image_guidance']} | "
                              f"{_fmt('clip_dir', e.get('clip_dir'))} | "
                              f"{_fmt('clip_im', e.get('clip_im'))} |")
+    if "turns" in result:
+        lines += ["", *turns_table(result)]
     return "\n".join(lines) + "\n"
+
+
+TURN_COLUMNS = (("clip_i", "CLIP-I ↑"), ("dino_gt", "DINO ↑"), ("l1", "L1 ↓"))
+
+
+def turns_table(result: dict) -> list[str]:
+    """The multi-turn table (``eval --turns``): each model per turn and at the final turn,
+    against each turn's ground truth, its inputs the model's own outputs."""
+    from dsbuild.core.schema import public_name
+
+    t = result["turns"]
+    runs = f"{t['runs']} session run{'s' if t['runs'] != 1 else ''}"
+    lines = [f"Multi-turn (MagicBrush protocol): {runs}; turn 1 edits the "
+             "source image, each later turn the model's own output of its parent turn; "
+             f"image guidance {t['image_guidance']}; against each turn's ground truth"
+             + (f" ({t['skipped']} rows skipped: their parent turn is not in the data)"
+                if t["skipped"] else "") + ":",
+             "", "| model | turn | rows | " + " | ".join(h for _, h in TURN_COLUMNS) + " |",
+             "|---|---|---:|" + "---:|" * len(TURN_COLUMNS)]
+    for name, m in result["models"].items():
+        scores = m["turns"]
+        for turn, v in [*scores["per_turn"].items(), ("final", scores["final"])]:
+            lines.append(f"| {public_name(name)} | {turn} | {v['rows']} | "
+                         + " | ".join(_fmt(k, v.get(k)) for k, _ in TURN_COLUMNS) + " |")
+    return lines
 
 
 def curve_figure(result: dict):

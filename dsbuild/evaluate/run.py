@@ -42,9 +42,10 @@ def edit_dir(out: Path, model: str, data: str, s: EvalSettings, ig: float) -> Pa
 
 
 def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str,
-               masks: dict | None = None) -> None:
+               masks: dict | None = None) -> list[int]:
     """Edit the rows not yet in ``folder`` (batched; each row with its own seeded generator);
-    with ``masks`` (row -> region), each edit carries the LIME penalty on its region."""
+    with ``masks`` (row -> region), each edit carries the LIME penalty on its region. Returns
+    the indices of the rows it edited."""
     import torch
 
     todo = [r for r in rows if not (folder / f"{r.index:05d}.png").exists()]
@@ -67,6 +68,7 @@ def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str,
             for r, im in zip(batch, edits, strict=True):
                 write_image(folder / f"{r.index:05d}.png", im)
             bar.update(len(batch))
+    return [r.index for r in todo]
 
 
 def _pixels(path: Path):
@@ -76,6 +78,23 @@ def _pixels(path: Path):
 
     with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def against_truth(edits: list[Path], truths: list[Path], emb: dict) -> dict:
+    """Per-row metrics of edits against their ground truth (MagicBrush): CLIP-I, DINO, L1."""
+    import torch
+
+    from dsbuild.core import metrics
+
+    def stack(paths, key):
+        return torch.stack([emb[p][key] for p in paths])
+
+    return {
+        "clip_i": metrics.clip_image(stack(edits, "clip"), stack(truths, "clip")),
+        "dino_gt": metrics.dino(stack(edits, "dino"), stack(truths, "dino")),
+        "l1": torch.stack([metrics.l1_distance(_pixels(a), _pixels(b))
+                           for a, b in zip(edits, truths, strict=True)]),
+    }
 
 
 def score(rows, edit_paths: dict[int, Path], inputs: dict[int, Path], truths: dict[int, Path],
@@ -97,10 +116,7 @@ def score(rows, edit_paths: dict[int, Path], inputs: dict[int, Path], truths: di
         vals = {
             "clip_im": metrics.clip_image(stack(x, "clip"), stack(e, "clip")),
             "dino": metrics.dino(stack(x, "dino"), stack(e, "dino")),
-            "clip_i": metrics.clip_image(stack(e, "clip"), stack(t, "clip")),
-            "dino_gt": metrics.dino(stack(e, "dino"), stack(t, "dino")),
-            "l1": torch.stack([metrics.l1_distance(_pixels(a), _pixels(b))
-                               for a, b in zip(e, t, strict=True)]),
+            **against_truth(e, t, emb),
         }
         cap = [i for i, r in enumerate(edit_rows) if r.original_prompt and r.edited_prompt]
         if cap:
@@ -185,10 +201,15 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
     ds = rows_mod.load_split(data, s.split)
     s = placeholder_backbones(ds, s)
     rows = rows_mod.read_rows(ds, f"{data} [{s.split}]", limit=s.rows)
+    plan = None
+    if s.turns:
+        from dsbuild.evaluate.turns import plan_turns
+
+        plan = plan_turns(rows, ds.column_names, f"{data} [{s.split}]")
     with lock_out(out, "eval"):
         fresh = {p: not p.exists() for p in (out, out / "rows")}
         try:
-            return _evaluate(models, data, out, s, rows, update_cards, agent)
+            return _evaluate(models, data, out, s, rows, update_cards, agent, plan)
         except BaseException:
             if fresh[out / "rows"]:
                 shutil.rmtree(out / "rows", ignore_errors=True)
@@ -198,7 +219,7 @@ def evaluate(models: list[str], data: str, out: str | Path, s: EvalSettings | No
 
 
 def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, update_cards,
-              agent) -> dict:
+              agent, plan=None) -> dict:
     import torch
 
     from dsbuild.core.grid import edit_grid
@@ -232,20 +253,32 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
     local: dict[str, Path] = {}
     for model in models:
         pipe = None
+
+        def editor(model=model):
+            nonlocal pipe
+            pipe = pipe or load_editor(model, device, dtype)
+            return pipe
+
+        remade: list[int] = []  # single-turn edits made at the main image guidance
         for ig in s.image_guidance:
             folder = folders[model, ig] = edit_dir(out, model, data, s, ig)
             if all((folder / f"{r.index:05d}.png").exists() for r in rows):
                 continue
-            pipe = pipe or load_editor(model, device, dtype)
-            make_edits(pipe, rows, folder, s, ig, f"edit {slug(model)} ig={ig}")
+            made = make_edits(editor(), rows, folder, s, ig, f"edit {slug(model)} ig={ig}")
+            if ig == s.main_image_guidance:
+                remade = made
+        if plan is not None:  # later turns on the model's own outputs (MagicBrush)
+            from dsbuild.evaluate.turns import follow
+
+            follow(editor, plan, folders[model, s.main_image_guidance], s,
+                   s.main_image_guidance, set(remade), f"edit {slug(model)}")
         if masks is not None:  # the localized run, at the main image guidance
             main = folders[model, s.main_image_guidance]
             folder = local[model] = localized_dir(main, s.localize)
             if not all((folder / f"{r.index:05d}.png").exists() for r in rows):
-                pipe = pipe or load_editor(model, device, dtype)
-                make_edits(pipe, rows, folder, s, s.main_image_guidance,
+                make_edits(editor(), rows, folder, s, s.main_image_guidance,
                            f"edit {slug(model)} localized", masks=masks)
-        del pipe
+        del pipe, editor
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     clip, dino = load_encoders(s)
@@ -254,8 +287,15 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
                   for key, f in folders.items()}
     local_paths = {m: {r.index: f / f"{r.index:05d}.png" for r in rows}
                    for m, f in local.items()}
+    own: dict[str, dict[int, Path]] = {}  # model -> each session turn's own edit
+    if plan is not None:
+        from dsbuild.evaluate.turns import own_paths
+
+        own = {m: own_paths(plan, folders[m, s.main_image_guidance]) for m in models}
     every = [*inputs.values(), *truths.values(),
-             *(p for d in (*edit_paths.values(), *local_paths.values()) for p in d.values())]
+             *(p for d in (*edit_paths.values(), *local_paths.values(), *own.values())
+               for p in d.values())]
+    every = list(dict.fromkeys(every))  # turn 1's own edits are single-turn edits
     emb, errors = embedder.embed(every)
     if errors:
         p, (kind, detail) = next(iter(errors.items()))
@@ -271,6 +311,10 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
         "settings": {**s.model_dump(mode="json"), "main_image_guidance": s.main_image_guidance},
         "models": {},
     }
+    if plan is not None:
+        from dsbuild.evaluate.turns import turns_summary
+
+        result["turns"] = turns_summary(plan, s.main_image_guidance)
     for model in models:
         sweep = [{"image_guidance": ig, **score(rows, edit_paths[model, ig], inputs, truths,
                                                 emb, text)} for ig in s.image_guidance]
@@ -278,6 +322,12 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
         result["models"][model] = {"edit": main["edit"], "no_change": main["no_change"],
                                    "sweep": sweep,
                                    "edits": str(folders[model, s.main_image_guidance])}
+        if plan is not None:
+            from dsbuild.evaluate.turns import TURNS_DIR, turn_scores
+
+            result["models"][model]["turns"] = {
+                **turn_scores(plan, own[model], truths, emb),
+                "edits": str(folders[model, s.main_image_guidance] / TURNS_DIR)}
         if masks is not None:
             from dsbuild.localize.region import region_scores
 
@@ -322,6 +372,13 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
                  f"seed {s.seed} (ig = image guidance)")
         write_image(out / f"grid-{slug(model)}.png", edit_grid(grid, title=title,
                                                                headers=headers))
+        if plan is not None:
+            from dsbuild.evaluate.turns import chain_grid
+
+            write_image(out / f"turns-{slug(model)}.png", chain_grid(
+                plan, own[model], truths, inputs,
+                f"{public_name(model)}: session turns on its own outputs (image guidance "
+                f"{s.main_image_guidance})"))
     if update_cards:
         from dsbuild.train.card import update_eval
 

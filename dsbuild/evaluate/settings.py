@@ -33,6 +33,9 @@ class EvalSettings(StageSettings):
     device: str = "auto"
     precision: Precision = Field(
         "auto", description="auto: fp16 on CUDA, fp32 elsewhere")
+    turns: bool = Field(False, description="also follow each session turn by turn on the "
+                        "model's own outputs and score every turn and each chain's final turn "
+                        "against its ground truth (MagicBrush's multi-turn protocol)")
     # also edit every row with the LIME penalty on its referred region and score both runs
     # inside and outside it (dsbuild.localize.region)
     localize: LocalizeSettings | None = None

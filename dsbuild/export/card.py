@@ -129,6 +129,11 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     lines += [f"Stages: {notes.stage_line(build, rows, models)}.", ""]
     if grid:
         lines += [f"![Sample pairs: input, edited]({GRID_NAME})", ""]
+        trees = tree_links(build, grid_picks(rows, cfg.export.grid_pairs))
+        if trees:
+            lines += ["Design trees of the sessions on the grid (every run's images at the "
+                      "nodes, instructions on the edges): "
+                      + ", ".join(f"[session {sid[:8]}]({page})" for sid, page in trees), ""]
     lines += ["## Usage", "", *notes.usage_lines(folder, pushed), "",
               "`input_image`, `edit_prompt` and `edited_image` are the columns diffusers' "
               "`train_instruct_pix2pix.py` reads (`--original_image_column input_image "
@@ -146,6 +151,7 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
                  sum(len(v) for v in files.values())])
     lines += _table(["split", "rows", "edits", "no-change", "triples", "input captions",
                      "parquet shards"], body)
+    lines += sessions_section(build, rows)
     lines += ["", "### Per agent", ""] + _count_table(rows, "agent", "level")
     lines += ["", "### Per operation", ""] + _count_table(rows, "operation")
     lines += ["", "## How it was made", "", "### Captions", ""]
@@ -163,7 +169,10 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     lines += ["", "### Filter", "",
               f"CLIP `{public_name(f.clip_model)}` / `{public_name(f.clip_pretrained)}`"
               + (f", DINO `{public_name(f.dino_model)}`" if f.dino else "")
-              + f"; top {f.top_k} pairs per triple by `clip_sim_dir` among those passing:", ""]
+              + f"; top {f.top_k} pairs per triple by `clip_sim_dir` among those passing"
+              + (f" (of a multi-turn session: its top {f.top_k} runs by their mean "
+                 "`clip_sim_dir`, each turn passing the thresholds on its own)"
+                 if any(r.get("session_id") for r in allrows) else "") + ":", ""]
     lines += _table(["score", "threshold"], [
         ["clip_sim_0 (input image ↔ input caption)", _minimum(f.clip_sim_0)],
         ["clip_sim_1 (edited image ↔ edited caption)", _minimum(f.clip_sim_1)],
@@ -211,6 +220,12 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
          "provenance (empty for generated rows; an empty license on a photo row: unknown)"],
         ["reconstruction_psnr", "PSNR (dB) of the inverted photo's reconstruction (photo rows "
          "made through inversion)"],
+        ["session_id, session_run, turn, node_id, parent_id", "a multi-turn session's turn "
+         "(MagicBrush-style): the session, its generated image chain (one seed), the turn "
+         "(1 = an edit of the source image), the node and its parent node, whose edited image "
+         "is this row's `input_image`; empty for single edits and no-change rows"],
+        ["source_image", "the session's source image (turn 0), the same for every turn of a "
+         "run; empty outside sessions"],
     ])
     lines += [""] + notes.provenance_section(rows)
     lines += notes.limitations_section(build, rows, models)
@@ -312,16 +327,73 @@ def _values(kind: str, values: list) -> str:
     return ", ".join(sorted({str(v) for v in values if v is not None})) or "—"
 
 
-def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
-    """A PNG of up to ``n`` sample pairs (input | edited, instruction as title), agents mixed."""
+def sessions_section(build: Build, rows: ExportRows) -> list[str]:
+    """The card's session counts: what the captions hold (sessions, turns, branch points), what
+    the export holds, its runs by length (the turns kept under ``export.session_cut``) and how
+    single-turn trainers read the same rows; nothing for a build without sessions."""
+    from dsbuild.core import sessions
+
+    counts = sessions.tree_counts(build.records("captions", require=False))
+    if not counts["sessions"]:
+        return []
+    per = {k: [r for r in rows.splits[k] if sessions.is_session(r)] for k in SPLITS}
+    body = []
+    for k in [*SPLITS, "total"]:
+        rs = [r for v in per.values() for r in v] if k == "total" else per[k]
+        lengths = sessions.run_lengths(rs)
+        body.append([k, len({r["session_id"] for r in rs}), len({r["node_id"] for r in rs}),
+                     len({r["session_run"] for r in rs}), len(rs),
+                     ", ".join(f"{n} turn{'s' if n != 1 else ''}: {c}"
+                               for n, c in sorted(lengths.items())) or "—"])
+    mode = build.config.export.session_cut
+    return ["", "### Sessions", "",
+            f"The captions hold {counts['sessions']} multi-turn sessions: {counts['turns']} "
+            f"turns, {counts['branches']} branch points, turns up to {counts['max_turn']}. A "
+            "session row's `input_image` is its parent turn's edited image and `source_image` "
+            "the run's source image (MagicBrush-style); a single-turn trainer reads the same "
+            "rows as flat pairs. Cut: "
+            + ("`prefix` (a turn left out by the filter, verify or review drops the turns "
+               "under it; the turns before it stay)" if mode == "prefix" else
+               "`whole` (a run is exported only when every turn passes)")
+            + "; the split keeps a whole session (every run, and its source caption) on one "
+            "side.", ""] + _table(["split", "sessions", "turns (nodes)", "runs", "rows",
+                                   "runs by length"], body)
+
+
+def tree_links(build: Build, picks: list[dict]) -> list[tuple[str, str]]:
+    """(session id, page) of the sessions among ``picks`` whose design-tree page ``dsbuild
+    tree`` wrote; the export carries a copy at the same relative path
+    (:func:`copy_tree_pages`)."""
+    from dsbuild.core import sessions
+
+    out: list[tuple[str, str]] = []
+    for r in picks:
+        sid = r.get("session_id")
+        page = sessions.tree_page(sid) if sid else None
+        if page and (build.root / page).is_file() and (sid, page) not in out:
+            out.append((sid, page))
+    return out
+
+
+def copy_tree_pages(build: Build, rows: ExportRows, out: Path, n: int) -> list[str]:
+    """Copy the tree pages (and their pictures) of the grid's sessions into the export."""
+    import shutil
+
+    copied = []
+    for _, page in tree_links(build, grid_picks(rows, n)):
+        for rel in (page, str(Path(page).with_suffix(".png"))):
+            if (build.root / rel).is_file():
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(build.root / rel, out / rel)
+                copied.append(rel)
+    return copied
+
+
+def grid_picks(rows: ExportRows, n: int) -> list[dict]:
+    """The grid's rows: up to ``n`` pairs, one per triple, agents taken in turn, and one
+    no-change sample when there is one."""
     if n <= 0:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
+        return []
     pool = [r for k in SPLITS for r in rows.splits[k]]
     by_agent: dict[str, list[dict]] = {}
     seen: set[str] = set()
@@ -337,8 +409,20 @@ def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
             if by_agent[agent] and len(picks) < want:
                 picks.append(by_agent[agent].pop(0))
     picks += no_change[:n - len(picks)]
+    return picks
+
+
+def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
+    """A PNG of up to ``n`` sample pairs (input | edited, instruction as title), agents mixed."""
+    picks = grid_picks(rows, n)
     if not picks:
         return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
     fig, axes = plt.subplots(len(picks), 2, figsize=(6, 3.1 * len(picks)), squeeze=False)
     for (ax0, ax1), r in zip(axes, picks, strict=True):
         for ax, rel in ((ax0, r["_images"]["input"]), (ax1, r["_images"]["output"])):
@@ -348,7 +432,8 @@ def grid_image(build: Build, rows: ExportRows, path: Path, n: int) -> bool:
         ax0.set_title(_wrap(r["original_prompt"]), fontsize=8)
         tag = " [no change]" if r["no_change"] else ""
         ax1.set_title(_wrap(f"“{r['edit_prompt']}”{tag}"), fontsize=8)
-        ax0.set_ylabel(f"{r['agent']}", fontsize=8)
+        turn = f", turn {r['turn']}" if r.get("session_id") else ""
+        ax0.set_ylabel(f"{r['agent']}{turn}", fontsize=8)
     fig.suptitle("Sample pairs: input (left), edited (right)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.1 * len(picks))))
     write_figure(path, fig, dpi=90)

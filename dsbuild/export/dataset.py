@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsbuild.core import join
+from dsbuild.core import join, sessions
 from dsbuild.core.build import Build
 from dsbuild.core.deps import check, require
 from dsbuild.core.errors import DsbuildError
@@ -76,31 +76,35 @@ def collect_rows(build: Build) -> ExportRows:
     stats["review_rejects"] = verdicts.count("reject")
     stats["review_accepts"] = verdicts.count("accept")
     joined, columns = join.rows(build, policy="scored", reviews=reviews)
-    rows: dict[str, dict] = {}
+    passing: dict[str, dict] = {}
     for r in joined:
         stats["scored"] += 1
-        if not r["filter_keep"]:
-            continue
-        stats["kept"] += 1
-        if r["verify"] == "reject":
-            stats["rejected_by_verify"] += 1
-            continue
-        if r["review"] == "reject":
-            stats["rejected_by_review"] += 1
-            continue
-        if s.policy == "accepted" and r["review"] != "accept":
-            stats["not_accepted"] += 1
-            continue
-        if r["corrected_edit"]:
-            stats["corrected"] += 1
-        rows[r["pair_id"]] = r
+        why = left_out(r, s.policy)
+        if why != "filter":
+            stats["kept"] += 1
+        if why in ("verify", "review", "not_accepted"):
+            stats[{"verify": "rejected_by_verify", "review": "rejected_by_review"}.get(
+                why, why)] += 1
+        if why is None:
+            passing[r["pair_id"]] = r
     if s.input_image == "reconstruction":  # photo rows: the inverted source branch's image
-        for r in rows.values():
+        for r in passing.values():
             if r["_images"].get("reconstruction"):
                 r["_images"]["input"] = r["_images"]["reconstruction"]
-    drop_unreadable(build, rows, stats)
+    drop_unreadable(build, passing, stats)
+    # a session turn survives only with its parent turn (export.session_cut)
+    alive = sessions.cut(joined, lambda r: r["pair_id"] in passing, s.session_cut,
+                         key="pair_id")
+    rows = {rid: r for rid, r in passing.items() if rid in alive}
+    if any(sessions.is_session(r) for r in joined):
+        stats["session_cut"] = s.session_cut
+        stats["dropped_with_session"] = len(passing) - len(rows)
+        stats["session_runs"] = {str(k): v for k, v in sorted(
+            sessions.run_lengths(rows.values()).items())}
+    stats["corrected"] = sum(bool(r["corrected_edit"]) for r in rows.values())
     stats["with_edit_mask"] = sum(bool(r["_images"].get("mask")) for r in rows.values())
-    nodes = {rid: row_nodes(r["triple_id"], [r["original_prompt"], r["edited_prompt"]])
+    nodes = {rid: row_nodes(r["triple_id"], [r["original_prompt"], r["edited_prompt"]],
+                            session=r.get("session_id"))
              for rid, r in rows.items()}
     row_split, node_split = split_rows(nodes, build.config.split.test_ratio,
                                        build.config.split.seed)
@@ -135,6 +139,21 @@ def collect_rows(build: Build) -> ExportRows:
     return ExportRows(splits, stats, columns)
 
 
+def left_out(row: dict, policy: str) -> str | None:
+    """Why the policy leaves an edit row out of the export (``filter``: not kept, ``verify``
+    or ``review``: rejected, ``not_accepted``: policy ``accepted`` without an accept), else
+    None. The predicate that :func:`dsbuild.core.sessions.cut` applies per turn."""
+    if not row["filter_keep"]:
+        return "filter"
+    if row["verify"] == "reject":
+        return "verify"
+    if row["review"] == "reject":
+        return "review"
+    if policy == "accepted" and row["review"] != "accept":
+        return "not_accepted"
+    return None
+
+
 def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:
     """Decode every image a row needs; a row with a missing or broken one is dropped and
     counted with its reason (``export.strict``: the export stops instead, naming the file).
@@ -165,9 +184,11 @@ def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:
 
 
 def _files(row: dict) -> tuple[str, ...]:
-    """The build files a row embeds: its two images and, when it has one, its blend mask."""
+    """The build files a row embeds: its two images and, when it has them, its blend mask and
+    its session's source image."""
     im = row["_images"]
-    return (im["input"], im["output"], *((im["mask"],) if im.get("mask") else ()))
+    return (im["input"], im["output"], *(im[k] for k in ("mask", "session_source")
+                                         if im.get(k)))
 
 
 def _image(build: Build, rel: str, name: str, row: dict) -> dict:
@@ -181,14 +202,17 @@ def _image(build: Build, rel: str, name: str, row: dict) -> dict:
 
 
 def encode_row(build: Build, row: dict) -> dict:
-    """The row's columns with both images (and the blend mask, else None) read as PNG bytes
-    (paths reduced to bare file names)."""
+    """The row's columns with both images (and the blend mask and a session turn's source
+    image, else None) read as PNG bytes (paths reduced to bare file names)."""
     im = row["_images"]
     out = {k: v for k, v in row.items() if not k.startswith("_")}
     out["input_image"] = _image(build, im["input"], f"{row['pair_id']}_input.png", row)
     out["edited_image"] = _image(build, im["output"], f"{row['pair_id']}_edited.png", row)
     mask = im.get("mask")
     out["edit_mask"] = _image(build, mask, f"{row['pair_id']}_mask.png", row) if mask else None
+    src = im.get("session_source")
+    out["source_image"] = (_image(build, src, f"{row['pair_id']}_source.png", row) if src
+                           and row.get("session_id") else None)
     return out
 
 

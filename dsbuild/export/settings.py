@@ -25,9 +25,15 @@ class ExportSettings(StageSettings):
     input_image: Literal["photo", "reconstruction"] = Field(
         "photo", description="rows made from a real photo by P2P through inversion: their "
         "input_image is the photo itself, or its reconstruction (the inverted source branch)")
+    session_cut: Literal["prefix", "whole"] = Field(
+        "prefix", description="multi-turn sessions: prefix = a failed or rejected turn drops "
+        "itself and its subtree, the turns before it stay; whole = a session run is exported "
+        "only when every turn passes")
 
     def signature_dict(self) -> dict:
         data = super().signature_dict()
-        if data.get("input_image") == "photo":  # the default signs as before it existed
-            data.pop("input_image")
+        # the defaults sign as before they existed
+        for key, default in (("input_image", "photo"), ("session_cut", "prefix")):
+            if data.get(key) == default:
+                data.pop(key)
         return data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from dsbuild.core import join
+from dsbuild.core import join, sessions
 from dsbuild.core.build import Build
 from dsbuild.core.records import write_figure, write_json, write_text
 from dsbuild.core.schema import SCORE_KEYS
@@ -77,7 +77,24 @@ def filter_report(build: Build, rows: list[join.Joined] | None = None) -> dict:
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         "scores": summary,
         "triples_with_kept_pairs": len({r.get("triple_id") for r in scores if r.get("keep")}),
+        **session_part(build, rows),
     }
+
+
+def session_part(build: Build, rows: list[join.Joined]) -> dict:
+    """``sessions``: what the captions hold (sessions, turns, branch points) and the session
+    runs of each length that the filter leaves (per cut mode), per turn too; nothing for a
+    build without sessions."""
+    keep = {j.pair["id"]: bool(j.score.get("keep")) for j in rows}
+    surv = sessions.survival([j.pair for j in rows], lambda p: keep[p["id"]])
+    counts = sessions.tree_counts(build.records("captions", require=False))
+    if not surv and not counts["sessions"]:
+        return {}
+    return {"sessions": {"captions": counts, "cut": _cut_mode(build), **surv}}
+
+
+def _cut_mode(build: Build) -> str:
+    return getattr(build.config.export, "session_cut", "prefix")
 
 
 def plot_histograms(scores: list[dict], limits: dict[str, float], path: Path) -> None:
@@ -187,6 +204,15 @@ def markdown(rep: dict) -> str:
               + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")
               + (" (`top_k`: passed, ranked below the top "
                  f"{settings['top_k']})" if "top_k" in dropped else ""), ""]
+    if rep.get("sessions"):
+        ses = rep["sessions"]
+        lines += ["## Sessions", "",
+                  f"Each turn meets the thresholds on its own; top_k counts a session's runs "
+                  f"(one seed each), ranked by their mean clip_sim_dir, so the top "
+                  f"{settings['top_k']} runs of a session keep their passing turns. A turn "
+                  "survives when it is kept and, under `prefix`, its parent turn survives; "
+                  "under `whole`, only runs whose every turn is kept survive.", "",
+                  *sessions.survival_lines(ses["captions"], ses, ses["cut"])]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 InstructPix2Pix's rule (``dataset_creation/generate_img_dataset.py``): a pair passes when
 clip_sim_image ≥ 0.7, clip_sim_dir ≥ 0.2, clip_sim_0 ≥ 0.2 and clip_sim_1 ≥ 0.2; of the pairs
 of one caption triple that pass, the k (default 4) with the highest clip_sim_dir are kept.
-Top-k needs all of a triple's pairs, so ranks shard by ``triple_id``. Work is resumable per
+Top-k needs all of a triple's pairs, so ranks shard by ``triple_id`` (a session's pairs by
+``session_id``: top-k counts a session's runs, :func:`decide_session`). Work is resumable per
 pair: a triple interrupted half-way is finished by re-ranking its written scores together with
 the ones still missing (rounded scores make the re-ranking identical). A rank that keeps no
 pair fails (exit 1, no marker, its report written) when that leaves the stage nothing to pass
@@ -128,13 +129,19 @@ def failed_thresholds(rec: dict, s: FilterSettings) -> list[str]:
     return failed
 
 
-def decide(records: list[dict], s: FilterSettings) -> list[dict]:
+def decide(records: list[dict], s: FilterSettings, runs: dict[str, dict] | None = None
+           ) -> list[dict]:
     """keep / reason / rank for all pairs of ONE triple (new dicts; inputs are not changed).
 
     reason: the first failed threshold, ``"top_k"`` (passed but ranked below k), the image
     error, or None when kept. rank: 1-based position by clip_sim_dir among the pairs that
     passed every threshold (ties broken by pair id), None for the others.
+
+    ``runs``: for the pairs of ONE session, pair id -> its pair (session fields and
+    ``session_run``); see :func:`decide_session`.
     """
+    if runs:
+        return decide_session(records, s, runs)
     out: list[dict] = []
     passing: list[dict] = []
     for r in records:
@@ -156,6 +163,47 @@ def decide(records: list[dict], s: FilterSettings) -> list[dict]:
         r["keep"] = i <= s.top_k
         r["reason"] = None if r["keep"] else "top_k"
     return out
+
+
+def decide_session(records: list[dict], s: FilterSettings, pairs: dict[str, dict]
+                   ) -> list[dict]:
+    """keep / reason / rank for all pairs of ONE session (every node of every run).
+
+    Thresholds apply per turn, as to any pair. Top-k counts runs, not pairs: a session's runs
+    are ranked by the mean clip_sim_dir over their scored turns (ties broken by run id), and
+    the pairs of the ``top_k`` best runs that pass every threshold are kept, so the kept turns
+    of a session form whole image chains. A run none of whose turns survives
+    (:func:`dsbuild.core.sessions.cut`, prefix) takes no place in the ranking. rank: the
+    run's rank within its session, on its pairs that passed every threshold."""
+    from dsbuild.core import sessions
+
+    # thresholds only (a top_k above the count keeps every pair that passes them)
+    decided = decide(records, s.model_copy(update={"top_k": len(records) + 1}))
+    passed = {r["pair_id"] for r in decided if r["rank"] is not None}
+    items = [{**pairs[r["pair_id"]], "id": r["pair_id"]} for r in decided]
+    alive = sessions.cut(items, lambda it: it["id"] in passed, "prefix")
+    dir_of = {r["pair_id"]: r.get("clip_sim_dir") for r in decided}
+    means: dict[str, float] = {}
+    for run, members in sessions.by_run(items).items():
+        dirs = [dir_of[m["id"]] for m in members if dir_of[m["id"]] is not None]
+        if dirs and any(m["id"] in alive for m in members):
+            means[run] = sum(dirs) / len(dirs)
+    order = sorted(means, key=lambda run: (-means[run], run))
+    rank_of = {run: i for i, run in enumerate(order, 1)}
+    for r in decided:
+        if r["pair_id"] not in passed:
+            continue
+        rank = rank_of.get(pairs[r["pair_id"]].get("session_run"))
+        r["rank"] = rank
+        r["keep"] = rank is not None and rank <= s.top_k
+        r["reason"] = None if r["keep"] else "top_k"
+    return decided
+
+
+def group_key(pair: dict) -> str:
+    """What the filter decides together: a session's pairs (top-k over its runs), else a
+    triple's (top-k over its pairs)."""
+    return pair.get("session_id") or pair["triple_id"]
 
 
 def _chunks(groups: list[list[dict]], size: int) -> Iterable[list[list[dict]]]:
@@ -184,7 +232,9 @@ def shard_stats(records: list[dict]) -> dict:
 
 
 def _by_triple(j: join.Joined) -> str:
-    return j.pair["triple_id"]  # a rank scores every pair of its triples (top-k per triple)
+    # a rank scores every pair of its triples (top-k per triple) and of its sessions (top-k
+    # over a session's runs)
+    return group_key(j.pair)
 
 
 def expected(build: Build, world_size: int) -> list[int]:
@@ -206,7 +256,7 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
     triples = {j.triple["id"]: j.triple for j in mine}
     groups: dict[str, list[dict]] = {}
     for j in mine:
-        groups.setdefault(j.pair["triple_id"], []).append(j.pair)
+        groups.setdefault(group_key(j.pair), []).append(j.pair)
 
     def work(writer) -> dict:
         nonlocal scorer
@@ -227,7 +277,8 @@ def run_filter(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                 scored = scorer.score(new, triples, build.root)
                 for g in chunk:
                     recs = [written.get(p["id"]) or scored[p["id"]] for p in g]
-                    for r in decide(recs, s):
+                    runs = {p["id"]: p for p in g} if g[0].get("session_id") else None
+                    for r in decide(recs, s, runs):
                         if r["pair_id"] not in writer.done:
                             writer.write(r)
                 bar.update(len(new))

@@ -1,7 +1,8 @@
 """Edit rows for training and evaluation: an export folder or a Hub dataset, checked up front.
 
 Rows keep ``input_image, edit_prompt, edited_image`` (the columns diffusers' InstructPix2Pix
-training reads), plus the captions and the ``no_change`` flag where the export has them.
+training reads), plus the captions, the ``no_change`` flag and a session turn's ids where the
+export has them (every turn of a session is a row like any pair).
 Images are decoded and checked before any training step, so a bad row fails the run at once
 with its index and what to fix, not hours in.
 """
@@ -16,6 +17,7 @@ from dsbuild.core.deps import require
 from dsbuild.core.errors import DsbuildError
 
 REQUIRED = ("input_image", "edit_prompt", "edited_image")
+SESSION_COLUMNS = ("session_id", "session_run", "turn", "node_id", "parent_id")
 MODES = ("RGB", "RGBA", "L", "P")  # modes that convert to RGB without guessing
 
 
@@ -33,6 +35,14 @@ class EditRow:
     # the pair's ground-truth edit region (export column ``edit_mask``: the P2P local-blend
     # mask, white = may change) as a mode-L image, when the data has one
     edit_mask: object | None = None
+    # a turn of a multi-turn session (dsbuild.core.sessions; export columns of the same names),
+    # when the data has session columns: training reads it as any pair, ``eval --turns``
+    # follows its session
+    session_id: str | None = None
+    session_run: str | None = None
+    turn: int | None = None
+    node_id: str | None = None
+    parent_id: str | None = None
 
 
 def load_split(data: str, split: str):
@@ -100,6 +110,8 @@ def read_rows(ds, where: str = "data", limit: int | None = None) -> list[EditRow
     cols = set(ds.column_names)
     if "edit_mask" in cols:
         ds = ds.cast_column("edit_mask", ImageFeature(decode=False))
+    if isinstance(ds.features.get("source_image"), ImageFeature):  # read by nothing here
+        ds = ds.cast_column("source_image", ImageFeature(decode=False))
     n = len(ds) if limit is None else min(limit, len(ds))
     rows: list[EditRow] = []
     for i in range(n):
@@ -127,7 +139,14 @@ def read_rows(ds, where: str = "data", limit: int | None = None) -> list[EditRow
             edited_prompt=r.get("edited_prompt") if "edited_prompt" in cols else None,
             no_change=bool(r.get("no_change")) if "no_change" in cols else False,
             edit_mask=mask,
+            **{k: r.get(k) if k in cols else None for k in SESSION_COLUMNS},
         ))
+        if rows[-1].turn is not None:
+            try:
+                rows[-1].turn = int(rows[-1].turn)
+            except (TypeError, ValueError):
+                raise DsbuildError(f"{where} row {i}: turn {rows[-1].turn!r} is not a whole "
+                                   "number (1 = an edit of the session's source image)") from None
     return rows
 
 

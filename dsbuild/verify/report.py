@@ -121,7 +121,26 @@ def verify_report(build: Build, records: list[dict] | None = None) -> dict:
         "checks": _check_table(recs, s),
         "unchecked": dict(unchecked.most_common()),
         "target_sources": dict(sources.most_common()),
+        **session_part(build, recs),
     }
+
+
+def session_part(build: Build, recs: list[dict]) -> dict:
+    """``sessions``: what the captions hold and the session runs of each length that the
+    filter and verify leave (a turn passes when the filter kept it and verify did not reject
+    it; per cut mode), per turn too; nothing for a build without sessions."""
+    from dsbuild.core import sessions
+
+    counts = sessions.tree_counts(build.records("captions", require=False))
+    if not counts["sessions"]:
+        return {}
+    verdict = {r["pair_id"]: r.get("verdict") for r in recs}
+    keep = {k: bool(v.get("keep")) for k, v in join.scores_by_pair(build).items()}
+    pairs = [p for p in join.pairs_by_id(build).values() if p["id"] in keep]
+    surv = sessions.survival(pairs, lambda p: keep[p["id"]] and p["id"] in verdict
+                             and verdict[p["id"]] != "reject")
+    return {"sessions": {"captions": counts,
+                         "cut": getattr(build.config.export, "session_cut", "prefix"), **surv}}
 
 
 def markdown(rep: dict) -> str:
@@ -153,6 +172,16 @@ def markdown(rep: dict) -> str:
                      f"{c['pass']} | {c['fail']} | {c['unchecked']} | {c['rejected']} |")
     lines += ["", "Not checked, by reason: "
               + (", ".join(f"{k} {v}" for k, v in rep["unchecked"].items()) or "none"), ""]
+    if rep.get("sessions"):
+        from dsbuild.core import sessions
+
+        ses = rep["sessions"]
+        lines += ["## Sessions", "",
+                  "Verify checks each turn on its own (input: the parent turn's image). A turn "
+                  "passes when the filter kept it and verify did not reject it; it survives "
+                  "when it passes and, under `prefix`, its parent turn survives; under `whole`, "
+                  "only runs whose every turn passes survive.", "",
+                  *sessions.survival_lines(ses["captions"], ses, ses["cut"])]
     return "\n".join(lines)
 
 

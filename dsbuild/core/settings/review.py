@@ -10,7 +10,7 @@ from dsbuild.core.settings import StageSettings
 
 
 class ReviewSettings(StageSettings):
-    volatile: ClassVar[frozenset[str]] = frozenset({"url", "reviewer"})
+    volatile: ClassVar[frozenset[str]] = frozenset({"url", "reviewer", "session_tasks"})
 
     dataset_name: str | None = Field(None, description="FiftyOne dataset (default: dsbuild-<build>)")
     project_title: str | None = Field(None, description="Label Studio project title")
@@ -24,3 +24,6 @@ class ReviewSettings(StageSettings):
                                 "own setting")
     reviewer: str | None = Field(None, description="reviewer of verdicts given in the FiftyOne "
                                  "plugin when $DSBUILD_REVIEWER is unset (then: $USER)")
+    session_tasks: Literal["session", "pair", "both"] = Field(
+        "session", description="Label Studio tasks for pairs of multi-turn sessions: one per "
+        "session run with a verdict per turn (session), one per pair (pair), or both")

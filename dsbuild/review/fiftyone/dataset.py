@@ -2,7 +2,9 @@
 
 Sample fields are the joined row's (:mod:`dsbuild.core.schema`), under the same names as
 export columns and Label Studio task data, typed from the schema and the generators' declared
-parameters; ``kind`` (pair or no_change) and ``in_build`` are FiftyOne's own.
+parameters; ``kind`` (pair or no_change) and ``in_build`` are FiftyOne's own, and so is
+``session_tree`` (the path of a session's design-tree page), declared only on datasets of builds
+with multi-turn sessions: a build of single edits gets exactly the fields it always had.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dsbuild.core.schema import decided, fields
 from dsbuild.review.fiftyone.db import require_database
 
 TOOL = "fiftyone"
-SLICES = ("pair", "input", "output", "mask")
+SLICES = ("pair", "input", "output", "mask", "session")  # session: a session pair's chain
 DEFAULT_SLICE = "pair"  # the tile: a grid of pairs, one sample per pair
 PLUGIN = "@dsbuild/review"  # plugin/fiftyone.yml's name; operators are PLUGIN/<name>
 INFO_KEY = "dsbuild"
@@ -49,21 +51,27 @@ FIELD_CLASS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "int": ("IntField", _int), "float": ("FloatField", _float), "bool": ("BooleanField", _bool),
 }
 OWN_FIELDS = {"kind": "string", "in_build": "bool"}  # FiftyOne's own, not the joined row's
+SESSION_OWN_FIELDS = {"session_tree": "string"}  # only where the build has sessions
+SESSION_SIDEBAR = ("session_id", "session_run", "turn", "node_id", "parent_id", "session_tree")
 
 
-def sample_fields(columns: dict[str, Param] | None = None
+def sample_fields(columns: dict[str, Param] | None = None, sessions: bool = False
                   ) -> dict[str, tuple[str, Callable[[Any], Any]]]:
-    """Every sample field (images are slices, not fields) -> (FiftyOne class, converter).
+    """Every sample field (images are slices, not fields) -> (FiftyOne class, converter);
+    ``sessions``: also the session fields of FiftyOne's own (a build with sessions).
 
     Every field is declared up front so a first value of 7 (int) never turns ``guidance``
     into an IntField that then rejects 7.5.
     """
     types = {name: f.type for name, f in fields(columns).items() if f.type != "image"}
-    return {name: FIELD_CLASS[t] for name, t in {**types, **OWN_FIELDS}.items()}
+    own = {**OWN_FIELDS, **(SESSION_OWN_FIELDS if sessions else {})}
+    return {name: FIELD_CLASS[t] for name, t in {**types, **own}.items()}
 
 
-def sidebar(columns: dict[str, Param] | None = None) -> dict[str, tuple[str, ...]]:
-    """The App's sidebar: our fields in groups of their own, review first."""
+def sidebar(columns: dict[str, Param] | None = None, sessions: bool = False
+            ) -> dict[str, tuple[str, ...]]:
+    """The App's sidebar: our fields in groups of their own, review first (and a ``session``
+    group where the build has sessions)."""
     return {
         "review": ("review", "review_reason", "corrected_edit", "review_agreement",
                    "review_reviewers", "review_count", "review_tool", "review_reviewer",
@@ -77,6 +85,7 @@ def sidebar(columns: dict[str, Param] | None = None) -> dict[str, tuple[str, ...
                  "caption_model", "in_build"),
         "generation": ("seed", "model", "generator", *(columns or {}), "params"),
         "provenance": ("photo_id", "license", "source", "attribution", "reconstruction_psnr"),
+        **({"session": SESSION_SIDEBAR} if sessions else {}),
     }
 
 
@@ -112,16 +121,17 @@ def open_dataset(fo, build, name: str, create: bool):
     return ds
 
 
-def declare_fields(fo, ds, columns: dict[str, Param]) -> None:
+def declare_fields(fo, ds, columns: dict[str, Param], sessions: bool = False) -> None:
     schema = ds.get_field_schema()
-    for name, (cls, _) in sample_fields(columns).items():
+    for name, (cls, _) in sample_fields(columns, sessions).items():
         if name not in schema:
             ds.add_sample_field(name, getattr(fo, cls))
 
 
-def set_sidebar(fo, ds, columns: dict[str, Param]) -> None:
-    """Group our fields in the App's sidebar (review, filter, verify, pair, generation)."""
-    groups_of = sidebar(columns)
+def set_sidebar(fo, ds, columns: dict[str, Param], sessions: bool = False) -> None:
+    """Group our fields in the App's sidebar (review, filter, verify, pair, generation,
+    provenance, and session where the build has sessions)."""
+    groups_of = sidebar(columns, sessions)
     ours = {f for group in groups_of.values() for f in group}
     groups = fo.DatasetAppConfig.default_sidebar_groups(ds)
     for g in groups:

@@ -9,6 +9,12 @@ verify's verdict, the decision in force) is copied onto *every* slice's sample: 
 sidebar counts and view stages only look at the active slice, so a field on one slice alone
 would hide pairs from the other. Re-running adds only new pairs and rewrites only the fields
 that changed; curators' tags are never touched.
+
+A pair of a multi-turn session (:mod:`dsbuild.core.sessions`) also has the slice ``session``: its
+session tile, the run's chain from the source image to this turn (:mod:`.tiles`), and the field
+``session_tree``, the path of the session's design-tree page (``dsbuild tree`` writes it); the
+saved view ``sessions`` lists session pairs by run, then turn. A build of single edits gets
+neither.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 from collections import defaultdict
 
 from dsbuild.core import join
+from dsbuild.core import sessions as S
 from dsbuild.core.decisions import VERDICTS, current_by_slot, read_decisions
 from dsbuild.review.fiftyone.dataset import (
     DEFAULT_SLICE,
@@ -31,17 +38,22 @@ from dsbuild.review.fiftyone.dataset import (
 )
 from dsbuild.review.fiftyone.db import import_fiftyone
 from dsbuild.review.fiftyone.operators import register_plugin
-from dsbuild.review.fiftyone.tiles import ensure_tiles
+from dsbuild.review.fiftyone.tiles import ensure_session_tiles, ensure_tiles
 from dsbuild.review.fiftyone.views import save_views
 
 
 def _sample(build, row: dict, kind: str, convert: dict) -> dict:
     """A joined row as FiftyOne samples take it: absolute image paths per slice, fields."""
     values = {**row, "kind": kind, "in_build": True}
-    return {"pair_id": row["pair_id"],
-            "images": {s: str((build.root / rel).resolve())
-                       for s, rel in row["_images"].items() if s in SLICES and rel},
-            "fields": {k: conv(values.get(k)) for k, (_, conv) in convert.items()}}
+    out = {"pair_id": row["pair_id"],
+           "images": {s: str((build.root / rel).resolve())
+                      for s, rel in row["_images"].items() if s in SLICES and rel}}
+    if S.is_session(row):
+        values["session_tree"] = str((build.root / S.tree_page(row["session_id"])).resolve())
+        source = row["_images"].get("session_source")
+        out["session_source"] = str((build.root / source).resolve()) if source else None
+    out["fields"] = {k: conv(values.get(k)) for k, (_, conv) in convert.items()}
+    return out
 
 
 def collect_rows(build) -> tuple[list[dict], dict]:
@@ -49,10 +61,12 @@ def collect_rows(build) -> tuple[list[dict], dict]:
     stats carry the generators' parameter ``columns``."""
     reviews = join.Reviews.read(build)
     joined, columns = join.rows(build, policy="all", reviews=reviews)
-    convert = sample_fields(columns)
+    sessions = any(S.is_session(r) for r in joined)
+    convert = sample_fields(columns, sessions)
     rows = [_sample(build, r, "pair", convert) for r in joined]
     stats = {"pairs": len(rows), "no_change": 0, "augment_skipped": 0,
-             "scored": any(r["scored"] for r in joined), "columns": columns}
+             "scored": any(r["scored"] for r in joined), "columns": columns,
+             "sessions": sessions}
     sources = {r["pair_id"]: r for r in joined}
     for r in join.no_change_rows(build, sources, require=False, reviews=reviews):
         if not r["pair_id"] or "input" not in r["_images"]:
@@ -71,12 +85,14 @@ def build_dataset(build, name: str | None = None) -> dict:
 
     fo = import_fiftyone()  # first: a missing extra fails with its pip line before any work
     rows, stats = collect_rows(build)
-    columns = stats.pop("columns")
+    columns, sessions = stats.pop("columns"), stats.pop("sessions")
     tiles = ensure_tiles(build, rows)
+    if sessions:
+        tiles["sessions"] = ensure_session_tiles(build, rows)
     name = dataset_name(build, name)
     ds = open_dataset(fo, build, name, create=True)
-    declare_fields(fo, ds, columns)
-    fields = list(sample_fields(columns))
+    declare_fields(fo, ds, columns, sessions)
+    fields = list(sample_fields(columns, sessions))
 
     existing: dict[tuple[str, str], str] = {}
     group_of: dict[str, str] = {}
@@ -133,7 +149,7 @@ def build_dataset(build, name: str | None = None) -> dict:
     if ds.group_slice != DEFAULT_SLICE and DEFAULT_SLICE in ds.group_slices:
         ds.group_slice = DEFAULT_SLICE
     views = save_views(ds)
-    set_sidebar(fo, ds, columns)
+    set_sidebar(fo, ds, columns, sessions)
     plugin = register_plugin(fo)
     added_pairs = {s["pair_id"] for s in new_samples} - {p for p, _ in existing}
     return {"name": name, "pairs": stats["pairs"], "no_change": stats["no_change"],

@@ -1,7 +1,9 @@
-"""Pair tiles: the ``pair`` slice's image, input | output side by side under the instruction.
+"""Pair tiles: the ``pair`` slice's image, input | output side by side under the instruction;
+session tiles: the ``session`` slice's image, a session pair's chain from the run's source image
+to its turn.
 
-Rendered once per pair into ``cache/fiftyone-tiles/`` and again only when the pair's images or
-instruction change.
+Rendered once per pair into ``cache/fiftyone-tiles/`` (session tiles into its ``sessions/``)
+and again only when the pair's images or instructions change.
 """
 
 from __future__ import annotations
@@ -136,4 +138,101 @@ def ensure_tiles(build, rows: list[dict]) -> dict[str, int]:
             if old != path:
                 old.unlink(missing_ok=True)
         images["pair"] = str(path.resolve())
+    return stats
+
+
+# ---------------------------------------------------------------------------- session tiles
+SESSION_TILE_VERSION = 1  # bump when the session tile's layout changes
+SESSION_CELL = 192
+
+
+def session_tiles_dir(build) -> Path:
+    return tiles_dir(build) / "sessions"
+
+
+def session_chain(row: dict, rows_of_run: dict[str, dict]) -> list[dict]:
+    """The rows from the run's first turn down to ``row`` (root first), following
+    ``parent_id`` inside the run; stops where an ancestor is not among the rows."""
+    chain, seen = [row], {row["fields"].get("node_id")}
+    parent = row["fields"].get("parent_id")
+    while parent and parent in rows_of_run and parent not in seen:
+        seen.add(parent)
+        chain.append(rows_of_run[parent])
+        parent = rows_of_run[parent]["fields"].get("parent_id")
+    return chain[::-1]
+
+
+def render_session_tile(source: str | None, chain: list[dict], *, title: str = ""):
+    """The session tile: the run's source image, then each turn's output down to this turn,
+    each under its turn and with its instruction beneath (a grid, its text layer recorded:
+    ``dsbuild.core.grid``). Where the chain does not reach turn 1, the first turn shown starts
+    from its own input image."""
+    from PIL import Image
+
+    from dsbuild.core.grid import Row, grid
+
+    def load(path):  # a missing image is an empty cell
+        if not path:
+            return None
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except OSError:
+            return None
+
+    first = chain[0]["fields"]
+    start = source if int(first.get("turn") or 1) == 1 else chain[0]["images"].get("input")
+    images = [load(start)]
+    headers = ["source" if int(first.get("turn") or 1) == 1
+               else f"turn {int(first.get('turn') or 1) - 1}"]
+    notes = [""]
+    for r in chain:
+        images.append(load(r["images"].get("output")))
+        turn = int(r["fields"].get("turn") or 0)
+        headers.append(f"turn {turn}" + (" (this pair)" if r is chain[-1] else ""))
+        notes.append(r["fields"].get("edit_prompt") or "")
+    return grid([Row("", images, notes)], cell=SESSION_CELL, title=title, headers=headers,
+                extra={"session_run": chain[-1]["fields"].get("session_run"),
+                       "pairs": [r["pair_id"] for r in chain]})
+
+
+def ensure_session_tiles(build, rows: list[dict]) -> dict[str, int]:
+    """Give every session row a ``session`` image: its session tile, rendered only when an
+    image of its chain (path, size, mtime) or an instruction on it changed; older tiles of the
+    pair go."""
+    from dsbuild.core.progress import progress
+    from dsbuild.core.records import write_image
+
+    out = session_tiles_dir(build)
+    have: dict[str, list[Path]] = defaultdict(list)
+    if out.is_dir():
+        for f in out.glob("*.png"):
+            have[f.name.split(".", 1)[0]].append(f)
+    runs: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        f = row["fields"]
+        if f.get("session_run") and f.get("node_id") and f.get("kind") == "pair":
+            runs[f["session_run"]][f["node_id"]] = row
+    stats = {"rendered": 0, "cached": 0}
+    todo = [row for run in runs.values() for row in run.values()]
+    for row in progress(todo, desc="session tiles", unit="pair"):
+        f = row["fields"]
+        chain = session_chain(row, runs[f["session_run"]])
+        source = row.get("session_source")
+        key = content_id("session-tile", SESSION_TILE_VERSION, _stat_key(source or ""),
+                         [(_stat_key(r["images"].get("input", "")),
+                           _stat_key(r["images"].get("output", "")),
+                           r["fields"].get("edit_prompt")) for r in chain])
+        stem = content_id("session", row["pair_id"])
+        path = out / f"{stem}.{key}.png"
+        if path.is_file():
+            stats["cached"] += 1
+        else:
+            title = f"{f.get('agent') or ''} session, turn {f.get('turn')}".strip()
+            write_image(path, render_session_tile(source, chain, title=title))
+            stats["rendered"] += 1
+        for old in have.get(stem, []):
+            if old != path:
+                old.unlink(missing_ok=True)
+        row["images"]["session"] = str(path.resolve())
     return stats

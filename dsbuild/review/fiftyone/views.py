@@ -15,8 +15,8 @@ def save_views(ds) -> list[str]:
     """(Re)write the saved views: kept, filtered out (all and per reason), lowest clip_sim_dir,
     no-change samples, not reviewed yet, reviewers disagree, corrected, verify rejects (all and
     per reason, e.g. "verify-add-not-detected"), per agent, per generator where the build mixes
-    them; drops our views that no longer
-    apply."""
+    them, session pairs by run then turn ("sessions") where the build has sessions; drops our
+    views that no longer apply."""
     from fiftyone import ViewField as F
 
     views = {
@@ -46,6 +46,9 @@ def save_views(ds) -> list[str]:
             views[unique(f"verify-{slug(reason)}")] = ds.match(F("verify_reason") == reason)
     for agent in sorted(a for a in ds.distinct("agent") if a):
         views[unique(f"agent-{slug(agent)}")] = ds.match(F("agent") == agent)
+    if any(ds.distinct("session_run")):  # multi-turn sessions: by run, then turn
+        views["sessions"] = ds.exists("session_run").sort_by(
+            [("session_run", 1), ("turn", 1), ("node_id", 1)])
     made_by = sorted(g for g in ds.distinct("generator") if g)
     for gen in made_by if len(made_by) > 1 else []:  # a build that mixes generators
         views[unique(f"generator-{slug(gen)}")] = ds.match(F("generator") == gen)

@@ -23,6 +23,7 @@ URL_ENV = "LABEL_STUDIO_URL"
 STATE_PATH = ("review", "labelstudio.json")
 CONFIG_DIR = bundled_dir("label_config")  # the wheel's copy, else the checkout's label_config/
 PAIR_CONFIG = CONFIG_DIR / "pair_review.xml"
+SESSION_CONFIG = CONFIG_DIR / "session_review.xml"  # one task per session run, a verdict a turn
 REASONS = ("edit_not_applied", "wrong_thing_changed", "unwanted_change", "artefacts",
            "instruction_unclear")  # pair_review.xml's reject reasons, in their order
 

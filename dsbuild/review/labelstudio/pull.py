@@ -3,7 +3,8 @@
 ``pull`` turns the annotations into one decision per pair (tool ``labelstudio``): the majority
 verdict of its annotators, their agreement, the reasons and a corrected instruction; a task
 whose annotations are gone withdraws its decision. ``status`` counts done/pending/agreement
-per agent.
+per agent. A session task (:mod:`.sessions`) counts as one task per turn: each turn's answers
+are that turn's pair's reviews (merged with its per-pair task's, where it has one).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dsbuild.review.labelstudio.client import (
     state_path,
     task_pages,
 )
+from dsbuild.review.labelstudio.sessions import turn_results
 
 REPORT_NAME = "labelstudio"
 
@@ -107,8 +109,39 @@ def _fetch(build, url: str | None, api_key: str | None) -> tuple[dict, str, list
         for t in task_pages(client, state["project_id"], fields="all"):
             anns = [a if isinstance(a, dict) else a.model_dump() for a in t.annotations or []]
             reviews = [r for r in (read_annotation(a, emails) for a in anns) if r]
-            tasks.append({"task_id": t.id, "data": t.data or {}, "reviews": reviews})
+            tasks.append({"task_id": t.id, "data": t.data or {}, "reviews": reviews,
+                          "project_id": state["project_id"]})
+    session_project = state.get("session_project_id")
+    if session_project is not None:
+        if get_project(client, url, session_project) is None:
+            raise DsbuildError(
+                f"Label Studio project {session_project} ('{state.get('session_title')}') of "
+                f"this build's sessions no longer exists on {url}; push again with --recreate "
+                "to make a new one (decisions already pulled stay in decisions.jsonl)")
+        with api_errors(url, f"export the annotations of project {session_project}"):
+            for t in task_pages(client, session_project, fields="all"):
+                tasks += _turn_tasks(t, emails, session_project)
     return state, url, tasks
+
+
+def _turn_tasks(task, emails: dict[int, str], project_id: int) -> list[dict]:
+    """A session task as one task per turn: the turn's data (with the session's agent and
+    run) and the reviews its verdict, reasons and correction make."""
+    data = task.data or {}
+    turns = data.get("turns") or []
+    reviews: dict[int, list[dict]] = defaultdict(list)
+    for a in task.annotations or []:
+        ann = a if isinstance(a, dict) else a.model_dump()
+        if ann.get("was_cancelled"):
+            continue
+        for i, part in turn_results(ann).items():
+            r = read_annotation(part, emails)
+            if r and 0 <= i < len(turns):
+                reviews[i].append(r)
+    return [{"task_id": task.id, "project_id": project_id,
+             "data": {**turn, "agent": data.get("agent"), "session_run": data.get("session_run"),
+                      "session_id": data.get("session_id")},
+             "reviews": reviews.get(i, [])} for i, turn in enumerate(turns)]
 
 
 def summarize(tasks: list[dict], decisions: dict[str, dict]) -> dict:
@@ -138,12 +171,22 @@ def summarize(tasks: list[dict], decisions: dict[str, dict]) -> dict:
 
 
 def _decisions(tasks: list[dict], state: dict) -> dict[str, dict]:
-    out = {}
+    """One decision per reviewed pair, from every task that shows it (its per-pair task and
+    its session run's turn); the task and project named are the first that has reviews."""
+    reviews: dict[str, list[dict]] = defaultdict(list)
+    first: dict[str, dict] = {}
     for t in tasks:
         pid = t["data"].get("pair_id")
         if pid and t["reviews"]:
-            out[pid] = aggregate(pid, t["reviews"], task_id=t["task_id"],
-                                 project_id=state["project_id"])
+            reviews[pid] += t["reviews"]
+            first.setdefault(pid, t)
+    out = {}
+    for pid, found in reviews.items():
+        t = first[pid]
+        extra = {"task_id": t["task_id"], "project_id": t.get("project_id", state["project_id"])}
+        if t["data"].get("session_run"):
+            extra.update(session_run=t["data"]["session_run"], turn=t["data"].get("turn"))
+        out[pid] = aggregate(pid, found, **extra)
     return out
 
 
@@ -156,8 +199,9 @@ def pull(build, url: str | None = None, *, api_key: str | None = None) -> dict:
     # pulled from another project (the one `push --recreate` replaced)
     current = current_by_tool(read_decisions(build))
     present = {t["data"].get("pair_id") for t in tasks} - {None}
+    projects = {state["project_id"], state.get("session_project_id")} - {None}
     present = {pid for pid in present
-               if current.get((pid, TOOL), {}).get("project_id") == state["project_id"]}
+               if current.get((pid, TOOL), {}).get("project_id") in projects}
     added = add_decisions(build, decisions.values(), withdraw=(TOOL, present))
     summary = summarize(tasks, decisions)
     report = {"url": url, "project_id": state["project_id"], "pulled_at": now(), **summary,

@@ -14,6 +14,10 @@ their row names. Images reach the reviewer's browser in one of two ways (``image
   Storage connection rooted at the build. No copy, but the server must run on the machine
   that holds the build, with ``LOCAL_FILES_SERVING_ENABLED=true`` and
   ``LOCAL_FILES_DOCUMENT_ROOT`` a parent folder of the build.
+
+Pairs of multi-turn sessions go, by ``sessions`` (``review.session_tasks``), as one task per
+session run into the companion project ``<title> · sessions`` (``session``, the default), as
+per-pair tasks (``pair``), or both ways (``both``); see :mod:`.sessions`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from dsbuild.core import join
+from dsbuild.core import sessions as S
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
 from dsbuild.core.progress import progress
@@ -31,6 +36,7 @@ from dsbuild.core.records import write_json
 from dsbuild.core.schema import FIELDS
 from dsbuild.review.labelstudio.client import (
     PAIR_CONFIG,
+    SESSION_CONFIG,
     api_errors,
     check_installed,
     connect,
@@ -42,6 +48,13 @@ from dsbuild.review.labelstudio.client import (
     resolve_url,
     state_path,
     task_pages,
+)
+from dsbuild.review.labelstudio.sessions import (
+    CONFIG_MARK,
+    SESSION_MODES,
+    session_runs,
+    session_task_data,
+    task_content,
 )
 
 MEDIA_CONFIG = '<View><Image name="image" value="$image"/></View>'
@@ -266,9 +279,10 @@ def push(build, url: str | None = None, *, title: str | None = None,
          sample_size: int | None = None, images: str | None = None, seed: int | None = None,
          policy: str = "kept", document_root: str | None = None, recreate: bool = False,
          config_path: str | Path | None = None, api_key: str | None = None,
-         overlap: int | None = None) -> dict:
+         overlap: int | None = None, sessions: str | None = None) -> dict:
     """Create or reuse the review project and import the pairs it does not have yet;
-    ``overlap`` (else ``review.overlap``): reviewers per pair, set on the project."""
+    ``overlap`` (else ``review.overlap``): reviewers per pair, set on the project;
+    ``sessions`` (else ``review.session_tasks``): how session pairs are reviewed."""
     check_installed()
     settings = build.config.review
     overlap = settings.overlap if overlap is None else overlap
@@ -280,6 +294,10 @@ def push(build, url: str | None = None, *, title: str | None = None,
     images = images or settings.images
     if images not in IMAGE_MODES:
         raise DsbuildError(f"--images must be one of {IMAGE_MODES} (got {images!r})")
+    sessions = sessions or getattr(settings, "session_tasks", "session")
+    if sessions not in SESSION_MODES:
+        raise DsbuildError(f"--sessions must be one of {', '.join(SESSION_MODES)} "
+                           f"(got {sessions!r})")
     sample_size = sample_size if sample_size is not None else settings.sample_size
     seed = settings.seed if seed is None else seed
     config_file = Path(config_path or PAIR_CONFIG)
@@ -289,6 +307,9 @@ def push(build, url: str | None = None, *, title: str | None = None,
     config = config_file.read_text(encoding="utf-8")
     rows = select_pairs(build, policy=policy, sample_size=sample_size,
                         stratify_by=settings.stratify_by, seed=seed)
+    runs = session_runs(build, rows, policy=policy) if sessions != "pair" else {}
+    if sessions == "session":  # session pairs go only as session tasks
+        rows = [r for r in rows if not S.is_session(r)]
     client = connect(url, api_key)
     if state.get("url") not in (None, url) or state.get("title") not in (None, title):
         state = {}
@@ -316,11 +337,97 @@ def push(build, url: str | None = None, *, title: str | None = None,
             imported += len(batch)
             bar.update(len(batch))
         bar.close()
+        pushed_runs = _push_sessions(client, url, build, title, runs, state, images=images,
+                                     document_root=document_root, recreate=recreate,
+                                     overlap=overlap) if runs else None
     finally:
         # The project exists on the server whatever happened next: remember it.
         state["pushed_at"] = now()
         write_json(state_path(build), state)
-    return {"url": url, "project_id": project.id, "title": title, "images": images,
-            "selected": len(rows), "already_there": len(rows) - len(new), "imported": imported,
-            "overlap": overlap,
+    out = {"url": url, "project_id": project.id, "title": title, "images": images,
+           "selected": len(rows), "already_there": len(rows) - len(new), "imported": imported,
+           "overlap": overlap,
+           "project_url": f"{url}/projects/{project.id}/data"}
+    if pushed_runs is not None:
+        out["sessions"] = pushed_runs
+    return out
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+def _session_project(client, url: str, title: str, state: dict, recreate: bool):
+    """The session project pushed to before, else the one titled ``title``, else a new one."""
+    config = SESSION_CONFIG.read_text(encoding="utf-8")
+    pid = state.get("session_project_id") if not recreate else None
+    if pid is not None:
+        project = get_project(client, url, pid)
+        if project is None:
+            raise DsbuildError(
+                f"Label Studio project {pid} ('{title}') of this build's sessions no longer "
+                f"exists on {url}; push again with --recreate to make a new one (decisions "
+                "already pulled stay in decisions.jsonl)")
+        return project
+    if not recreate:
+        with api_errors(url, f"look up project '{title}'"):
+            found = find_projects(client, title)
+        if found:
+            project = min(found, key=lambda p: p.id)
+            if CONFIG_MARK not in (project.label_config or ""):
+                raise DsbuildError(
+                    f"project '{title}' (id {project.id}) on {url} does not use the dsbuild "
+                    "session review config; pick another title with --project")
+            return project
+    with api_errors(url, f"create project '{title}' with {SESSION_CONFIG.name}"):
+        created = client.projects.create(
+            title=title, label_config=config, show_skip_button=True,
+            description="dsbuild session review: a verdict on each turn of an edit session")
+        return client.projects.get(created.id)
+
+
+def _push_sessions(client, url: str, build, title: str, runs: dict[str, list[dict]],
+                   state: dict, *, images: str, document_root: str | None, recreate: bool,
+                   overlap: int) -> dict:
+    """One task per session run in ``<title> · sessions``: new runs imported, a run whose
+    turns changed rewritten while nobody has answered it (else left as reviewed: ``stale``)."""
+    s_title = f"{title} · sessions"
+    if state.get("session_title") != s_title:
+        state.pop("session_project_id", None)
+    project = _session_project(client, url, s_title, state, recreate)
+    state.update({"session_project_id": project.id, "session_title": s_title})
+    _set_overlap(client, url, project, overlap)
+    with api_errors(url, f"list the tasks of project {project.id}"):
+        have = {}
+        for t in task_pages(client, project.id, fields="all"):
+            run = (t.data or {}).get("session_run")
+            if run is not None and run not in have:
+                have[run] = t
+    todo = {run: rows for run, rows in runs.items()
+            if run not in have or have[run].data.get("content") != task_content(rows)}
+    stale = [run for run in todo if run in have and (have[run].annotations or [])]
+    for run in stale:
+        del todo[run]
+    turn_rows = [r for rows in todo.values() for r in rows]
+    if images == "upload":
+        urls = _upload_images(client, url, build, title, turn_rows, state) if turn_rows else {}
+    else:
+        scratch: dict = {}
+        urls = _local_file_urls(client, url, build, project, turn_rows, document_root or "/",
+                                scratch)
+        if "storage_id" in scratch:
+            state["session_storage_id"] = scratch["storage_id"]
+    new = [run for run in todo if run not in have]
+    with api_errors(url, f"import session tasks into project {project.id}"):
+        for i in range(0, len(new), TASK_BATCH):
+            client.projects.import_tasks(project.id, request=[
+                {"data": session_task_data(run, runs[run], urls)}
+                for run in new[i:i + TASK_BATCH]])
+        for run in todo:
+            if run in have:
+                client.tasks.update(str(have[run].id),
+                                    data=session_task_data(run, runs[run], urls))
+    return {"project_id": project.id, "title": s_title, "runs": len(runs),
+            "turns": sum(len(v) for v in runs.values()), "imported": len(new),
+            "updated": len(todo) - len(new), "stale": len(stale),
+            "already_there": len(runs) - len(todo) - len(stale),
             "project_url": f"{url}/projects/{project.id}/data"}

@@ -10,6 +10,11 @@ and checked (size, mode) alone before it is handed on: a bad one is counted in t
 stats and skipped (its reply stays cached, so a re-run does not pay for it again). Requests
 that failed after every retry are skipped too, and the stage then stops without its marker,
 so running it again asks only for those.
+
+Sessions (generators/turns.py): each turn is an images.edit request on its parent's output
+(turn 1: on the root image), the turns of a block's runs asked together, turn after turn; a
+failed or bad turn drops the turns under it (counted: ``session_turns_dropped``). The cache
+answers a resumed run's turns, so it pays for none twice and gets the same pixels.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 
 from dsbuild.core.errors import StageFailed
 from dsbuild.core.generators import Made, Plan
+from dsbuild.generate.generators import turns
 from dsbuild.generate.generators.api.settings import ApiSettings
 from dsbuild.generate.generators.api.sweep import plan_triple, request_params
 from dsbuild.generate.generators.source import SourceImages
@@ -46,6 +52,7 @@ class ImagesEditAPI:
         self.cache_dir: Path | None = None
         self.bad: Counter = Counter()
         self.client = None
+        self.runs = self.orphans = self.dropped = 0
 
     def use_build(self, build) -> None:
         self.sources.use_build(build)  # a photo triple's source is its photo
@@ -70,13 +77,26 @@ class ImagesEditAPI:
         return self.client
 
     def generate(self, plans: list[Plan]) -> Iterator[Made]:
+        client = self._client()
+        failed_before = client.stats.failed
+        single, session = turns.split(plans)
+        yield from self._singles(single)
+        yield from self._sessions(session)
+        failed = client.stats.failed - failed_before
+        if failed:
+            errors = "; ".join(dict.fromkeys(client.stats.errors[-3:]))
+            raise StageFailed(
+                f"{SECTION}: {failed} image edit request(s) to {client.endpoint} failed after "
+                f"{self.own.max_retries + 1} attempts ({errors}); the pairs received are "
+                "written; run the same command again to ask only for the missing ones")
+
+    def _singles(self, plans: list[Plan]) -> Iterator[Made]:
         from dsbuild.generate.stage import png_bytes
 
-        s, client = self.settings, self._client()
+        s = self.settings
         groups: OrderedDict[tuple, list[Plan]] = OrderedDict()
         for p in sorted(plans, key=lambda p: (p.group, p.triple["id"], p.index)):
             groups.setdefault(p.group, []).append(p)
-        failed_before = client.stats.failed
         for chunk in _chunks(list(groups.items()), max(s.batch_size, self.own.concurrency)):
             keys = [key for key, _ in chunk]
             images: dict[tuple, np.ndarray] = {}
@@ -99,13 +119,39 @@ class ImagesEditAPI:
                     continue
                 yield Made(plan, images[plan.group], target, self.sources.id(plan.group),
                            record=self.sources.record(plan.group))
-        failed = client.stats.failed - failed_before
-        if failed:
-            errors = "; ".join(dict.fromkeys(client.stats.errors[-3:]))
-            raise StageFailed(
-                f"{SECTION}: {failed} image edit request(s) to {client.endpoint} failed after "
-                f"{self.own.max_retries + 1} attempts ({errors}); the pairs received are "
-                "written; run the same command again to ask only for the missing ones")
+
+    def _sessions(self, plans: list[Plan]) -> Iterator[Made]:
+        """Session runs block by block, turn after turn: one request per node on its
+        parent's output PNG; a node whose request failed or whose image is bad has no output,
+        and the nodes under it are dropped (counted)."""
+        from dsbuild.generate.stage import png_bytes
+
+        s = self.settings
+        for block in turns.blocks(plans, self.plan, max(s.batch_size, self.own.concurrency)):
+            roots = turns.roots(block, self.sources.make, s.batch_size)
+            held = {(r.id, None): roots[r.root] for r in block}
+            for step in turns.by_turn(block, only_asked=True):
+                todo = [(r, p) for r, p in step if (r.id, p.triple.get("parent_id")) in held]
+                self.dropped += len(step) - len(todo)
+                asks = [(png_bytes(held[(r.id, p.triple.get("parent_id"))]), p.triple["edit"],
+                         p.params["variant"], 1) for r, p in todo]
+                replies = asyncio.run(self._edit_all(asks)) if asks else []
+                for (run, plan), reply in zip(todo, replies, strict=True):
+                    if reply is None:  # gave up after its retries (counted as failed)
+                        continue
+                    target, why = self._decode(reply)
+                    if why is not None:
+                        self.bad[why] += 1
+                        continue
+                    parent = held[(run.id, plan.triple.get("parent_id"))]
+                    held[(run.id, plan.triple["id"])] = target
+                    if plan.id in run.asked:
+                        yield Made(plan, parent, target,
+                                   run.node_source_id(plan, self.sources.id(run.root)),
+                                   images={"session_source": roots[run.root]},
+                                   record=run.record(plan, self.sources.record(run.root)))
+            self.runs += sum(1 for r in block if r.asked & {p.id for p in r.plans})
+            self.orphans += sum(r.orphans for r in block)
 
     def _decode(self, reply: dict, index: int = 0) -> tuple[np.ndarray | None, str | None]:
         """The reply's ``index``-th image, checked alone (a reply with fewer images than
@@ -135,7 +181,10 @@ class ImagesEditAPI:
         return {"sources_made": self.sources.made, **self.sources.cut_stats(),
                 "endpoint": client.endpoint,
                 "requests": client.stats.as_dict(), "images": client.counts(),
-                "bad_images": dict(sorted(self.bad.items()))}
+                "bad_images": dict(sorted(self.bad.items())),
+                **turns.stats(self.runs, self.orphans,
+                              **({"session_turns_dropped": self.dropped} if self.dropped
+                                 else {}))}
 
 
 def _request_key(plan: Plan) -> tuple:

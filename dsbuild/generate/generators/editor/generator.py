@@ -6,6 +6,10 @@ Both models load once per worker (``keep_loaded``). Plans are grouped by source;
 groups fill batches of ``generate.batch_size`` edits; the batch's missing sources are made in
 one text-to-image call and encoded once each, and the driver edits every variant of the batch
 together (see drivers.py).
+
+Sessions (generators/turns.py): a run's turns are sequential edits, turn 1 of the root image,
+each later node of its parent's output; a block of runs makes its roots in one call and edits
+each turn of all its runs in one batch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from dsbuild.core.generators import Made, Plan
 from dsbuild.core.model_ids import SD
+from dsbuild.generate.generators import turns
 from dsbuild.generate.generators.editor.drivers import Job, driver_for
 from dsbuild.generate.generators.editor.settings import EditorSettings
 from dsbuild.generate.generators.editor.sweep import plan_triple
@@ -44,6 +49,7 @@ class InstructionEditor:
                                     own.source_guidance, dtype, device,
                                     "generate.editor.source_model")
         self.source = self.sources.spec
+        self.runs = self.orphans = 0
 
     @property
     def source_pipe(self):
@@ -64,6 +70,11 @@ class InstructionEditor:
         return self.sources.make(groups)
 
     def generate(self, plans: list[Plan]) -> Iterator[Made]:
+        single, session = turns.split(plans)
+        yield from self._singles(single)
+        yield from self._sessions(session)
+
+    def _singles(self, plans: list[Plan]) -> Iterator[Made]:
         s = self.settings
         groups: OrderedDict[tuple, list[Plan]] = OrderedDict()
         for p in sorted(plans, key=lambda p: (p.group, p.triple["id"], p.index)):
@@ -86,10 +97,42 @@ class InstructionEditor:
             for key in [k for k in held if k != last]:  # groups come in order: done with it
                 del held[key]
 
+    def _sessions(self, plans: list[Plan]) -> Iterator[Made]:
+        """Session runs block by block: each turn of every run of a block edited in batches of
+        ``generate.batch_size``, every node on its parent's output (the root at turn 1)."""
+        s = self.settings
+        for block in turns.blocks(plans, self.plan, s.batch_size):
+            roots = turns.roots(block, self.make_sources, s.batch_size)
+            encoded = {key: self.driver.encode(im, s.height, s.width) for key, im in roots.items()}
+            # (run, node) -> (image, encoded); (run, None): the run's root
+            held = {(r.id, None): (roots[r.root], encoded[r.root]) for r in block}
+            parents = {(r.id, p.triple.get("parent_id")) for r in block for p in r.plans}
+            for step in turns.by_turn(block):
+                for i in range(0, len(step), s.batch_size):
+                    part = step[i:i + s.batch_size]
+                    jobs = [Job(held[(r.id, p.triple.get("parent_id"))][1], p.triple["edit"],
+                                p.seed, p.params["guidance"], p.params["image_guidance"])
+                            for r, p in part]
+                    edited = self.driver.edit(jobs, s.steps, s.height, s.width)
+                    for (run, plan), image in zip(part, edited, strict=True):
+                        image = turns.on_grid(image)
+                        node = (run.id, plan.triple["id"])
+                        held[node] = (image, self.driver.encode(image, s.height, s.width)
+                                      if node in parents else None)
+                        if plan.id not in run.asked:
+                            continue
+                        root = roots[run.root]
+                        yield Made(plan, held[(run.id, plan.triple.get("parent_id"))][0], image,
+                                   run.node_source_id(plan, self.source_id(run.root)),
+                                   images={"session_source": root},
+                                   record=run.record(plan, self.sources.record(run.root)))
+            self.runs += sum(1 for r in block if r.asked & {p.id for p in r.plans})
+            self.orphans += sum(r.orphans for r in block)
+
     def stats(self) -> dict:
         return {"sources_made": self.sources.made, **self.sources.cut_stats(),
                 "instructions_encoded": self.driver.encoded,
-                "batched": self.driver.batched}
+                "batched": self.driver.batched, **turns.stats(self.runs, self.orphans)}
 
 
 def _chunks(groups: list[tuple[tuple, list[Plan]]], batch_size: int):

@@ -7,6 +7,11 @@ The models load once per worker (``keep_loaded``). A source's mask is computed o
 by its variants; each variant is one pipeline call with its own CPU generator (seeded by the
 plan), so a pair equals calling the pipeline directly with the same image, mask, seed and
 knobs. With ``composite`` the source's pixels are pasted back outside the mask.
+
+Sessions (generators/turns.py): a run's turns are sequential repaints, turn 1 of the root
+image, each later node of its parent's output; each turn's mask is the region of its own edit
+segmented on the image it edits. Every node of a session is made, whatever its operation (a
+turn left out would leave the turns under it without an input image).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dsbuild.core.generators import Made, Plan
 from dsbuild.core.hashing import content_id
 from dsbuild.core.model_ids import SD
 from dsbuild.core.referring import referred_by_rules
+from dsbuild.generate.generators import turns
 from dsbuild.generate.generators.inpaint.settings import InpaintSettings
 from dsbuild.generate.generators.source import (
     SourceImages,
@@ -37,9 +43,11 @@ SECTION = "generate.inpaint"
 
 def plan_triple(triple: dict, s, own: InpaintSettings, pipeline: str, knobs: dict,
                 source: dict) -> list[Plan]:
-    """Every pair of one triple (none for an operation not in ``own.operations``); a seed is
-    one source image, shared by ``variants`` knob draws (random) or every grid combination."""
-    if triple.get("operation") not in own.operations:
+    """Every pair of one triple (none for an operation not in ``own.operations``, except in a
+    session); a seed is one source image, shared by ``variants`` knob draws (random) or every
+    grid combination. A session node draws from its session (:func:`turns.draw_key`)."""
+    key = turns.draw_key(triple)
+    if key is triple and triple.get("operation") not in own.operations:
         return []
     n = samples_for(triple, s)
     if own.sweep == "grid":
@@ -48,17 +56,17 @@ def plan_triple(triple: dict, s, own: InpaintSettings, pipeline: str, knobs: dic
     for k in itertools.count():
         if len(draws) >= n:
             break
-        seed = source_seed(s, triple["input"], k)
+        seed = source_seed(s, key["input"], k)
         per = len(combos) if own.sweep == "grid" else own.variants
         for v in range(min(per, n - len(draws))):
             if own.sweep == "grid":
                 g, st = combos[v]
             else:
-                rng = random.Random(content_id("inpaint", s.seed, triple["id"], k, v))
+                rng = random.Random(content_id("inpaint", s.seed, key["id"], k, v))
                 g = rng.uniform(*knobs["guidance"])
                 st = rng.uniform(*knobs["strength"])
             draws.append((seed, round(float(g), 3), round(float(st), 3)))
-    plans = []
+    plans, group = [], turns.session_group if key is not triple else source_group
     for i, (seed, g, st) in enumerate(draws):
         params = {"pipeline": pipeline, "steps": s.steps, "guidance": g, "strength": st,
                   "dilate": own.dilate, "composite": own.composite,
@@ -67,7 +75,7 @@ def plan_triple(triple: dict, s, own: InpaintSettings, pipeline: str, knobs: dic
                   "source_steps": source["steps"], "source_guidance": source["guidance"],
                   "height": s.height, "width": s.width}
         plans.append(Plan(triple, i, content_id(triple["id"], seed, params), seed, params,
-                          group=source_group(triple, seed)))
+                          group=group(triple, seed)))
     return plans
 
 
@@ -140,6 +148,7 @@ class RegionInpainter:
         self.device = device
         self._segmenter = None
         self.masks = {"segment": 0, "default": 0}
+        self.runs = self.orphans = 0
 
     @property
     def segmenter(self):
@@ -175,7 +184,18 @@ class RegionInpainter:
         return dilate_mask(found, o.dilate), "segment"
 
     def generate(self, plans: list[Plan]) -> Iterator[Made]:
-        s = self.settings
+        single, session = turns.split(plans)
+        yield from self._singles(single)
+        yield from self._sessions(session)
+
+    def _repaint(self, plan: Plan, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One plan's pipeline call on ``image`` in ``mask`` (composited where set)."""
+        s, pr = self.settings, plan.params
+        out = inpaint(self.pipe, image, mask, plan.triple["output"], plan.seed, pr["steps"],
+                      pr["guidance"], pr["strength"], s.height, s.width)
+        return np.where(mask[..., None], out, image) if pr["composite"] else out
+
+    def _singles(self, plans: list[Plan]) -> Iterator[Made]:
         groups: OrderedDict[tuple, list[Plan]] = OrderedDict()
         for p in sorted(plans, key=lambda p: (p.group, p.triple["id"], p.index)):
             groups.setdefault(p.group, []).append(p)
@@ -189,15 +209,40 @@ class RegionInpainter:
                 if edit not in masks:
                     masks[edit] = self.region(image, edit)
                 mask, origin = masks[edit]
-                pr = plan.params
-                out = inpaint(self.pipe, image, mask, plan.triple["output"], plan.seed,
-                              pr["steps"], pr["guidance"], pr["strength"], s.height, s.width)
-                if pr["composite"]:
-                    out = np.where(mask[..., None], out, image)
-                done = dataclasses.replace(plan, params={**pr, "mask_from": origin})
+                out = self._repaint(plan, image, mask)
+                done = dataclasses.replace(plan, params={**plan.params, "mask_from": origin})
                 yield Made(done, image, out, sid, mask, record=record)
+
+    def _sessions(self, plans: list[Plan]) -> Iterator[Made]:
+        """Session runs turn by turn, each node repainting its own edit's region of its
+        parent's output (the root at turn 1); a block's roots are made in one call."""
+        s = self.settings
+        for block in turns.blocks(plans, self.plan, s.batch_size):
+            roots = turns.roots(block, self.sources.make, s.batch_size)
+            held = {(r.id, None): roots[r.root] for r in block}
+            masks: dict[tuple, tuple[np.ndarray, str]] = {}  # turn 1: one per (root, edit)
+            for step in turns.by_turn(block, only_asked=True):
+                for run, plan in step:
+                    parent = plan.triple.get("parent_id")
+                    image, edit = held[(run.id, parent)], plan.triple["edit"]
+                    where = (run.root, edit) if parent is None else (run.id, parent, edit)
+                    if where not in masks:
+                        masks[where] = self.region(image, edit)
+                    mask, origin = masks[where]
+                    out = turns.on_grid(self._repaint(plan, image, mask))
+                    held[(run.id, plan.triple["id"])] = out
+                    if plan.id not in run.asked:
+                        continue
+                    done = dataclasses.replace(plan, params={**plan.params, "mask_from": origin})
+                    yield Made(done, image, out,
+                               run.node_source_id(plan, self.sources.id(run.root)), mask,
+                               images={"session_source": roots[run.root]},
+                               record=run.record(plan, self.sources.record(run.root)))
+            self.runs += sum(1 for r in block if r.asked & {p.id for p in r.plans})
+            self.orphans += sum(r.orphans for r in block)
 
     def stats(self) -> dict:
         return {"sources_made": self.sources.made, "photos_used": self.sources.photos_used,
                 **self.sources.cut_stats(), "masks_segmented": self.masks["segment"],
-                "masks_default": self.masks["default"]}
+                "masks_default": self.masks["default"],
+                **turns.stats(self.runs, self.orphans)}

@@ -77,11 +77,17 @@ class TargetSpec:
     equalizer: dict[str, float] | None = None  # target word -> attention scale (reweight)
     blend_words: tuple[list[str], list[str]] | None = None  # (source words, target words)
     guidance: float | None = None  # None: the source's guidance
+    # a session node (dsbuild.core.sessions): the index of the group's target whose image
+    # this one edits (its parent, listed before it); None: the group's source (the root)
+    parent: int | None = None
 
 
 @dataclass
 class SourceGroup:
-    """All targets that share one source image (same caption, seed and guidance)."""
+    """All targets that share one source image (same caption, seed and guidance). A session
+    run is one group: its root is the source, its nodes the targets, each node reading its
+    parent's row (``TargetSpec.parent``); such a group is run in one batch, whole, even when
+    it has more rows than the batch size."""
 
     prompt: str
     seed: int
@@ -242,6 +248,9 @@ class P2PGenerator:
         per = max(1, batch_size - 1)
         for gi, g in enumerate(groups):
             idx = list(range(len(g.targets)))
+            if chained(g):  # a session run: its rows read each other, so it is never split
+                pieces.append((gi, idx))
+                continue
             for s in range(0, max(1, len(idx)), per):
                 pieces.append((gi, idx[s:s + per]))
         batches: list[list[tuple[int, list[int]]]] = [[]]
@@ -288,10 +297,18 @@ class P2PGenerator:
             seeds.append(g.seed)
             guid.append(g.guidance)
             layout.append((gi, None))
+            row_of: dict[int, int] = {}
             for ti in tis:
                 t = g.targets[ti]
-                row = len(prompts)
-                edits[row], resolved[(gi, ti)] = self.row_edit(g.prompt, t, src_row)
+                row = row_of[ti] = len(prompts)
+                if t.parent is None:
+                    edits[row], resolved[(gi, ti)] = self.row_edit(g.prompt, t, src_row)
+                else:  # a session node: its parent's row is its source
+                    if t.parent not in row_of:
+                        raise DsbuildError(f"P2P target {ti} names parent {t.parent}, which is "
+                                           "not a target listed before it")
+                    edits[row], resolved[(gi, ti)] = self.row_edit(
+                        g.targets[t.parent].prompt, t, row_of[t.parent])
                 prompts.append(t.prompt)
                 seeds.append(g.seed)
                 guid.append(g.guidance if t.guidance is None else t.guidance)
@@ -414,6 +431,11 @@ class P2PGenerator:
         out = vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(out, output_type="np",
                                                      do_denormalize=[True] * out.shape[0])
+
+
+def chained(group: SourceGroup) -> bool:
+    """Whether a group is a session run (some target edits another target)."""
+    return any(t.parent is not None for t in group.targets)
 
 
 def per_token(words, values: dict[str, float], default: float, length: int) -> torch.Tensor:

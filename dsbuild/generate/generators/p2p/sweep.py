@@ -5,6 +5,14 @@ U[guidance]. The seed and guidance depend on (input caption, sample index) only,
 edits of one caption share their sources and are batched behind one source branch; the
 target-only parameters (p, cross fraction, reweight) depend on the triple. ``grid`` walks
 every combination of the grid values for seed after seed.
+
+Sessions (dsbuild.core.sessions): every node of a session is planned with the same draws.
+Draw k has one seed and one guidance for the whole run, drawn from the session's id (which
+names its root caption) instead of the input caption; a grid walks the full grid for every
+node, so draw k is the same (seed, guidance) at every node, whatever its mode. The per-node
+P2P parameters (p, cross fraction, reweight) are the node's own, and its edit is aligned from
+its input (the parent's caption) to its output. A session pair's id also names its run, since
+its image depends on its ancestors' parameters too.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import random
 from dataclasses import dataclass
 
 from dsbuild.attention.align import align_prompts
+from dsbuild.core import sessions
 from dsbuild.core.hashing import content_id
 from dsbuild.generate.generators.p2p.sampler import TargetSpec
 from dsbuild.generate.settings import GenerateSettings
@@ -69,10 +78,12 @@ def plan_triple(triple: dict, s: GenerateSettings, tokenizer) -> list[PairPlan]:
     blend = [src_words, tgt_words] if s.blend and (src_words or tgt_words) else None
     cross_mode = resolved != "self"
     n = samples_for(triple, s)
+    session = triple.get("session_id")
+    source_key = session or triple["input"]  # a session's draws are the whole run's
     draws: list[tuple[int, float, float, float | None, float | None]] = []
     if s.sweep == "random":
         for i in range(n):
-            srng = _source_rng(s, triple["input"], i)
+            srng = _source_rng(s, source_key, i)
             seed = srng.randrange(2**31)
             guidance = round(srng.uniform(*s.guidance), 3)
             trng = random.Random(content_id("target", s.seed, triple["id"], i))
@@ -83,14 +94,16 @@ def plan_triple(triple: dict, s: GenerateSettings, tokenizer) -> list[PairPlan]:
                           rw if resolved == "reweight" else None))
     else:
         combos = list(itertools.product(
-            s.grid_guidance, s.grid_self_replace, s.grid_cross_replace if cross_mode else [None],
-            s.grid_reweight if resolved == "reweight" else [None]))
+            s.grid_guidance, s.grid_self_replace,
+            s.grid_cross_replace if cross_mode or session else [None],
+            s.grid_reweight if resolved == "reweight" or session else [None]))
         for k in itertools.count():
             if len(draws) >= n:
                 break
-            seed = _source_rng(s, triple["input"], k).randrange(2**31)
+            seed = _source_rng(s, source_key, k).randrange(2**31)
             for g, p, c, rw in combos[: n - len(draws)]:
-                draws.append((seed, float(g), float(p), c, rw))
+                draws.append((seed, float(g), float(p), c if cross_mode else None,
+                              rw if resolved == "reweight" else None))
     plans = []
     for i, (seed, guidance, p, cross, rw) in enumerate(draws):
         params = {
@@ -101,5 +114,8 @@ def plan_triple(triple: dict, s: GenerateSettings, tokenizer) -> list[PairPlan]:
         }
         if triple.get("photo_id"):  # a real photo: DDIM from its inversion (invert.py)
             params.update(scheduler="ddim", inversion=s.inversion)
-        plans.append(PairPlan(triple, i, seed, params, content_id(triple["id"], seed, params)))
+        pid = content_id(triple["id"], seed, params)
+        if session:  # the run, so two runs' pairs of one node never share an id
+            pid = content_id(pid, sessions.run_id(session, seed, guidance, i))
+        plans.append(PairPlan(triple, i, seed, params, pid))
     return plans
