@@ -128,7 +128,14 @@ def test_eval_turns_follows_own_outputs(export_and_model, tmp_path, one_torch_th
     md = (out / "eval.md").read_text()
     assert "Multi-turn (MagicBrush protocol): 2 session runs" in md
     assert "| tiny | 2 | 3 |" in md and "| tiny | final | 3 |" in md
-    assert (out / "turns-tiny.png").exists()
+    from dsbuild.core.grid import text_layer
+
+    grid = text_layer(out / "turns-tiny.png")  # one line per leaf: its chain, turn by turn
+    assert grid["headers"] == ["source", "turn 1 (own)", "turn 1 truth", "turn 2 (own)",
+                               "turn 2 truth"]
+    assert [r["caption"] for r in grid["rows"]] == [
+        "1: make the sofa red; 2: add a blue lamp", "1: paint the walls green; 2: add a yellow "
+        "rug", "1: paint the walls green; 2: remove the table"]
 
     # turn 2 edits the model's own turn-1 output: the same call by hand gives the same image,
     # and it is not the edit of the ground-truth input (the single-turn edit of that row)

@@ -161,7 +161,7 @@ def chain_grid(plan: TurnPlan, own: dict[int, Path], truths: dict[int, Path],
         cells = [_open_path(inputs[chain[0]])]
         for i in chain:
             cells += [_open_path(own[i]), _open_path(truths[i])]
-        label = "  ".join(f"{t}: {by_index[i].edit_prompt}" for t, i in enumerate(chain, 1))
+        label = "; ".join(f"{t}: {by_index[i].edit_prompt}" for t, i in enumerate(chain, 1))
         lines.append((label, cells))
     headers = ["source", *(h for t in range(1, deepest + 1)
                            for h in (f"turn {t} (own)", f"turn {t} truth"))]
