@@ -271,7 +271,7 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
             from dsbuild.evaluate.turns import follow
 
             follow(editor, plan, folders[model, s.main_image_guidance], s,
-                   s.main_image_guidance, set(remade), f"edit {slug(model)}")
+                   s.main_image_guidance, set(remade), f"edit {slug(model)}", make_edits)
         if masks is not None:  # the localized run, at the main image guidance
             main = folders[model, s.main_image_guidance]
             folder = local[model] = localized_dir(main, s.localize)
@@ -326,7 +326,7 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
             from dsbuild.evaluate.turns import TURNS_DIR, turn_scores
 
             result["models"][model]["turns"] = {
-                **turn_scores(plan, own[model], truths, emb),
+                **turn_scores(plan, own[model], truths, emb, against_truth),
                 "edits": str(folders[model, s.main_image_guidance] / TURNS_DIR)}
         if masks is not None:
             from dsbuild.localize.region import region_scores

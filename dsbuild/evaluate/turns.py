@@ -101,12 +101,11 @@ def own_paths(plan: TurnPlan, single: Path) -> dict[int, Path]:
 
 
 def follow(editor, plan: TurnPlan, single: Path, s, ig: float, remade: set[int],
-           desc: str) -> None:
+           desc: str, make_edits) -> None:
     """Edit the later turns not yet made, turn after turn, each on the model's own output of
     its parent turn. ``editor()`` gives the pipeline (loaded on first need); ``remade``: rows
-    edited again in this run (their children are edited again too)."""
-    from dsbuild.evaluate.run import _open, make_edits
-
+    edited again in this run (their children are edited again too); ``make_edits``: eval's
+    edit function (:func:`dsbuild.evaluate.run.make_edits`)."""
     own = own_paths(plan, single)
     remade = set(remade)
     for t in sorted(plan.by_turn):
@@ -117,17 +116,17 @@ def follow(editor, plan: TurnPlan, single: Path, s, ig: float, remade: set[int],
             continue
         for r in todo:
             own[r.index].unlink(missing_ok=True)
-        fed = [replace(r, input_image=_open(own[plan.parent[r.index]])) for r in todo]
+        fed = [replace(r, input_image=_open_path(own[plan.parent[r.index]])) for r in todo]
         remade |= set(make_edits(editor(), fed, single / TURNS_DIR, s, ig,
                                  f"{desc} turn {t}"))
 
 
 def turn_scores(plan: TurnPlan, own: dict[int, Path], truths: dict[int, Path],
-                emb: dict) -> dict:
+                emb: dict, against_truth) -> dict:
     """Mean CLIP-I, DINO and L1 against each turn's truth: ``per_turn`` ({turn: means}) and
-    ``final`` (the chains' last turns), each with its row count."""
+    ``final`` (the chains' last turns), each with its row count; ``against_truth``: the
+    single-turn table's scorer (:func:`dsbuild.evaluate.run.against_truth`)."""
     from dsbuild.core import metrics
-    from dsbuild.evaluate.run import against_truth
 
     def means(indices: list[int]) -> dict:
         vals = against_truth([own[i] for i in indices], [truths[i] for i in indices], emb)
@@ -169,6 +168,7 @@ def chain_grid(plan: TurnPlan, own: dict[int, Path], truths: dict[int, Path],
 
 
 def _open_path(path: Path):
-    from dsbuild.evaluate.run import _open
+    from PIL import Image
 
-    return _open(path)
+    with Image.open(path) as im:
+        return im.convert("RGB")

@@ -108,23 +108,12 @@ class PromptToPrompt:
         """Pairs of real photos: each group's source branch starts from the photo's inversion
         (DDIM, its per-step unconditional embeddings) and reconstructs it; the pair's input
         image is the prepared photo itself, the reconstruction an extra image."""
-        s, inv = self.settings, self.invert()
+        s = self.settings
         for chunk in _chunks(group_plans(plans), s.batch_size):
             groups, extra = [], []
             for (caption, seed, guidance), group in chunk:
                 t = group[0].triple
-                rec = self.photos.get(t["photo_id"])
-                if rec is None or self.load_photo is None:
-                    raise DsbuildError(f"generate: triple {t['id']} names photo "
-                                       f"{t['photo_id']!r}, which is not among the build's "
-                                       "photos; rerun `dsbuild captions --force`")
-                image = self.load_photo(rec)
-                if image.shape[:2] != (s.height, s.width):
-                    raise DsbuildError(
-                        f"generate: photo {rec['id']} ({rec.get('image')}) is "
-                        f"{image.shape[1]}x{image.shape[0]}, not generate.width x height "
-                        f"{s.width}x{s.height}; rerun `dsbuild sources --force` at that size")
-                got = inv.get(rec["id"], image, caption, s.steps, guidance)
+                image, got, rec = self._photo(t["photo_id"], t, caption, guidance)
                 groups.append(SourceGroup(caption, seed, guidance,
                                           [p.target() for p in group], got.latents, got.uncond))
                 sid = content_id("photo", self.model, rec["id"], caption, s.steps, guidance,
