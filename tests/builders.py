@@ -229,3 +229,69 @@ def make_session_build(build: Build, runs: int = 2, sessions=SESSIONS, singles=T
     sc = write_scores(build, pairs, [FAILING_DIR if p["id"] in failing else 0.3
                                      for p in pairs])
     return {"triples": tr, "pairs": pairs, "scores": sc, "failing": sorted(failing)}
+
+
+# Judge, re-caption and decisions (issue 29)
+def judge_rec(build: Build, scores: dict | None, *, missing: str | None = None,
+              model: str = "judge-vlm", reported: str | None = "judge-vlm-2026-01",
+              raw: str | None = None) -> dict:
+    """A judge record as verify writes it under the build's rubric (``scores`` None with
+    ``missing``: a reply that could not be used)."""
+    import json
+
+    from dsbuild.llm.rubric import judge_record
+
+    j = build.config.verify.judge
+    return judge_record(j.resolved(), model_requested=model, model_reported=reported,
+                        prompt_hash="p" * 16, temperature=j.temperature,
+                        raw=raw if raw is not None else (json.dumps(scores) if scores else None),
+                        scores=scores, missing=missing)
+
+
+def make_judged_build(build: Build, samples: int = 3, *, judge: dict[int, dict | None] | None
+                      = None, reject: set[int] = frozenset(), recaption: dict[int, str | None]
+                      | None = None, decisions: dict[int, tuple] | None = None
+                      ) -> dict[str, list[dict]]:
+    """``make_build`` plus verify records for the kept pairs (complete, with a marker) and
+    curator decisions. Keys are indexes into the kept pairs (score order): ``judge`` their
+    judge scores (None: a missing reply; unnamed pairs: judged all 8), ``reject`` the pairs
+    verify rejects (a failed ``add`` check), ``recaption`` their re-captions (None: "nothing
+    changed"), ``decisions`` (verdict, tool[, corrected_edit]). Returns the records written,
+    with ``kept`` (the kept pairs' ids, in that order) and ``verify``."""
+    from dsbuild.core.decisions import add_decisions, make_decision
+
+    out = make_build(build, samples=samples)
+    kept = [s["pair_id"] for s in out["scores"] if s["keep"]]
+    triple_of = {p["id"]: p["triple_id"] for p in out["pairs"]}
+    ops = {t["id"]: t for t in out["triples"]}
+    recs = []
+    for i, pid in enumerate(kept):
+        t = ops[triple_of[pid]]
+        sc = (judge or {}).get(i, {n: 8 for n in build.config.verify.judge.resolved().names})
+        jr = judge_rec(build, sc, missing=None if sc else "not_json")
+        bad = i in reject
+        checks = [{"name": "near_copy", "pass": True, "reason": None},
+                  {"name": t["operation"], "pass": not bad,
+                   "reason": f"{t['operation']}_not_detected" if bad else None},
+                  {"name": "judge", "pass": jr["passed"],
+                   "reason": None if jr["passed"] else
+                   (f"judge_{jr['failed']}" if jr["passed"] is False else
+                    f"judge_bad_reply:{jr['missing']}")}]
+        verdict = "reject" if bad or jr["passed"] is False else "pass"
+        reason = next((c["reason"] for c in checks if c["pass"] is False), None)
+        rec = {"pair_id": pid, "triple_id": t["id"], "operation": t["operation"],
+               "agent": t["agent"], "targets": {}, "checks": checks, "verdict": verdict,
+               "reason": reason, "judge": jr}
+        if recaption and i in recaption:
+            text = recaption[i]
+            rec["recaption"] = {"instruction": text, "unchanged": text is None,
+                                "model_requested": "judge-vlm",
+                                "model_reported": "judge-vlm-2026-01", "prompt_hash": "r" * 16,
+                                "temperature": 0.0, "raw": text or "unchanged", "missing": None}
+        recs.append(rec)
+    build.run_stage("verify", 0, 1, lambda w: [w.write(r) for r in recs] and None, report=False)
+    if decisions:
+        add_decisions(build, [make_decision(kept[i], d[0], tool=d[1], reviewer="cur",
+                                               corrected_edit=d[2] if len(d) > 2 else None)
+                                 for i, d in sorted(decisions.items())])
+    return {**out, "kept": kept, "verify": recs}

@@ -32,7 +32,11 @@ ADDED = {"generator": "p2p", "blend_words": None, "equalizer": None,
          "reconstruction_psnr": None,
          # multi-turn sessions (issue 28): None on a single edit
          "session_id": None, "session_run": None, "turn": None, "node_id": None,
-         "parent_id": None, "source_image": None}
+         "parent_id": None, "source_image": None,
+         # the judge and re-captioning (issue 29): None where they did not run
+         "judge_score": None, "edit_prompt_recaptioned": None}
+# added columns whose value is another column's (issue 29: the captions stage's instruction)
+ADDED_AS = {"edit_prompt_generated": "original_edit"}
 
 
 # largest block-mean difference (0-255) taken as float noise, not a change of picture
@@ -97,9 +101,12 @@ def test_export_rows_equal_the_previous_main(demo):
                 else:
                     assert _same(new[name], value), (split, old["pair_id"], col, new[name], value)
             extra = set(new) - {RENAMED.get(c, c) for c in old}
-            assert extra <= set(ADDED), f"unexpected new columns {extra - set(ADDED)}"
+            assert extra <= set(ADDED) | set(ADDED_AS), \
+                f"unexpected new columns {extra - set(ADDED) - set(ADDED_AS)}"
             for col, value in ADDED.items():
                 assert new[col] == value, (col, new[col])
+            for col, same in ADDED_AS.items():
+                assert new[col] == new[same], (col, new[col], new[same])
 
 
 def test_the_thumbnail_check_can_fail(demo):

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
-from dsbuild.core import schema
+from dsbuild.core import schema, survival
 from dsbuild.core.decisions import in_force, read_decisions
 from dsbuild.core.errors import DsbuildError
 from dsbuild.core.generators import Param, generator_of, param_columns
@@ -124,9 +124,12 @@ def rows(build, *, policy: Literal["scored", "kept", "all"] = "all", scores: boo
     schema.fields(cols)  # a parameter column that shadows a row field fails here, by name
     verified = verify_by_pair(build) or {}
     reviews = Reviews.read(build) if reviews is None else reviews
+    ex = build.config.export
     out = [schema.row(j.pair, j.triple, j.score, verified.get(j.pair["id"]),
                       reviews.in_force.get(j.pair["id"]), columns=cols,
-                      decisions=reviews.counts.get(j.pair["id"], 0)) for j in joined]
+                      decisions=reviews.counts.get(j.pair["id"], 0), prompt=ex.edit_prompt)
+           for j in joined]
+    survival.mark(out, ex.session_cut, ex.edit_prompt)
     return out, cols
 
 

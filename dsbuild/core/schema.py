@@ -136,9 +136,50 @@ Check = TypedDict("Check", {"name": str, "pass": bool | None, "reason": str | No
                   total=False)
 
 
+class Judge(TypedDict, total=False):
+    """What the vision-language judge said about one pair (verify's ``judge`` field), enough to
+    reproduce and audit it: the model asked for and the model the server reported, the rubric
+    (its name and hash) and prompt hash, the temperature, the raw reply text, the parsed 0-10
+    ``scores`` per criterion, their weighted ``score`` in [0, 1], the rubric's ``threshold``
+    and ``pass``. A failed or unusable reply is ``missing`` (its reason: ``no_reply``,
+    ``not_json``, ``refused``, ``missing_field``, ``out_of_range``) with ``scores``/``score``/
+    ``pass`` None: never a 0 and never a reject."""
+
+    model_requested: str
+    model_reported: str | None
+    rubric: str
+    rubric_hash: str
+    prompt_hash: str
+    temperature: float
+    raw: str | None
+    scores: dict[str, int] | None
+    score: float | None
+    threshold: float
+    passed: bool | None
+    failed: str | None
+    reason: str | None
+    missing: str | None
+
+
+class Recaption(TypedDict, total=False):
+    """The instruction a vision-language model wrote for a pair after seeing both images
+    (verify's ``recaption`` field): ``instruction`` (None when it said nothing changed, or the
+    reply was missing), ``unchanged``, the identity fields of :class:`Judge` and ``missing``."""
+
+    instruction: str | None
+    unchanged: bool
+    model_requested: str
+    model_reported: str | None
+    prompt_hash: str
+    temperature: float
+    raw: str | None
+    missing: str | None
+
+
 class Verify(TypedDict, total=False):
     """verify's verdict on one kept pair (verify/): ``verdict`` pass or reject, the first failed
-    check's ``reason``, every ``checks`` entry, and the detector's ``targets``."""
+    check's ``reason``, every ``checks`` entry, the detector's ``targets``, the ``judge``'s
+    record (when the judge ran) and the ``recaption`` (when re-captioning ran)."""
 
     pair_id: str
     triple_id: str
@@ -148,6 +189,8 @@ class Verify(TypedDict, total=False):
     checks: list[Check]
     verdict: Literal["pass", "reject"]
     reason: str | None
+    judge: Judge
+    recaption: Recaption
 
 
 class NoChangeSample(TypedDict, total=False):
@@ -218,6 +261,11 @@ FIELDS: dict[str, RowField] = {
     "no_change": RowField("bool", description="an augment sample: nothing should change"),
     "corrected": RowField("bool", description="a reviewer corrected the instruction"),
     "original_edit": RowField("string", description="the planned instruction"),
+    "edit_prompt_generated": RowField("string", description="the instruction the captions "
+                                      "stage wrote (= original_edit)"),
+    "edit_prompt_recaptioned": RowField("string", description="the instruction a "
+                                        "vision-language model wrote from the two images "
+                                        "(None: not re-captioned, or it saw no change)"),
     "review": RowField("string", description="the verdict in force: accept, reject or None"),
     "seed": RowField("int"), "model": RowField("string"),
     "generator": RowField("string", description="the generator that made the pair"),
@@ -241,6 +289,8 @@ FIELDS: dict[str, RowField] = {
     "source_image": RowField("image", description="the session's source image (turn 0)"),
     **{k: RowField("float") for k in SCORE_KEYS},
     "filter_rank": RowField("int", description="rank within its triple by the filter"),
+    "judge_score": RowField("float", description="the judge's weighted rubric score in [0, 1] "
+                            "(None: not judged, or its reply was missing)"),
     # read by review and reports, not exported
     "recipe": RowField("string", False), "caption_backend": RowField("string", False),
     "caption_model": RowField("string", False),
@@ -253,6 +303,17 @@ FIELDS: dict[str, RowField] = {
     "review_reviewer": RowField("string", False), "review_at": RowField("string", False),
     "corrected_edit": RowField("string", False), "review_count": RowField("int", False),
     "review_reviewers": RowField("int", False), "review_agreement": RowField("float", False),
+    "judge_pass": RowField("bool", False, "the judge's verdict (None: not judged or missing)"),
+    "judge_missing": RowField("string", False, "why the judge's score is missing"),
+    "judge_model": RowField("string", False, "the model the judge's server reported"),
+    "judge_threshold": RowField("float", False, "the rubric's threshold on judge_score"),
+    "judge_scores": RowField("json", False, "the judge's 0-10 score per rubric criterion"),
+    "recaption_unchanged": RowField("bool", False, "the re-captioner saw no change"),
+    "headed": RowField("bool", False, "still headed for the export: kept by the filter, not "
+                       "rejected by verify or review, the session turns before it alive "
+                       "(dsbuild.core.survival)"),
+    "review_priority": RowField("float", False, "what a curator's verdict on the pair is "
+                                "worth (higher first; dsbuild.core.survival.priority)"),
 }
 PARAM_TYPES: dict[str, FieldType] = {"string": "string", "int": "int", "float": "float",
                                      "bool": "bool", "json": "json"}
@@ -334,9 +395,29 @@ def _session(pair: Pair, triple: Triple) -> dict:
             "source_image": None}
 
 
+JUDGE_COLUMNS = ("judge_score", "judge_pass", "judge_missing", "judge_model", "judge_threshold",
+                 "judge_scores", "edit_prompt_recaptioned", "recaption_unchanged")
+
+
+def judged(verify: Verify | None) -> dict:
+    """The :data:`JUDGE_COLUMNS` of a row from verify's ``judge`` and ``recaption`` fields (all
+    None where the judge or the re-captioner did not run)."""
+    v = verify or {}
+    j, rc = v.get("judge") or {}, v.get("recaption") or {}
+    return {"judge_score": _num(j.get("score")), "judge_pass": j.get("passed"),
+            "judge_missing": j.get("missing"), "judge_model": j.get("model_reported"),
+            "judge_threshold": _num(j.get("threshold")),
+            "judge_scores": json.dumps(j["scores"], sort_keys=True) if j.get("scores") else None,
+            "edit_prompt_recaptioned": rc.get("instruction") or None,
+            "recaption_unchanged": bool(rc.get("unchanged")) if rc else None}
+
+
+PROMPTS = ("generated", "recaptioned")  # export.edit_prompt: which instruction a row shows
+
+
 def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify | None = None,
         decision: Decision | None = None, *, columns: dict[str, Param] | None = None,
-        decisions: int = 0) -> dict:
+        decisions: int = 0, prompt: str = "generated") -> dict:
     """The joined row of a generated pair (every :func:`fields` name, plus ``_images``: the
     build-relative paths per image slot, ``input``, ``output``, ``mask``).
 
@@ -345,11 +426,16 @@ def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify |
     captions the images were generated from, which on a corrected row may not describe the
     edited image; ``original_edit`` keeps the planned instruction. ``columns``: the parameter
     columns to fill (default: the pair's own generator's), ``decisions``: how many decisions
-    the pair has.
+    the pair has. ``prompt`` (export.edit_prompt): ``recaptioned`` shows the re-captioner's
+    instruction as ``edit_prompt`` where there is one; a curator's correction wins over both.
     """
     params = pair.get("params") or {}
     edit = triple["edit"]
     s, v = score or {}, verify or {}
+    jc = judged(v)
+    shown = jc["edit_prompt_recaptioned"] if prompt == "recaptioned" else None
+    review = decided(shown or edit, decision, decisions)
+    review["corrected"] = bool(review["corrected_edit"]) and review["corrected_edit"] != edit
     source = triple.get("source") or {}
     return {
         "original_prompt": triple["input"], "edited_prompt": triple["output"],
@@ -370,7 +456,7 @@ def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify |
         "filter_keep": s.get("keep"), "filter_reason": s.get("reason"),
         "verify": v.get("verdict"), "verify_reason": v.get("reason"),
         "verify_checks": _checks(v),
-        **decided(edit, decision, decisions),
+        **review, "edit_prompt_generated": edit, **jc, "headed": None, "review_priority": None,
         "_images": dict(pair["images"]),
     }
 
@@ -399,6 +485,7 @@ def no_change_row(sample: NoChangeSample, source: dict | None,
         **{k: None for k in SCORE_KEYS}, "filter_rank": None, "filter_keep": None,
         "filter_reason": None, "verify": None, "verify_reason": None, "verify_checks": None,
         **decided(edit, decision, decisions, applies=False),
+        **judged(None), "edit_prompt_generated": edit, "headed": None, "review_priority": None,
         "_images": {k: images[k] for k in ("input", "output") if k in images},
         # a sample made from a session turn is a single edit, not a turn of that session
         **{k: None for k in ("session_id", "session_run", "turn", "node_id", "parent_id",

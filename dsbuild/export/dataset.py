@@ -24,6 +24,7 @@ from dsbuild.core.progress import progress
 from dsbuild.core.records import image_problem
 from dsbuild.core.schema import fields
 from dsbuild.core.split import SPLITS, caption_key, row_nodes, split_rows
+from dsbuild.core.survival import left_out
 
 ROW_GROUP = 100  # rows per parquet row group (what the Hub's viewer pages by)
 VALUE = {"string": "string", "json": "string", "int": "int64", "float": "float64",
@@ -79,7 +80,7 @@ def collect_rows(build: Build) -> ExportRows:
     passing: dict[str, dict] = {}
     for r in joined:
         stats["scored"] += 1
-        why = left_out(r, s.policy)
+        why = left_out(r, s.policy, s.edit_prompt)
         if why != "filter":
             stats["kept"] += 1
         if why in ("verify", "review", "not_accepted"):
@@ -137,21 +138,6 @@ def collect_rows(build: Build) -> ExportRows:
             f"verify, {stats['rejected_by_review']} rejected in "
             f"review, {stats['not_accepted']} not accepted (policy {s.policy!r})")
     return ExportRows(splits, stats, columns)
-
-
-def left_out(row: dict, policy: str) -> str | None:
-    """Why the policy leaves an edit row out of the export (``filter``: not kept, ``verify``
-    or ``review``: rejected, ``not_accepted``: policy ``accepted`` without an accept), else
-    None. The predicate that :func:`dsbuild.core.sessions.cut` applies per turn."""
-    if not row["filter_keep"]:
-        return "filter"
-    if row["verify"] == "reject":
-        return "verify"
-    if row["review"] == "reject":
-        return "review"
-    if policy == "accepted" and row["review"] != "accept":
-        return "not_accepted"
-    return None
 
 
 def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:

@@ -29,11 +29,17 @@ class ExportSettings(StageSettings):
         "prefix", description="multi-turn sessions: prefix = a failed or rejected turn drops "
         "itself and its subtree, the turns before it stay; whole = a session run is exported "
         "only when every turn passes")
+    edit_prompt: Literal["generated", "recaptioned"] = Field(
+        "generated", description="the instruction a row's edit_prompt shows: the one the "
+        "captions stage wrote, or verify's re-caption of what actually changed where there is "
+        "one (verify.recaption); the other stays in edit_prompt_generated / "
+        "edit_prompt_recaptioned, and a curator's correction wins over both")
 
     def signature_dict(self) -> dict:
         data = super().signature_dict()
         # the defaults sign as before they existed
-        for key, default in (("input_image", "photo"), ("session_cut", "prefix")):
+        for key, default in (("input_image", "photo"), ("session_cut", "prefix"),
+                             ("edit_prompt", "generated")):
             if data.get(key) == default:
                 data.pop(key)
         return data

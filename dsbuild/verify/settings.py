@@ -9,26 +9,52 @@ from pydantic import Field
 
 from dsbuild.core import model_ids as ids
 from dsbuild.core.settings import StageSettings
+from dsbuild.llm.rubric import Criterion, Rubric, resolve
 from dsbuild.llm.settings import TRANSPORT, LLMSettings
 
 DEFAULT_DETECTOR = ids.OWL
 
 
 class JudgeSettings(LLMSettings):
-    """A vision-language model asked to score each pair 0-10 on three rubric items (VIEScore's
-    spirit): the instruction was followed, nothing else changed, the edited image is sound."""
+    """A vision-language model asked to score each pair 0-10 on each item of a rubric
+    (:mod:`dsbuild.llm.rubric`; default ``dsbuild``: the instruction was followed, nothing else
+    changed, the edited image is sound), with weights, minimums and a threshold."""
 
     enabled: bool = Field(False, description="ask the judge (needs an endpoint that takes images)")
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(300, ge=16)
     concurrency: int = Field(4, ge=1, description="requests in flight at once")
     image_side: int = Field(512, ge=64, description="longest side of the images sent (pixels)")
+    rubric: str | list[Criterion] = Field(
+        "dsbuild", description="a preset (dsbuild: instruction/preserve/quality with the *_min "
+        "minimums; pico-banana: Pico-Banana-400K's weighted four items, threshold 0.7) or a "
+        "list of criteria {name, description, weight, min}")
+    threshold: float | None = Field(None, ge=0, le=1, description="min weighted rubric score "
+                                    "in [0, 1] (unset: the preset's; 0 for own criteria)")
     instruction_min: int = Field(6, ge=0, le=10, description="min 'instruction followed' score")
     preserve_min: int = Field(6, ge=0, le=10, description="min 'nothing else changed' score")
     quality_min: int = Field(5, ge=0, le=10, description="min 'image quality' score")
+
+    def resolved(self) -> Rubric:
+        """The rubric these settings name (``dsbuild``'s minimums from the ``*_min`` fields)."""
+        mins = {"instruction": self.instruction_min, "preserve": self.preserve_min,
+                "quality": self.quality_min} if self.rubric == "dsbuild" else None
+        return resolve(self.rubric, self.threshold, mins)
     optional: bool = Field(False, description="accept a judge that scores no pair (every "
                            "reply unusable): its pairs pass unchecked instead of the stage "
                            "failing")
+
+
+class RecaptionSettings(LLMSettings):
+    """After the checks, a vision-language model shown both images and the instruction writes
+    the instruction that describes what actually changed (or says nothing changed)."""
+
+    enabled: bool = Field(False, description="re-caption the pairs that passed verify (needs "
+                          "an endpoint that takes images)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(200, ge=16)
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    image_side: int = Field(512, ge=64, description="longest side of the images sent (pixels)")
 
 
 class VerifySettings(StageSettings):
@@ -64,6 +90,7 @@ class VerifySettings(StageSettings):
     dino_model: str = Field(ids.DINO, description="DINOv2 of the change check",
                             json_schema_extra={"loads": "dino"})
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    recaption: RecaptionSettings = Field(default_factory=RecaptionSettings)
     batch_size: int = Field(16, ge=1)
     workers: int = Field(4, ge=0, description="threads that decode and preprocess images")
     device: str = "auto"
@@ -78,4 +105,14 @@ class VerifySettings(StageSettings):
         judge = self.judge.model_dump(mode="json")
         data["judge"] = ({k: v for k, v in judge.items() if k not in TRANSPORT | {"optional"}}
                          if self.judge.enabled else None)
+        if data["judge"] is not None:  # the default rubric signs as before rubrics existed
+            if data["judge"].get("rubric") == "dsbuild":
+                data["judge"].pop("rubric")
+            if data["judge"].get("threshold") is None:
+                data["judge"].pop("threshold")
+        if self.recaption.enabled:  # a disabled re-captioner signs not at all (builds before)
+            data["recaption"] = {k: v for k, v in self.recaption.model_dump(mode="json").items()
+                                 if k not in TRANSPORT}
+        else:
+            data.pop("recaption", None)
         return data

@@ -10,7 +10,8 @@ from dsbuild.core.settings import StageSettings
 
 
 class ReviewSettings(StageSettings):
-    volatile: ClassVar[frozenset[str]] = frozenset({"url", "reviewer", "session_tasks"})
+    volatile: ClassVar[frozenset[str]] = frozenset({"url", "reviewer", "session_tasks",
+                                                   "queue"})
 
     dataset_name: str | None = Field(None, description="FiftyOne dataset (default: dsbuild-<build>)")
     project_title: str | None = Field(None, description="Label Studio project title")
@@ -27,3 +28,7 @@ class ReviewSettings(StageSettings):
     session_tasks: Literal["session", "pair", "both"] = Field(
         "session", description="Label Studio tasks for pairs of multi-turn sessions: one per "
         "session run with a verdict per turn (session), one per pair (pair), or both")
+    queue: Literal["export", "all"] = Field(
+        "export", description="what review push and FiftyOne's review views hold: the pairs "
+        "still headed for the export (export; ordered by how much a verdict is worth), or "
+        "every pair the policy shows (all)")
