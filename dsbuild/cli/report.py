@@ -16,7 +16,7 @@ GATE_HELP = ("metric=value, repeatable; keys: METRIC (every field), FIELD.METRIC
 
 @click.group("report")
 def report_group():
-    """Reports over builds (diversity of the caption text)."""
+    """Reports over builds (diversity of the caption text, the judge against the curators)."""
 
 
 def _check_specs(ctx, param, value):
@@ -122,6 +122,30 @@ def diversity_cmd(builds, as_json, out_dir, fail_under, fail_over, baseline_path
     _ci_output(report)
     if gate and gate["misses"]:
         raise click.exceptions.Exit(1)
+
+
+@report_group.command("judge")
+@click.argument("build", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the whole report as JSON")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="write judge.{json,md,png} here (default: the build's reports/)")
+def judge_cmd(build, as_json, out_dir):
+    """The verify judge against the curators' decisions (FiftyOne, Label Studio) on BUILD.
+
+    Cohen's kappa, agreement, the confusion table, per-criterion scores of accepted vs rejected
+    pairs and the threshold on the weighted score that would best match the curators. Pairs
+    count when the judge scored them and a curator accepted or rejected them; missing judge
+    scores are counted apart.
+    """
+    from dsbuild.core.build import Build
+    from dsbuild.verify.calibration import headline, write_report
+
+    rep, written = write_report(Build.open(build), out_dir)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n".join(headline(rep)))
+        click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 def _ci_output(report: dict) -> None:

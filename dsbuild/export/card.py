@@ -180,6 +180,7 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["clip_sim_image (input ↔ edited image)", _minimum(f.clip_sim_image)],
     ])
     lines += [""] + notes.verify_section(build, rows)
+    lines += notes.calibration_section(build, rows)
     st = rows.stats
     a = cfg.augment
     lines += ["### No-change samples", "",

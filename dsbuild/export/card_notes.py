@@ -172,6 +172,79 @@ def review_lines(build: Build, rows: ExportRows) -> list[str]:
     ]
 
 
+CALIBRATION_PNG = "judge_calibration.png"  # reports/judge.png, copied beside the card
+
+
+def calibration(build: Build, rows: ExportRows) -> dict | None:
+    """The judge against the curators (:func:`dsbuild.core.agreement.calibrate` on every
+    scored pair) where verify ran and decisions exist and some pair is both judged and decided,
+    else None (computed once per export)."""
+    st = rows.stats
+    if st.get("verify") != "applied" or not st.get("review_decisions"):
+        return None
+    if not hasattr(rows, "_calibration"):
+        from dsbuild.core import agreement, join
+
+        rep = agreement.calibrate(join.rows(build, policy="scored")[0])
+        rows._calibration = rep if rep["counts"]["pairs"] else None
+    return rows._calibration
+
+
+def calibration_picture(build: Build, rep: dict) -> Path | None:
+    """reports/judge.png where ``dsbuild report judge`` drew it from these same numbers (its
+    judge.json agrees), else None: a picture of older decisions is not shown."""
+    import json
+
+    png, js = build.reports_dir / "judge.png", build.reports_dir / "judge.json"
+    try:
+        old = json.loads(js.read_text(encoding="utf-8")) if png.exists() else None
+    except (OSError, ValueError):
+        return None
+    same = isinstance(old, dict) and all(old.get(k) == rep[k]
+                                         for k in ("counts", "confusion", "threshold"))
+    return png if same else None
+
+
+def copy_calibration_picture(build: Build, rows: ExportRows, folder: Path) -> bool:
+    """Copy the calibration picture the card shows into the export ``folder``."""
+    from dsbuild.core.records import write_bytes
+
+    rep = calibration(build, rows)
+    png = calibration_picture(build, rep) if rep else None
+    if png is not None:
+        write_bytes(folder / CALIBRATION_PNG, png.read_bytes())
+    return png is not None
+
+
+def calibration_section(build: Build, rows: ExportRows) -> list[str]:
+    """"Judge calibration": κ, agreement, pairs and the best threshold, where decisions and
+    judge scores exist (nothing otherwise)."""
+    rep = calibration(build, rows)
+    if rep is None:
+        return []
+    n, t = rep["counts"], rep["threshold"]
+
+    def f(v):
+        return "undefined" if v is None else f"{v:.3f}"
+
+    lines = ["### Judge calibration", "",
+             f"The judge's verdict against the curators' on the {n['pairs']} pairs both judged "
+             f"and reviewed: Cohen's κ {f(rep['kappa'])}, agreement {f(rep['agreement'])} "
+             f"(confusion, judge × curators: pass/accept {rep['confusion']['pass_accept']}, "
+             f"pass/reject {rep['confusion']['pass_reject']}, reject/accept "
+             f"{rep['confusion']['reject_accept']}, reject/reject "
+             f"{rep['confusion']['reject_reject']})."
+             + (f" The threshold on the weighted score that best matches the curators is "
+                f"{t['best']:g} (κ {f(t['best_kappa'])}; this build's: {t['current']:g})."
+                if t["best"] is not None else "")
+             + (f" Reviewed pairs without a judge score (a missing reply), counted apart: "
+                f"{n['decided_missing']}." if n["decided_missing"] else ""), ""]
+    if calibration_picture(build, rep):
+        lines += [f"![Judge calibration: scores of accepted vs rejected pairs, κ by "
+                  f"threshold]({CALIBRATION_PNG})", ""]
+    return lines
+
+
 def no_change_counts(rows: ExportRows) -> str:
     """How many no-change samples were made, exported and left out, and why."""
     st = rows.stats

@@ -22,6 +22,7 @@ from dsbuild.core.errors import DsbuildError, WriteFailed
 from dsbuild.core.exports import INFO_NAME, export_info
 from dsbuild.core.records import DiskFull, write_json, write_text
 from dsbuild.core.split import SPLITS
+from dsbuild.export import card_notes as notes
 from dsbuild.export.card import GRID_NAME, card_text, check_public, copy_tree_pages, grid_image
 from dsbuild.export.dataset import check_installed, collect_rows, write_shards
 
@@ -117,6 +118,7 @@ def write_export(build: Build, out: Path) -> ExportResult:
         grid = grid_image(build, rows, tmp / GRID_NAME, build.config.export.grid_pairs)
         if grid:  # the design trees the card's grid links (``dsbuild tree`` wrote them)
             copy_tree_pages(build, rows, tmp, build.config.export.grid_pairs)
+        notes.copy_calibration_picture(build, rows, tmp)  # where the card shows it
         # a folder pushed before keeps naming its Hub repo (and its push record)
         pushes = (info or {}).get("pushes") or []
         write_text(tmp / "README.md", card_text(build, rows, files, grid=grid,

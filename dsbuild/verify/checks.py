@@ -249,19 +249,19 @@ def preserve_check(similarity: float | None, s: VerifySettings) -> dict:
     return check("preserve", sim >= s.preserve_min, "photo_not_preserved", similarity=sim)
 
 
-def judge_check(result: dict | None, s: VerifySettings) -> dict:
-    """The judge's rubric scores against their minimums; a bad reply is counted, not a reject."""
-    if result is None:
+def judge_check(record: dict | None, s: VerifySettings) -> dict:
+    """The judge's verdict under its rubric (``record``: a judge record,
+    :func:`dsbuild.llm.rubric.judge_record`): ``judge_<criterion>`` below a minimum,
+    ``judge_weighted`` under the threshold; a missing score is counted, not a reject."""
+    if record is None:
         return check("judge", None, "judge_no_reply")
-    if result.get("bad"):
-        return check("judge", None, f"judge_bad_reply:{result['bad']}")
-    sc = result["scores"]
-    j = s.judge
-    for key, lim in (("instruction", j.instruction_min), ("preserve", j.preserve_min),
-                     ("quality", j.quality_min)):
-        if sc[key] < lim:
-            return check("judge", False, f"judge_{key}", scores=sc)
-    return check("judge", True, scores=sc)
+    if record.get("missing"):
+        return check("judge", None, f"judge_bad_reply:{record['missing']}")
+    sc = {**record["scores"], "reason": record.get("reason") or ""}
+    extra = {"score": record["score"]} if record.get("threshold") else {}
+    if record.get("passed") is False:
+        return check("judge", False, f"judge_{record['failed']}", scores=sc, **extra)
+    return check("judge", True, scores=sc, **extra)
 
 
 def verdict(checks: list[dict]) -> tuple[str, str | None]:

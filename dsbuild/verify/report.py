@@ -4,7 +4,10 @@ could not be made, and a contact sheet of rejects per reason.
 Writes ``reports/verify.json`` (everything), ``verify.md`` (tables for people) and
 ``verify_rejects.png``: one row per reject reason, up to ``SHEET_PER_REASON`` pairs each, input
 beside output with the region verify checked outlined in red, the instruction, reason and
-measurements under each pair (a ``dsbuild.core.grid`` picture, its text layer recorded).
+measurements under each pair (a ``dsbuild.core.grid`` picture, its text layer recorded). When
+the judge ran: a "Judge" section (who was asked, who answered, the rubric, missing scores,
+drift warnings) and ``verify_judge.png`` (weighted scores, passed and failed, the threshold;
+mean per criterion).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dsbuild.core.build import Build
 from dsbuild.core.records import write_image, write_json, write_text
 
 SHEET_PER_REASON = 6
+BINS = 20  # of the judge's weighted score in verify_judge.png
 THUMB = 128
 PAIR_GAP = 2  # between a pair's input and output in its cell
 
@@ -42,8 +46,8 @@ CHECKS: dict[str, tuple[str, str | None, str]] = {
                 "new one in the output ({present})"),
     "change": ("region-changed", "change", "the thing is detected ({present}), its region "
                "moved the caption's way ({direction}) and the rest stayed ({rest})"),
-    "judge": ("judge-rubric", None, "the judge's instruction, preserve and quality scores "
-              "reach their minimums"),
+    "judge": ("judge-rubric", None, "the judge's {rubric} rubric scores ({criteria}) reach "
+              "their minimums{judge_threshold}"),
 }
 
 
@@ -77,7 +81,15 @@ def _check_table(recs: list[dict], s) -> dict[str, dict]:
 def _shown_settings(s) -> dict:
     """The thresholds as the checks' descriptions print them: "off" where one tests nothing
     (``dsbuild run --offline`` turns the detector and change thresholds off)."""
+    try:
+        rubric = s.judge.resolved()
+    except ValueError:  # an unknown preset: the stage says so before it runs
+        rubric = None
     return {"near_copy_max": s.near_copy_max, "preserve_min": s.preserve_min,
+            "rubric": rubric.name if rubric else s.judge.rubric,
+            "criteria": ", ".join(rubric.names) if rubric else "?",
+            "judge_threshold": f" and their weighted score ≥ {rubric.threshold:g}"
+            if rubric and rubric.threshold else "",
             "present": f"detector ≥ {s.present_min:g}" if s.present_min > 0
             else "present_min off: any box",
             "absent": f"≤ {s.absent_max:g}" if s.absent_max < 1 else "absent_max off: any score",
@@ -121,8 +133,125 @@ def verify_report(build: Build, records: list[dict] | None = None) -> dict:
         "checks": _check_table(recs, s),
         "unchecked": dict(unchecked.most_common()),
         "target_sources": dict(sources.most_common()),
+        **judge_part(recs),
         **session_part(build, recs),
     }
+
+
+def _counts(c: Counter) -> dict:
+    """Most first, ties by name (the same report for the same records)."""
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+
+def judge_part(recs: list[dict]) -> dict:
+    """``judge``: who judged (the model asked for, the models the server reported with counts),
+    under which rubric (name, hash, threshold), how many scores are missing by reason, the mean
+    weighted score and the warnings a person should see (model drift); nothing when no record
+    holds a judge record."""
+    js = [r["judge"] for r in recs if r.get("judge")]
+    if not js:
+        return {}
+    requested = Counter(j.get("model_requested") for j in js)
+    reported = Counter(j.get("model_reported") or "?" for j in js)
+    rubrics = Counter((j.get("rubric"), j.get("rubric_hash")) for j in js)
+    scores = [j["score"] for j in js if j.get("score") is not None]
+    scored = [j["scores"] for j in js if j.get("scores")]
+    warnings = []
+    if len(reported) > 1:
+        warnings.append(f"the server reported {len(reported)} models for one run: "
+                        + ", ".join(f"{m} ({n})" for m, n in _counts(reported).items()))
+    for m in reported:
+        if m not in requested:
+            warnings.append(f"the server reported model {m} for {', '.join(requested)} "
+                            "(model drift: the records hold both names)")
+    if len(rubrics) > 1:
+        warnings.append(f"the records were judged under {len(rubrics)} rubrics")
+    (name, rhash), _ = rubrics.most_common(1)[0]
+    return {"judge": {
+        "model_requested": _counts(requested), "models_reported": _counts(reported),
+        "rubric": name, "rubric_hash": rhash,
+        "threshold": js[0].get("threshold"),
+        "prompt_hashes": sorted({j.get("prompt_hash") for j in js}),
+        "temperature": sorted({j.get("temperature") for j in js}),
+        "judged": len(js), "scored": len(scores),
+        "passed": sum(j.get("passed") is True for j in js),
+        "failed": _counts(Counter(j["failed"] for j in js if j.get("passed") is False)),
+        "missing": _counts(Counter(j["missing"] for j in js if j.get("missing"))),
+        "mean_score": round(sum(scores) / len(scores), 4) if scores else None,
+        "criteria_means": {k: round(sum(x[k] for x in scored) / len(scored), 2)
+                           for k in (scored[0] if scored else {})},
+        "warnings": warnings,
+        # weighted scores in 20 bins of 0.05 (the last takes 1.0), passed and failed apart
+        "histogram": {k: [sum(min(int(j["score"] * BINS), BINS - 1) == b for j in js
+                              if j.get("score") is not None and j.get("passed") is want)
+                          for b in range(BINS)] for k, want in (("passed", True),
+                                                                 ("failed", False))}}}
+
+
+def plot_judge(j: dict, path: Path) -> None:
+    """The judge at a glance: weighted scores of the scored pairs (passed / failed stacked, the
+    threshold dashed), the mean per criterion, who answered and what is missing; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsbuild.core.records import write_figure
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    h, left = j["histogram"], [b / BINS for b in range(BINS)]
+    ax.bar(left, h["passed"], width=1 / BINS, align="edge", color="#55a868",
+           label=f"passed {sum(h['passed'])}")
+    ax.bar(left, h["failed"], width=1 / BINS, align="edge", bottom=h["passed"],
+           color="#c44e52", label=f"failed {sum(h['failed'])}")
+    if j["threshold"]:
+        ax.axvline(j["threshold"], color="black", linestyle="--",
+                   label=f"threshold {j['threshold']:g}")
+    missing = sum(j["missing"].values())
+    ax.set_title(f"weighted score ({j['scored']} scored, {missing} missing)", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score in [0, 1]")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)
+    names = list(j["criteria_means"])
+    bx.bar(names, [j["criteria_means"][n] for n in names], color="#4c72b0")
+    bx.set_ylim(0, 10)
+    bx.set_title("mean score per criterion (0-10)", fontsize=10)
+    bx.tick_params(axis="x", labelsize=8)
+    models = ", ".join(f"{m} ({n})" for m, n in j["models_reported"].items())
+    fig.suptitle(f"judge: rubric {j['rubric']} ({j['rubric_hash']}), answered by {models}",
+                 fontsize=10)
+    if j["warnings"]:
+        fig.text(0.5, 0.005, "warning: " + "; ".join(j["warnings"]), ha="center",
+                 fontsize=7, color="#c44e52", wrap=True)
+    fig.tight_layout(rect=(0, 0.06 if j["warnings"] else 0, 1, 1))
+    write_figure(path, fig)
+
+
+def judge_lines(j: dict) -> list[str]:
+    """The markdown ``## Judge`` section: identity, rubric, scores, missing, warnings."""
+    fmt = ", ".join
+    mean = "-" if j["mean_score"] is None else f"{j['mean_score']:.3f}"
+    lines = ["## Judge", "",
+             "Who scored the pairs and under which rubric. A missing score (the reply could "
+             "not be used) is counted here and never rejects a pair. Picture: "
+             "`verify_judge.png`.", "",
+             *(f"**Warning:** {w}" for w in j["warnings"]), *([""] if j["warnings"] else []),
+             "| field | value |", "|---|---|",
+             f"| model requested | {fmt(f'{m} ({n})' for m, n in j['model_requested'].items())} |",
+             f"| models reported | {fmt(f'{m} ({n})' for m, n in j['models_reported'].items())} |",
+             f"| rubric | {j['rubric']} ({j['rubric_hash']}) |",
+             f"| threshold (weighted score) | {j['threshold']:g} |",
+             f"| pairs judged / scored / passed | {j['judged']} / {j['scored']} / "
+             f"{j['passed']} |",
+             f"| mean weighted score | {mean} |",
+             "| mean per criterion | " + (fmt(f"{k} {v:g}" for k, v in
+                                               j["criteria_means"].items()) or "-") + " |",
+             "| failed, by criterion | " + (fmt(f"{k} {v}" for k, v in j["failed"].items())
+                                            or "none") + " |",
+             "| missing, by reason | " + (fmt(f"{k} {v}" for k, v in j["missing"].items())
+                                          or "none") + " |", ""]
+    return lines
 
 
 def session_part(build: Build, recs: list[dict]) -> dict:
@@ -172,6 +301,8 @@ def markdown(rep: dict) -> str:
                      f"{c['pass']} | {c['fail']} | {c['unchecked']} | {c['rejected']} |")
     lines += ["", "Not checked, by reason: "
               + (", ".join(f"{k} {v}" for k, v in rep["unchecked"].items()) or "none"), ""]
+    if rep.get("judge"):
+        lines += judge_lines(rep["judge"])
     if rep.get("sessions"):
         from dsbuild.core import sessions
 
@@ -312,6 +443,9 @@ def write_report(build: Build, records: list[dict] | None = None) -> dict:
     write_json(out / "verify.json", rep)
     write_text(out / "verify.md", markdown(rep))
     rep["files"] = [str(out / n) for n in ("verify.json", "verify.md", "verify_rejects.png")]
+    if rep.get("judge"):
+        plot_judge(rep["judge"], out / "verify_judge.png")
+        rep["files"].append(str(out / "verify_judge.png"))
     return rep
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from dsbuild.core import join
 from dsbuild.core.build import Build, StageResult, select_shard, shard_sizes
 from dsbuild.core.deps import check
-from dsbuild.core.errors import StageFailed
+from dsbuild.core.errors import DsbuildError, StageFailed
 from dsbuild.core.progress import progress
 from dsbuild.verify import STAGE, checks
 from dsbuild.verify.checks import Found, Targets
@@ -94,9 +94,10 @@ class Verifier:
         self.preserved: dict[str, float | None] = {}  # photo pairs with a mask, by pair id
         self.judge = None
         if self.s.judge.enabled:
-            from dsbuild.verify.judge import Judge
+            from dsbuild.llm.judge import Judge
 
-            self.judge = Judge(self.s.judge, build.cache_dir / "verify-judge")
+            self.judge = Judge(self.s.judge, build.cache_dir / "verify-judge",
+                               self.s.judge.resolved())
 
     def _detector(self):
         """The settings' detector, loaded once per worker process (shards reuse it)."""
@@ -185,6 +186,8 @@ class Verifier:
                 cs.append(checks.judge_check(judged, s))
         verdict, reason = checks.verdict(cs)
         rec.update(checks=cs, verdict=verdict, reason=reason)
+        if judged is not None:
+            rec["judge"] = judged  # the judge record: identity, raw reply, scores, verdict
         return rec
 
     def _measure(self, rows, tg, found, errors) -> tuple[dict[str, float], dict[str, dict]]:
@@ -297,6 +300,10 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
     if s.judge.enabled:
         from dsbuild.llm.client import check_endpoint
 
+        try:
+            s.judge.resolved()
+        except ValueError as exc:
+            raise DsbuildError(f"verify.judge.rubric: {exc}") from None
         check_endpoint(s.judge, "verify.judge", "or set verify.judge.enabled=false")
     build.require_complete("filter")
     kept = [j for j in join.scored_pairs(build, kept_only=True)]

@@ -1,0 +1,159 @@
+"""The vision-language judge: a rubric (:mod:`dsbuild.llm.rubric`) in VIEScore's spirit, asked
+through the shared OpenAI-compatible client (``dsbuild.llm.client.ChatClient``: concurrency,
+tenacity retries, the request cache, usage stats). Verify's judge and eval's suites use it.
+
+Each pair is one request: the instruction and both images as ``data:`` URLs (PNG, longest side
+``image_side``). The system prompt lists the rubric's criteria (``name = description``); the
+model answers JSON with one 0-10 integer per criterion and ``"reason"``. The reply is parsed
+and validated with a pydantic model built from the rubric, and becomes a judge record
+(:func:`dsbuild.llm.rubric.judge_record`): who was asked and who answered, the rubric and
+prompt hashes, the raw reply, the scores, the weighted score and the verdict. A reply that
+cannot be used (not JSON, a criterion missing or out of range, a refusal) is a record with
+``missing`` = its reason: counted, never a 0, never a reject. A request that failed after its
+retries gives no record, so a re-run asks again (replies already received come from the cache).
+
+For the default ``dsbuild`` rubric the system prompt is, word for word, the one this judge sent
+before rubrics existed, so cached replies still answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections import Counter
+from contextlib import aclosing
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, create_model
+
+from dsbuild.core.hashing import content_id
+from dsbuild.llm.client import ChatClient, RequestCache
+from dsbuild.llm.rubric import Rubric, judge_record
+from dsbuild.llm.settings import LLMSettings
+
+INTRO = ("You check image edits. You get an editing instruction, the input image and the edited "
+         "image. Score each from 0 to 10: ")
+USER = "Instruction: {instruction}\nInput image:"
+EDITED = "Edited image:"
+REFUSALS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i won't", "unable to help")
+MISSING = ("no_reply", "not_json", "refused", "missing_field", "out_of_range")
+
+
+def system_prompt(rubric: Rubric) -> str:
+    """The system prompt of a rubric: each criterion ``name = description``, then the JSON the
+    reply must be (one ``<int>`` per criterion and a ``reason``)."""
+    items = "; ".join(f"{c.name} = {c.description}" for c in rubric.criteria)
+    fields = ", ".join(f'"{n}": <int>' for n in rubric.names)
+    return (f"{INTRO}{items}. Answer with JSON only: {{{fields}, "
+            '"reason": "<one short sentence>"}')
+
+
+def prompt_hash(rubric: Rubric) -> str:
+    """Names the prompt in judge records: the system prompt and the user text template (no
+    images)."""
+    return content_id("judge-prompt", system_prompt(rubric), [USER, EDITED])
+
+
+def reply_model(rubric: Rubric) -> type[BaseModel]:
+    """The pydantic model of a valid reply: a 0-10 integer per criterion, ``reason`` text."""
+    fields = {n: (int, Field(ge=0, le=10)) for n in rubric.names}
+    return create_model("JudgeReply", reason=(str, ""), **fields)
+
+
+def data_url(path: str | Path, side: int) -> str:
+    """A PNG ``data:`` URL of an image, its longest side at most ``side`` pixels."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def messages(system: str, instruction: str, input_url: str, output_url: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": [
+        {"type": "text", "text": USER.format(instruction=instruction)},
+        {"type": "image_url", "image_url": {"url": input_url}},
+        {"type": "text", "text": EDITED},
+        {"type": "image_url", "image_url": {"url": output_url}},
+    ]}]
+
+
+def parse(reply: dict, model: type[BaseModel]) -> dict:
+    """``{"scores": {...}, "reason": str}`` for a valid reply, else ``{"bad": reason}``."""
+    text = (reply.get("content") or "").strip()
+    if reply.get("finish_reason") == "content_filter" or not text:
+        return {"bad": "refused"}
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        low = text.lower()
+        return {"bad": "refused" if low.startswith(REFUSALS) else "not_json"}
+    if not isinstance(data, dict):
+        return {"bad": "not_json"}
+    if data.get("refusal"):
+        return {"bad": "refused"}
+    try:
+        r = model.model_validate(data)
+    except ValidationError as exc:
+        kinds = {e["type"] for e in exc.errors()}
+        return {"bad": "missing_field" if "missing" in kinds else "out_of_range"}
+    got = r.model_dump()
+    return {"scores": {k: v for k, v in got.items() if k != "reason"}, "reason": got["reason"]}
+
+
+class Judge:
+    """Asks the judge about many pairs at once under one rubric; records in the order asked.
+
+    ``settings``: an endpoint (:class:`dsbuild.llm.settings.LLMSettings`) with ``image_side``;
+    ``section`` names it in error messages."""
+
+    def __init__(self, settings: LLMSettings, cache_dir: Path, rubric: Rubric, *,
+                 section: str = "verify.judge", offline_hint: str = ""):
+        self.settings = settings
+        self.rubric = rubric
+        self.system = system_prompt(rubric)
+        self.prompt_hash = prompt_hash(rubric)
+        self.model = reply_model(rubric)
+        self.client = ChatClient(settings, RequestCache(cache_dir), section=section,
+                                 offline_hint=offline_hint or f"or set {section}.enabled=false")
+        self.bad: Counter = Counter()
+
+    def record(self, reply: dict) -> dict:
+        """The judge record of one reply."""
+        got = parse(reply, self.model)
+        if got.get("bad"):
+            self.bad[got["bad"]] += 1
+        return judge_record(self.rubric, model_requested=self.settings.model,
+                            model_reported=reply.get("model"), prompt_hash=self.prompt_hash,
+                            temperature=self.settings.temperature, raw=reply.get("content"),
+                            scores=got.get("scores"), reason=got.get("reason"),
+                            missing=got.get("bad"))
+
+    def ask(self, items: list[tuple[str, str, Path, Path]]) -> dict[str, dict | None]:
+        """(pair id, instruction, input image, output image) -> judge record, or None where
+        the request failed after its retries."""
+        return asyncio.run(self._ask(items))
+
+    async def _ask(self, items) -> dict[str, dict | None]:
+        side = self.settings.image_side
+        reqs = [(messages(self.system, instr, data_url(a, side), data_url(b, side)),
+                 f"verify:{pid}") for pid, instr, a, b in items]
+        out: dict[str, dict | None] = {}
+        async with self.client:
+            replies = self.client.complete_in_order(reqs)
+            async with aclosing(replies):
+                i = 0
+                async for reply in replies:
+                    out[items[i][0]] = None if reply is None else self.record(reply)
+                    i += 1
+        return out
+
+    def stats(self) -> dict:
+        return {**self.client.stats.as_dict(), "bad_replies": dict(sorted(self.bad.items()))}
