@@ -40,15 +40,21 @@ def review_group():
 @click.option("--sessions", type=click.Choice(["session", "pair", "both"]), default=None,
               help="pairs of multi-turn sessions as one task per session run with a verdict "
                    "per turn, per pair, or both (default: review.session_tasks = session)")
+@click.option("--all-pairs", "all_pairs", is_flag=True,
+              help="push every pair the policy shows, not only the review queue (the pairs "
+                   "still headed for the export, most valuable verdict first; default: "
+                   "review.queue = export)")
 def push_cmd(build, url, title, sample_size, seed, policy, images, document_root, recreate,
-             config_path, overlap, sessions):
-    """Import BUILD's pairs as tasks; pairs already in the project are skipped."""
+             config_path, overlap, sessions, all_pairs):
+    """Import BUILD's pairs as tasks, in review-queue order; pairs already in the project
+    are skipped."""
     from dsbuild.core.build import Build
     from dsbuild.review.labelstudio import push
 
     r = push(Build.open(build), url, title=title, sample_size=sample_size, images=images,
              seed=seed, policy=policy, document_root=document_root, recreate=recreate,
-             config_path=config_path, overlap=overlap, sessions=sessions)
+             config_path=config_path, overlap=overlap, sessions=sessions,
+             queue="all" if all_pairs else None)
     reviewers = f"{r['overlap']} reviewer{'s' if r['overlap'] != 1 else ''} per pair"
     click.echo(f"project {r['project_id']} '{r['title']}': {r['selected']} pairs selected, "
                f"{r['imported']} imported, {r['already_there']} already there "

@@ -111,7 +111,8 @@ def _evaluate_generator(tuned: str, out: Path, s: GeneratorEvalSettings,
         f"a photo of {ts['class_noun']}" if ts.get("class_noun") else None)
     prompts = context + ([class_prompt] if class_prompt else [])
     backbones = EvalSettings(clip_model=s.clip_model, clip_pretrained=s.clip_pretrained,
-                             dino_model=s.dino_model, device=s.device)
+                             clip_preprocess=s.clip_preprocess, dino_model=s.dino_model,
+                             device=s.device)
     default = GeneratorEvalSettings()
     chosen = (s.clip_model, s.clip_pretrained, s.dino_model) != \
         (default.clip_model, default.clip_pretrained, default.dino_model)
@@ -146,7 +147,8 @@ def _evaluate_generator(tuned: str, out: Path, s: GeneratorEvalSettings,
         "tuned": str(tuned), "base": base, "photos": len(photos), "context_prompts": context,
         "clip_prompts": texts, "class_prompt": class_prompt,
         "backbones": {"clip": f"{backbones.clip_model}/{backbones.clip_pretrained}",
-                      "dino": backbones.dino_model},
+                      "dino": backbones.dino_model,
+                      "clip_preprocess": backbones.clip_preprocess},
         "settings": {**s.model_dump(mode="json"), "resolution": size}, "scale": "cosine", "models": {},
     }
     for label in models:
@@ -195,13 +197,16 @@ COLUMNS = [("clip_t", "CLIP-T ↑", "image vs context prompt"),
 def markdown(result: dict) -> str:
     """Base and tuned in rows, the metrics in columns (cosines ×100), as ``eval`` prints."""
     from dsbuild.core.schema import public_name
+    from dsbuild.evaluate.report import IP2P_NOTE
 
     m = result["models"]
     cols = [c for c in COLUMNS if c[0] in m["tuned"]]
     lines = [f"Base **{public_name(m['base']['model'])}** vs tuned "
              f"**{public_name(m['tuned']['model'])}**, {result['photos']} training photos, "
              f"{result['settings']['images_per_prompt']} images per prompt; backbones CLIP "
-             f"{result['backbones']['clip']}, DINO {result['backbones']['dino']} (cosine ×100).",
+             f"{result['backbones']['clip']}"
+             f"{IP2P_NOTE if result['backbones'].get('clip_preprocess') == 'ip2p' else ''}, "
+             f"DINO {result['backbones']['dino']} (cosine ×100).",
              "", "| model | " + " | ".join(t for _, t, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for label in ("base", "tuned"):

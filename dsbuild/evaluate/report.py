@@ -12,6 +12,9 @@ NO_CHANGE_COLUMNS = (("clip_im", "CLIP_im ↑"), ("dino", "DINO ↑"), ("l1", "L
 NOT_SCALED = {"l1"}
 
 
+IP2P_NOTE = " (InstructPix2Pix's metric preprocessing, `ip2p`)"
+
+
 def _fmt(key: str, v) -> str:
     if v is None or v != v:  # None or NaN
         return "–"
@@ -30,7 +33,8 @@ def markdown_table(result: dict) -> str:
         f"{result['rows']['no_change']} no-change rows; text guidance "
         f"{result['settings']['guidance']}, image guidance {result['settings']['main_image_guidance']}, "
         f"{result['settings']['steps']} steps, seed {result['settings']['seed']}.",
-        f"CLIP: {b['clip']}; DINO: {b['dino']}. Cosines ×100 (CLIP_dir too: 0.025 as a raw "
+        f"CLIP: {b['clip']}{IP2P_NOTE if b.get('clip_preprocess') == 'ip2p' else ''}; "
+        f"DINO: {b['dino']}. Cosines ×100 (CLIP_dir too: 0.025 as a raw "
         "cosine is 2.50 here); L1 is the mean absolute pixel difference in [0, 1].",
         "",
         "| model | " + " | ".join(t for _, t in EDIT_COLUMNS) + " |",

@@ -167,7 +167,8 @@ def load_encoders(s: EvalSettings):
     try:
         clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, device=s.device,
                                 dtype=s.precision, setting="--clip-model",
-                                pretrained_setting="--clip-pretrained")
+                                pretrained_setting="--clip-pretrained",
+                                preprocess=s.clip_preprocess)
         dino = DinoEncoder.load(s.dino_model, device=s.device, dtype=s.precision,
                                 setting="--dino-model")
     except DsbuildError as exc:
@@ -307,7 +308,8 @@ def _evaluate(models: list[str], data: str, out: Path, s: EvalSettings, rows, up
         "rows": {"edit": sum(not r.no_change for r in rows),
                  "no_change": sum(r.no_change for r in rows)},
         "scale": "cosine (L1: mean absolute difference of pixels in [0, 1])",
-        "backbones": {"clip": f"{s.clip_model}/{s.clip_pretrained}", "dino": s.dino_model},
+        "backbones": {"clip": f"{s.clip_model}/{s.clip_pretrained}", "dino": s.dino_model,
+                      "clip_preprocess": s.clip_preprocess},
         "settings": {**s.model_dump(mode="json"), "main_image_guidance": s.main_image_guidance},
         "models": {},
     }

@@ -3,13 +3,17 @@ the CLI derives its options from them and builds them before torch loads)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from dsbuild.core import model_ids as ids
 from dsbuild.core.settings import Precision, StageSettings
 from dsbuild.core.settings.localize import LocalizeSettings
+
+ClipPreprocess = Literal["openclip", "ip2p"]  # dsbuild.models.clip.PREPROCESS
+PREPROCESS_HELP = ("CLIP image preprocessing: openclip (the model's resize + centre crop) or "
+                   "ip2p (InstructPix2Pix's metric: bicubic tensor resize, no crop)")
 
 
 class EvalSettings(StageSettings):
@@ -29,7 +33,9 @@ class EvalSettings(StageSettings):
     clip_model: str = Field(ids.CLIP, description="open_clip name (as InstructPix2Pix), "
                             "'hf-hub:…', or 'tiny'")
     clip_pretrained: str = ids.CLIP_PRETRAINED
-    dino_model: str = Field(ids.DINO, description="DINOv2 Hub id, folder, or 'tiny'")
+    clip_preprocess: ClipPreprocess = Field("openclip", description=PREPROCESS_HELP)
+    dino_model: str = Field(ids.DINO, description="DINO Hub id (DINOv2, or DINO v1 such as "
+                            "facebook/dino-vits16), folder, or 'tiny'")
     device: str = "auto"
     precision: Precision = Field(
         "auto", description="auto: fp16 on CUDA, fp32 elsewhere")
@@ -56,5 +62,6 @@ class GeneratorEvalSettings(StageSettings):
     resolution: int | None = Field(None, ge=8, description="default: the training resolution")
     clip_model: str = ids.CLIP
     clip_pretrained: str = ids.CLIP_PRETRAINED
+    clip_preprocess: ClipPreprocess = Field("openclip", description=PREPROCESS_HELP)
     dino_model: str = ids.DINO
     device: str = "auto"

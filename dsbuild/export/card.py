@@ -168,6 +168,8 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     f = cfg.filter
     lines += ["", "### Filter", "",
               f"CLIP `{public_name(f.clip_model)}` / `{public_name(f.clip_pretrained)}`"
+              + (" with InstructPix2Pix's metric preprocessing (`ip2p`)"
+                 if f.clip_preprocess == "ip2p" else "")
               + (f", DINO `{public_name(f.dino_model)}`" if f.dino else "")
               + f"; top {f.top_k} pairs per triple by `clip_sim_dir` among those passing"
               + (f" (of a multi-turn session: its top {f.top_k} runs by their mean "
@@ -180,6 +182,7 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["clip_sim_image (input ↔ edited image)", _minimum(f.clip_sim_image)],
     ])
     lines += [""] + notes.verify_section(build, rows)
+    lines += notes.edit_prompt_section(rows)
     lines += notes.calibration_section(build, rows)
     st = rows.stats
     a = cfg.augment
@@ -204,6 +207,10 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
         ["original_prompt / edited_prompt", "the captions the input and edited image were "
          "generated from; on `corrected` rows `edited_prompt` may not describe the edited image"],
         ["corrected", "true when a reviewer corrected the instruction"],
+        ["edit_prompt_generated / edit_prompt_recaptioned", "the instruction the pair was made "
+         "from, and the one a vision-language model wrote from the two images (empty: not "
+         "re-captioned, or it saw no change); `export.edit_prompt` picks which `edit_prompt` "
+         "shows"],
         ["pair_id, triple_id, source_pair_id", "content-hash ids (build provenance)"],
         ["agent, level, operation", "recipe agent, object/room, add/remove/change/replace"],
         ["no_change", "true for augmentation rows"],

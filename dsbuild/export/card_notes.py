@@ -150,6 +150,29 @@ def verify_section(build: Build, rows: ExportRows) -> list[str]:
     return lines
 
 
+def edit_prompt_section(rows: ExportRows) -> list[str]:
+    """Which instruction ``edit_prompt`` holds and how often the re-caption differs from the
+    generated one (only where re-captioning ran or ``export.edit_prompt`` asks for it)."""
+    st = rows.stats
+    if "edit_prompt" not in st:
+        return []
+    n = sum(not r["no_change"] for k in rows.splits for r in rows.splits[k])
+    rc, differ = st["recaptioned"], st["recaption_differs"]
+    share = f" ({differ / rc:.0%})" if rc else ""
+    held = ("the re-captioned instruction where the pair has one, else the generated one"
+            if st["edit_prompt"] == "recaptioned" else "the generated instruction (the one "
+            "the pair was made from)")
+    dropped = (f" {st['dropped_unchanged']} pairs the re-captioner saw no change in were left "
+               "out." if st["edit_prompt"] == "recaptioned" else "")
+    return ["### Instructions", "",
+            f"`edit_prompt` holds {held} (`export.edit_prompt={st['edit_prompt']}`); a "
+            "curator's correction wins over both. A vision-language model, shown both images "
+            f"and the instruction, re-captioned {rc} of the {n} exported edit rows, and its "
+            f"instruction differs from the generated one in {differ}{share} of them (case, "
+            "spacing and punctuation aside). Both are columns: `edit_prompt_generated` and "
+            f"`edit_prompt_recaptioned`.{dropped}", ""]
+
+
 def review_lines(build: Build, rows: ExportRows) -> list[str]:
     """The policy and review counts, every reject verdict counted once, where it acted."""
     st = rows.stats

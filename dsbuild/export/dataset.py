@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def collect_rows(build: Build) -> ExportRows:
     stats["review_accepts"] = verdicts.count("accept")
     joined, columns = join.rows(build, policy="scored", reviews=reviews)
     passing: dict[str, dict] = {}
+    unchanged = 0  # left out: the re-captioner saw no change (export.edit_prompt=recaptioned)
     for r in joined:
         stats["scored"] += 1
         why = left_out(r, s.policy, s.edit_prompt)
@@ -86,6 +88,8 @@ def collect_rows(build: Build) -> ExportRows:
         if why in ("verify", "review", "not_accepted"):
             stats[{"verify": "rejected_by_verify", "review": "rejected_by_review"}.get(
                 why, why)] += 1
+        if why == "recaption":
+            unchanged += 1
         if why is None:
             passing[r["pair_id"]] = r
     if s.input_image == "reconstruction":  # photo rows: the inverted source branch's image
@@ -104,6 +108,7 @@ def collect_rows(build: Build) -> ExportRows:
             sessions.run_lengths(rows.values()).items())}
     stats["corrected"] = sum(bool(r["corrected_edit"]) for r in rows.values())
     stats["with_edit_mask"] = sum(bool(r["_images"].get("mask")) for r in rows.values())
+    recaption_stats(stats, joined, rows.values(), s.edit_prompt, unchanged)
     nodes = {rid: row_nodes(r["triple_id"], [r["original_prompt"], r["edited_prompt"]],
                             session=r.get("session_id"))
              for rid, r in rows.items()}
@@ -138,6 +143,26 @@ def collect_rows(build: Build) -> ExportRows:
             f"verify, {stats['rejected_by_review']} rejected in "
             f"review, {stats['not_accepted']} not accepted (policy {s.policy!r})")
     return ExportRows(splits, stats, columns)
+
+
+def recaption_stats(stats: dict, joined: list[dict], rows: Iterable[dict], prompt: str,
+                    unchanged: int) -> None:
+    """``edit_prompt`` (the setting), ``recaptioned`` (exported rows with a re-caption),
+    ``recaption_differs`` (... unlike the generated instruction but for case, spacing and
+    punctuation) and ``dropped_unchanged`` (left out: the re-captioner saw no change); only
+    where re-captioning ran or the setting asks for it, so builds without it report as
+    before."""
+    if prompt == "generated" and not any(r.get("recaption_unchanged") is not None
+                                         for r in joined):
+        return
+    from dsbuild.llm.recaption import same
+
+    rows = list(rows)
+    rc = [r for r in rows if r.get("edit_prompt_recaptioned")]
+    stats.update(edit_prompt=prompt, recaptioned=len(rc),
+                 recaption_differs=sum(not same(r["edit_prompt_recaptioned"],
+                                                r["edit_prompt_generated"]) for r in rc),
+                 dropped_unchanged=unchanged)
 
 
 def drop_unreadable(build: Build, rows: dict[str, dict], stats: dict) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -32,6 +32,9 @@ class FilterSettings(StageSettings):
     clip_pretrained: str = Field(ids.CLIP_PRETRAINED, description="open_clip tag, a "
                                  "checkpoint file, or 'none' for random weights",
                                  json_schema_extra={"loads": "clip_pretrained"})
+    clip_preprocess: Literal["openclip", "ip2p"] = Field(
+        "openclip", description="CLIP image preprocessing: openclip (the model's resize + "
+        "centre crop) or ip2p (InstructPix2Pix's metric: bicubic tensor resize, no crop)")
     dino: bool = Field(False, description="also score DINOv2 CLS cosine of the two images")
     dino_model: str = Field(ids.DINO, description="transformers Hub id, a "
                             "local folder, or 'tiny'", json_schema_extra={"loads": "dino"})
@@ -46,3 +49,10 @@ class FilterSettings(StageSettings):
     workers: int = Field(4, ge=0, description="threads that decode and preprocess images")
     device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    def signature_dict(self) -> dict[str, Any]:
+        """``clip_preprocess`` signs only when changed: builds made before keep theirs."""
+        data = super().signature_dict()
+        if self.clip_preprocess == "openclip":
+            data.pop("clip_preprocess")
+        return data

@@ -60,7 +60,8 @@ class Scorer:
         """Load the encoders named in the filter settings."""
         from dsbuild.models import ClipEncoder, DinoEncoder
 
-        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, s.device, s.dtype, quiet=quiet)
+        clip = ClipEncoder.load(s.clip_model, s.clip_pretrained, s.device, s.dtype, quiet=quiet,
+                                preprocess=s.clip_preprocess)
         dino = DinoEncoder.load(s.dino_model, s.device, s.dtype, quiet=quiet) if s.dino else None
         return cls(clip, dino, batch_size=s.batch_size, workers=s.workers)
 

@@ -1,5 +1,7 @@
-"""DINOv2 image encoder (transformers; filter, verify, eval) and its tiny build with random
-weights. Embeddings are the CLS token, L2-normalised float32 on the CPU, computed under
+"""DINO image encoder (transformers; filter, verify, eval) and its tiny DINOv2 build with random
+weights. Any ViT backbone ``AutoModel`` loads (DINOv2 ``Dinov2Model``, DINO v1 ``ViTModel`` such
+as MagicBrush's ``facebook/dino-vits16``). Embeddings are the CLS token of
+``last_hidden_state`` (MagicBrush's formula), L2-normalised float32 on the CPU, computed under
 autocast (fp16 on CUDA by default) inside ``torch.inference_mode``."""
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def tiny_dino(seed: int = 0):
 
 
 class DinoEncoder:
-    """A DINOv2 model (transformers) with its image processor; embeddings are the CLS token."""
+    """A DINO ViT (transformers: DINOv2 or DINO v1) with its image processor; embeddings are
+    the CLS token of ``last_hidden_state``."""
 
     def __init__(self, model, processor, device: str = "cpu", dtype: torch.dtype | None = None,
                  name: str = "dino"):
@@ -80,7 +83,7 @@ class DinoEncoder:
         """A batch of preprocessed images -> normalised CLS embeddings (n, d), float32 on CPU."""
         with autocast(self.device, self.dtype):
             out = self.model(pixel_values=pixels.to(self.device, non_blocking=True))
-        cls_emb = getattr(out, "pooler_output", None)
-        if cls_emb is None:
-            cls_emb = out.last_hidden_state[:, 0]
-        return normalize(cls_emb).cpu()
+        # the CLS token of the (layer-normed) last hidden state for every ViT backbone: a
+        # DINOv2 ``pooler_output`` is that same token, but a ``ViTModel``'s (DINO v1, e.g.
+        # MagicBrush's facebook/dino-vits16) is a dense + tanh head on it, not the embedding
+        return normalize(out.last_hidden_state[:, 0]).cpu()

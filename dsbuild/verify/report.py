@@ -7,7 +7,9 @@ beside output with the region verify checked outlined in red, the instruction, r
 measurements under each pair (a ``dsbuild.core.grid`` picture, its text layer recorded). When
 the judge ran: a "Judge" section (who was asked, who answered, the rubric, missing scores,
 drift warnings) and ``verify_judge.png`` (weighted scores, passed and failed, the threshold;
-mean per criterion).
+mean per criterion). When re-captioning ran: a "Re-captioning" section (pairs asked, re-captions
+like and unlike the generated instruction, unchanged, missing, examples) and
+``verify_recaption.png`` (those counts per operation).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def verify_report(build: Build, records: list[dict] | None = None) -> dict:
         "unchecked": dict(unchecked.most_common()),
         "target_sources": dict(sources.most_common()),
         **judge_part(recs),
+        **recaption_part(build, recs),
         **session_part(build, recs),
     }
 
@@ -163,7 +166,9 @@ def judge_part(recs: list[dict]) -> dict:
     for m in reported:
         if m not in requested:
             warnings.append(f"the server reported model {m} for {', '.join(requested)} "
-                            "(model drift: the records hold both names)")
+                            "(model drift: the records hold both names; an alias moves "
+                            f"between snapshots: pin verify.judge.model={m} to reproduce "
+                            "these scores)")
     if len(rubrics) > 1:
         warnings.append(f"the records were judged under {len(rubrics)} rubrics")
     (name, rhash), _ = rubrics.most_common(1)[0]
@@ -254,6 +259,100 @@ def judge_lines(j: dict) -> list[str]:
     return lines
 
 
+RECAPTION_KINDS = ("same", "differ", "unchanged", "missing")  # what one re-caption record is
+
+
+def recaption_part(build: Build, recs: list[dict]) -> dict:
+    """``recaption``: pairs asked, ``recaptioned`` (an instruction came back), ``unchanged``,
+    ``missing`` by reason, ``differ`` (unlike the generated instruction but for case, spacing
+    and punctuation), the same per operation, the model(s) and up to five differing examples;
+    nothing where no record holds a re-caption."""
+    from dsbuild.llm.recaption import counts, same
+
+    rcs = [r for r in recs if r.get("recaption")]
+    if not rcs:
+        return {}
+    edits = {t["id"]: t["edit"] for t in build.records("captions", require=False)}
+    generated = {r["pair_id"]: edits.get(r.get("triple_id"), "") for r in rcs}
+
+    def kind(r: dict) -> str:
+        rc = r["recaption"]
+        if rc.get("missing"):
+            return "missing"
+        if rc.get("unchanged"):
+            return "unchanged"
+        return "same" if same(rc.get("instruction"), generated[r["pair_id"]]) else "differ"
+
+    per_op: dict[str, Counter] = defaultdict(Counter)
+    for r in rcs:
+        per_op[r.get("operation") or "?"][kind(r)] += 1
+    examples = [{"pair_id": r["pair_id"], "generated": generated[r["pair_id"]],
+                 "recaptioned": r["recaption"]["instruction"]}
+                for r in rcs if kind(r) == "differ"][:5]
+    return {"recaption": {
+        **counts(rcs, generated),
+        "missing_reasons": _counts(Counter(r["recaption"]["missing"] for r in rcs
+                                           if r["recaption"].get("missing"))),
+        "model_requested": _counts(Counter(r["recaption"].get("model_requested")
+                                           for r in rcs)),
+        "models_reported": _counts(Counter(str(r["recaption"].get("model_reported"))
+                                           for r in rcs)),
+        "per_operation": {op: {k: c[k] for k in RECAPTION_KINDS}
+                          for op, c in sorted(per_op.items())},
+        "examples": examples}}
+
+
+def recaption_lines(rc: dict) -> list[str]:
+    """The markdown ``## Re-captioning`` section."""
+    fmt = ", ".join
+    lines = ["## Re-captioning", "",
+             "Each pair that passed was shown to a vision-language model with its instruction; "
+             "it wrote the instruction that describes what actually changed, or said nothing "
+             "changed. Export keeps both instructions (`export.edit_prompt` picks which one "
+             "`edit_prompt` shows). Picture: `verify_recaption.png`.", "",
+             "| field | value |", "|---|---|",
+             f"| model requested | {fmt(f'{m} ({n})' for m, n in rc['model_requested'].items())} |",
+             f"| models reported | {fmt(f'{m} ({n})' for m, n in rc['models_reported'].items())} |",
+             f"| pairs asked | {rc['asked']} |",
+             f"| re-captioned | {rc['recaptioned']} ({rc['differ']} differ from the generated "
+             "instruction) |",
+             f"| unchanged (nothing changed) | {rc['unchanged']} |",
+             "| missing, by reason | " + (fmt(f"{k} {v}" for k, v in
+                                              rc["missing_reasons"].items()) or "none") + " |",
+             ""]
+    if rc["examples"]:
+        lines += ["| generated | re-captioned |", "|---|---|",
+                  *(f"| {e['generated']} | {e['recaptioned']} |" for e in rc["examples"]), ""]
+    return lines
+
+
+def plot_recaption(rc: dict, path: Path) -> None:
+    """Re-captions per operation: like the generated instruction, unlike it, unchanged,
+    missing (stacked bars); a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsbuild.core.records import write_figure
+
+    ops = list(rc["per_operation"])
+    fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(ops) + 1.8))
+    left = [0] * len(ops)
+    colors = {"same": "#55a868", "differ": "#dd8452", "unchanged": "#c44e52",
+              "missing": "#8c8c8c"}
+    for k in RECAPTION_KINDS:
+        vals = [rc["per_operation"][op][k] for op in ops]
+        ax.barh(ops, vals, left=left, color=colors[k], label=k)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    ax.set_xlabel("pairs re-captioned")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"re-captions: {rc['recaptioned']} of {rc['asked']}, {rc['differ']} differ "
+                 f"from the generated instruction, {rc['unchanged']} unchanged", fontsize=9)
+    fig.tight_layout()
+    write_figure(path, fig)
+
+
 def session_part(build: Build, recs: list[dict]) -> dict:
     """``sessions``: what the captions hold and the session runs of each length that the
     filter and verify leave (a turn passes when the filter kept it and verify did not reject
@@ -303,6 +402,8 @@ def markdown(rep: dict) -> str:
               + (", ".join(f"{k} {v}" for k, v in rep["unchecked"].items()) or "none"), ""]
     if rep.get("judge"):
         lines += judge_lines(rep["judge"])
+    if rep.get("recaption"):
+        lines += recaption_lines(rep["recaption"])
     if rep.get("sessions"):
         from dsbuild.core import sessions
 
@@ -446,6 +547,9 @@ def write_report(build: Build, records: list[dict] | None = None) -> dict:
     if rep.get("judge"):
         plot_judge(rep["judge"], out / "verify_judge.png")
         rep["files"].append(str(out / "verify_judge.png"))
+    if rep.get("recaption"):
+        plot_recaption(rep["recaption"], out / "verify_recaption.png")
+        rep["files"].append(str(out / "verify_recaption.png"))
     return rep
 
 
@@ -457,6 +561,11 @@ def summary(build: Build, result) -> list[str]:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(st.get("reasons", {}).items()))
         lines.append(f"  passed {st.get('passed', 0)} of {st.get('pairs', 0)} pairs"
                      + (f" (rejected: {reasons})" if reasons else ""))
+        rc = st.get("recaption")
+        if rc:
+            lines.append(f"  re-captioned {rc['recaptioned']} of {rc['asked']} passed pairs "
+                         f"({rc['differ']} differ from the generated instruction, "
+                         f"{rc['unchanged']} unchanged, {rc['missing']} missing)")
     if build.is_complete("verify"):
         lines.append(f"  report: {build.reports_dir / 'verify.md'}, "
                      f"{build.reports_dir / 'verify_rejects.png'}")

@@ -8,7 +8,9 @@ when any check failed, with the first failed check's reason; export drops those 
 Ranks shard by the pair's source (input caption and seed), so pairs that share a P2P source
 land on one rank and the detector sees that image once. Work is resumable per pair (the shard writer's keys); judge
 replies are cached, and a pair whose judge request failed gets no record, so the stage stops
-without a marker (exit 1) and a re-run asks again. Torch, transformers and open_clip are
+without a marker (exit 1) and a re-run asks again. With ``verify.recaption.enabled`` each pair
+that passed is re-captioned after the checks (``dsbuild.llm.recaption``; its ``recaption``
+field), cached and resumed the same way. Torch, transformers and open_clip are
 imported only when there is work; ``run_verify`` checks first that they are installed.
 """
 
@@ -98,6 +100,13 @@ class Verifier:
 
             self.judge = Judge(self.s.judge, build.cache_dir / "verify-judge",
                                self.s.judge.resolved())
+        self.recaptioner = None
+        self.recaption_failed = 0  # this run's re-caption requests that failed (no record)
+        if self.s.recaption.enabled:
+            from dsbuild.llm.recaption import Recaptioner
+
+            self.recaptioner = Recaptioner(self.s.recaption,
+                                           build.cache_dir / "verify-recaption")
 
     def _detector(self):
         """The settings' detector, loaded once per worker process (shards reuse it)."""
@@ -163,6 +172,32 @@ class Verifier:
                 continue
             out.append(self.record(j, tg[pid], found, errors, sims.get(pid), changes.get(pid),
                                    judged.get(pid)))
+        if self.recaptioner is not None:
+            out, n = self.recaption(out, rows)
+            failed += n
+        return out, failed
+
+    def recaption(self, recs: list[dict], rows: list[join.Joined]) -> tuple[list[dict], int]:
+        """The records with a ``recaption`` on each pair that passed; a pair whose request
+        failed after its retries loses its record (asked again on the next run)."""
+        root = self.build.root
+        by_id = {j.pair["id"]: j for j in rows}
+        items = [(r["pair_id"], by_id[r["pair_id"]].triple["edit"],
+                  root / by_id[r["pair_id"]].pair["images"]["input"],
+                  root / by_id[r["pair_id"]].pair["images"]["output"])
+                 for r in recs if r["verdict"] == "pass"]
+        if not items:
+            return recs, 0
+        got = self.recaptioner.ask(items)
+        out, failed = [], 0
+        for r in recs:
+            if r["verdict"] == "pass":
+                if got.get(r["pair_id"]) is None:
+                    failed += 1
+                    continue
+                r["recaption"] = got[r["pair_id"]]
+            out.append(r)
+        self.recaption_failed += failed
         return out, failed
 
     def record(self, j: join.Joined, t: Targets, found, errors, sim: float | None,
@@ -305,6 +340,10 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
         except ValueError as exc:
             raise DsbuildError(f"verify.judge.rubric: {exc}") from None
         check_endpoint(s.judge, "verify.judge", "or set verify.judge.enabled=false")
+    if s.recaption.enabled:
+        from dsbuild.llm.client import check_endpoint
+
+        check_endpoint(s.recaption, "verify.recaption", "or set verify.recaption.enabled=false")
     build.require_complete("filter")
     kept = [j for j in join.scored_pairs(build, kept_only=True)]
     mine = select_shard(kept, rank, world_size, key=_by_source)
@@ -327,11 +366,14 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                 bar.update(len(recs))
             bar.close()
         if failed:
-            stats = verifier.judge.stats() if verifier and verifier.judge else {}
-            errs = stats.get("errors") or ["?"]
+            n_rc = verifier.recaption_failed if verifier else 0
+            what = " and ".join(
+                _failed_requests(n, w, r, asker) for n, w, r, asker in (
+                    (failed - n_rc, "judge", s.judge.max_retries, verifier and verifier.judge),
+                    (n_rc, "re-caption", s.recaption.max_retries,
+                     verifier and verifier.recaptioner)) if n)
             raise StageFailed(
-                f"verify: {failed} judge request(s) failed after "
-                f"{s.judge.max_retries} retries (last error: {errs[-1]}); the other pairs are "
+                f"verify: {what}; the other pairs are "
                 "written; run the same command again to resume (replies already received come "
                 "from the cache)")
         stats = shard_stats(writer.records)
@@ -343,11 +385,24 @@ def run_verify(build: Build, rank: int = 0, world_size: int = 1, *, force: bool 
                 refuse_unjudged(build, rank, world_size, writer.records, len(judged))
         if verifier is not None and verifier.judge is not None:
             stats["judge"] = verifier.judge.stats()
+        if s.recaption.enabled:
+            from dsbuild.llm.recaption import counts
+
+            stats["recaption"] = counts(writer.records,
+                                        {j.pair["id"]: j.triple["edit"] for j in mine})
+            if verifier is not None and verifier.recaptioner is not None:
+                stats["recaption"]["requests"] = verifier.recaptioner.stats()
         if verifier is not None and verifier.detector is not None:
             stats["images_detected"] = verifier.images_detected()
         return stats
 
     return build.run_stage("verify", rank, world_size, work, force=force, report=report)
+
+
+def _failed_requests(n: int, what: str, retries: int, asker) -> str:
+    """``N judge request(s) failed after R retries (last error: ...)``."""
+    errs = (asker.stats().get("errors") if asker else None) or ["?"]
+    return f"{n} {what} request(s) failed after {retries} retries (last error: {errs[-1]})"
 
 
 def refuse_unjudged(build: Build, rank: int, world_size: int, records: list[dict],

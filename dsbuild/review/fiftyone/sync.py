@@ -148,7 +148,7 @@ def build_dataset(build, name: str | None = None) -> dict:
         ds.default_group_slice = DEFAULT_SLICE  # a dataset made before pair tiles existed
     if ds.group_slice != DEFAULT_SLICE and DEFAULT_SLICE in ds.group_slices:
         ds.group_slice = DEFAULT_SLICE
-    views = save_views(ds)
+    views = save_views(ds, build.config.review.queue)
     set_sidebar(fo, ds, columns, sessions)
     plugin = register_plugin(fo)
     added_pairs = {s["pair_id"] for s in new_samples} - {p for p, _ in existing}

@@ -11,12 +11,30 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "none"
 
 
-def save_views(ds) -> list[str]:
+def queue_views(ds, queue: str = "export") -> dict:
+    """The review queue's views: ``not-reviewed-yet`` (pairs without a verdict in force) and
+    ``review-queue`` (unreviewed first), both by ``review_priority`` (highest first, then pair
+    id). With ``queue`` ``export`` (``review.queue``) they hold only the pairs still headed for
+    the export (no verify or review reject, kept by the filter, alive under the session cut);
+    with ``all`` every sample, in sample order as before."""
+    from fiftyone import ViewField as F
+
+    if queue == "all":
+        return {"not-reviewed-yet": ds.match(F("review") == None),  # noqa: E711
+                "review-queue": ds.sort_by([(F("review") != None, 1)])}  # noqa: E711
+    order = [("review_priority", -1), ("pair_id", 1)]
+    headed = ds.match(F("headed") == True)  # noqa: E712
+    return {"not-reviewed-yet": headed.match(F("review") == None).sort_by(order),  # noqa: E711
+            "review-queue": headed.sort_by([(F("review") != None, 1), *order])}  # noqa: E711
+
+
+def save_views(ds, queue: str = "export") -> list[str]:
     """(Re)write the saved views: kept, filtered out (all and per reason), lowest clip_sim_dir,
-    no-change samples, not reviewed yet, reviewers disagree, corrected, verify rejects (all and
-    per reason, e.g. "verify-add-not-detected"), per agent, per generator where the build mixes
-    them, session pairs by run then turn ("sessions") where the build has sessions; drops our
-    views that no longer apply."""
+    no-change samples, the review queue (:func:`queue_views`: not reviewed yet, review queue),
+    reviewers disagree, corrected, verify rejects (all and per reason, e.g.
+    "verify-add-not-detected"; an inspection view, not the queue), per agent, per generator
+    where the build mixes them, session pairs by run then turn ("sessions") where the build
+    has sessions; drops our views that no longer apply."""
     from fiftyone import ViewField as F
 
     views = {
@@ -25,7 +43,7 @@ def save_views(ds) -> list[str]:
             "filter_reason"),
         "lowest-clip-sim-dir": ds.exists("clip_sim_dir").sort_by("clip_sim_dir"),
         "no-change": ds.match(F("no_change") == True),  # noqa: E712
-        "not-reviewed-yet": ds.match(F("review") == None),  # noqa: E711
+        **queue_views(ds, queue),
         "reviewers-disagree": ds.match((F("review_agreement") != None)  # noqa: E711
                                        & (F("review_agreement") < 1)).sort_by(
                                            "review_agreement"),

@@ -3,7 +3,8 @@ import the tasks it does not have yet (pushing twice adds nothing).
 
 ``push`` creates (or reuses, by title) a project with ``label_config/pair_review.xml`` and
 imports one task per pair chosen by a policy (kept by filter, a sample size stratified by
-agent, deterministic by seed). Task data are joined rows (:mod:`dsbuild.core.schema`) under
+agent, deterministic by seed) from the review queue (``review.queue``: by default only the
+pairs still headed for the export, most valuable verdict first; ``all``: every pair). Task data are joined rows (:mod:`dsbuild.core.schema`) under
 their row names. Images reach the reviewer's browser in one of two ways (``images``):
 
 - ``upload`` (default): the PNGs are uploaded into Label Studio's media folder, attached to a
@@ -64,32 +65,47 @@ UPLOAD_BATCH = 20
 # the joined row's fields a task carries (pair_review.xml shows them), images aside
 TASK_FIELDS = ("pair_id", "triple_id", "agent", "level", "operation", "original_prompt",
                "edit_prompt", "edited_prompt", "seed", "generator", "clip_sim_dir",
-               "clip_sim_image", "verify", "verify_reason")
+               "clip_sim_image", "verify", "verify_reason", "judge_score", "review_priority",
+               "edit_prompt_recaptioned")
 OLD_TASK_DATA = "$input_caption"  # the config of projects pushed before the joined row
 
 
+QUEUES = ("export", "all")  # review.queue
+
+
 def select_pairs(build, *, policy: str = "kept", sample_size: int | None = None,
-                 stratify_by: str = "agent", seed: int = 0) -> list[dict]:
-    """Joined rows of the pairs to review: kept by the filter (or all), a seeded sample
-    stratified by a row field (agent, level, operation).
+                 stratify_by: str = "agent", seed: int = 0, queue: str | None = None
+                 ) -> list[dict]:
+    """Joined rows of the pairs to review: kept by the filter (or all), only those still
+    headed for the export unless ``queue`` (else ``review.queue``) is ``all``, a seeded sample
+    stratified by a row field (agent, level, operation) within them; in queue order (highest
+    ``review_priority`` first, then pair id) for ``export``, in pair id order for ``all``.
 
     Within a stratum pairs are ranked by a hash of (seed, pair id), so a larger sample is a
     superset of a smaller one and the choice never depends on record order.
     """
     if policy not in ("kept", "all"):
         raise DsbuildError(f"review policy must be 'kept' or 'all' (got {policy!r})")
+    queue = queue or getattr(build.config.review, "queue", "export")
+    if queue not in QUEUES:
+        raise DsbuildError(f"review queue must be 'export' or 'all' (got {queue!r})")
     rows, _ = join.rows(build, policy=policy)
-    if sample_size is None or sample_size >= len(rows):
-        return sorted(rows, key=lambda r: r["pair_id"])
-    strata: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        key = "all" if stratify_by == "none" else str(r.get(stratify_by))
-        strata[key].append(r)
-    for members in strata.values():
-        members.sort(key=lambda r: content_id(seed, r["pair_id"]))
-    quota = _allocate(sample_size, {k: len(v) for k, v in strata.items()})
-    chosen = [r for k, members in strata.items() for r in members[:quota[k]]]
-    return sorted(chosen, key=lambda r: r["pair_id"])
+    if queue == "export":
+        rows = [r for r in rows if r.get("headed")]
+    chosen = rows
+    if sample_size is not None and sample_size < len(rows):
+        strata: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            key = "all" if stratify_by == "none" else str(r.get(stratify_by))
+            strata[key].append(r)
+        for members in strata.values():
+            members.sort(key=lambda r: content_id(seed, r["pair_id"]))
+        quota = _allocate(sample_size, {k: len(v) for k, v in strata.items()})
+        chosen = [r for k, members in strata.items() for r in members[:quota[k]]]
+    chosen = sorted(chosen, key=lambda r: r["pair_id"])
+    if queue == "export":  # stable: ties stay in pair id order
+        chosen.sort(key=lambda r: -(r.get("review_priority") or 0.0))
+    return chosen
 
 
 def _allocate(n: int, sizes: dict[str, int]) -> dict[str, int]:
@@ -112,7 +128,16 @@ def task_data(row: dict, images: dict[str, str]) -> dict:
     Data Manager); the images are the URLs the browser loads."""
     declared = {k: v for k, v in row.items() if k not in FIELDS and not k.startswith("_")}
     return {**{k: row.get(k) for k in TASK_FIELDS}, **declared,
+            "edit_note": edit_note(row),
             "input_image": images["input"], "edited_image": images["output"]}
+
+
+def edit_note(row: dict) -> str:
+    """The line under the instruction a task shows (``edit_prompt``: a curator's correction,
+    else the re-caption under ``export.edit_prompt=recaptioned``, else the generated one): the
+    re-captioner's instruction where it differs from the one shown, else empty."""
+    rc = row.get("edit_prompt_recaptioned")
+    return f"re-captioned: \u201c{rc}\u201d" if rc and rc != row.get("edit_prompt") else ""
 
 
 # ---------------------------------------------------------------------------- projects
@@ -279,9 +304,13 @@ def push(build, url: str | None = None, *, title: str | None = None,
          sample_size: int | None = None, images: str | None = None, seed: int | None = None,
          policy: str = "kept", document_root: str | None = None, recreate: bool = False,
          config_path: str | Path | None = None, api_key: str | None = None,
-         overlap: int | None = None, sessions: str | None = None) -> dict:
-    """Create or reuse the review project and import the pairs it does not have yet;
-    ``overlap`` (else ``review.overlap``): reviewers per pair, set on the project;
+         overlap: int | None = None, sessions: str | None = None,
+         queue: str | None = None) -> dict:
+    """Create or reuse the review project and import the pairs it does not have yet, in queue
+    order; ``queue`` (else ``review.queue``): ``export`` pushes only the pairs still headed
+    for the export (a session run goes when any of its turns is headed), ``all`` every pair
+    the policy shows; ``overlap`` (else ``review.overlap``): reviewers per pair, set on the
+    project;
     ``sessions`` (else ``review.session_tasks``): how session pairs are reviewed."""
     check_installed()
     settings = build.config.review
@@ -306,7 +335,7 @@ def push(build, url: str | None = None, *, title: str | None = None,
                            "path/to/pair_review.xml (dsbuild ships it in label_config/)")
     config = config_file.read_text(encoding="utf-8")
     rows = select_pairs(build, policy=policy, sample_size=sample_size,
-                        stratify_by=settings.stratify_by, seed=seed)
+                        stratify_by=settings.stratify_by, seed=seed, queue=queue)
     runs = session_runs(build, rows, policy=policy) if sessions != "pair" else {}
     if sessions == "session":  # session pairs go only as session tasks
         rows = [r for r in rows if not S.is_session(r)]
