@@ -18,7 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from builders import make_build, write_png, write_scores
+from builders import make_build, make_judged_build, write_png, write_scores
 
 from dsbuild.core.build import Build
 from dsbuild.core.config import load_recipe
@@ -323,7 +323,9 @@ def test_pull_turns_tags_from_every_slice_into_decisions(fo, build):
         assert samples[(b, sl)]["review"] == "reject"
         assert samples[(b, sl)]["review_reason"] == "artefacts"
         assert samples[(a, sl)]["review_count"] == 1
-    assert len(ds.load_saved_view("not-reviewed-yet")) == len(recs["pairs"]) - 2
+    kept = {x["pair_id"] for x in recs["scores"] if x["keep"]}
+    # the queue: pairs headed for the export without a verdict (b's reject drops it)
+    assert len(ds.load_saved_view("not-reviewed-yet")) == len(kept - {a, b})
 
     # pulling twice adds nothing (through the CLI this time)
     out = CliRunner().invoke(inspect_cmd, [str(build.root), "--pull"])
@@ -452,6 +454,69 @@ def test_verify_views_and_the_doc_names_every_field_and_view(fo, build):
     for v in views:
         prefix = next((k for k in per if v.startswith(k) and v not in fixed), None)
         assert f"`{per[prefix] if prefix else v}`" in doc, v
+
+
+def test_review_queue_views_hold_headed_pairs_by_priority(fo, build):
+    """``not-reviewed-yet`` and ``review-queue`` hold only pairs still headed for the export
+    (no verify reject), by review_priority; a correction redraws the tile, a reject leaves the
+    queue, ``review.queue=all`` shows every pair as before."""
+    from dsbuild.core import join
+    from dsbuild.review.fiftyone.dataset import refresh_decisions
+    from dsbuild.review.fiftyone.operators import give_verdict
+    from dsbuild.review.fiftyone.tiles import TILE_VERSION, _stat_key
+    from dsbuild.review.fiftyone.views import save_views
+
+    build.update(["verify.judge.rubric=pico-banana"])
+    at = dict.fromkeys(build.config.verify.judge.resolved().names, 7)  # at the threshold
+    out = make_judged_build(build, judge={1: at, 3: None}, reject={0, 2},
+                            recaption={5: "add a blue rug"},
+                            decisions={4: ("accept", "labelstudio", "make the chair teal")})
+    k = out["kept"]
+    r = fr.build_dataset(build)
+    assert "review-queue" in r["views"]
+    ds = fo.load_dataset(r["name"])
+    rows = [x for x in join.rows(build, policy="all")[0] if x["headed"]]
+    order = [x["pair_id"] for x in sorted(sorted(rows, key=lambda x: x["pair_id"]),
+                                          key=lambda x: -x["review_priority"])]
+    assert order[0] == k[1] and order[-1] == k[4] and k[0] not in order and k[2] not in order
+
+    def ids(view: str) -> list[str]:
+        return ds.load_saved_view(view).values("pair_id")
+
+    rejected = set(ids("verify-rejected"))
+    assert rejected == {k[0], k[2]}
+    assert ids("review-queue") == order
+    assert ids("not-reviewed-yet") == [p for p in order if p != k[4]]
+    prio = ds.load_saved_view("review-queue").values("review_priority")
+    assert prio == sorted(prio, reverse=True)
+    sample = by_slice(ds)
+
+    def sid(pid: str) -> str:  # the pair slice's sample of a pair
+        return ds.select_group_slices("pair").match(fo.ViewField("pair_id") == pid).first().id
+
+    # the tile of a corrected pair shows the correction
+    pair4 = sample[(k[4], "pair")]
+    key = content_id("tile", TILE_VERSION, _stat_key(sample[(k[4], "input")]["filepath"]),
+                     _stat_key(sample[(k[4], "output")]["filepath"]), "make the chair teal")
+    assert pair4["edit_prompt"] == "make the chair teal" and key in pair4["filepath"]
+    # a correction through the plugin redraws that pair's tile at once
+    old_tile = sample[(k[6], "pair")]["filepath"]
+    give_verdict(ds, [sid(k[6])], "correct", reviewer="cur", corrected_edit="make the lamp gold")
+    now = by_slice(ds)[(k[6], "pair")]
+    assert now["edit_prompt"] == "make the lamp gold" and now["filepath"] != old_tile
+    assert Path(now["filepath"]).is_file() and not Path(old_tile).exists()
+    # a reject leaves the queue at once
+    assert k[1] in ids("review-queue")
+    give_verdict(ds, [sid(k[1])], "reject", reviewer="cur", reason="artefacts")
+    assert k[1] not in ids("review-queue") and k[1] not in ids("not-reviewed-yet")
+    # export.edit_prompt=recaptioned: the refreshed instruction is the re-caption
+    build.update(["export.edit_prompt=recaptioned"])
+    refresh_decisions(ds, build)
+    assert by_slice(ds)[(k[5], "output")]["edit_prompt"] == "add a blue rug"
+    # review.queue=all: every pair without a verdict, verify rejects included
+    save_views(ds, "all")
+    assert set(ids("not-reviewed-yet")) >= rejected
+    assert set(ids("review-queue")) == set(ds.select_group_slices("pair").values("pair_id"))
 
 
 def test_plugin_operators_write_one_decision_per_reviewer(fo, build, monkeypatch):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import make_build
+from builders import make_build, make_judged_build
 from click.testing import CliRunner
 
 from dsbuild.cli import cli
@@ -219,6 +219,56 @@ def test_sampling_is_stratified_deterministic_and_nested(mini_build):
     assert len(ls.select_pairs(mini_build, sample_size=4, policy="all")) == 4
 
 
+def queue_build(build) -> dict:
+    """A judged build (pico-banana, threshold 0.7) of 9 kept pairs: verify rejects kept pairs
+    0 and 2, pair 1's judge score sits at the threshold, pair 3's is missing, pair 4 has a
+    curator's correction, pair 5 a re-caption."""
+    build.update(["verify.judge.rubric=pico-banana"])
+    at = dict.fromkeys(build.config.verify.judge.resolved().names, 7)  # 0.70
+    return make_judged_build(build, judge={1: at, 3: None}, reject={0, 2},
+                             recaption={5: "add a blue rug"},
+                             decisions={4: ("accept", "fiftyone", "make the chair teal")})
+
+
+def test_the_review_queue_holds_headed_pairs_most_valuable_first(mini_build):
+    out = queue_build(mini_build)
+    k = out["kept"]
+    queue = ls.select_pairs(mini_build)
+    ids = [r["pair_id"] for r in queue]
+    assert set(ids) == set(k) - {k[0], k[2]}  # no verify reject
+    assert ids[0] == k[1] and ids[-1] == k[4]  # at the threshold first, the reviewed one last
+    assert ids.index(k[3]) == len(ids) - 2  # a missing score ranks under a confident one
+    prio = [r["review_priority"] for r in queue]
+    assert prio == sorted(prio, reverse=True)
+    ties = [r["pair_id"] for r in queue if r["review_priority"] == queue[1]["review_priority"]]
+    assert ties == sorted(ties) and len(ties) == 4  # pair id breaks ties
+    everything = ls.select_pairs(mini_build, queue="all")
+    assert [r["pair_id"] for r in everything] == sorted(k)
+    mini_build.update(["review.queue=all"])
+    assert [r["pair_id"] for r in ls.select_pairs(mini_build)] == sorted(k)
+    mini_build.update(["review.queue=export"])
+    # a sample is drawn within the queue, stratified as before, and keeps the queue's order
+    three = ls.select_pairs(mini_build, sample_size=3, seed=1)
+    assert {r["pair_id"] for r in three} <= set(ids) and len(three) == 3
+    assert [r["pair_id"] for r in three] == [i for i in ids if i in {r["pair_id"] for r in three}]
+    with pytest.raises(DsbuildError, match="queue must be"):
+        ls.select_pairs(mini_build, queue="later")
+    # the task shows the instruction in force, the re-caption under it, the queue's columns
+    rows = {r["pair_id"]: r for r in queue}
+    urls = {"input": "/i", "output": "/o"}
+    fixed = ls.task_data(rows[k[4]], urls)
+    assert fixed["edit_prompt"] == "make the chair teal" and fixed["edit_note"] == ""
+    rc = ls.task_data(rows[k[5]], urls)
+    assert rc["edit_prompt"] == rows[k[5]]["edit_prompt_generated"]
+    assert rc["edit_note"] == "re-captioned: \u201cadd a blue rug\u201d"
+    assert fixed["review_priority"] == rows[k[4]]["review_priority"]
+    assert rc["judge_score"] == pytest.approx(0.8)
+    mini_build.update(["export.edit_prompt=recaptioned"])
+    row5 = next(r for r in ls.select_pairs(mini_build) if r["pair_id"] == k[5])
+    shown = ls.task_data(row5, urls)
+    assert (shown["edit_prompt"], shown["edit_note"]) == ("add a blue rug", "")
+
+
 def test_majority_agreement_and_ties():
     def review(who, verdict, at, **kw):
         return {"reviewer": who, "verdict": verdict, "reasons": kw.get("reasons", []),
@@ -378,6 +428,36 @@ def test_push_annotate_pull_round_trip(ls_server, reviewers, mini_build, token):
     assert ids[2] not in latest_by_pair(mini_build) and ls.pull(mini_build)["added"] == 0
     assert mini_build.status()["decisions"] == {"labelstudio:accept": 1,
                                                 "labelstudio:reject": 2}
+
+
+@pytest.mark.server
+def test_push_sends_the_review_queue_in_order_and_all_pairs_on_request(ls_server, mini_build,
+                                                                        token):
+    out = queue_build(mini_build)
+    k = out["kept"]
+    res = run_cli("review", "push", str(mini_build.root), "--url", ls_server.url, "--project",
+                  "queue")
+    assert res.exit_code == 0, res.output
+    assert "7 pairs selected, 7 imported" in res.output
+    client = ls_server.client()
+    pid = json.loads((mini_build.root / "review" / "labelstudio.json").read_text())["project_id"]
+    tasks = sorted(client.tasks.list(project=pid, page_size=100), key=lambda t: t.id)
+    order = [t.data["pair_id"] for t in tasks]
+    assert order == [r["pair_id"] for r in ls.select_pairs(mini_build)]  # priority order
+    assert k[0] not in order and k[2] not in order and order[0] == k[1]
+    prio = [t.data["review_priority"] for t in tasks]
+    assert prio == sorted(prio, reverse=True)
+    data = {t.data["pair_id"]: t.data for t in tasks}
+    assert data[k[4]]["edit_prompt"] == "make the chair teal"  # the correction shows
+    assert data[k[5]]["edit_note"] == "re-captioned: \u201cadd a blue rug\u201d"
+    assert data[k[1]]["judge_score"] == pytest.approx(0.7) and data[k[3]]["judge_score"] is None
+    # --all-pairs: the verify rejects too, in pair id order
+    res = run_cli("review", "push", str(mini_build.root), "--project", "queue all",
+                  "--all-pairs")
+    assert res.exit_code == 0, res.output
+    pid = json.loads((mini_build.root / "review" / "labelstudio.json").read_text())["project_id"]
+    tasks = sorted(client.tasks.list(project=pid, page_size=100), key=lambda t: t.id)
+    assert [t.data["pair_id"] for t in tasks] == sorted(k)
 
 
 def _task_json(url: str, task_id: int) -> dict:

@@ -161,8 +161,11 @@ def test_verdicts_on_scenes_with_known_truth_and_export_drops_rejects(scene_buil
     assert {p: fo_rows[p]["verify_reason"] for p in expected} == expected
     assert "near_copy:fail(near_copy)" in fo_rows[next(
         p for p, why in expected.items() if why == "near_copy")]["verify_checks"]
-    tasks = [task_data(r, {"input": "i", "output": "o"}) for r in select_pairs(build)]
+    tasks = [task_data(r, {"input": "i", "output": "o"})
+             for r in select_pairs(build, queue="all")]  # the queue holds no reject
     assert {t["pair_id"]: t["verify_reason"] for t in tasks} == expected
+    queue = {r["pair_id"] for r in select_pairs(build)}
+    assert queue and not queue & {p for p, why in expected.items() if why}
     # export drops what verify rejected, and says so
     run_export(build)
     info = json.loads((build.output_dir("export") / "export_info.json").read_text())

@@ -23,7 +23,8 @@ def review_group():
               help="review this many pairs, stratified by review.stratify_by (default: all)")
 @click.option("--seed", type=int, default=None, help="sampling seed (default: review.seed)")
 @click.option("--policy", type=click.Choice(["kept", "all"]), default="kept", show_default=True,
-              help="pairs the filter kept, or every generated pair")
+              help="pairs the filter kept, or every generated pair (all: the whole build, "
+                   "as --all-pairs)")
 @click.option("--images", type=click.Choice(["upload", "local-files"]), default=None,
               help="how the browser gets images (default: review.images = upload)")
 @click.option("--document-root", default=None,

@@ -70,16 +70,21 @@ def sample_fields(columns: dict[str, Param] | None = None, sessions: bool = Fals
 
 def sidebar(columns: dict[str, Param] | None = None, sessions: bool = False
             ) -> dict[str, tuple[str, ...]]:
-    """The App's sidebar: our fields in groups of their own, review first (and a ``session``
-    group where the build has sessions)."""
+    """The App's sidebar: our fields in groups of their own, review first, the review queue's
+    ``headed`` and ``review_priority`` in ``queue`` (and a ``session`` group where the build
+    has sessions)."""
     return {
         "review": ("review", "review_reason", "corrected_edit", "review_agreement",
                    "review_reviewers", "review_count", "review_tool", "review_reviewer",
                    "review_at"),
         "filter": ("filter_keep", "filter_reason", "filter_rank", "clip_sim_dir",
                    "clip_sim_image", "clip_sim_0", "clip_sim_1", "dino", "scored"),
-        "verify": ("verify", "verify_reason", "verify_checks"),
-        "pair": ("edit_prompt", "original_edit", "corrected", "original_prompt",
+        "verify": ("verify", "verify_reason", "verify_checks", "judge_score", "judge_pass",
+                   "judge_threshold", "judge_scores", "judge_missing", "judge_model",
+                   "recaption_unchanged"),
+        "queue": ("headed", "review_priority"),
+        "pair": ("edit_prompt", "original_edit", "edit_prompt_generated",
+                 "edit_prompt_recaptioned", "corrected", "original_prompt",
                  "edited_prompt", "agent", "level", "operation", "no_change", "kind", "recipe",
                  "pair_id", "triple_id", "source_pair_id", "target", "caption_backend",
                  "caption_model", "in_build"),
@@ -89,8 +94,9 @@ def sidebar(columns: dict[str, Param] | None = None, sessions: bool = False
     }
 
 
-# what a decision changes on a sample (refreshed after every pull and verdict)
-DECISION_FIELDS = tuple(decided("", None))
+# what a decision changes on a sample (refreshed after every pull and verdict): the review
+# fields, the instruction, and the review queue's
+DECISION_FIELDS = (*decided("", None), "headed", "review_priority")
 
 
 def dataset_name(build, name: str | None = None) -> str:
@@ -148,22 +154,53 @@ def all_slices(ds):
 
 
 def refresh_decisions(ds, build) -> int:
-    """Rewrite what decisions set on every sample (the review fields, and the instruction a
-    correction replaces) from decisions.jsonl; returns how many values changed."""
+    """Rewrite what decisions set on every sample from decisions.jsonl and the build's joined
+    rows: the review fields, the instruction (a correction, else the re-caption under
+    ``export.edit_prompt=recaptioned``, else the generated one), ``headed`` and
+    ``review_priority`` (a new reject leaves the review queue); a pair whose instruction
+    changed gets its tile drawn again. Samples of pairs no longer in the build get what
+    :func:`decided` makes of their decision. Returns how many values changed."""
+    from dsbuild.review.fiftyone.tiles import ensure_tiles
+
     reviews = join.Reviews.read(build)
+    joined, _ = join.rows(build, policy="all", reviews=reviews)
+    want_of: dict[tuple[str, str], dict] = {("pair", r["pair_id"]): r for r in joined}
+    for r in join.no_change_rows(build, {r["pair_id"]: r for r in joined}, require=False,
+                                 reviews=reviews):
+        if r["pair_id"]:
+            want_of[("no_change", r["pair_id"])] = r
     view = all_slices(ds)
-    ids, pids, kinds, edits, *vals = view.values(
-        ["id", "pair_id", "kind", "original_edit", *DECISION_FIELDS])
-    conv = {f: FIELD_CLASS[fields()[f].type][1] for f in DECISION_FIELDS}
+    schema = ds.get_field_schema()  # a dataset made before the queue fields: inspect adds them
+    present = [f for f in DECISION_FIELDS if f in schema]
+    ids, pids, kinds, edits, slices, paths, *vals = view.values(
+        ["id", "pair_id", "kind", "original_edit", "group.name", "filepath", *present])
+    conv = {f: FIELD_CLASS[fields()[f].type][1] for f in present}
     changes: dict[str, dict] = defaultdict(dict)
+    images: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    retile: dict[tuple[str, str], str] = {}
     for i, sid in enumerate(ids):
         pid = pids[i]
-        want = decided(edits[i] or "", reviews.in_force.get(pid), reviews.counts.get(pid, 0),
-                       applies=kinds[i] != "no_change")
-        for j, f in enumerate(DECISION_FIELDS):
-            v = conv[f](want[f])
+        images[(kinds[i], pid)][slices[i]] = paths[i]
+        want = want_of.get((kinds[i], pid)) or decided(
+            edits[i] or "", reviews.in_force.get(pid), reviews.counts.get(pid, 0),
+            applies=kinds[i] != "no_change")
+        for j, f in enumerate(present):
+            v = conv[f](want.get(f))
             if vals[j][i] != v:
                 changes[f][sid] = v
+                if f == "edit_prompt":
+                    retile[(kinds[i], pid)] = v
+    tiles = []
+    for key, edit in retile.items():
+        slots = images[key]
+        if "input" in slots and "output" in slots and "pair" in slots:
+            tiles.append({"pair_id": key[1], "images": dict(slots),
+                          "fields": {"edit_prompt": edit}, "_key": key})
+    if tiles:
+        ensure_tiles(build, tiles)
+        pair_sid = {(kinds[i], pids[i]): sid for i, sid in enumerate(ids) if slices[i] == "pair"}
+        for t in tiles:
+            changes["filepath"][pair_sid[t["_key"]]] = t["images"]["pair"]
     for f, values in changes.items():
         view.set_values(f, values, key_field="id")
-    return sum(len(v) for v in changes.values())
+    return sum(len(v) for k, v in changes.items() if k != "filepath")

@@ -76,8 +76,9 @@ QUEUES = ("export", "all")  # review.queue
 def select_pairs(build, *, policy: str = "kept", sample_size: int | None = None,
                  stratify_by: str = "agent", seed: int = 0, queue: str | None = None
                  ) -> list[dict]:
-    """Joined rows of the pairs to review: kept by the filter (or all), only those still
-    headed for the export unless ``queue`` (else ``review.queue``) is ``all``, a seeded sample
+    """Joined rows of the pairs to review: kept by the filter, only those still headed for
+    the export unless ``queue`` (else ``review.queue``) is ``all`` (or every generated pair:
+    ``policy`` ``all``, which implies queue ``all``), a seeded sample
     stratified by a row field (agent, level, operation) within them; in queue order (highest
     ``review_priority`` first, then pair id) for ``export``, in pair id order for ``all``.
 
@@ -90,8 +91,10 @@ def select_pairs(build, *, policy: str = "kept", sample_size: int | None = None,
     if queue not in QUEUES:
         raise DsbuildError(f"review queue must be 'export' or 'all' (got {queue!r})")
     rows, _ = join.rows(build, policy=policy)
-    if queue == "export":
+    if queue == "export" and policy == "kept":  # policy all: every pair, filtered out too
         rows = [r for r in rows if r.get("headed")]
+    else:
+        queue = "all"
     chosen = rows
     if sample_size is not None and sample_size < len(rows):
         strata: dict[str, list[dict]] = defaultdict(list)
