@@ -9,7 +9,9 @@ are; what survives a rejected turn is then the export's ``sessions.cut``.
 
 Which turns a task shows: the run's pairs that can still be exported before review, i.e. that
 survive ``sessions.cut`` (``export.session_cut``) with the filter's keep as the test (every
-pair of the run with ``--policy all``). A run enters when any of its pairs is selected.
+pair of the run with ``--policy all``). A run enters when any of its pairs is selected (under
+the review queue, ``review.queue=export``: when any of its turns is still headed for the
+export).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ CONFIG_MARK = 'name="verdict_{{idx}}"'  # how a project is known to use session_
 # the joined row's fields a turn carries, images aside
 TURN_FIELDS = ("pair_id", "triple_id", "node_id", "parent_id", "turn", "operation",
                "original_prompt", "edit_prompt", "edited_prompt", "clip_sim_dir",
-               "clip_sim_image", "verify", "verify_reason")
+               "clip_sim_image", "verify", "verify_reason", "judge_score", "review_priority")
 
 
 def cut_mode(build) -> str:
