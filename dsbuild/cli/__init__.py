@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -153,13 +154,21 @@ def target_triples(b) -> str:
 @click.command("status")
 @click.argument("build", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status_cmd(build, as_json):
-    """Show each stage of BUILD: records, done ranks, what is left, decisions so far."""
+@click.option("--plot", "plot_to", type=click.Path(dir_okay=False), default=None,
+              help="also draw the survival funnel into this PNG")
+def status_cmd(build, as_json, plot_to):
+    """Show each stage of BUILD: records, done ranks, what is left, decisions so far, the
+    survival funnel (where pairs drop out) and the next command to run."""
+    from dsbuild.core import funnel as F
     from dsbuild.core.build import Build
 
-    st = Build.open(build).status()
+    b = Build.open(build)
+    st = b.status()
     for s in st["stages"].values():
         s["state"] = stage_state(s)
+    st["funnel"] = F.funnel(b)
+    if plot_to:
+        F.plot(st["funnel"], Path(plot_to))
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -186,6 +195,16 @@ def status_cmd(build, as_json):
                    f"several reviewers, {a['disagree']} disagree")
     if st["reports"]:
         click.echo(f"  reports   {', '.join(st['reports'])}")
+    f = st["funnel"]
+    click.echo("funnel (pairs; share of the step before)")
+    for line in F.table(f):
+        click.echo(f"  {line}")
+    if f["aside"]["judge_missing"]:
+        click.echo(f"  ({f['aside']['judge_missing']} judge scores missing: counted as passing "
+                   "the judge, never as 0)")
+    if plot_to:
+        click.echo(f"funnel plot: {plot_to}")
+    click.echo(f"next: {f['next']}")
 
 
 def stage_state(s: dict) -> str:

@@ -101,7 +101,8 @@ def diversity_section(build: Build) -> list[str]:
 
 
 def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
-              grid: bool = True, pushed: dict | None = None, folder: str = "export") -> str:
+              grid: bool = True, pushed: dict | None = None, folder: str = "export",
+              funnel_picture: bool = False) -> str:
     """README.md: the YAML metadata (a huggingface_hub ``DatasetCard``) then the card body.
     ``pushed``: the folder's last push (its usage names that repo id), else ``folder``."""
     hub = require("huggingface_hub")
@@ -184,6 +185,7 @@ def card_text(build: Build, rows: ExportRows, files: dict[str, list[str]],
     lines += [""] + notes.verify_section(build, rows)
     lines += notes.edit_prompt_section(rows)
     lines += notes.calibration_section(build, rows)
+    lines += notes.funnel_section(build, rows, funnel_picture)
     st = rows.stats
     a = cfg.augment
     lines += ["### No-change samples", "",

@@ -491,3 +491,42 @@ def citation_section(build: Build, rows: ExportRows, models: list[str]) -> list[
     if bib:
         lines += ["", "```bibtex", "\n\n".join(bib), "```"]
     return lines + [""]
+
+
+FUNNEL_PNG = "funnel.png"
+
+
+def export_funnel(build: Build, rows: ExportRows) -> dict:
+    """The build's survival funnel with these export rows as its last step."""
+    from dsbuild.core import funnel as F
+
+    return F.funnel(build, F.rows_exported([r for v in rows.splits.values() for r in v]))
+
+
+def draw_funnel(build: Build, rows: ExportRows, folder: Path) -> Path:
+    """``funnel.png`` in the export folder, for the card."""
+    from dsbuild.core import funnel as F
+
+    return F.plot(export_funnel(build, rows), Path(folder) / FUNNEL_PNG)
+
+
+def funnel_section(build: Build, rows: ExportRows, picture: bool = False) -> list[str]:
+    """"Survival funnel": where pairs dropped out, step by step (and its picture, which the
+    export draws beside the card: :func:`draw_funnel`)."""
+    f = export_funnel(build, rows)
+    lines = ["### Survival funnel", "",
+             "Generated pairs (no-change samples aside) through each step; a share is of the "
+             "step before that ran.", "", "| step | count | share |", "|---|---|---|"]
+    for s in f["steps"]:
+        if s["count"] is None:
+            continue
+        share = (f"{s['per_triple']:.1f} per triple" if s.get("per_triple") is not None
+                 else f"{s['share']:.0%}" if s["share"] is not None else "")
+        lines.append(f"| {s['label']} | {s['count']} | {share} |")
+    lines.append("")
+    if f["aside"]["judge_missing"]:
+        lines += [f"Judge scores missing (counted as passing the judge, never as 0): "
+                  f"{f['aside']['judge_missing']}.", ""]
+    if picture:
+        lines += [f"![Survival funnel per step and per agent]({FUNNEL_PNG})", ""]
+    return lines

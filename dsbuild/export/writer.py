@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,15 +120,20 @@ def write_export(build: Build, out: Path) -> ExportResult:
         if grid:  # the design trees the card's grid links (``dsbuild tree`` wrote them)
             copy_tree_pages(build, rows, tmp, build.config.export.grid_pairs)
         notes.copy_calibration_picture(build, rows, tmp)  # where the card shows it
+        notes.draw_funnel(build, rows, tmp)
         # a folder pushed before keeps naming its Hub repo (and its push record)
         pushes = (info or {}).get("pushes") or []
         write_text(tmp / "README.md", card_text(build, rows, files, grid=grid,
                                                 pushed=pushes[-1] if pushes else None,
-                                                folder=export_name(build, out)))
+                                                folder=export_name(build, out),
+                                                funnel_picture=True))
         counts = {k: {"rows": len(v), "no_change": sum(r["no_change"] for r in v)}
                   for k, v in rows.splits.items()}
+        edits = [r for v in rows.splits.values() for r in v if not r["no_change"]]
+        by = {k: dict(sorted(Counter(str(r.get(k)) for r in edits).items()))
+              for k in ("agent", "operation")}  # edit rows per agent / operation (the funnel)
         write_json(tmp / INFO_NAME, {
-            "signature": sig, "recipe": build.recipe.name, "counts": counts,
+            "signature": sig, "recipe": build.recipe.name, "counts": counts, "by": by,
             "stats": rows.stats, "files": files,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"pushes": pushes} if pushes else {}),
