@@ -119,3 +119,23 @@ def test_the_card_has_the_funnel(mini_build):
     # the funnel of the written export reads it back
     assert F.funnel(b)["counts"]["exported"] == rows
     assert F.funnel(b)["next"] == f"dsbuild run {b.root}"  # augment and diversity not run
+
+
+def test_next_is_push_once_the_export_is_current_and_export_after_new_decisions(mini_build):
+    from dsbuild.core.decisions import add_decisions, make_decision
+    from dsbuild.core.stages import all_stages
+    from dsbuild.export.writer import export_build
+
+    b = mini_build
+    out = make_judged_build(b, decisions={0: ("accept", "fiftyone")})
+    for st in all_stages():  # the stages the builder does not make: run for real
+        if st.name not in ("captions", "generate", "filter", "verify", "export") and \
+                b.is_active(st.name):
+            st.load_run()(b)
+    assert not [st.name for st in all_stages() if b.is_active(st.name)
+                and st.name != "export" and not b.is_complete(st.name)]
+    export_build(b)
+    assert F.funnel(b)["next"] == f"dsbuild push {b.root} <user>/<dataset>"
+    add_decisions(b, [make_decision(out["kept"][1], "reject", tool="fiftyone")])
+    f = F.funnel(b)
+    assert f["aside"]["export_stale"] and f["next"] == f"dsbuild export {b.root}"

@@ -60,7 +60,8 @@ def _exported(build) -> dict | None:
     by = info.get("by") or {}
     total = sum(int(c.get("rows", 0)) - int(c.get("no_change", 0))
                 for c in (info.get("counts") or {}).values())
-    return {"total": total, "by": by, "at": info.get("exported_at")}
+    return {"total": total, "by": by, "at": info.get("exported_at"),
+            "stale": info.get("signature") != build.signature("export")}
 
 
 def rows_exported(rows) -> dict:
@@ -139,7 +140,8 @@ def funnel(build, exported: dict | None = None) -> dict:
     return {"steps": _steps(total), "counts": total, "by": by,
             "aside": {"judge_missing": sum(bool(r.get("judge_missing")) for r in edit_rows),
                       "reviewed": sum(bool(r.get("review")) for r in edit_rows),
-                      "exported_at": (exported or {}).get("at")},
+                      "exported_at": (exported or {}).get("at"),
+                      "export_stale": bool((exported or {}).get("stale"))},
             "next": next_command(build, complete, decided, exported)}
 
 
@@ -171,7 +173,7 @@ def next_command(build, complete: dict[str, bool], decided: bool, exported: dict
         return f"dsbuild run {b}"
     if not decided:
         return f"dsbuild inspect {b}  (FiftyOne; or: dsbuild review push {b})"
-    if exported is None:
+    if exported is None or exported.get("stale"):  # none yet, or settings/decisions changed
         return f"dsbuild export {b}"
     return f"dsbuild push {b} <user>/<dataset>"
 
