@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import pytest
 from click.testing import CliRunner
