@@ -309,6 +309,8 @@ FIELDS: dict[str, RowField] = {
     "judge_threshold": RowField("float", False, "the rubric's threshold on judge_score"),
     "judge_scores": RowField("json", False, "the judge's 0-10 score per rubric criterion"),
     "recaption_unchanged": RowField("bool", False, "the re-captioner saw no change"),
+    "edit_note": RowField("string", False, "the line a review task shows under the "
+                          "instruction: the re-caption where it differs from edit_prompt"),
     "headed": RowField("bool", False, "still headed for the export: kept by the filter, not "
                        "rejected by verify or review, the session turns before it alive "
                        "(dsbuild.core.survival)"),
@@ -412,6 +414,14 @@ def judged(verify: Verify | None) -> dict:
             "recaption_unchanged": bool(rc.get("unchanged")) if rc else None}
 
 
+def edit_note(row: dict) -> str:
+    """The line under the instruction a review task shows (``edit_prompt``: a curator's
+    correction, else the re-caption under ``export.edit_prompt=recaptioned``, else the
+    generated one): the re-captioner's instruction where it differs from the one shown."""
+    rc = row.get("edit_prompt_recaptioned")
+    return f"re-captioned: \u201c{rc}\u201d" if rc and rc != row.get("edit_prompt") else ""
+
+
 PROMPTS = ("generated", "recaptioned")  # export.edit_prompt: which instruction a row shows
 
 
@@ -457,6 +467,7 @@ def row(pair: Pair, triple: Triple, score: Score | None = None, verify: Verify |
         "verify": v.get("verdict"), "verify_reason": v.get("reason"),
         "verify_checks": _checks(v),
         **review, "edit_prompt_generated": edit, **jc, "headed": None, "review_priority": None,
+        "edit_note": edit_note({**jc, **review}),
         "_images": dict(pair["images"]),
     }
 
@@ -486,6 +497,7 @@ def no_change_row(sample: NoChangeSample, source: dict | None,
         "filter_reason": None, "verify": None, "verify_reason": None, "verify_checks": None,
         **decided(edit, decision, decisions, applies=False),
         **judged(None), "edit_prompt_generated": edit, "headed": None, "review_priority": None,
+        "edit_note": "",
         "_images": {k: images[k] for k in ("input", "output") if k in images},
         # a sample made from a session turn is a single edit, not a turn of that session
         **{k: None for k in ("session_id", "session_run", "turn", "node_id", "parent_id",

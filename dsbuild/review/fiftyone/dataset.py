@@ -84,7 +84,7 @@ def sidebar(columns: dict[str, Param] | None = None, sessions: bool = False
                    "recaption_unchanged"),
         "queue": ("headed", "review_priority"),
         "pair": ("edit_prompt", "original_edit", "edit_prompt_generated",
-                 "edit_prompt_recaptioned", "corrected", "original_prompt",
+                 "edit_prompt_recaptioned", "edit_note", "corrected", "original_prompt",
                  "edited_prompt", "agent", "level", "operation", "no_change", "kind", "recipe",
                  "pair_id", "triple_id", "source_pair_id", "target", "caption_backend",
                  "caption_model", "in_build"),

@@ -34,7 +34,7 @@ from dsbuild.core.errors import DsbuildError
 from dsbuild.core.hashing import content_id
 from dsbuild.core.progress import progress
 from dsbuild.core.records import write_json
-from dsbuild.core.schema import FIELDS
+from dsbuild.core.schema import FIELDS, edit_note
 from dsbuild.review.labelstudio.client import (
     PAIR_CONFIG,
     SESSION_CONFIG,
@@ -135,12 +135,6 @@ def task_data(row: dict, images: dict[str, str]) -> dict:
             "input_image": images["input"], "edited_image": images["output"]}
 
 
-def edit_note(row: dict) -> str:
-    """The line under the instruction a task shows (``edit_prompt``: a curator's correction,
-    else the re-caption under ``export.edit_prompt=recaptioned``, else the generated one): the
-    re-captioner's instruction where it differs from the one shown, else empty."""
-    rc = row.get("edit_prompt_recaptioned")
-    return f"re-captioned: \u201c{rc}\u201d" if rc and rc != row.get("edit_prompt") else ""
 
 
 # ---------------------------------------------------------------------------- projects
