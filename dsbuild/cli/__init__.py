@@ -166,8 +166,11 @@ def status_cmd(build, as_json, plot_to):
     st = b.status()
     for s in st["stages"].values():
         s["state"] = stage_state(s)
-    st["funnel"] = F.funnel(b)
-    if plot_to:
+    try:
+        st["funnel"] = F.funnel(b)
+    except DsbuildError as exc:  # a damaged shard: the stages above name it and its repair
+        st["funnel"] = {"error": str(exc).splitlines()[0], "steps": [], "next": None}
+    if plot_to and st["funnel"]["steps"]:
         F.plot(st["funnel"], Path(plot_to))
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -196,6 +199,9 @@ def status_cmd(build, as_json, plot_to):
     if st["reports"]:
         click.echo(f"  reports   {', '.join(st['reports'])}")
     f = st["funnel"]
+    if f.get("error"):
+        click.echo(f"funnel: not counted ({f['error']})")
+        return
     click.echo("funnel (pairs; share of the step before)")
     for line in F.table(f):
         click.echo(f"  {line}")
