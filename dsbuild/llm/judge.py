@@ -108,24 +108,65 @@ def parse(reply: dict, model: type[BaseModel]) -> dict:
     return {"scores": {k: v for k, v in got.items() if k != "reason"}, "reason": got["reason"]}
 
 
-class Judge:
-    """Asks the judge about many pairs at once under one rubric; records in the order asked.
+class PairAsker:
+    """Asks a vision-language model about many image pairs at once (one request per pair: the
+    instruction and both images); records in the order asked. Subclasses set ``system`` and
+    ``key`` (the cache's sample prefix) and turn a reply into a record (``record``).
 
     ``settings``: an endpoint (:class:`dsbuild.llm.settings.LLMSettings`) with ``image_side``;
     ``section`` names it in error messages."""
 
-    def __init__(self, settings: LLMSettings, cache_dir: Path, rubric: Rubric, *,
-                 section: str = "verify.judge", offline_hint: str = ""):
+    system: str = ""
+    key: str = ""
+
+    def __init__(self, settings: LLMSettings, cache_dir: Path, *, section: str,
+                 offline_hint: str = ""):
         self.settings = settings
-        self.rubric = rubric
-        self.system = system_prompt(rubric)
-        self.prompt_hash = prompt_hash(rubric)
-        self.model = reply_model(rubric)
         self.client = ChatClient(settings, RequestCache(cache_dir), section=section,
                                  offline_hint=offline_hint or f"or set {section}.enabled=false")
         self.bad: Counter = Counter()
 
-    def record(self, reply: dict) -> dict:
+    def record(self, reply: dict, instruction: str) -> dict:
+        raise NotImplementedError
+
+    def ask(self, items: list[tuple[str, str, Path, Path]]) -> dict[str, dict | None]:
+        """(pair id, instruction, input image, output image) -> record, or None where the
+        request failed after its retries."""
+        return asyncio.run(self._ask(items))
+
+    async def _ask(self, items) -> dict[str, dict | None]:
+        side = self.settings.image_side
+        reqs = [(messages(self.system, instr, data_url(a, side), data_url(b, side)),
+                 f"{self.key}:{pid}") for pid, instr, a, b in items]
+        out: dict[str, dict | None] = {}
+        async with self.client:
+            replies = self.client.complete_in_order(reqs)
+            async with aclosing(replies):
+                i = 0
+                async for reply in replies:
+                    pid, instr = items[i][0], items[i][1]
+                    out[pid] = None if reply is None else self.record(reply, instr)
+                    i += 1
+        return out
+
+    def stats(self) -> dict:
+        return {**self.client.stats.as_dict(), "bad_replies": dict(sorted(self.bad.items()))}
+
+
+class Judge(PairAsker):
+    """Asks the judge about many pairs at once under one rubric (:class:`PairAsker`)."""
+
+    key = "verify"
+
+    def __init__(self, settings: LLMSettings, cache_dir: Path, rubric: Rubric, *,
+                 section: str = "verify.judge", offline_hint: str = ""):
+        super().__init__(settings, cache_dir, section=section, offline_hint=offline_hint)
+        self.rubric = rubric
+        self.system = system_prompt(rubric)
+        self.prompt_hash = prompt_hash(rubric)
+        self.model = reply_model(rubric)
+
+    def record(self, reply: dict, instruction: str = "") -> dict:
         """The judge record of one reply."""
         got = parse(reply, self.model)
         if got.get("bad"):
@@ -135,25 +176,3 @@ class Judge:
                             temperature=self.settings.temperature, raw=reply.get("content"),
                             scores=got.get("scores"), reason=got.get("reason"),
                             missing=got.get("bad"))
-
-    def ask(self, items: list[tuple[str, str, Path, Path]]) -> dict[str, dict | None]:
-        """(pair id, instruction, input image, output image) -> judge record, or None where
-        the request failed after its retries."""
-        return asyncio.run(self._ask(items))
-
-    async def _ask(self, items) -> dict[str, dict | None]:
-        side = self.settings.image_side
-        reqs = [(messages(self.system, instr, data_url(a, side), data_url(b, side)),
-                 f"verify:{pid}") for pid, instr, a, b in items]
-        out: dict[str, dict | None] = {}
-        async with self.client:
-            replies = self.client.complete_in_order(reqs)
-            async with aclosing(replies):
-                i = 0
-                async for reply in replies:
-                    out[items[i][0]] = None if reply is None else self.record(reply)
-                    i += 1
-        return out
-
-    def stats(self) -> dict:
-        return {**self.client.stats.as_dict(), "bad_replies": dict(sorted(self.bad.items()))}

@@ -15,15 +15,11 @@ come from the cache).
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections import Counter
-from contextlib import aclosing
 from pathlib import Path
 
 from dsbuild.core.hashing import content_id
-from dsbuild.llm.client import ChatClient, RequestCache
-from dsbuild.llm.judge import EDITED, REFUSALS, USER, data_url, messages
+from dsbuild.llm.judge import EDITED, REFUSALS, USER, PairAsker
 from dsbuild.llm.settings import LLMSettings
 
 SYSTEM = ("You describe image edits. You get the instruction an edit was made from, the input "
@@ -79,19 +75,16 @@ def same(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and norm(a) == norm(b)
 
 
-class Recaptioner:
-    """Asks for the re-caption of many pairs at once; records in the order asked.
+class Recaptioner(PairAsker):
+    """Asks for the re-caption of many pairs at once (:class:`dsbuild.llm.judge.PairAsker`)."""
 
-    ``settings``: an endpoint (:class:`dsbuild.llm.settings.LLMSettings`) with ``image_side``;
-    ``section`` names it in error messages."""
+    system = SYSTEM
+    key = "recaption"
 
     def __init__(self, settings: LLMSettings, cache_dir: Path, *,
                  section: str = "verify.recaption", offline_hint: str = ""):
-        self.settings = settings
+        super().__init__(settings, cache_dir, section=section, offline_hint=offline_hint)
         self.prompt_hash = prompt_hash()
-        self.client = ChatClient(settings, RequestCache(cache_dir), section=section,
-                                 offline_hint=offline_hint or f"or set {section}.enabled=false")
-        self.bad: Counter = Counter()
 
     def record(self, reply: dict, instruction: str) -> dict:
         """The re-caption record (:class:`dsbuild.core.schema.Recaption`) of one reply."""
@@ -102,29 +95,6 @@ class Recaptioner:
                 "model_requested": self.settings.model, "model_reported": reply.get("model"),
                 "prompt_hash": self.prompt_hash, "temperature": self.settings.temperature,
                 "raw": reply.get("content"), "missing": got.get("bad")}
-
-    def ask(self, items: list[tuple[str, str, Path, Path]]) -> dict[str, dict | None]:
-        """(pair id, instruction, input image, output image) -> re-caption record, or None
-        where the request failed after its retries."""
-        return asyncio.run(self._ask(items))
-
-    async def _ask(self, items) -> dict[str, dict | None]:
-        side = self.settings.image_side
-        reqs = [(messages(SYSTEM, instr, data_url(a, side), data_url(b, side)),
-                 f"recaption:{pid}") for pid, instr, a, b in items]
-        out: dict[str, dict | None] = {}
-        async with self.client:
-            replies = self.client.complete_in_order(reqs)
-            async with aclosing(replies):
-                i = 0
-                async for reply in replies:
-                    pid, instr = items[i][0], items[i][1]
-                    out[pid] = None if reply is None else self.record(reply, instr)
-                    i += 1
-        return out
-
-    def stats(self) -> dict:
-        return {**self.client.stats.as_dict(), "bad_replies": dict(sorted(self.bad.items()))}
 
 
 def counts(records: list[dict], generated: dict[str, str]) -> dict:
