@@ -45,7 +45,10 @@ def judged_demo(tmp_path_factory):
             "run", str(root / "demo"), "--offline",
             "--set", "verify.judge.enabled=true", "--set", f"verify.judge.base_url={srv.base_url}",
             "--set", "verify.judge.model=judge-vlm", "--set", "verify.judge.rubric=pico-banana",
-            "--set", "verify.judge.image_side=64"])
+            "--set", "verify.judge.image_side=64",
+            # a grid sweep: two strengths per seed share one source image, so the preference
+            # export has groups (one input image, one instruction, several edits)
+            "--set", "generate.sweep=grid", "--set", "generate.grid_guidance=[7.5]"])
         assert r.exit_code == 0, r.output
         asked = len(srv.chat_requests)
     assert asked > 0
@@ -158,3 +161,28 @@ def test_the_review_queue_skips_what_verify_rejected(decided_demo):
     assert prio == sorted(prio, reverse=True)
     everything = select_pairs(build, queue="all")
     assert {r["pair_id"] for r in everything} >= rejected
+
+
+def test_the_preference_export_loads_with_datasets(decided_demo, tmp_path):
+    import datasets
+    import numpy as np
+
+    judged_demo, _ = decided_demo
+    out = tmp_path / "prefs"
+    r = CliRunner().invoke(cli, ["export", str(judged_demo), "--preferences", "--to", str(out)])
+    assert r.exit_code == 0, r.output
+    dd = datasets.load_from_disk(str(out))
+    rows = [x for split in dd.values() for x in split]
+    assert rows, r.output
+    for col in ("input_image", "edit_prompt", "chosen_image", "rejected_image", "reason",
+                "margin"):
+        assert col in dd["train"].column_names, col
+    sides: dict[str, set[str]] = {}
+    for split, d in dd.items():
+        for x in d:
+            assert x["chosen_pair_id"] != x["rejected_pair_id"]
+            assert x["margin"] > 0 or x["reason"] in ("review", "verify")
+            assert np.asarray(x["input_image"]).shape == np.asarray(x["chosen_image"]).shape
+            sides.setdefault(x["triple_id"], set()).add(split)
+    assert all(len(v) == 1 for v in sides.values())  # a triple never on both sides
+    assert {x["reason"] for x in rows} <= {"review", "verify", "judge", "filter"}

@@ -17,11 +17,14 @@ from dsbuild.core.config import apply_overrides
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None,
               help="export folder (default: BUILD/export)")
 @click.option("--force", is_flag=True, help="rewrite the export even where it is up to date")
+@click.option("--preferences", is_flag=True,
+              help="write the preference pairs (chosen, rejected) instead, into --export-dir "
+                   "(default there: BUILD/export-preferences)")
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
               help="change a setting first, e.g. split.test_ratio=0.2: saved in dsbuild.yaml, "
                    "or, with --export-dir, used for that export only")
 @wait_option
-def export_cmd(build, export_dir, force, overrides):
+def export_cmd(build, export_dir, force, preferences, overrides):
     """Write BUILD's train/test splits as parquet shards with a dataset card.
 
     Without --export-dir this is the export stage: BUILD/export, skipped when up to date.
@@ -32,6 +35,15 @@ def export_cmd(build, export_dir, force, overrides):
     from dsbuild.export.writer import default_export_dir, export_build
 
     b = Build.open(build)
+    if preferences:
+        from dsbuild.export.preference_pairs import export_preferences
+
+        b.config = apply_overrides(b.config, overrides)  # this export only, not saved
+        res = export_preferences(b, export_dir)
+        click.echo(f"preference pairs -> {res['path']}: " + ", ".join(
+            f"{k} {v}" for k, v in res["splits"].items()) + "; by reason: " + (", ".join(
+            f"{k} {v}" for k, v in sorted(res["reasons"].items())) or "none"))
+        return
     if export_dir and Path(export_dir).resolve() != default_export_dir(b).resolve():
         b.config = apply_overrides(b.config, overrides)  # this export only, not saved
     else:

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dsbuild.core.settings import StageSettings
+
+
+class PreferenceSettings(BaseModel):
+    """`dsbuild export --preferences`: the (chosen, rejected) dataset (docs/export.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_per_group: int = Field(4, ge=1, description="pairs per group (one input image and "
+                               "instruction): the group's best against each of the worst it beats")
+    min_margin: float = Field(0.0, ge=0, description="smallest judge-score or clip_sim_dir "
+                              "difference that makes a pair (review/verify margins are 1)")
 
 
 class ExportSettings(StageSettings):
@@ -34,6 +44,7 @@ class ExportSettings(StageSettings):
         "captions stage wrote, or verify's re-caption of what actually changed where there is "
         "one (verify.recaption); the other stays in edit_prompt_generated / "
         "edit_prompt_recaptioned, and a curator's correction wins over both")
+    preferences: PreferenceSettings = Field(default_factory=PreferenceSettings)
 
     def signature_dict(self) -> dict:
         data = super().signature_dict()
@@ -42,4 +53,5 @@ class ExportSettings(StageSettings):
                              ("edit_prompt", "generated")):
             if data.get(key) == default:
                 data.pop(key)
+        data.pop("preferences", None)  # only the --preferences dataset reads it
         return data

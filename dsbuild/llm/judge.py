@@ -25,8 +25,9 @@ import json
 from collections import Counter
 from contextlib import aclosing
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError
 
 from dsbuild.core.hashing import content_id
 from dsbuild.llm.client import ChatClient, RequestCache
@@ -58,8 +59,8 @@ def prompt_hash(rubric: Rubric) -> str:
 
 def reply_model(rubric: Rubric) -> type[BaseModel]:
     """The pydantic model of a valid reply: a 0-10 integer per criterion, ``reason`` text."""
-    fields = {n: (int, Field(ge=0, le=10)) for n in rubric.names}
-    return create_model("JudgeReply", reason=(str, ""), **fields)
+    notes = {n: Annotated[int, Field(ge=0, le=10)] for n in rubric.names} | {"reason": str}
+    return type("JudgeReply", (BaseModel,), {"__annotations__": notes, "reason": ""})
 
 
 def data_url(path: str | Path, side: int) -> str:
