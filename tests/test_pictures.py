@@ -247,7 +247,8 @@ def test_eval_grid_headers_and_curve_in_the_tables_scale(trained_and_evaluated):
     (grid_png,) = out.glob("grid-*.png")  # one model, one grid
     layer = assert_labelled(grid_png, ["input", "ig=1.0", "ig=1.5", "truth"])
     assert layer["title"].startswith("local:model: text guidance 7.5, 2 steps")
-    # the curve's points are the sweep table's numbers (×100), and its axes say so
+    # the curve's points are the sweep table's numbers (CLIP_im ×100, CLIP_dir a raw cosine),
+    # and its axes say so
     result = json.loads((out / "eval.json").read_text())
     md = (out / "eval.md").read_text().split("Image-guidance sweep")[1]
     table = {float(m[1]): (m[2], m[3]) for m in re.finditer(
@@ -255,10 +256,10 @@ def test_eval_grid_headers_and_curve_in_the_tables_scale(trained_and_evaluated):
     assert sorted(table) == [1.0, 1.5]
     fig = curve_figure(result)
     ax = fig.axes[0]
-    assert "×100" in ax.get_xlabel() and "×100" in ax.get_ylabel()
+    assert "×100" in ax.get_xlabel() and "raw cosine" in ax.get_ylabel()
     (line,) = ax.get_lines()
     assert line.get_label() == "local:model"
-    drawn = {ig: (f"{y:.2f}", f"{x:.2f}") for ig, x, y in
+    drawn = {ig: (f"{y:.4f}", f"{x:.2f}") for ig, x, y in
              zip((1.0, 1.5), line.get_xdata(), line.get_ydata(), strict=True)}
     assert drawn == table
     assert (out / "curve.png").exists()

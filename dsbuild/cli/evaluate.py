@@ -9,6 +9,7 @@ the rest (inputs, outputs, --window's two values, the referring LLM) are written
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -72,13 +73,53 @@ def localize_settings(values: dict, region: str | None = None):
             ReferringAgent(llm, cache if llm else None))
 
 
+def named_values(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` options (``--suite-data magicbrush=DIR``) as a dict."""
+    from dsbuild.evaluate.suites import SUITES
+
+    out: dict[str, str] = {}
+    for p in pairs:
+        name, sep, value = p.partition("=")
+        if not sep or not value or name not in SUITES or name == "export":
+            raise DsbuildError(f"{option} {p!r}: write NAME=VALUE with NAME one of "
+                               f"{', '.join(n for n in SUITES if n != 'export')}")
+        out[name] = value
+    return out
+
+
+def suite_options(f):
+    """``--suite`` and what the public suites read: local copies, splits, the judge."""
+    from dsbuild.evaluate.suites import SUITES
+
+    opts = [
+        click.option("--suite", "suites", multiple=True, type=click.Choice(list(SUITES)),
+                     help="a suite to score on (repeatable; default: export, the --data "
+                          "split): export, magicbrush, emu-edit, gedit-bench, imgedit"),
+        click.option("--suite-data", "suite_data", multiple=True, metavar="NAME=DIR",
+                     help="a local copy of a suite in its Hub layout (repeatable)"),
+        click.option("--suite-split", "suite_split", multiple=True, metavar="NAME=SPLIT",
+                     help="another split of a suite (repeatable)"),
+        click.option("--judge-model", default=None,
+                     help="VLM judge of gedit-bench/imgedit (default gpt-4.1-2025-04-14)"),
+        click.option("--judge-base-url", default=None,
+                     help="its OpenAI-compatible endpoint (vLLM, OpenAI, ...)"),
+        click.option("--judge-api-key-env", default=None,
+                     help="env var holding its key (default OPENAI_API_KEY)"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @click.command("eval")
 @renamed_option("--limit", "--rows", "rows", type=click.IntRange(min=1))
 @renamed_option("--dtype", "--precision", "precision", type=click.Choice(PRECISIONS))
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", required=True, help="export folder or Hub dataset id")
+@click.option("--data", default=None, help="export folder or Hub dataset id (the export suite)")
 @click.option("--out", default="dsbuild-eval", show_default=True,
-              type=click.Path(file_okay=False), help="edits, eval.json/md, curve and grids")
+              type=click.Path(file_okay=False), help="edits, eval.json/md, curve and grids; "
+              "with --suite: report.json/md/png and a folder per suite")
+@suite_options
 @settings_options(EvalSettings, skip={"localize"})
 @click.option("--offline", is_flag=True,
               help="tiny random CLIP/DINOv2 backbones: runs without downloads, scores are "
@@ -87,18 +128,30 @@ def localize_settings(values: dict, region: str | None = None):
 @settings_options(LocalizeSettings, only=("region",))
 @localize_options
 @wait_folder
-def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
-    """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare."""
+def eval_cmd(models, data, out, suites, suite_data, suite_split, judge_model, judge_base_url,
+             judge_api_key_env, offline, as_json, region, localize, **values):
+    """Edit every row of a split with each MODEL ('tiny', a folder, a Hub id); score and compare.
+    With --suite, on public suites too (MagicBrush, Emu Edit, GEdit-Bench, ImgEdit), one
+    report."""
     from dsbuild.evaluate.run import evaluate
 
     if offline:
         values.update(TINY_BACKBONES)
+        values.update({f"suite_{k}": v for k, v in TINY_BACKBONES.items()})
     s = settings_from(EvalSettings, values, "dsbuild eval options")
     agent = None
     if region not in (None, "referred") and not localize:
         raise DsbuildError("--region needs --localize")
     if localize:
         s.localize, agent = localize_settings(values, region)
+    suites = list(suites) or ["export"]
+    if suites != ["export"] or suite_data or suite_split:
+        return suite_eval(models, data, out, s, suites, suite_data, suite_split, as_json, agent,
+                          {"model": judge_model, "base_url": judge_base_url,
+                           "api_key_env": judge_api_key_env})
+    if not data:
+        raise DsbuildError("pass --data EXPORT (the split to edit), or name public suites "
+                           "with --suite")
     res = evaluate(list(models), data, out, s, agent=agent)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -113,6 +166,32 @@ def eval_cmd(models, data, out, offline, as_json, region, localize, **values):
     click.echo(f"written: {out}/eval.json, {out}/eval.md, grids"
                + (", curve.png" if len(s.image_guidance) > 1 else "")
                + (", turns grids" if s.turns else ""))
+
+
+def suite_eval(models, data, out, s, suites, suite_data, suite_split, as_json, agent, judge):
+    """``dsbuild eval --suite ...``: every model on every suite, the one report."""
+    from dsbuild.evaluate.settings import SuiteJudgeSettings
+    from dsbuild.evaluate.suites import suite
+    from dsbuild.evaluate.suites.run import run_suites
+
+    judged = [n for n in suites if n != "export" and suite(n).needs_judge]
+    js = None
+    if judged:
+        given = {k: v for k, v in judge.items() if v is not None}
+        if "base_url" not in given and "model" not in given:
+            raise DsbuildError(f"suite(s) {', '.join(judged)} are scored by a vision-language "
+                               "judge: pass --judge-model (a pinned snapshot) and "
+                               "--judge-base-url (any OpenAI-compatible endpoint)")
+        js = SuiteJudgeSettings(**given)
+    res = run_suites(list(models), suites, out, s, data=data,
+                     sources=named_values(suite_data, "--suite-data"),
+                     splits=named_values(suite_split, "--suite-split"), judge=js, agent=agent)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo((Path(out) / "report.md").read_text())
+    click.echo(f"written: {out}/report.md, {out}/report.json, {out}/report.png, a folder per "
+               "suite")
 
 
 @click.command("edit")

@@ -4,12 +4,13 @@ plot); its grids of edits are ``dsbuild.core.grid``'s."""
 
 from __future__ import annotations
 
-# (key in the JSON, column title); cosines print ×100 in the table, L1 as it is
+# (key in the JSON, column title); cosines print ×100 in the table except CLIP_dir, which
+# prints as the raw cosine LangDesign's table shows; L1 as it is
 EDIT_COLUMNS = (("clip_im", "CLIP_im ↑"), ("clip_dir", "CLIP_dir ↑"), ("clip_out", "CLIP_out ↑"),
                 ("dino", "DINO ↑"), ("clip_i", "CLIP-I (GT) ↑"), ("dino_gt", "DINO (GT) ↑"),
                 ("l1", "L1 (GT) ↓"))
 NO_CHANGE_COLUMNS = (("clip_im", "CLIP_im ↑"), ("dino", "DINO ↑"), ("l1", "L1 ↓"))
-NOT_SCALED = {"l1"}
+NOT_SCALED = {"l1", "clip_dir"}
 
 
 IP2P_NOTE = " (InstructPix2Pix's metric preprocessing, `ip2p`)"
@@ -34,8 +35,8 @@ def markdown_table(result: dict) -> str:
         f"{result['settings']['guidance']}, image guidance {result['settings']['main_image_guidance']}, "
         f"{result['settings']['steps']} steps, seed {result['settings']['seed']}.",
         f"CLIP: {b['clip']}{IP2P_NOTE if b.get('clip_preprocess') == 'ip2p' else ''}; "
-        f"DINO: {b['dino']}. Cosines ×100 (CLIP_dir too: 0.025 as a raw "
-        "cosine is 2.50 here); L1 is the mean absolute pixel difference in [0, 1].",
+        f"DINO: {b['dino']}. Cosines ×100, except CLIP_dir: a raw cosine, as LangDesign's "
+        "table prints it; L1 is the mean absolute pixel difference in [0, 1].",
         "",
         "| model | " + " | ".join(t for _, t in EDIT_COLUMNS) + " |",
         "|---|" + "---:|" * len(EDIT_COLUMNS),
@@ -91,8 +92,8 @@ def turns_table(result: dict) -> list[str]:
 
 
 def curve_figure(result: dict):
-    """CLIP_dir (y) against CLIP_im (x) per model over the image-guidance sweep, ×100 as the
-    table prints them (its sweep rows are the points)."""
+    """CLIP_dir (y, raw cosine) against CLIP_im (x, ×100) per model over the image-guidance
+    sweep, as the table prints them (its sweep rows are the points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +107,8 @@ def curve_figure(result: dict):
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for name, m in result["models"].items():
         xs = [scaled(p["edit"].get("clip_im")) for p in m["sweep"]]
-        ys = [scaled(p["edit"].get("clip_dir")) for p in m["sweep"]]
+        ys = [p["edit"].get("clip_dir") for p in m["sweep"]]
+        ys = [None if y is None or y != y else y for y in ys]
         ax.plot(xs, ys, marker="o", label=public_name(name))
         for p, x, y in zip(m["sweep"], xs, ys, strict=True):
             if x is not None and y is not None:
@@ -118,7 +120,7 @@ def curve_figure(result: dict):
         axis.set_major_locator(MaxNLocator(5))
     ax.ticklabel_format(useOffset=False)
     ax.set_xlabel("CLIP_im ↑ (cosine ×100, input vs edit)")
-    ax.set_ylabel("CLIP_dir ↑ (cosine ×100)")
+    ax.set_ylabel("CLIP_dir ↑ (raw cosine)")
     ax.set_title(f"image-guidance sweep: text guidance {result['settings']['guidance']}, "
                  f"{result['settings']['steps']} steps", fontsize=10)
     ax.legend(fontsize=7, title="model", title_fontsize=7)

@@ -10,6 +10,7 @@ from pydantic import Field
 from dsbuild.core import model_ids as ids
 from dsbuild.core.settings import Precision, StageSettings
 from dsbuild.core.settings.localize import LocalizeSettings
+from dsbuild.llm.settings import LLMSettings
 
 ClipPreprocess = Literal["openclip", "ip2p"]  # dsbuild.models.clip.PREPROCESS
 PREPROCESS_HELP = ("CLIP image preprocessing: openclip (the model's resize + centre crop) or "
@@ -45,10 +46,34 @@ class EvalSettings(StageSettings):
     # also edit every row with the LIME penalty on its referred region and score both runs
     # inside and outside it (dsbuild.localize.region)
     localize: LocalizeSettings | None = None
+    # public suites (--suite; dsbuild.evaluate.suites): each has its own resolution and
+    # backbones, replaced only where these are set
+    suite_resolution: int | None = Field(None, ge=8, description="edit resolution of the "
+                                         "public suites (default: each suite's own, 512)")
+    suite_clip_model: str | None = Field(None, description="CLIP of every public suite "
+                                         "(default: each suite's own; 'tiny' offline)")
+    suite_clip_pretrained: str | None = None
+    suite_dino_model: str | None = Field(None, description="DINO of every public suite "
+                                         "(default: each suite's own; 'tiny' offline)")
+    gedit_language: Literal["en", "cn", "all"] = Field(
+        "en", description="GEdit-Bench instructions scored: en (GEdit-Bench-EN), cn or all")
 
     @property
     def main_image_guidance(self) -> float:
         return 1.5 if 1.5 in self.image_guidance else self.image_guidance[0]
+
+
+class SuiteJudgeSettings(LLMSettings):
+    """The vision-language judge of the judged suites (GEdit-Bench's VIEScore, ImgEdit-Bench's
+    rubric): an OpenAI-compatible endpoint; pin a dated snapshot, the report records both the
+    model asked for and the one the server says answered."""
+
+    model: str = Field("gpt-4.1-2025-04-14", description="judge model (GEdit-Bench's is "
+                       "GPT-4.1; pin a snapshot)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(300, ge=16)
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    image_side: int = Field(512, ge=64, description="longest side of the images sent (pixels)")
 
 
 class GeneratorEvalSettings(StageSettings):

@@ -35,31 +35,42 @@ from dsbuild.llm.rubric import Rubric, judge_record
 from dsbuild.llm.settings import LLMSettings
 
 INTRO = ("You check image edits. You get an editing instruction, the input image and the edited "
-         "image. Score each from 0 to 10: ")
+         "image. Score each from {lo} to {hi}: ")
+INTRO_OUTPUT = "You check images. You get one image. Score each from {lo} to {hi}: "
 USER = "Instruction: {instruction}\nInput image:"
 EDITED = "Edited image:"
+IMAGE = "Image:"
 REFUSALS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i won't", "unable to help")
 MISSING = ("no_reply", "not_json", "refused", "missing_field", "out_of_range")
 
 
-def system_prompt(rubric: Rubric) -> str:
+SHOWS = ("pair", "output")  # what a request shows: instruction and both images, or the edit alone
+
+
+def system_prompt(rubric: Rubric, shows: str = "pair") -> str:
     """The system prompt of a rubric: each criterion ``name = description``, then the JSON the
-    reply must be (one ``<int>`` per criterion and a ``reason``)."""
+    reply must be (one ``<int>`` per criterion and a ``reason``). ``shows="output"``: the judge
+    sees the edited image alone (VIEScore's perceptual-quality question)."""
+    lo, hi = rubric.scale
+    intro = (INTRO if shows == "pair" else INTRO_OUTPUT).format(lo=lo, hi=hi)
     items = "; ".join(f"{c.name} = {c.description}" for c in rubric.criteria)
     fields = ", ".join(f'"{n}": <int>' for n in rubric.names)
-    return (f"{INTRO}{items}. Answer with JSON only: {{{fields}, "
+    return (f"{intro}{items}. Answer with JSON only: {{{fields}, "
             '"reason": "<one short sentence>"}')
 
 
-def prompt_hash(rubric: Rubric) -> str:
+def prompt_hash(rubric: Rubric, shows: str = "pair") -> str:
     """Names the prompt in judge records: the system prompt and the user text template (no
     images)."""
-    return content_id("judge-prompt", system_prompt(rubric), [USER, EDITED])
+    return content_id("judge-prompt", system_prompt(rubric, shows),
+                      [USER, EDITED] if shows == "pair" else [IMAGE])
 
 
 def reply_model(rubric: Rubric) -> type[BaseModel]:
-    """The pydantic model of a valid reply: a 0-10 integer per criterion, ``reason`` text."""
-    notes = {n: Annotated[int, Field(ge=0, le=10)] for n in rubric.names} | {"reason": str}
+    """The pydantic model of a valid reply: an integer on the rubric's scale per criterion,
+    ``reason`` text."""
+    lo, hi = rubric.scale
+    notes = {n: Annotated[int, Field(ge=lo, le=hi)] for n in rubric.names} | {"reason": str}
     return type("JudgeReply", (BaseModel,), {"__annotations__": notes, "reason": ""})
 
 
@@ -75,7 +86,13 @@ def data_url(path: str | Path, side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def messages(system: str, instruction: str, input_url: str, output_url: str) -> list[dict]:
+def messages(system: str, instruction: str, input_url: str | None, output_url: str) -> list[dict]:
+    """One request: the instruction and both images, or (``input_url`` None) the image alone."""
+    if input_url is None:
+        return [{"role": "system", "content": system}, {"role": "user", "content": [
+            {"type": "text", "text": IMAGE},
+            {"type": "image_url", "image_url": {"url": output_url}},
+        ]}]
     return [{"role": "system", "content": system}, {"role": "user", "content": [
         {"type": "text", "text": USER.format(instruction=instruction)},
         {"type": "image_url", "image_url": {"url": input_url}},
@@ -130,14 +147,15 @@ class PairAsker:
     def record(self, reply: dict, instruction: str) -> dict:
         raise NotImplementedError
 
-    def ask(self, items: list[tuple[str, str, Path, Path]]) -> dict[str, dict | None]:
+    def ask(self, items: list[tuple[str, str, Path | None, Path]]) -> dict[str, dict | None]:
         """(pair id, instruction, input image, output image) -> record, or None where the
-        request failed after its retries."""
+        request failed after its retries. An input image of None shows the output alone."""
         return asyncio.run(self._ask(items))
 
     async def _ask(self, items) -> dict[str, dict | None]:
         side = self.settings.image_side
-        reqs = [(messages(self.system, instr, data_url(a, side), data_url(b, side)),
+        reqs = [(messages(self.system, instr, None if a is None else data_url(a, side),
+                          data_url(b, side)),
                  f"{self.key}:{pid}") for pid, instr, a, b in items]
         out: dict[str, dict | None] = {}
         async with self.client:
@@ -155,16 +173,21 @@ class PairAsker:
 
 
 class Judge(PairAsker):
-    """Asks the judge about many pairs at once under one rubric (:class:`PairAsker`)."""
-
-    key = "verify"
+    """Asks the judge about many pairs at once under one rubric (:class:`PairAsker`); ``key``
+    prefixes its cache entries (verify's judge: ``verify``), ``shows`` what each request shows
+    (``pair`` or ``output``: the edited image alone, no instruction)."""
 
     def __init__(self, settings: LLMSettings, cache_dir: Path, rubric: Rubric, *,
-                 section: str = "verify.judge", offline_hint: str = ""):
+                 section: str = "verify.judge", offline_hint: str = "", key: str = "verify",
+                 shows: str = "pair"):
         super().__init__(settings, cache_dir, section=section, offline_hint=offline_hint)
+        if shows not in SHOWS:
+            raise ValueError(f"shows must be one of {SHOWS} (got {shows!r})")
+        self.key = key
         self.rubric = rubric
-        self.system = system_prompt(rubric)
-        self.prompt_hash = prompt_hash(rubric)
+        self.shows = shows
+        self.system = system_prompt(rubric, shows)
+        self.prompt_hash = prompt_hash(rubric, shows)
         self.model = reply_model(rubric)
 
     def record(self, reply: dict, instruction: str = "") -> dict:

@@ -83,14 +83,19 @@ class Rubric:
     name: str
     criteria: tuple[Criterion, ...]
     threshold: float
+    # the integer scale each criterion is scored on (ImgEdit-Bench's judge scores 1-5)
+    scale: tuple[int, int] = (0, 10)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.criteria)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "threshold": self.threshold,
-                "criteria": [c.model_dump() for c in self.criteria]}
+        d = {"name": self.name, "threshold": self.threshold,
+             "criteria": [c.model_dump() for c in self.criteria]}
+        if self.scale != (0, 10):  # rubrics on the 0-10 scale keep the hash they always had
+            d["scale"] = list(self.scale)
+        return d
 
     @property
     def hash(self) -> str:
@@ -98,9 +103,12 @@ class Rubric:
         return content_id("rubric", self.as_dict())
 
     def weighted(self, scores: Mapping[str, float]) -> float:
-        """The weighted score in [0, 1] of a complete set of 0-10 scores."""
+        """The weighted score in [0, 1] of a complete set of scores on the rubric's scale
+        (``sum(w_i * (s_i - lo)) / ((hi - lo) * sum(w_i))``; on 0-10 that is the formula above)."""
+        lo, hi = self.scale
         total = sum(c.weight for c in self.criteria)
-        return sum(c.weight * float(scores[c.name]) for c in self.criteria) / (10.0 * total)
+        return (sum(c.weight * (float(scores[c.name]) - lo) for c in self.criteria)
+                / ((hi - lo) * total))
 
     def failed(self, scores: Mapping[str, float]) -> str | None:
         """The first criterion below its minimum (its name), ``weighted`` when the weighted
@@ -131,10 +139,12 @@ def judge_record(rubric: Rubric, *, model_requested: str, model_reported: str | 
 
 
 def resolve(rubric: str | Sequence[Criterion | Mapping], threshold: float | None = None,
-            minimums: Mapping[str, int] | None = None) -> Rubric:
+            minimums: Mapping[str, int] | None = None, scale: tuple[int, int] = (0, 10)
+            ) -> Rubric:
     """The rubric a setting names: a preset (its ``minimums`` by criterion name override the
     preset's, as verify.judge's ``*_min`` settings do for ``dsbuild``) or written-out criteria;
-    ``threshold`` (None: the preset's, 0 for custom criteria)."""
+    ``threshold`` (None: the preset's, 0 for custom criteria); ``scale`` the integer range of
+    written-out criteria (presets score 0-10)."""
     if isinstance(rubric, str):
         if rubric not in PRESETS:
             raise ValueError(f"unknown rubric {rubric!r}: use one of {', '.join(PRESETS)} or "
@@ -150,4 +160,8 @@ def resolve(rubric: str | Sequence[Criterion | Mapping], threshold: float | None
     names = [c.name for c in crit]
     if len(set(names)) != len(names):
         raise ValueError(f"rubric criteria must have distinct names (got {names})")
-    return Rubric("custom", crit, 0.0 if threshold is None else float(threshold))
+    lo, hi = scale
+    if hi <= lo or any(c.min is not None and not lo <= c.min <= hi for c in crit):
+        raise ValueError(f"a rubric's scale must rise ({lo}-{hi}) and hold every minimum")
+    return Rubric("custom", crit, 0.0 if threshold is None else float(threshold),
+                  (int(lo), int(hi)))

@@ -27,6 +27,23 @@ def tiny_dino_processor():
     )
 
 
+PREPROCESS = ("model", "magicbrush")  # the settings' ``dino_preprocess`` values
+
+
+def magicbrush_processor():
+    """MagicBrush's DINO preprocessing (``evaluation/image_eval.py``): the shorter side resized
+    to 256 (bicubic), a 224 centre crop, ImageNet mean/std, whatever the checkpoint's own
+    processor says."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(
+        do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=True,
+        crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    )
+
+
 def tiny_dino(seed: int = 0):
     """(Dinov2Model, image processor) with a tiny config and seeded random weights."""
     from transformers import Dinov2Config, Dinov2Model
@@ -51,10 +68,15 @@ class DinoEncoder:
 
     @classmethod
     def load(cls, model: str = ids.DINO, device: str = "auto", dtype: str = "auto",
-             quiet: bool = False, setting: str = "filter.dino_model") -> DinoEncoder:
+             quiet: bool = False, setting: str = "filter.dino_model",
+             preprocess: str = "model") -> DinoEncoder:
         """Load from 'tiny', a folder saved with save_pretrained, or a Hub id; errors name
-        ``setting``."""
+        ``setting``. ``preprocess``: ``model`` (the checkpoint's image processor) or
+        ``magicbrush`` (:func:`magicbrush_processor`)."""
         require("transformers")
+        if preprocess not in PREPROCESS:
+            raise DsbuildError(f"DINO preprocessing {preprocess!r}: use one of "
+                               f"{', '.join(PREPROCESS)}")
         device = resolve_device(device)
         if model == "tiny":
             from dsbuild.models.clip import warn_tiny
@@ -72,6 +94,8 @@ class DinoEncoder:
             except Exception as exc:  # noqa: BLE001
                 raise DsbuildError(f"{setting}: cannot load {model!r}: "
                                    f"{type(exc).__name__}: {exc}") from None
+        if preprocess == "magicbrush":
+            proc = magicbrush_processor()
         return cls(m, proc, device, amp_dtype(dtype, device), name=model)
 
     def preprocess_image(self, image) -> torch.Tensor:
