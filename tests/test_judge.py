@@ -8,6 +8,7 @@ OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from openai_server import OpenAIServer, chat, delay, error, free_port
@@ -280,3 +281,54 @@ def test_a_failing_endpoint_stops_the_stage_and_a_healthy_one_resumes(scene_buil
     recs = list(build.records("verify"))
     assert build.is_complete("verify") and len(recs) == 12
     assert all(r["judge"]["passed"] is True and r["judge"]["missing"] is None for r in recs)
+
+
+def test_a_rubric_on_another_scale_and_a_question_about_the_output_alone():
+    from dsbuild.llm.judge import Judge
+    from dsbuild.llm.settings import LLMSettings
+
+    five = resolve([{"name": "compliance", "description": "the edit does what was asked"},
+                    {"name": "integrity", "description": "no artefacts", "weight": 3}],
+                   scale=(1, 5))
+    assert "Score each from 1 to 5: compliance = " in system_prompt(five)
+    model = reply_model(five)
+    assert parse({"content": '{"compliance": 5, "integrity": 1}'}, model)["scores"] == {
+        "compliance": 5, "integrity": 1}
+    assert parse({"content": '{"compliance": 0, "integrity": 3}'}, model) == {
+        "bad": "out_of_range"}
+    # (w * (s - lo)) / ((hi - lo) * sum w): (1 * 4 + 3 * 0) / (4 * 4)
+    assert five.weighted({"compliance": 5, "integrity": 1}) == pytest.approx(0.25)
+    assert five.as_dict()["scale"] == [1, 5] and five.hash != resolve(
+        [c.model_dump() for c in five.criteria]).hash
+    assert "scale" not in resolve("dsbuild").as_dict()  # 0-10 rubrics keep their hashes
+    with pytest.raises(ValueError, match="scale"):
+        resolve([{"name": "a", "description": "x", "min": 7}], scale=(1, 5))
+    pq = system_prompt(five, "output")
+    assert pq.startswith("You check images. You get one image.") and "instruction" not in \
+        pq.split(":")[0]
+    assert prompt_hash(five, "output") != prompt_hash(five)
+    with pytest.raises(ValueError, match="shows"):
+        Judge(LLMSettings(), Path("."), five, shows="input")
+
+
+def test_an_output_only_question_sends_one_image_and_no_instruction(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dsbuild.llm.judge import Judge
+    from dsbuild.verify.settings import JudgeSettings
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    rubric = resolve([{"name": "naturalness", "description": "looks natural"}])
+    png = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(png)
+    with OpenAIServer(handler=lambda req, n: chat('{"naturalness": 8}', model="m-1")) as srv:
+        j = Judge(JudgeSettings(model="m", base_url=srv.base_url, max_retries=0),
+                  tmp_path / "cache", rubric, key="pq", shows="output")
+        got = j.ask([("p1", "make it red", None, png)])
+        (req,) = srv.chat_requests
+    parts = req["body"]["messages"][1]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url"] and parts[0]["text"] == "Image:"
+    assert "make it red" not in json.dumps(req["body"])
+    rec = got["p1"]
+    assert rec["scores"] == {"naturalness": 8} and rec["model_reported"] == "m-1"
+    assert rec["prompt_hash"] == prompt_hash(rubric, "output")

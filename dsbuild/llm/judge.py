@@ -180,9 +180,9 @@ class Judge(PairAsker):
     def __init__(self, settings: LLMSettings, cache_dir: Path, rubric: Rubric, *,
                  section: str = "verify.judge", offline_hint: str = "", key: str = "verify",
                  shows: str = "pair"):
-        super().__init__(settings, cache_dir, section=section, offline_hint=offline_hint)
         if shows not in SHOWS:
             raise ValueError(f"shows must be one of {SHOWS} (got {shows!r})")
+        super().__init__(settings, cache_dir, section=section, offline_hint=offline_hint)
         self.key = key
         self.rubric = rubric
         self.shows = shows
