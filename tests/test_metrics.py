@@ -313,3 +313,23 @@ def test_dinov2_scores_are_unchanged_by_the_cls_token_rule(tmp_path):
     assert torch.equal(out.pooler_output, out.last_hidden_state[:, 0])
     np.testing.assert_allclose(got.numpy(), metrics.normalize(out.pooler_output).numpy(),
                                atol=1e-6)
+
+
+def test_magicbrush_dino_preprocessing_is_torchvisions_on_any_aspect():
+    """MagicBrush's DINO transform (Resize(256, bicubic), CenterCrop(224), ImageNet norm) on a
+    non-square image, against torchvision called here: the crop offset and the resize agree."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from dsbuild.models.dino import DinoEncoder
+
+    rng = np.random.default_rng(3)
+    im = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    enc = DinoEncoder.load("tiny", device="cpu", dtype="fp32", quiet=True,
+                           preprocess="magicbrush")
+    ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+                     T.CenterCrop(224), T.ToTensor(),
+                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(im)
+    got = enc.preprocess_image(im)
+    assert got.shape == (3, 224, 224)
+    assert torch.equal(got, ref)

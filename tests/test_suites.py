@@ -25,7 +25,7 @@ pytest.importorskip("datasets")
 
 from openai_server import OpenAIServer, chat  # noqa: E402
 from suite_copies import gedit_folder, magicbrush_test_folder  # noqa: E402
-from test_train import build_export  # noqa: E402
+from test_train import build_export, dsbuild, error_lines  # noqa: E402
 
 from dsbuild.cli import cli  # noqa: E402
 
@@ -122,17 +122,24 @@ def test_one_report_over_the_export_magicbrush_and_gedit_bench(tuned, tmp_path, 
                 res["suites"][name]["models"][m]["metrics"]
 
 
-def test_judged_suite_without_a_judge_and_bad_names_are_one_line(tmp_path):
+def test_judged_suite_without_a_judge_and_bad_names_are_one_line(tmp_path, capsys):
     ge = gedit_folder(tmp_path / "gedit")
-    r = CliRunner().invoke(cli, ["eval", "tiny", "--suite", "gedit-bench", "--suite-data",
-                                 f"gedit-bench={ge}", "--out", str(tmp_path / "o"), *TINY])
-    assert r.exit_code == 2 and "--judge-model" in r.output
-    r = CliRunner().invoke(cli, ["eval", "tiny", "--suite", "magicbrush", "--suite-data",
-                                 f"magicbush={tmp_path}", "--out", str(tmp_path / "o"), *TINY])
-    assert r.exit_code == 2 and "NAME=VALUE" in r.output and "magicbrush" in r.output
-    r = CliRunner().invoke(cli, ["eval", "tiny", "--suite", "export", "--out",
-                                 str(tmp_path / "o"), *TINY])
-    assert r.exit_code == 2 and "--data" in r.output
+    o = str(tmp_path / "o")
+    code, cap = dsbuild(["eval", "tiny", "--suite", "gedit-bench", "--suite-data",
+                         f"gedit-bench={ge}", "--out", o, *TINY], capsys)
+    (line,) = error_lines(cap.err)
+    assert code == 2 and "--judge-model" in line and "--judge-base-url" in line
+    code, cap = dsbuild(["eval", "tiny", "--suite", "magicbrush", "--suite-data",
+                         f"magicbush={tmp_path}", "--out", o, *TINY], capsys)
+    (line,) = error_lines(cap.err)
+    assert code == 2 and "NAME=VALUE" in line and "magicbrush" in line
+    code, cap = dsbuild(["eval", "tiny", "--suite", "export", "--out", o, *TINY], capsys)
+    (line,) = error_lines(cap.err)
+    assert code == 2 and "--data" in line
+    code, cap = dsbuild(["eval", "tiny", "--suite", "magicbrush", "--suite-data",
+                         f"magicbrush={tmp_path / 'nowhere'}", "--out", o, *TINY], capsys)
+    (line,) = error_lines(cap.err)
+    assert code == 2 and "nowhere" in line
     assert not (tmp_path / "o").exists()
 
 

@@ -30,18 +30,27 @@ def tiny_dino_processor():
 PREPROCESS = ("model", "magicbrush")  # the settings' ``dino_preprocess`` values
 
 
-def magicbrush_processor():
-    """MagicBrush's DINO preprocessing (``evaluation/image_eval.py``): the shorter side resized
-    to 256 (bicubic), a 224 centre crop, ImageNet mean/std, whatever the checkpoint's own
-    processor says."""
-    from transformers import BitImageProcessor
+class MagicBrushProcessor:
+    """MagicBrush's DINO preprocessing (``evaluation/image_eval.py``), exactly: torchvision's
+    ``Resize(256, bicubic)`` of the shorter side, ``CenterCrop(224)``, ``ToTensor`` and ImageNet
+    mean/std, whatever the checkpoint's own processor says. Called like a transformers image
+    processor (``processor(images=..., return_tensors="pt")["pixel_values"]``)."""
 
-    return BitImageProcessor(
-        do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=True,
-        crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-        do_convert_rgb=True,
-    )
+    def __init__(self, size: int = 256, crop: int = 224):
+        from torchvision import transforms as T
+
+        self.transform = T.Compose([
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop),
+            T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def __call__(self, images, return_tensors: str = "pt") -> dict:
+        images = images if isinstance(images, (list, tuple)) else [images]
+        return {"pixel_values": torch.stack([self.transform(im.convert("RGB"))
+                                             for im in images])}
+
+
+def magicbrush_processor() -> MagicBrushProcessor:
+    return MagicBrushProcessor()
 
 
 def tiny_dino(seed: int = 0):

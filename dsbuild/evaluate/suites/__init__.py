@@ -132,6 +132,10 @@ class Suite:
         """One sentence for the report: what is edited, against what, with which backbones."""
         return ""
 
+    def split_label(self, source: str | None, split: str) -> str:
+        """What the report calls the rows' split (a local layout may have none of its own)."""
+        return split
+
 
 # ------------------------------------------------------------------ shared loading helpers
 

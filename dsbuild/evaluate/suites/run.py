@@ -165,7 +165,8 @@ def score_signature(su: Suite, b: dict, rows: list[SuiteRow], judge: SuiteJudgeS
                     s: EvalSettings) -> str:
     j = None
     if su.needs_judge and judge is not None:
-        j = [judge.model, judge.temperature, judge.image_side, judge.base_url]
+        # who is asked and how, not where it is served (a new port answers the same)
+        j = [judge.model, judge.temperature, judge.image_side, judge.max_tokens]
     return content_id("suite-scores", su.name, b if su.needs_encoders else None,
                       [r.key for r in rows], j, s.gedit_language, length=16)
 
@@ -252,7 +253,8 @@ def _run(models, names, out, s, data, sources, splits, judge, public, loaded, up
         res = s.suite_resolution or su.resolution
         split = splits.get(su.name, su.split)
         entry = {"title": su.title, "reference": su.reference,
-                 "source": sources.get(su.name) or su.hub, "split": split, "rows": len(rows),
+                 "source": sources.get(su.name) or su.hub,
+                 "split": su.split_label(sources.get(su.name), split), "rows": len(rows),
                  "resolution": res, "columns": [list(c) for c in su.columns],
                  "headline": su.headline, "category_label": su.category_label,
                  "protocol": su.protocol(), "models": {}}
@@ -276,6 +278,9 @@ def _run(models, names, out, s, data, sources, splits, judge, public, loaded, up
             scored = su.score(ctx)
             write_json(cached, {"signature": sig, "result": scored})
             entry["models"][model] = {**scored, "edits": str(folder)}
+        scored = {v["metrics"].get("rows") for v in entry["models"].values()} - {None}
+        if len(scored) == 1:  # rows the protocol scored (GEdit-Bench: one language's)
+            entry["rows"] = scored.pop()
         result["suites"][su.name] = entry
     result["edited"] = stats
     md = write_report(out, result)
