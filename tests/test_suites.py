@@ -25,9 +25,12 @@ pytest.importorskip("datasets")
 
 from openai_server import OpenAIServer, chat  # noqa: E402
 from suite_copies import gedit_folder, magicbrush_test_folder  # noqa: E402
-from test_train import build_export, dsbuild, error_lines  # noqa: E402
+from test_eval import trained  # noqa: E402  (the export and a model trained on it)
+from test_train import dsbuild, error_lines  # noqa: E402
 
 from dsbuild.cli import cli  # noqa: E402
+
+__all__ = ["trained"]  # the fixture, shared with test_eval
 
 TINY = ["--offline", "--steps", "2", "--resolution", "32", "--suite-resolution", "32"]
 
@@ -42,25 +45,9 @@ def judge_reply(req: dict, n: int):
                 model="judge-x-2026")
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    """An export and a tiny model trained on it for 2 steps (the 'fine-tuned' model)."""
-    from dsbuild.train.settings import TrainSettings
-    from dsbuild.train.trainer import train
-
-    root = tmp_path_factory.mktemp("suites")
-    export = build_export(root)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train(TrainSettings(data=str(export), base="tiny", resolution=32, batch_size=2,
-                        max_steps=2), root / "model")
-    torch.set_num_threads(n)
-    return export, root / "model"
-
-
-def test_one_report_over_the_export_magicbrush_and_gedit_bench(tuned, tmp_path, monkeypatch,
+def test_one_report_over_the_export_magicbrush_and_gedit_bench(trained, tmp_path, monkeypatch,
                                                                one_torch_thread):
-    export, model = tuned
+    export, model = trained
     mb = magicbrush_test_folder(tmp_path / "magicbrush")
     ge = gedit_folder(tmp_path / "gedit")
     out = tmp_path / "ev"

@@ -73,7 +73,9 @@ class SuiteJudgeSettings(LLMSettings):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(300, ge=16)
     concurrency: int = Field(4, ge=1, description="requests in flight at once")
-    image_side: int = Field(512, ge=64, description="longest side of the images sent (pixels)")
+    # GEdit-Bench's images are already about 512x512 pixels of area (VIEScore's size): a
+    # longest side of 1024 sends a wide one as it is instead of shrinking it again
+    image_side: int = Field(1024, ge=64, description="longest side of the images sent (pixels)")
 
 
 class GeneratorEvalSettings(StageSettings):

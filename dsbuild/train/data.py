@@ -80,13 +80,16 @@ def load_split(data: str, split: str):
     return ds
 
 
-def _decode(value, where: str):
-    """A PIL image from a datasets Image cell (decoded image, or {'bytes', 'path'})."""
+def decode_image(value, where: str):
+    """A PIL image from a datasets Image cell (decoded image, or {'bytes', 'path'}) or a
+    file path."""
     from PIL import Image
 
     try:
         if isinstance(value, Image.Image):
             im = value
+        elif isinstance(value, (str, Path)):
+            im = Image.open(value)
         elif isinstance(value, dict) and value.get("bytes"):
             im = Image.open(io.BytesIO(value["bytes"]))
         elif isinstance(value, dict) and value.get("path"):
@@ -116,8 +119,8 @@ def read_rows(ds, where: str = "data", limit: int | None = None) -> list[EditRow
     rows: list[EditRow] = []
     for i in range(n):
         r = ds[i]
-        a = _decode(r["input_image"], f"{where} row {i} input_image")
-        b = _decode(r["edited_image"], f"{where} row {i} edited_image")
+        a = decode_image(r["input_image"], f"{where} row {i} input_image")
+        b = decode_image(r["edited_image"], f"{where} row {i} edited_image")
         for im, col in ((a, "input_image"), (b, "edited_image")):
             if im.mode not in MODES:
                 raise DsbuildError(f"{where} row {i} {col}: colour mode {im.mode} is not one of "
@@ -131,7 +134,7 @@ def read_rows(ds, where: str = "data", limit: int | None = None) -> list[EditRow
             raise DsbuildError(f"{where} row {i}: empty edit_prompt")
         mask = r.get("edit_mask") if "edit_mask" in cols else None
         if mask is not None:
-            mask = _decode(mask, f"{where} row {i} edit_mask").convert("L")
+            mask = decode_image(mask, f"{where} row {i} edit_mask").convert("L")
         rows.append(EditRow(
             index=i, input_image=a.convert("RGB"), edited_image=b.convert("RGB"),
             edit_prompt=prompt,

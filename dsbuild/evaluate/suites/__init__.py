@@ -174,6 +174,17 @@ def open_split(source: str | None, hub: str | None, split: str, suite_name: str)
     return dd[split]
 
 
+def open_checked(suite: Suite, source: str | None, split: str | None,
+                 columns: tuple[str, ...]):
+    """(dataset, split, where): :func:`open_split` of the suite's Hub dataset or ``source``,
+    checked to hold ``columns``; ``where`` names it in errors."""
+    split = split or suite.split
+    ds = open_split(source, suite.hub, split, suite.name)
+    where = f"{source or suite.hub} [{split}]"
+    need_columns(ds, columns, suite.name, where)
+    return ds, split, where
+
+
 def need_columns(ds, columns: tuple[str, ...], suite_name: str, where: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -183,25 +194,9 @@ def need_columns(ds, columns: tuple[str, ...], suite_name: str, where: str) -> N
 
 def rgb(value, where: str):
     """A PIL RGB image from a datasets Image cell, a PIL image or a path."""
-    import io
+    from dsbuild.train.data import decode_image
 
-    from PIL import Image
-
-    try:
-        if isinstance(value, Image.Image):
-            im = value
-        elif isinstance(value, dict) and value.get("bytes"):
-            im = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            im = Image.open(value["path"])
-        elif isinstance(value, (str, Path)):
-            im = Image.open(value)
-        else:
-            raise ValueError("empty image cell")
-        im.load()
-        return im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        raise DsbuildError(f"{where}: unreadable image ({type(exc).__name__}: {exc})") from None
+    return decode_image(value, where).convert("RGB")
 
 
 def means(values: dict[str, list[float]]) -> dict[str, float | None]:

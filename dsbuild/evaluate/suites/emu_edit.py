@@ -25,8 +25,7 @@ from dsbuild.evaluate.suites import (
     SuiteRow,
     by_category,
     means,
-    need_columns,
-    open_split,
+    open_checked,
     rgb,
 )
 
@@ -68,10 +67,7 @@ class EmuEdit(Suite):
     category_label = "task"
 
     def load(self, source: str | None, split: str | None, limit: int | None) -> list[SuiteRow]:
-        split = split or self.split
-        ds = open_split(source, self.hub, split, self.name)
-        where = f"{source or self.hub} [{split}]"
-        need_columns(ds, COLUMNS, self.name, where)
+        ds, split, where = open_checked(self, source, split, COLUMNS)
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         rows: list[SuiteRow] = []

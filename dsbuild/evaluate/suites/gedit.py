@@ -29,8 +29,7 @@ from dsbuild.evaluate.suites import (
     SuiteRow,
     by_category,
     means,
-    need_columns,
-    open_split,
+    open_checked,
     rgb,
 )
 
@@ -69,7 +68,7 @@ def area_resize(image, area: int = JUDGE_AREA):
     ratio = image.width / image.height
     w = int(math.sqrt(area * ratio))
     h = int(w / ratio)
-    return image.resize((max(1, w), max(1, h)), Image.Resampling.LANCZOS)
+    return image.resize((max(1, w), max(1, h)), Image.Resampling.BICUBIC)  # PIL's default
 
 
 def judge_summary(model: str, records: list[dict | None], rubric_list, prompt_hashes,
@@ -137,10 +136,7 @@ class GEditBench(Suite):
     category_label = "task type"
 
     def load(self, source: str | None, split: str | None, limit: int | None) -> list[SuiteRow]:
-        split = split or self.split
-        ds = open_split(source, self.hub, split, self.name)
-        where = f"{source or self.hub} [{split}]"
-        need_columns(ds, COLUMNS, self.name, where)
+        ds, split, where = open_checked(self, source, split, COLUMNS)
         has_inter = "Intersection_exist" in ds.column_names
         lang = ds["instruction_language"]
         bad = sorted({str(x) for x in lang if x not in LANGUAGES})
