@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 
 
-def png(path: Path, seed: int, size: int = 32) -> Path:
+def png(path: Path, seed: int, size: int | tuple[int, int] = 32) -> Path:
+    """A random RGB PNG of ``size`` (a side, or (width, height))."""
     from PIL import Image
 
+    w, h = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
     return path
 
 
@@ -23,16 +25,17 @@ MAGICBRUSH_SESSIONS = {"139": ["make the sofa blue", "add a lamp on the table"],
                        "30": ["paint the wall green"]}
 
 
-def magicbrush_test_folder(root: Path, sessions: dict[str, list[str]] = MAGICBRUSH_SESSIONS
-                           ) -> Path:
+def magicbrush_test_folder(root: Path, sessions: dict[str, list[str]] = MAGICBRUSH_SESSIONS,
+                           size: int | tuple[int, int] = 32) -> Path:
     """MagicBrush's test zip, unzipped: ``edit_sessions.json`` and ``images/<id>/<id>-input.png``,
-    ``<id>-output<k>.png`` (one per turn)."""
+    ``<id>-output<k>.png`` and ``<id>-mask<k>.png`` (one per turn), all of ``size``."""
     data: dict[str, list[dict]] = {}
     for n, (sid, instructions) in enumerate(sessions.items()):
-        png(root / "images" / sid / f"{sid}-input.png", 1000 + n)
+        png(root / "images" / sid / f"{sid}-input.png", 1000 + n, size)
         turns = []
         for k, instr in enumerate(instructions, 1):
-            png(root / "images" / sid / f"{sid}-output{k}.png", 2000 + 10 * n + k)
+            png(root / "images" / sid / f"{sid}-output{k}.png", 2000 + 10 * n + k, size)
+            png(root / "images" / sid / f"{sid}-mask{k}.png", 3000 + 10 * n + k, size)
             turns.append({"input": f"{sid}-input.png" if k == 1 else f"{sid}-output{k - 1}.png",
                           "mask": f"{sid}-mask{k}.png", "output": f"{sid}-output{k}.png",
                           "instruction": instr})

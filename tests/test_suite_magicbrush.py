@@ -20,40 +20,21 @@ pytest.importorskip("datasets")
 pytest.importorskip("torchvision")
 
 from PIL import Image  # noqa: E402
+from suite_copies import magicbrush_test_folder  # noqa: E402
 
 from dsbuild.core.errors import DsbuildError  # noqa: E402
 
 # img_id -> instructions; stored out of img_id order to show the suite sorts sessions
 SESSIONS = {"30": ["paint the wall green"],
             "139": ["make the sofa blue", "add a lamp on the table"]}
-# ground truths keep their own size; edits are 32x32. Square, as MagicBrush's 512x512
-# images are: on non-square images DinoEncoder's "magicbrush" processor (transformers)
-# crops 1 px off torchvision's CenterCrop where the excess is odd
-TRUTH_SIZE = (48, 48)
-
-
-def _png(path: Path, seed: int, size=(32, 32)) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
+# ground truths keep their own size; edits are 32x32. Not square, so the edits' resize to the
+# truth's size and DINO's resize 256 + centre crop 224 (an odd excess) are both exercised
+TRUTH_SIZE = (48, 41)
 
 
 def _test_folder(root: Path) -> Path:
-    """The unzipped test zip: edit_sessions.json and images/<id>/<id>-input.png, -output<k>."""
-    data = {}
-    for n, (sid, instructions) in enumerate(SESSIONS.items()):
-        _png(root / "images" / sid / f"{sid}-input.png", 100 + n, TRUTH_SIZE)
-        turns = []
-        for k, instr in enumerate(instructions, 1):
-            _png(root / "images" / sid / f"{sid}-output{k}.png", 200 + 10 * n + k, TRUTH_SIZE)
-            _png(root / "images" / sid / f"{sid}-mask{k}.png", 300 + 10 * n + k, TRUTH_SIZE)
-            turns.append({"input": f"{sid}-input.png" if k == 1 else f"{sid}-output{k - 1}.png",
-                          "mask": f"{sid}-mask{k}.png", "output": f"{sid}-output{k}.png",
-                          "instruction": instr})
-        data[sid] = turns
-    (root / "edit_sessions.json").write_text(json.dumps(data))
-    return root
+    """The unzipped test zip (tests/suite_copies.py), ground truths bigger than the edits."""
+    return magicbrush_test_folder(root, SESSIONS, TRUTH_SIZE)
 
 
 def _hub_folder(root: Path, test: Path) -> Path:
@@ -204,10 +185,10 @@ def test_scores_equal_magicbrush_formulas_single_turn_and_final_turn(runs):
     assert sec["headline"] == "final_dino" and sec["split"] == "edit_sessions.json (the test zip)"
     assert sec["backbones"]["dino_preprocess"] == "magicbrush"
     md = (Path(entry["edits"]).parents[1] / "report.md").read_text()
-    assert "final DINO" in md and "Per multi-turn, per turn" in md and "test split" in md
+    assert "final DINO" in md and "Per multi-turn turn" in md and "test split" in md
 
 
-def test_turn_two_edits_start_from_ground_truth_and_from_the_chain(runs):
+def test_turn_two_edits_start_from_ground_truth_and_from_the_chain(runs, one_torch_thread):
     """Re-run the tiny editor the runner's way (batches of 2, row i seeded seed + i): the
     single-turn turn 2 from the ground truth of turn 1, the chain's turn 2 from its own
     turn-1 PNG."""

@@ -88,7 +88,7 @@ class MagicBrush(Suite):
                ("final_clip_i", "final CLIP-I ↑", "cos100"),
                ("final_dino", "final DINO ↑", "cos100"))
     headline = "final_dino"
-    category_label = "multi-turn, per turn"
+    category_label = "multi-turn turn"
 
     # ------------------------------------------------------------------ loading
 
