@@ -53,18 +53,15 @@ GEDIT_ROWS = [  # key, task_type, instruction, language, intersection
 ]
 
 
-def gedit_folder(root: Path, rows=GEDIT_ROWS) -> Path:
-    """GEdit-Bench's Hub layout: ``data/train-00000-of-00001.parquet`` with key, task_type,
-    instruction, instruction_language, input_image, input_image_raw, Intersection_exist."""
+def gedit_dataset(rows, images):
+    """GEdit-Bench's Hub columns for ``rows`` (key, task_type, instruction, language,
+    intersection, ...) and their input images (PIL)."""
     import datasets
-    from PIL import Image
 
-    images = [png(root / "src" / f"{r[0]}.png", 3000 + i) for i, r in enumerate(rows)]
-    ds = datasets.Dataset.from_dict(
+    return datasets.Dataset.from_dict(
         {"key": [r[0] for r in rows], "task_type": [r[1] for r in rows],
          "instruction": [r[2] for r in rows], "instruction_language": [r[3] for r in rows],
-         "input_image": [Image.open(p) for p in images],
-         "input_image_raw": [Image.open(p) for p in images],
+         "input_image": images, "input_image_raw": images,
          "Intersection_exist": [r[4] for r in rows]},
         features=datasets.Features({
             "key": datasets.Value("string"), "task_type": datasets.Value("string"),
@@ -72,6 +69,14 @@ def gedit_folder(root: Path, rows=GEDIT_ROWS) -> Path:
             "instruction_language": datasets.Value("string"),
             "input_image": datasets.Image(), "input_image_raw": datasets.Image(),
             "Intersection_exist": datasets.Value("bool")}))
+
+
+def gedit_folder(root: Path, rows=GEDIT_ROWS) -> Path:
+    """GEdit-Bench's Hub layout: ``data/train-00000-of-00001.parquet`` (:func:`gedit_dataset`)."""
+    from PIL import Image
+
+    images = [png(root / "src" / f"{r[0]}.png", 3000 + i) for i, r in enumerate(rows)]
+    ds = gedit_dataset(rows, [Image.open(p) for p in images])
     (root / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
     return root

@@ -22,6 +22,7 @@ pytest.importorskip("diffusers")
 datasets = pytest.importorskip("datasets")
 
 from openai_server import OpenAIServer, chat  # noqa: E402
+from suite_copies import gedit_dataset  # noqa: E402
 
 from dsbuild.core.errors import DsbuildError  # noqa: E402
 from dsbuild.evaluate.settings import EvalSettings, SuiteJudgeSettings  # noqa: E402
@@ -61,19 +62,7 @@ def image(seed: int, size: tuple[int, int]):
 
 def gedit_folder(root: Path) -> Path:
     """GEdit-Bench's Hub columns (``input_image_raw`` too), saved with save_to_disk."""
-    ims = [image(i, g[6]) for i, g in enumerate(GEDIT)]
-    ds = datasets.Dataset.from_dict({
-        "key": [g[0] for g in GEDIT], "task_type": [g[1] for g in GEDIT],
-        "instruction": [g[2] for g in GEDIT], "instruction_language": [g[3] for g in GEDIT],
-        "input_image": ims, "input_image_raw": ims,
-        "Intersection_exist": [g[4] for g in GEDIT]},
-        features=datasets.Features({
-            "key": datasets.Value("string"), "task_type": datasets.Value("string"),
-            "instruction": datasets.Value("string"),
-            "instruction_language": datasets.Value("string"),
-            "input_image": datasets.Image(), "input_image_raw": datasets.Image(),
-            "Intersection_exist": datasets.Value("bool")}))
-    ds.save_to_disk(str(root))
+    gedit_dataset(GEDIT, [image(i, g[6]) for i, g in enumerate(GEDIT)]).save_to_disk(str(root))
     return root
 
 

@@ -172,16 +172,14 @@ def suite_eval(models, data, out, s, suites, suite_data, suite_split, as_json, a
     """``dsbuild eval --suite ...``: every model on every suite, the one report."""
     from dsbuild.evaluate.settings import SuiteJudgeSettings
     from dsbuild.evaluate.suites import suite
-    from dsbuild.evaluate.suites.run import run_suites
+    from dsbuild.evaluate.suites.run import no_judge, run_suites
 
     judged = [n for n in suites if n != "export" and suite(n).needs_judge]
     js = None
     if judged:
         given = {k: v for k, v in judge.items() if v is not None}
         if "base_url" not in given and "model" not in given:
-            raise DsbuildError(f"suite(s) {', '.join(judged)} are scored by a vision-language "
-                               "judge: pass --judge-model (a pinned snapshot) and "
-                               "--judge-base-url (any OpenAI-compatible endpoint)")
+            raise no_judge(judged)
         js = SuiteJudgeSettings(**given)
     res = run_suites(list(models), suites, out, s, data=data,
                      sources=named_values(suite_data, "--suite-data"),

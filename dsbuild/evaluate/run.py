@@ -71,7 +71,7 @@ def make_edits(pipe, rows, folder: Path, s: EvalSettings, ig: float, desc: str,
     return [r.index for r in todo]
 
 
-def _pixels(path: Path):
+def pixels(path: Path):
     import numpy as np
     import torch
     from PIL import Image
@@ -92,7 +92,7 @@ def against_truth(edits: list[Path], truths: list[Path], emb: dict) -> dict:
     return {
         "clip_i": metrics.clip_image(stack(edits, "clip"), stack(truths, "clip")),
         "dino_gt": metrics.dino(stack(edits, "dino"), stack(truths, "dino")),
-        "l1": torch.stack([metrics.l1_distance(_pixels(a), _pixels(b))
+        "l1": torch.stack([metrics.l1_distance(pixels(a), pixels(b))
                            for a, b in zip(edits, truths, strict=True)]),
     }
 
@@ -134,7 +134,7 @@ def score(rows, edit_paths: dict[int, Path], inputs: dict[int, Path], truths: di
         out["no_change"] = metrics.mean_metrics({
             "clip_im": metrics.clip_image(stack(x, "clip"), stack(e, "clip")),
             "dino": metrics.dino(stack(x, "dino"), stack(e, "dino")),
-            "l1": torch.stack([metrics.l1_distance(_pixels(a), _pixels(b))
+            "l1": torch.stack([metrics.l1_distance(pixels(a), pixels(b))
                                for a, b in zip(e, x, strict=True)]),
         })
     return out

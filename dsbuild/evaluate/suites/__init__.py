@@ -122,6 +122,32 @@ class Suite:
     def edit_path(self, ctx: SuiteContext, i: int) -> Path:
         return ctx.folder / "edits" / f"{i:05d}.png"
 
+    def edits(self, ctx: SuiteContext, indices: list[int] | None = None,
+              paths: list[Path] | None = None) -> dict[int, Path] | list[Path]:
+        """The edit PNGs of rows ``indices`` (row -> path; default every row) or the given
+        ``paths``, all there, else one line saying to run eval again."""
+        got = paths if paths is not None else {
+            i: self.edit_path(ctx, i)
+            for i in (range(len(ctx.rows)) if indices is None else indices)}
+        missing = [p for p in (got if paths is not None else got.values()) if not p.exists()]
+        if missing:
+            raise DsbuildError(f"suite {self.name}: {len(missing)} edit(s) missing under "
+                               f"{missing[0].parent} (first: {missing[0].name}); run eval again")
+        return got
+
+    @staticmethod
+    def fitted_inputs(ctx: SuiteContext) -> list[Path]:
+        """The inputs as the model got them (fitted to the edit resolution), written once
+        under ``inputs/``: what suites without a ground truth compare each edit with."""
+        from dsbuild.core.records import write_image
+        from dsbuild.train.data import fit
+
+        paths = [ctx.folder / "inputs" / f"{i:05d}.png" for i in range(len(ctx.rows))]
+        for p, r in zip(paths, ctx.rows, strict=True):
+            if not p.exists():
+                write_image(p, fit(r.input_image, ctx.resolution))
+        return paths
+
     def score(self, ctx: SuiteContext) -> dict:
         """``{"metrics": {...}, "categories": {name: {..., "rows": n}}, ...}``: means over the
         suite's rows as its protocol aggregates them; more keys (``settings``: the protocol's

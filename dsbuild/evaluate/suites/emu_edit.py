@@ -16,8 +16,6 @@ with it by ``idx``/``hash``, never by split name.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dsbuild.core.errors import DsbuildError
 from dsbuild.evaluate.suites import (
     Suite,
@@ -36,16 +34,6 @@ METRICS = ("clip_dir", "clip_im", "clip_out", "l1", "dino")
 def _caption(value) -> str | None:
     text = str(value).strip() if value is not None else ""
     return text or None
-
-
-def _pixels(path: Path):
-    """An image file as float32 pixels in [0, 1], shape (H, W, 3)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
 
 
 class EmuEdit(Suite):
@@ -90,19 +78,8 @@ class EmuEdit(Suite):
                 extra={"hash": rec["hash"]} if rec.get("hash") is not None else {}))
         return rows
 
-    def input_paths(self, ctx: SuiteContext) -> list[Path]:
-        """The fitted inputs (the images the model edits), written once under ``inputs/``."""
-        from dsbuild.core.records import write_image
-        from dsbuild.train.data import fit
-
-        paths = [ctx.folder / "inputs" / f"{i:05d}.png" for i in range(len(ctx.rows))]
-        for p, r in zip(paths, ctx.rows, strict=True):
-            if not p.exists():
-                write_image(p, fit(r.input_image, ctx.resolution))
-        return paths
-
     def make_edits(self, ctx: SuiteContext) -> None:
-        self.input_paths(ctx)
+        self.fitted_inputs(ctx)
         super().make_edits(ctx)
 
     def score(self, ctx: SuiteContext) -> dict:
@@ -110,13 +87,10 @@ class EmuEdit(Suite):
 
         from dsbuild.core import metrics
         from dsbuild.core.records import write_json
+        from dsbuild.evaluate.run import pixels
 
-        inputs = self.input_paths(ctx)
-        edits = [self.edit_path(ctx, i) for i in range(len(ctx.rows))]
-        missing = [p for p in edits if not p.exists()]
-        if missing:
-            raise DsbuildError(f"suite {self.name}: {len(missing)} edit(s) missing under "
-                               f"{missing[0].parent} (first: {missing[0].name}); run eval again")
+        inputs = self.fitted_inputs(ctx)
+        edits = list(self.edits(ctx).values())
         emb = ctx.embed([*inputs, *edits])
 
         def stack(paths, enc):
@@ -126,7 +100,7 @@ class EmuEdit(Suite):
         clip_im = metrics.clip_image(stack(inputs, "clip"), stack(edits, "clip"))
         dino = metrics.dino(stack(inputs, "dino"), stack(edits, "dino"))
         for i, (x, e) in enumerate(zip(inputs, edits, strict=True)):
-            px, pe = _pixels(x), _pixels(e)
+            px, pe = pixels(x), pixels(e)
             if px.shape != pe.shape:
                 raise DsbuildError(f"{e}: {tuple(pe.shape[:2])} px, its input {x} "
                                    f"{tuple(px.shape[:2])}; delete the edit and run eval again")

@@ -111,15 +111,6 @@ def judge_images(ctx: SuiteContext, indices: list[int], edits: dict[int, Path]
     return out
 
 
-def edits_present(suite: Suite, ctx: SuiteContext, indices: list[int]) -> dict[int, Path]:
-    paths = {i: suite.edit_path(ctx, i) for i in indices}
-    missing = [p for p in paths.values() if not p.exists()]
-    if missing:
-        raise DsbuildError(f"suite {suite.name}: {len(missing)} edit(s) missing under "
-                           f"{missing[0].parent} (first: {missing[0].name}); run eval again")
-    return paths
-
-
 class GEditBench(Suite):
     name = "gedit-bench"
     title = "GEdit-Bench (VIEScore by a vision-language judge)"
@@ -185,7 +176,7 @@ class GEditBench(Suite):
             raise DsbuildError(f"suite {self.name}: no rows in language "
                                f"{ctx.settings.gedit_language!r}; set gedit_language "
                                "(--gedit-language) to en, cn or all")
-        images = judge_images(ctx, idx, edits_present(self, ctx, idx))
+        images = judge_images(ctx, idx, self.edits(ctx, idx))
         sc_rubric, pq_rubric = rubrics()
         sc_judge = ctx.judge(sc_rubric, shows="pair", key="gedit-sc")
         pq_judge = ctx.judge(pq_rubric, shows="output", key="gedit-pq")

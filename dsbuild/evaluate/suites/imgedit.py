@@ -33,7 +33,7 @@ from dsbuild.evaluate.suites import (
     open_split,
     rgb,
 )
-from dsbuild.evaluate.suites.gedit import edits_present, judge_summary
+from dsbuild.evaluate.suites.gedit import judge_summary
 
 CRITERIA = ("compliance", "naturalness", "integrity")
 METRICS = (*CRITERIA, "overall")
@@ -97,19 +97,6 @@ def find_json(source: Path) -> Path | None:
         if p.is_file():
             return p
     return None
-
-
-def fitted_inputs(ctx: SuiteContext) -> list[Path]:
-    """The inputs as the model got them (fitted to the edit resolution), written once under
-    ``inputs/``: what the judge compares each edit with."""
-    from dsbuild.core.records import write_image
-    from dsbuild.train.data import fit
-
-    paths = [ctx.folder / "inputs" / f"{i:05d}.png" for i in range(len(ctx.rows))]
-    for p, r in zip(paths, ctx.rows, strict=True):
-        if not p.exists():
-            write_image(p, fit(r.input_image, ctx.resolution))
-    return paths
 
 
 class ImgEdit(Suite):
@@ -195,8 +182,8 @@ class ImgEdit(Suite):
         from dsbuild.core.records import write_json
 
         n = len(ctx.rows)
-        edits = edits_present(self, ctx, list(range(n)))
-        inputs = fitted_inputs(ctx)
+        edits = self.edits(ctx)
+        inputs = self.fitted_inputs(ctx)
         types = sorted({r.category for r in ctx.rows})
         rubrics = {t: rubric(t) for t in types}
         got: dict[int, dict | None] = {}

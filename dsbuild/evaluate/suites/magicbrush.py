@@ -226,11 +226,7 @@ class MagicBrush(Suite):
         rows = ctx.rows
         single = [self.edit_path(ctx, i) for i in range(len(rows))]
         chain = [self.chain_path(ctx, i) for i in range(len(rows))]
-        for p in dict.fromkeys([*single, *chain]):
-            if not p.is_file():
-                raise DsbuildError(f"suite {self.name}: edit {p} is missing; run eval again to "
-                                   "make it")
-        emb = ctx.embed(list(dict.fromkeys([*single, *chain])))
+        emb = ctx.embed(self.edits(ctx, paths=list(dict.fromkeys([*single, *chain]))))
         truth = self._embed_truths(ctx)
 
         def per_pair(paths: list[Path]) -> list[dict]:
@@ -256,10 +252,15 @@ class MagicBrush(Suite):
 
     def _embed_truths(self, ctx: SuiteContext) -> dict:
         """{"clip": (n, d), "dino": (n, d)}: the rows' ground truths at their own size, each
-        through its encoder's own preprocessing (in memory: nothing is written)."""
+        through its encoder's own preprocessing (in memory: nothing is written); encoded once
+        per rows and encoders, however many models are scored."""
         import torch
 
         enc = ctx.encoders()
+        made_for = (id(ctx.rows), id(enc["clip"]), id(enc["dino"]))
+        cached = getattr(self, "_truths", None)
+        if cached is not None and cached[0] == made_for:
+            return cached[1]
         batch = max(1, ctx.settings.batch_size * 4)
         out = {}
         for key in ("clip", "dino"):
@@ -269,6 +270,7 @@ class MagicBrush(Suite):
                                       for r in ctx.rows[i:i + batch]])
                 parts.append(enc[key].encode_pixels(pixels))
             out[key] = torch.cat(parts)
+        self._truths = (made_for, out)
         return out
 
     def protocol(self) -> str:

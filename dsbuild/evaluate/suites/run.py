@@ -146,14 +146,19 @@ def _embedder(enc: dict, s: EvalSettings):
     return embed
 
 
+def no_judge(names: list[str]) -> DsbuildError:
+    """The one line for judged suites run without a judge."""
+    return DsbuildError(f"suite(s) {', '.join(names)} are scored by a vision-language judge: "
+                        "pass --judge-model (a pinned snapshot) and --judge-base-url (any "
+                        "OpenAI-compatible endpoint; key in --judge-api-key-env)")
+
+
 def _judge_factory(su: Suite, out: Path, judge: SuiteJudgeSettings | None):
     def make(rubric, shows: str = "pair", key: str = ""):
         from dsbuild.llm.judge import Judge
 
         if judge is None:
-            raise DsbuildError(f"suite {su.name} is scored by a vision-language judge: pass "
-                               "--judge-model (a pinned snapshot) and --judge-base-url (any "
-                               "OpenAI-compatible endpoint; key in --judge-api-key-env)")
+            raise no_judge([su.name])
         return Judge(judge, out / su.name / "judge-cache", rubric, section="eval --judge",
                      offline_hint="or leave the judged suites out", key=key or su.name,
                      shows=shows)
@@ -202,10 +207,10 @@ def run_suites(models: list[str], names: list[str], out: str | Path,
         if model != "tiny":
             checkpoint(model, "MODEL", "diffusers folder")
     public = [suite(n) for n in names if n != "export"]
+    if judge is None and (judged := [su.name for su in public if su.needs_judge]):
+        raise no_judge(judged)
     loaded: dict[str, list[SuiteRow]] = {}
     for su in public:  # every suite's rows are read and checked before anything is edited
-        if su.needs_judge and judge is None:
-            _judge_factory(su, out, None)(None)
         split = splits.get(su.name, su.split)
         loaded[su.name] = su.load(sources.get(su.name), split, s.rows)
         if not loaded[su.name]:
