@@ -166,12 +166,12 @@ def test_report_judge_plain_output(judged):
     r = CliRunner().invoke(cli, ["report", "judge", str(b.root)])
     assert r.exit_code == 0, r.output
     text = r.output
-    assert "Cohen's kappa  0.333" in text and "agreement      0.667" in text
+    assert "Cohen's kappa  0.3333" in text and "agreement      0.6667" in text
     assert "judge pass         2       1" in text and "judge reject       1       2" in text
-    assert ("current 0.7; best 0.6 (kappa 0.667, agreement 0.833; "
+    assert ("current 0.7; best 0.6 (kappa 0.6667, agreement 0.8333; "
             "--set verify.judge.threshold=0.6)") in text
     assert "missing judge scores: 1 (1 of them decided)" in text
-    assert "labelstudio:   kappa 1.000" in text
+    assert "labelstudio:   kappa 1.0000" in text
     assert f"wrote {b.reports_dir / 'judge.json'}" in text
 
 
@@ -199,8 +199,8 @@ def test_card_part(judged):
     res = export_build(b)
     text = (res.path / "README.md").read_text(encoding="utf-8")
     assert "### Judge calibration" in text
-    assert "on the 6 pairs both judged and reviewed: Cohen's κ 0.333, agreement 0.667" in text
-    assert "best matches the curators is 0.6 (κ 0.667; this build's: 0.7)" in text
+    assert "on the 6 pairs both judged and reviewed: Cohen's κ 0.3333, agreement 0.6667" in text
+    assert "best matches the curators is 0.6 (κ 0.6667; this build's: 0.7)" in text
     assert "Reviewed pairs without a judge score (a missing reply), counted apart: 1." in text
     assert CALIBRATION_PNG not in text  # no report judge yet: no picture
     assert CliRunner().invoke(cli, ["report", "judge", str(b.root)]).exit_code == 0

@@ -84,8 +84,19 @@ def cohen_kappa(table: Confusion) -> float | None:
     return (p_o - p_e) / (1 - p_e)
 
 
-def _r(v: float | None, nd: int = 4) -> float | None:
+# κ and agreement are rounded to this many places once, here; every printer shows them with as
+# many places, so no value is rounded twice (0.23249 -> 0.2325 -> "0.233")
+PLACES = 4
+
+
+def _r(v: float | None, nd: int = PLACES) -> float | None:
     return None if v is None else round(v, nd)
+
+
+def shown(v: float | None, nd: int = PLACES, none: str = "undefined") -> str:
+    """A report value as printed: at the places it was rounded to; ``none`` for None (κ is
+    undefined where p_e = 1)."""
+    return none if v is None else f"{v:.{nd}f}"
 
 
 def _scores(row: dict) -> dict[str, float]:

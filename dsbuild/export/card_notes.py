@@ -246,9 +246,7 @@ def calibration_section(build: Build, rows: ExportRows) -> list[str]:
     if rep is None:
         return []
     n, t = rep["counts"], rep["threshold"]
-
-    def f(v):
-        return "undefined" if v is None else f"{v:.3f}"
+    from dsbuild.core.agreement import shown as f
 
     lines = ["### Judge calibration", "",
              f"The judge's verdict against the curators' on the {n['pairs']} pairs both judged "

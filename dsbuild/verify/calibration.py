@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsbuild.core import agreement, join
+from dsbuild.core.agreement import PLACES, shown
 from dsbuild.core.build import Build
 from dsbuild.core.decisions import in_force, read_decisions
 from dsbuild.core.errors import DsbuildError
@@ -60,13 +61,13 @@ def calibration(build: Build) -> dict:
     return rep
 
 
-def _f(v: float | None, nd: int = 3) -> str:
-    return "—" if v is None else f"{v:.{nd}f}"
+def _f(v: float | None, nd: int = PLACES) -> str:
+    return shown(v, nd, "—")
 
 
 def _k(v: float | None) -> str:
     """κ as printed: ``undefined`` where p_e = 1 (:func:`dsbuild.core.agreement.cohen_kappa`)."""
-    return "undefined" if v is None else f"{v:.3f}"
+    return shown(v)
 
 
 def confusion_lines(c: dict) -> list[str]:
@@ -130,7 +131,7 @@ def markdown(rep: dict) -> str:
               "| criterion | mean (accepted) | mean (rejected) | pairs (accepted / rejected) |",
               "|---|---|---|---|"]
     for name, d in rep["criteria"].items():
-        lines.append(f"| {name} | {_f(d['accept']['mean'], 2)} | {_f(d['reject']['mean'], 2)} "
+        lines.append(f"| {name} | {_f(d['accept']['mean'], 3)} | {_f(d['reject']['mean'], 3)} "
                      f"| {d['accept']['n']} / {d['reject']['n']} |")
     lines += ["", "## κ by threshold", "", "| threshold | κ | agreement | judge passes |",
               "|---|---|---|---|",
@@ -172,7 +173,7 @@ def plot(rep: dict, path: Path) -> None:
     ax.axvline(t["current"], color="gray", linestyle="--", label=f"current {t['current']:g}")
     if t["best"] is not None:
         ax.axvline(t["best"], color="red", linestyle=":",
-                   label=f"best {t['best']:g} (κ {_f(t['best_kappa'], 2)})")
+                   label=f"best {t['best']:g} (κ {_f(t['best_kappa'])})")
     ax.set_xlim(0, 1)
     ax.set_xlabel("threshold on the weighted score")
     ax.set_ylabel("Cohen's κ")
